@@ -1,0 +1,303 @@
+"""Consistent hashing with bounded loads (CHWBL) over one model's endpoints, in pure Python.
+
+This is the reference twin of ``lb/_chwbl.pyx``: the same API and, for every sequence of
+operations, the same picks, loads and counters (the property tests hold them to it). The
+package falls back to it when the extension is not built; see ``lb.ring``.
+
+Semantics follow KubeAI's ring with its rough edges fixed:
+
+* ``replication`` virtual nodes per endpoint at ``mmh3_64(key + "#" + i)``. The separator
+  matters: KubeAI hashes ``key + i`` so ``"a1" + "0"`` and ``"a" + "10"`` collide. Since ``i`` is
+  all digits, splitting at the last ``#`` is unambiguous, so no two vnodes share an input.
+* Vnodes are ordered by ``(hash, endpoint key)``: ties never depend on insertion order, which
+  keeps two gateway replicas with the same endpoints in agreement.
+* A lookup bisects to the first vnode at or after ``mmh3_64(hash_key)`` (wrapping) and walks
+  clockwise, skipping excluded endpoints and those without the requested adapter. The first
+  endpoint that passes the load bound wins; if none does, the first adapter-matching one.
+* Bound (KubeAI's exact check): ``total == 0`` or ``load + 1 <= (total + 1) / n * factor / 100``,
+  evaluated in integers so both twins agree to the last request.
+* Loads are this process's in-flight requests. ``acquire`` returns a ticket carrying the
+  endpoint's generation, so releasing after the endpoint was removed (or removed and re-added)
+  never touches the new counters: ``total`` stays exact whatever the endpoints do.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from heapq import merge
+from typing import Collection, Iterable
+
+import mmh3
+
+__all__ = ["Ring", "hash64", "MAX_ENDPOINTS", "SLOT_BITS"]
+
+SLOT_BITS = 20
+MAX_ENDPOINTS = 1 << SLOT_BITS
+_SLOT_MASK = MAX_ENDPOINTS - 1
+_U64 = (1 << 64) - 1
+_DEFAULT_SEED = 0x9E3779B97F4A7C15
+
+
+def hash64(key: str) -> int:
+    """First 64 bits of MurmurHash3 x64-128 (seed 0) over the UTF-8 of ``key``.
+
+    Lone surrogates (which JSON can smuggle in) are encoded with ``surrogatepass`` rather
+    than rejected: a client's odd prompt must still route.
+    """
+    try:
+        data = key.encode()
+    except UnicodeEncodeError:
+        data = key.encode("utf-8", "surrogatepass")
+    return mmh3.hash64(data, seed=0, x64arch=True, signed=False)[0]
+
+
+def _check_str(value: object, what: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+
+
+class Ring:
+    """The CHWBL ring plus per-endpoint in-flight loads, and the LeastLoad and Random picks
+    over the same endpoint set (so every strategy shares one accounting)."""
+
+    def __init__(self, replication: int = 256, mean_load_factor: int = 125,
+                 seed: int = _DEFAULT_SEED) -> None:
+        if not isinstance(replication, int) or not 1 <= replication <= 65536:
+            raise ValueError("replication must be an int in [1, 65536]")
+        self._replication = replication
+        self.mean_load_factor = mean_load_factor
+        self._rand = (seed & _U64) or _DEFAULT_SEED
+        self._cursor = 0
+        self._keys: list[str | None] = []
+        self._slot_of: dict[str, int] = {}
+        self._gens: list[int] = []
+        self._loads: list[int] = []
+        self._adapters: list[frozenset[str]] = []
+        self._total = 0
+        self._last_gen = 0
+        self._hashes: list[int] = []
+        self._owners: list[int] = []
+        self._lookups = 0
+        self._iterations = 0
+        self._fallbacks = 0
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def replication(self) -> int:
+        return self._replication
+
+    @property
+    def mean_load_factor(self) -> int:
+        return self._factor
+
+    @mean_load_factor.setter
+    def mean_load_factor(self, value: int) -> None:
+        if not isinstance(value, int) or not 100 <= value <= 1_000_000:
+            raise ValueError("mean_load_factor must be an int in [100, 1000000] (percent)")
+        self._factor = value
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    def add(self, key: str, adapters: Iterable[str] = ()) -> None:
+        """Add an endpoint; its vnodes are merged in, the rest of the ring is not rehashed."""
+        _check_str(key, "endpoint key")
+        if not key:
+            raise ValueError("endpoint key must not be empty")
+        if key in self._slot_of:
+            raise ValueError(f"endpoint {key!r} is already in the ring")
+        adapter_set = self._adapter_set(adapters)
+        slot = self._free_slot()
+        self._last_gen += 1
+        self._keys[slot] = key
+        self._gens[slot] = self._last_gen
+        self._loads[slot] = 0
+        self._adapters[slot] = adapter_set
+        self._slot_of[key] = slot
+        self._merge_vnodes(key, slot)
+
+    def remove(self, key: str) -> None:
+        """Remove an endpoint; its in-flight requests leave ``total`` now, and their later
+        releases are recognised as stale by generation."""
+        slot = self._slot(key)
+        self._total -= self._loads[slot]
+        self._loads[slot] = 0
+        self._keys[slot] = None
+        self._gens[slot] = 0
+        self._adapters[slot] = frozenset()
+        del self._slot_of[key]
+        keep = [i for i, owner in enumerate(self._owners) if owner != slot]
+        self._hashes = [self._hashes[i] for i in keep]
+        self._owners = [self._owners[i] for i in keep]
+
+    def set_adapters(self, key: str, adapters: Iterable[str]) -> None:
+        self._adapters[self._slot(key)] = self._adapter_set(adapters)
+
+    def adapters(self, key: str) -> frozenset[str]:
+        return self._adapters[self._slot(key)]
+
+    def keys(self) -> list[str]:
+        """Endpoint keys in slot order."""
+        return [k for k in self._keys if k is not None]
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slot_of
+
+    # -- loads -----------------------------------------------------------------------------
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def load(self, key: str) -> int:
+        return self._loads[self._slot(key)]
+
+    def acquire(self, key: str) -> int:
+        """Count one more in-flight request on ``key``; returns the ticket for ``release``."""
+        slot = self._slot(key)
+        self._loads[slot] += 1
+        self._total += 1
+        return (self._gens[slot] << SLOT_BITS) | slot
+
+    def release(self, ticket: int) -> bool:
+        """End one in-flight request. False when its endpoint has gone since (nothing to do)."""
+        if not isinstance(ticket, int) or isinstance(ticket, bool):
+            raise TypeError(f"ticket must be int, not {type(ticket).__name__}")
+        gen, slot = ticket >> SLOT_BITS, ticket & _SLOT_MASK
+        if ticket < 0 or gen == 0 or gen > self._last_gen or slot >= len(self._keys):
+            raise ValueError(f"unknown ticket {ticket}")
+        if self._gens[slot] != gen:
+            return False
+        if self._loads[slot] == 0:
+            raise ValueError(f"ticket {ticket} released more often than acquired")
+        self._loads[slot] -= 1
+        self._total -= 1
+        return True
+
+    # -- picks -----------------------------------------------------------------------------
+
+    def pick(self, hash_key: str, adapter: str = "", exclude: Collection[str] = ()) -> str | None:
+        """CHWBL: the endpoint for ``hash_key`` within the load bound, or None if no endpoint
+        (outside ``exclude``) serves ``adapter``. Does not acquire."""
+        _check_str(hash_key, "hash key")
+        _check_str(adapter, "adapter")
+        if not self._hashes:
+            return None
+        excluded = self._excluded_slots(exclude)
+        self._lookups += 1
+        n_vnodes = len(self._hashes)
+        i = bisect_left(self._hashes, hash64(hash_key))
+        if i == n_vnodes:
+            i = 0
+        default = -1
+        for step in range(n_vnodes):
+            slot = self._owners[i]
+            if slot not in excluded and self._serves(slot, adapter):
+                if default < 0:
+                    default = slot
+                if self._load_ok(slot):
+                    self._iterations += step + 1
+                    return self._keys[slot]
+            i += 1
+            if i == n_vnodes:
+                i = 0
+        self._iterations += n_vnodes
+        if default < 0:
+            return None
+        self._fallbacks += 1
+        return self._keys[default]
+
+    def pick_least_load(self, adapter: str = "", exclude: Collection[str] = ()) -> str | None:
+        """The matching endpoint with the fewest in-flight requests; ties rotate so idle
+        endpoints share sequential traffic instead of the first one taking all of it."""
+        _check_str(adapter, "adapter")
+        excluded = self._excluded_slots(exclude)
+        n_slots = len(self._keys)
+        best, best_load = -1, -1
+        for step in range(n_slots):
+            slot = (self._cursor + step) % n_slots
+            if self._keys[slot] is None or slot in excluded or not self._serves(slot, adapter):
+                continue
+            if best < 0 or self._loads[slot] < best_load:
+                best, best_load = slot, self._loads[slot]
+        if best < 0:
+            return None
+        self._cursor = best + 1
+        return self._keys[best]
+
+    def pick_random(self, adapter: str = "", exclude: Collection[str] = ()) -> str | None:
+        """Uniform over matching endpoints: what a plain Kubernetes Service does. The generator
+        is xorshift64, seeded per ring, so runs are reproducible."""
+        _check_str(adapter, "adapter")
+        excluded = self._excluded_slots(exclude)
+        candidates = [slot for slot, key in enumerate(self._keys)
+                      if key is not None and slot not in excluded and self._serves(slot, adapter)]
+        if not candidates:
+            return None
+        return self._keys[candidates[self._next_random() % len(candidates)]]
+
+    def stats(self) -> tuple[int, int, int]:
+        """(lookups, vnodes visited, fallbacks to the default endpoint) since creation."""
+        return self._lookups, self._iterations, self._fallbacks
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _slot(self, key: str) -> int:
+        _check_str(key, "endpoint key")
+        try:
+            return self._slot_of[key]
+        except KeyError:
+            raise KeyError(f"unknown endpoint {key!r}") from None
+
+    def _free_slot(self) -> int:
+        for slot, key in enumerate(self._keys):
+            if key is None:
+                return slot
+        if len(self._keys) >= MAX_ENDPOINTS:
+            raise ValueError(f"a ring holds at most {MAX_ENDPOINTS} endpoints")
+        self._keys.append(None)
+        self._gens.append(0)
+        self._loads.append(0)
+        self._adapters.append(frozenset())
+        return len(self._keys) - 1
+
+    @staticmethod
+    def _adapter_set(adapters: Iterable[str]) -> frozenset[str]:
+        if isinstance(adapters, str):
+            raise TypeError("adapters must be an iterable of str, not a str")
+        result = frozenset(adapters)
+        for name in result:
+            _check_str(name, "adapter")
+        return result
+
+    def _merge_vnodes(self, key: str, slot: int) -> None:
+        new = sorted((hash64(f"{key}#{i}"), key, slot) for i in range(self._replication))
+        old = ((h, self._keys[o], o) for h, o in zip(self._hashes, self._owners))
+        merged = list(merge(old, new))
+        self._hashes = [h for h, _, _ in merged]
+        self._owners = [o for _, _, o in merged]
+
+    def _excluded_slots(self, exclude: Collection[str]) -> set[int]:
+        if isinstance(exclude, str):
+            raise TypeError("exclude must be a collection of endpoint keys, not a str")
+        return {self._slot_of[k] for k in exclude if k in self._slot_of}
+
+    def _serves(self, slot: int, adapter: str) -> bool:
+        return not adapter or adapter in self._adapters[slot]
+
+    def _load_ok(self, slot: int) -> bool:
+        if self._total == 0:
+            return True
+        n = len(self._slot_of)
+        return (self._loads[slot] + 1) * n * 100 <= (self._total + 1) * self._factor
+
+    def _next_random(self) -> int:
+        x = self._rand
+        x ^= (x << 13) & _U64
+        x ^= x >> 7
+        x ^= (x << 17) & _U64
+        self._rand = x
+        return x
