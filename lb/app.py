@@ -1,0 +1,148 @@
+"""Assembling the gateway: the inference routes go straight to the raw ASGI proxy; everything
+else (model list, health, 404/405) is a small Starlette app behind it.
+
+The top-level callable looks the path up in a dict before Starlette sees it, so a proxied
+request pays for one dict lookup rather than Starlette's route matching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, AsyncIterator
+
+import aiohttp
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from lb.balancer import Balancer
+from lb.config import Config
+from lb.errors import GatewayError, error_body
+from lb.metrics import GatewayMetrics
+from lb.model import join_model_adapter
+from lb.parse import KINDS
+from lb.proxy import Proxy, Receive, Scope, Send, _send_error
+from lb.registry import Registry
+from lb.scaler import Scaler, StaticScaler
+from lb.selectors import matches, parse_selector
+from lb.upstream import create_session
+
+API_PREFIXES = ("/v1", "/openai/v1")
+
+
+class Gateway:
+    """The data plane of one process: registry reader, balancer, proxy and their HTTP apps."""
+
+    def __init__(self, config: Config, registry: Registry | None = None,
+                 scaler: Scaler | None = None) -> None:
+        self.config = config
+        self.registry = registry or Registry()
+        self.metrics = GatewayMetrics()
+        self.metrics.watch_rings(self.registry.groups)
+        self.balancer = Balancer(self.registry, scaler or StaticScaler(), config.waiting_room,
+                                 self.metrics)
+        self._session: aiohttp.ClientSession | None = None
+        self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.session)
+        self.ready = False
+        self._routes = {prefix + suffix: kind for prefix in API_PREFIXES
+                        for suffix, kind in KINDS.items()}
+        self._app = self._starlette()
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise GatewayError(503, "The gateway is starting up.", code="not_ready")
+        return self._session
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            kind = self._routes.get(scope["path"])
+            if kind is not None:
+                if scope["method"] == "POST":
+                    return await self.proxy.handle(kind, scope, receive, send)
+                return await _send_error(send, GatewayError(
+                    405, f"Method {scope['method']} is not allowed here; use POST.",
+                    code="method_not_allowed", headers={"allow": "POST"}))
+        await self._app(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        self._session = create_session(self.config.upstream)
+        self.ready = True
+        try:
+            yield
+        finally:
+            self.ready = False
+            await self._session.close()
+            self._session = None
+
+    async def metrics_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI app for the metrics port: /metrics only."""
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            await _send_error(send, GatewayError(404, "Only /metrics is served here."))
+            return
+        response = Response(generate_latest(self.metrics.registry),
+                            media_type=CONTENT_TYPE_LATEST)
+        await response(scope, receive, send)
+
+    # -- the small routes ----------------------------------------------------------------------
+
+    def _starlette(self) -> Starlette:
+        routes = [Route("/healthz", self._healthz), Route("/readyz", self._readyz)]
+        routes += [Route(prefix + "/models", self._list_models) for prefix in API_PREFIXES]
+        return Starlette(routes=routes, lifespan=self.lifespan,
+                         exception_handlers={HTTPException: _http_error,
+                                             GatewayError: _gateway_error})
+
+    async def _healthz(self, request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def _readyz(self, request: Request) -> Response:
+        if not self.ready:
+            return Response(error_body(503, "not ready"), 503, media_type="application/json")
+        return Response(b'{"status":"ready"}', media_type="application/json")
+
+    async def _list_models(self, request: Request) -> Response:
+        """KubeAI's /v1/models: filtered by ?feature= (TextGeneration by default) and by
+        X-Label-Selector; each adapter listed as ``model_adapter``."""
+        features = set(request.query_params.getlist("feature")) or {"TextGeneration"}
+        selectors = [parse_selector(v) for v in request.headers.getlist("x-label-selector")]
+        data = []
+        for model in self.registry.models():
+            if not features & set(model.spec.features):
+                continue
+            if not all(matches(s, model.labels) for s in selectors):
+                continue
+            data.append(_model_entry(model.name, model))
+            data.extend(_model_entry(join_model_adapter(model.name, a.name), model, model.name)
+                        for a in model.spec.adapters)
+        return Response(orjson.dumps({"object": "list", "data": data}),
+                        media_type="application/json")
+
+
+def _model_entry(name: str, model: Any, parent: str | None = None) -> dict[str, Any]:
+    entry = {"id": name, "object": "model", "created": int(time.time()),
+             "owned_by": model.spec.owner or "kvgate", "features": list(model.spec.features)}
+    if parent:
+        entry["parent"] = parent
+    return entry
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"Unknown path {request.url.path}.",
+               405: f"Method {request.method} is not allowed here."}.get(exc.status_code,
+                                                                         str(exc.detail))
+    return Response(error_body(exc.status_code, message), exc.status_code,
+                    headers=exc.headers, media_type="application/json")
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return Response(exc.body(), exc.status, headers=exc.headers, media_type="application/json")

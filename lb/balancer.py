@@ -1,0 +1,145 @@
+"""Picking a replica for a request, and waiting for one when there is none.
+
+A pick is a lease: the endpoint's in-flight count goes up at the pick and down exactly once
+when the attempt ends, whatever way it ends. With no endpoint for the model (or none with the
+adapter), the request enters the waiting room: it asks the Scaler for a replica, then sleeps on
+the model's change event and re-evaluates on every endpoint change, until a replica appears,
+its deadline passes, the model is deleted, or the client leaves (its task is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from lb.config import WaitingRoomConfig
+from lb.errors import GatewayError, model_not_found
+from lb.metrics import GatewayMetrics
+from lb.model import Model
+from lb.registry import EndpointGroup, Registry
+from lb.ring import Ring
+from lb.scaler import Scaler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Lease:
+    """One attempt's hold on an endpoint. ``release`` is idempotent so every exit path may
+    call it."""
+
+    ring: Ring
+    key: str
+    address: str
+    ticket: int
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.ring.release(self.ticket)
+
+
+class Balancer:
+    def __init__(self, registry: Registry, scaler: Scaler, config: WaitingRoomConfig,
+                 metrics: GatewayMetrics) -> None:
+        self._registry = registry
+        self._scaler = scaler
+        self._config = config
+        self._metrics = metrics
+        self._waiting: dict[str, int] = {}
+        self._scaling: dict[str, asyncio.Task[None]] = {}
+
+    def waiting(self, model: str) -> int:
+        return self._waiting.get(model, 0)
+
+    async def acquire(self, model: Model, adapter: str, prefix: str,
+                      exclude: list[str]) -> Lease:
+        """A lease on the best endpoint for this request, waiting if there is none."""
+        lease = self._try(model, adapter, prefix, exclude)
+        if lease is not None:
+            return lease
+        return await self._wait(model, adapter, prefix, exclude)
+
+    def _try(self, model: Model, adapter: str, prefix: str, exclude: list[str]) -> Lease | None:
+        group = self._registry.group(model.name)
+        key = _pick(group, model, adapter, prefix, exclude)
+        if key is None and exclude:
+            # Every replica that could serve was tried already: a retry may go back to one
+            # rather than wait for a replica that may never come.
+            key = _pick(group, model, adapter, prefix, ())
+        if key is None:
+            return None
+        ring = group.ring
+        return Lease(ring, key, group.endpoints[key].address, ring.acquire(key))
+
+    async def _wait(self, model: Model, adapter: str, prefix: str, exclude: list[str]) -> Lease:
+        name = model.name
+        if self.waiting(name) >= self._config.max_waiting_per_model:
+            self._metrics.waiting_room_rejected(name)
+            retry_after = str(self._config.retry_after_seconds)
+            raise GatewayError(429, f"Too many requests are waiting for model `{name}` to have "
+                               "a ready replica; retry later.", code="waiting_room_full",
+                               headers={"retry-after": retry_after})
+        self._enter(name)
+        started = time.monotonic()
+        deadline = started + self._config.timeout_seconds
+        try:
+            self._ask_scaler(name)
+            while True:
+                changed = self._registry.group(name).changed()
+                current = self._registry.get_model(name)
+                if current is None:
+                    raise model_not_found(name)
+                lease = self._try(current, adapter, prefix, exclude)
+                if lease is not None:
+                    return lease
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _no_replica(name, adapter, self._config.timeout_seconds)
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except TimeoutError:
+                    raise _no_replica(name, adapter, self._config.timeout_seconds) from None
+        finally:
+            self._leave(name, time.monotonic() - started)
+
+    def _enter(self, name: str) -> None:
+        self._waiting[name] = self._waiting.get(name, 0) + 1
+        self._metrics.waiting_changed(name, self._waiting[name])
+
+    def _leave(self, name: str, waited: float) -> None:
+        self._waiting[name] -= 1
+        self._metrics.waiting_changed(name, self._waiting[name])
+        self._metrics.waited(name, waited)
+
+    def _ask_scaler(self, name: str) -> None:
+        """One scale-up call in flight per model, however many requests wait."""
+        if name in self._scaling:
+            return
+        task = asyncio.get_running_loop().create_task(self._scaler.ensure_replica(name))
+        self._scaling[name] = task
+        task.add_done_callback(lambda t: self._scaled(name, t))
+
+    def _scaled(self, name: str, task: asyncio.Task[None]) -> None:
+        self._scaling.pop(name, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("scaling model %s from zero failed: %s", name, task.exception())
+
+
+def _pick(group: EndpointGroup, model: Model, adapter: str, prefix: str,
+          exclude: list[str] | tuple[()]) -> str | None:
+    strategy = model.spec.load_balancing.strategy
+    if strategy == "PrefixHash":
+        return group.ring.pick(adapter + prefix, adapter, exclude)
+    if strategy == "Random":
+        return group.ring.pick_random(adapter, exclude)
+    return group.ring.pick_least_load(adapter, exclude)
+
+
+def _no_replica(name: str, adapter: str, timeout: float) -> GatewayError:
+    what = f"model `{name}` with adapter `{adapter}`" if adapter else f"model `{name}`"
+    return GatewayError(503, f"No ready replica of {what} became available within "
+                        f"{timeout:g}s.", code="no_replica_ready")

@@ -1,0 +1,72 @@
+"""The ``kvgate`` command.
+
+``kvgate gateway -c config.yaml`` runs the gateway alone in static-endpoints mode: models and
+their replicas' addresses come from the config file, in front of any OpenAI-compatible servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from typing import Sequence
+
+from lb.app import Gateway
+from lb.config import Config, ConfigError, load_config
+from lb.registry import Registry
+from lb.server import bind, install_uvloop, serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvgate", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gateway = commands.add_parser(
+        "gateway", help="run the gateway in front of static endpoints (no operator)",
+        description="Run the OpenAI-compatible gateway with models and endpoints from a config "
+                    "file.")
+    gateway.add_argument("-c", "--config", help="system config YAML (models, endpoints, limits)")
+    gateway.add_argument("--host", help="listen address (overrides server.host)")
+    gateway.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    gateway.add_argument("--metrics-port", type=int,
+                         help="metrics port (overrides server.metricsPort; 0 disables)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = _with_overrides(load_config(args.config), args)
+        return run_gateway(config)
+    except (ConfigError, OSError) as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    server = config.server
+    changes = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port}
+    server = dataclasses.replace(server, **{k: v for k, v in changes.items() if v is not None})
+    return dataclasses.replace(config, server=server)
+
+
+def static_registry(config: Config) -> Registry:
+    registry = Registry()
+    for model in config.models:
+        registry.set_model(model)
+        registry.set_endpoints(model.name, config.static_endpoints(model.name))
+    return registry
+
+
+def run_gateway(config: Config) -> int:
+    server = config.server
+    sock = bind(server.host, server.port)
+    metrics_sock = bind(server.host, server.metrics_port) if server.metrics_port else None
+    install_uvloop()
+    gateway = Gateway(config, static_registry(config))
+    print(f"kvgate: serving the OpenAI API on http://{server.host}:{server.port}/v1 "
+          f"({len(config.models)} models)", flush=True)
+    asyncio.run(serve(gateway, sock, metrics_sock))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,781 @@
+"""The `Model` resource: the one definition shared by the gateway, both operator runtimes and the chart.
+
+The dataclasses below *are* the schema. Parsing, validation, serialisation and the Kubernetes
+CustomResourceDefinition are all derived from their fields and field metadata, so a field added
+here shows up everywhere at once and the Python and cluster-side rules cannot drift apart.
+
+Wire format: KubeAI's `kubeai.org/v1` Model (camelCase manifest keys), under `kvgate.dev/v1`.
+A KubeAI manifest is accepted unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import sys
+from dataclasses import MISSING, dataclass, field
+from functools import cache
+from types import NoneType, UnionType
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+from urllib.parse import parse_qsl
+
+import yaml
+
+GROUP = "kvgate.dev"
+VERSION = "v1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KUBEAI_API_VERSION = "kubeai.org/v1"
+KIND = "Model"
+PLURAL = "models"
+
+Engine = Literal["OLlama", "VLLM", "FasterWhisper", "Infinity", "Sim", "LlamaCpp"]
+Feature = Literal["TextGeneration", "TextEmbedding", "SpeechToText", "Reranking"]
+Strategy = Literal["LeastLoad", "PrefixHash", "Random"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+FEATURES: tuple[str, ...] = get_args(Feature)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+# Sim emulates vLLM's runtime LoRA endpoints, so it takes adapters too.
+ADAPTER_ENGINES = ("VLLM", "Sim")
+MODEL_URL_SCHEMES = ("hf", "pvc", "ollama", "s3", "gs", "oss", "file")
+ADAPTER_URL_SCHEMES = ("hf", "s3", "gs", "oss", "file")
+# A cache profile downloads the model once into shared storage: only remote object sources qualify.
+CACHEABLE_SCHEMES = ("hf", "s3", "gs", "oss")
+# KubeAI only knows how to fetch these from inside a cache-loading Job.
+CACHE_ONLY_SCHEMES = ("gs", "oss")
+MAX_NAME_LENGTH = 40
+
+_META_KEY = "kvgate"
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_URL_RE = re.compile(r"([a-z0-9]+)://(\S+)")
+_BOOL_PARAM = ("true", "false")
+
+
+class ModelValidationError(ValueError):
+    """A manifest problem, located by its wire path (`spec.adapters[0].name`) so it can be found in YAML."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+    def under(self, parent: str) -> ModelValidationError:
+        return ModelValidationError(_join(parent, self.field), self.message)
+
+
+def _join(parent: str, child: str) -> str:
+    if not parent or not child:
+        return parent or child
+    return parent + child if child.startswith("[") else f"{parent}.{child}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules and field metadata: each constraint is written once and used both here and in the CRD.
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """A constraint stated as CEL for the API server and as Python for local mode, side by side.
+
+    `ok` takes the value the rule sits on (or `(old, new)` for update rules). `field` is where the
+    error points, relative to that value.
+    """
+
+    message: str
+    cel: str
+    ok: Callable[..., bool]
+    field: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    doc: str
+    minimum: int | None = None
+    max_length: int | None = None
+    max_items: int | None = None
+    pattern: str | None = None  # anchored; empty strings must match when the field is optional
+    list_key: str | None = None  # items are unique by this key (a list-type map in Kubernetes)
+    rules: tuple[_Rule, ...] = ()
+    check: Callable[[Any], object] | None = None  # Python-only extra check; raises ValueError
+    immutable: bool = False  # like CEL `self == oldSelf`: enforced only while both sides are set
+
+
+def _field(default: Any = MISSING, *, factory: Any = MISSING, doc: str, **meta: Any) -> Any:
+    return field(default=default, default_factory=factory, metadata={_META_KEY: _Meta(doc, **meta)})
+
+
+def _cel_strings(values: Sequence[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+def _cel_prefixed(expr: str, schemes: Sequence[str]) -> str:
+    return "(" + " || ".join(f'{expr}.startsWith("{s}://")' for s in schemes) + ")"
+
+
+def _scheme_of(url: str) -> str:
+    return url.partition("://")[0] if "://" in url else ""
+
+
+def _scheme_rule(schemes: Sequence[str]) -> _Rule:
+    listed = ", ".join(f'"{s}://"' for s in schemes)
+    return _Rule(
+        message=f"must start with one of {listed}",
+        cel=_cel_prefixed("self", schemes),
+        ok=lambda url: _scheme_of(url) in schemes,
+    )
+
+
+def _is_set(value: Any) -> bool:
+    """Empty means unset: the API server omits empty optional fields, so "" and absent are the same."""
+    return value is not None and value != "" and value != () and value != {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model URLs
+
+
+@dataclass(frozen=True, slots=True)
+class ModelURL:
+    """A parsed `url`: `<scheme>://<ref>[?model=..&insecure=..&pull=..]`.
+
+    `name`/`path` split `ref` at the first "/" (bucket or PVC name, then the path inside it).
+    """
+
+    scheme: str
+    ref: str
+    params: Mapping[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.ref.partition("/")[0]
+
+    @property
+    def path(self) -> str:
+        return self.ref.partition("/")[2]
+
+    @property
+    def model(self) -> str:
+        """The model inside the source, for sources that hold several (e.g. an Ollama store on a PVC)."""
+        return self.params.get("model", "")
+
+    @property
+    def insecure(self) -> bool:
+        return self.params.get("insecure") == "true"
+
+    @property
+    def pull(self) -> bool:
+        return self.params.get("pull") != "false"
+
+
+def parse_model_url(url: str) -> ModelURL:
+    """Parse a model or adapter url; raise ValueError saying what is wrong with it."""
+    match = _URL_RE.fullmatch(url)
+    if not match:
+        raise ValueError(f"invalid url {url!r}: expected <scheme>://<ref> without spaces")
+    scheme, rest = match.groups()
+    ref, _, query = rest.partition("?")
+    if not ref:
+        raise ValueError(f"invalid url {url!r}: nothing after {scheme}://")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    params = dict(pairs)
+    if len(params) != len(pairs):
+        raise ValueError(f"invalid url {url!r}: a query parameter is repeated")
+    for key, value in params.items():
+        _check_url_param(url, key, value)
+    return ModelURL(scheme, ref, params)
+
+
+def _check_url_param(url: str, key: str, value: str) -> None:
+    if key == "model" and value:
+        return
+    if key in ("insecure", "pull") and value in _BOOL_PARAM:
+        return
+    if key not in ("model", "insecure", "pull"):
+        raise ValueError(f"invalid url {url!r}: unknown query parameter {key!r} (known: model, insecure, pull)")
+    expected = "a model name" if key == "model" else "true or false"
+    raise ValueError(f"invalid url {url!r}: {key}= must be {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model names with adapters ("<model>_<adapter>", KubeAI's convention in the OpenAI `model` field)
+
+
+def split_model_adapter(requested: str) -> tuple[str, str]:
+    """Split at the first "_": model names cannot contain one, adapter names come after it."""
+    model, _, adapter = requested.partition("_")
+    return model, adapter
+
+
+def join_model_adapter(model: str, adapter: str) -> str:
+    if "_" in model:
+        raise ValueError(f"model name {model!r} contains '_', which separates model from adapter")
+    return f"{model}_{adapter}" if adapter else model
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic machinery over the dataclasses: field table, decoding, checking, encoding
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldInfo:
+    name: str
+    wire: str
+    tp: Any
+    meta: _Meta
+    required: bool
+    default: Any
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+@cache
+def _fields_of(cls: type) -> tuple[_FieldInfo, ...]:
+    hints = get_type_hints(cls)
+    infos = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        infos.append(
+            _FieldInfo(f.name, _camel(f.name), hints[f.name], f.metadata[_META_KEY], default is MISSING, default)
+        )
+    return tuple(infos)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (Union, UnionType):
+        return next(arg for arg in get_args(tp) if arg is not NoneType)
+    return tp
+
+
+_KINDS: dict[Any, tuple[type | tuple[type, ...], str]] = {
+    str: (str, "string"),
+    bool: (bool, "boolean"),
+    int: (int, "integer"),
+    tuple: ((list, tuple), "array"),
+    dict: (Mapping, "object"),
+}
+
+
+def _expect(kind: Any, value: Any, path: str) -> Any:
+    types, name = _KINDS[kind]
+    if not isinstance(value, types) or (kind is int and isinstance(value, bool)):
+        raise ModelValidationError(path, f"expected {name}, got {value!r}")
+    return value
+
+
+def _decode(tp: Any, value: Any, path: str) -> Any:
+    """Check the JSON shape of a value and build the Python value; semantic checks come later."""
+    tp = _strip_optional(tp)
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_wire(tp, value, path)
+    if origin is Literal:
+        return _expect(str, value, path)
+    if origin is tuple:
+        return tuple(_decode(args[0], item, f"{path}[{i}]") for i, item in enumerate(_expect(tuple, value, path)))
+    if origin is dict:
+        return {
+            _expect(str, key, path): _decode(args[1], item, _join(path, str(key)))
+            for key, item in _expect(dict, value, path).items()
+        }
+    return _expect(tp, value, path)
+
+
+def _from_wire(cls: type, obj: Any, path: str) -> Any:
+    mapping = _expect(dict, obj, path)
+    infos = _fields_of(cls)
+    known = [info.wire for info in infos]
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ModelValidationError(_join(path, str(key)), f"unknown field{hint}")
+    kwargs = {}
+    for info in infos:
+        raw = mapping.get(info.wire)  # null means absent, as in Kubernetes
+        if raw is None:
+            if info.required:
+                raise ModelValidationError(_join(path, info.wire), "required field is missing")
+            continue
+        kwargs[info.name] = _decode(info.tp, raw, _join(path, info.wire))
+    try:
+        return cls(**kwargs)
+    except ModelValidationError as err:
+        raise err.under(path) from None
+
+
+def _check_value(tp: Any, meta: _Meta, value: Any, path: str) -> None:
+    tp = _strip_optional(tp)
+    if get_origin(tp) is Literal and value not in get_args(tp):
+        raise ModelValidationError(path, f"must be one of {', '.join(get_args(tp))}, got {value!r}")
+    if get_origin(tp) is tuple:
+        _check_items(get_args(tp)[0], meta, value, path)
+    if meta.minimum is not None and value < meta.minimum:
+        raise ModelValidationError(path, f"must be >= {meta.minimum}, got {value}")
+    if meta.max_length is not None and len(value) > meta.max_length:
+        raise ModelValidationError(path, f"must be at most {meta.max_length} characters, got {len(value)}")
+    if meta.pattern is not None and not re.fullmatch(meta.pattern, value):
+        raise ModelValidationError(path, f"must match {meta.pattern}, got {value!r}")
+    for rule in meta.rules:
+        if not rule.ok(value):
+            raise ModelValidationError(path, f"{rule.message}, got {value!r}")
+    if meta.check is not None:
+        try:
+            meta.check(value)
+        except ValueError as err:
+            raise ModelValidationError(path, str(err)) from None
+
+
+def _check_items(item_tp: Any, meta: _Meta, items: tuple[Any, ...], path: str) -> None:
+    if meta.max_items is not None and len(items) > meta.max_items:
+        raise ModelValidationError(path, f"must have at most {meta.max_items} items, got {len(items)}")
+    seen: set[Any] = set()
+    for i, item in enumerate(items):
+        if get_origin(item_tp) is Literal:
+            _check_value(item_tp, _Meta(""), item, f"{path}[{i}]")
+        if meta.list_key is not None:
+            key = getattr(item, meta.list_key)
+            if key in seen:
+                raise ModelValidationError(f"{path}[{i}].{_camel(meta.list_key)}", f"duplicate value {key!r}")
+            seen.add(key)
+
+
+class _Resource:
+    """Shared behaviour of the schema dataclasses: validated on construction, to/from the wire."""
+
+    __slots__ = ()
+    _RULES: ClassVar[tuple[_Rule, ...]] = ()
+    _UPDATE_RULES: ClassVar[tuple[_Rule, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for info in _fields_of(type(self)):
+            value = getattr(self, info.name)
+            if value is not None:
+                _check_value(info.tp, info.meta, value, info.wire)
+        for rule in self._RULES:
+            if not rule.ok(self):
+                raise ModelValidationError(rule.field, rule.message)
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Any:
+        return _from_wire(cls, obj, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _encode(self)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, _Resource):
+        out = {}
+        for info in _fields_of(type(value)):
+            item = getattr(value, info.name)
+            if info.required or _is_set(item):
+                out[info.wire] = _encode(item)
+        return out
+    if isinstance(value, (tuple, list)):
+        return [_encode(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _encode(item) for key, item in value.items()}
+    return value
+
+
+def _check_update(old: _Resource, new: _Resource, path: str) -> None:
+    for info in _fields_of(type(old)):
+        before, after = getattr(old, info.name), getattr(new, info.name)
+        where = _join(path, info.wire)
+        if info.meta.immutable and _is_set(before) and _is_set(after) and before != after:
+            raise ModelValidationError(where, f"is immutable (was {before!r}, now {after!r})")
+        if isinstance(before, _Resource) and isinstance(after, _Resource):
+            _check_update(before, after, where)
+    for rule in type(old)._UPDATE_RULES:
+        if not rule.ok(old, new):
+            raise ModelValidationError(_join(path, rule.field), rule.message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Adapter(_Resource):
+    name: str = _field(
+        doc="Adapter name; requested as <model>_<name>, so it cannot contain '_'.",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+    )
+    url: str = _field(
+        doc="Where the LoRA adapter is loaded from.",
+        rules=(_scheme_rule(ADAPTER_URL_SCHEMES),),
+        check=parse_model_url,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class File(_Resource):
+    path: str = _field(
+        doc="Absolute path where the file is mounted in the model server.",
+        max_length=1024,
+        rules=(
+            _Rule(
+                message="must be an absolute path without ':'",
+                cel="self.startsWith('/') && !self.contains(':')",
+                ok=lambda path: path.startswith("/") and ":" not in path,
+            ),
+        ),
+    )
+    content: str = _field(doc="Content of the file.", max_length=100000)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefixHash(_Resource):
+    mean_load_factor: int = _field(
+        125,
+        doc="Percent of the mean load a replica may carry before requests spill to the next one on the ring.",
+        minimum=100,
+    )
+    replication: int = _field(
+        256,
+        doc="Virtual nodes per replica on the hash ring. Immutable: changing it would remap every prefix.",
+        minimum=1,
+        immutable=True,
+    )
+    prefix_char_length: int = _field(100, doc="Characters of the prompt that are hashed.", minimum=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadBalancing(_Resource):
+    strategy: Strategy = _field("LeastLoad", doc="How a replica is picked for each request.")
+    prefix_hash: PrefixHash = _field(factory=PrefixHash, doc="Settings of the PrefixHash strategy.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec(_Resource):
+    url: str = _field(
+        doc="Model source: hf://<repo>, pvc://<claim>[/<path>], ollama://<model>, s3://, gs://, oss:// "
+        "or file://<path> (local mode); query parameters model=, insecure=, pull=.",
+        rules=(_scheme_rule(MODEL_URL_SCHEMES),),
+        check=parse_model_url,
+    )
+    engine: Engine = _field(doc="Model server that runs the model.")
+    features: tuple[Feature, ...] = _field(doc="APIs the model serves.")
+    adapters: tuple[Adapter, ...] = _field((), doc="LoRA adapters (VLLM and Sim engines).", list_key="name")
+    resource_profile: str = _field(
+        "",
+        doc='Resources per replica, "<profile>:<count>", e.g. "nvidia-gpu-l4:1".',
+        pattern=r"^([^:]+:[1-9][0-9]*)?$",
+    )
+    cache_profile: str = _field("", doc="Cache profile that stores the model files once.", immutable=True)
+    image: str = _field("", doc="Model server image; chosen from engine and resource profile if empty.")
+    args: tuple[str, ...] = _field((), doc="Extra model server arguments.")
+    env: dict[str, str] = _field(factory=dict, doc="Extra model server environment variables.")
+    env_from: tuple[dict[str, Any], ...] = _field(
+        (), doc="Environment from Secrets or ConfigMaps (Kubernetes EnvFromSource)."
+    )
+    files: tuple[File, ...] = _field((), doc="Files mounted into the model server.", max_items=10, list_key="path")
+    priority_class_name: str = _field("", doc="PriorityClass of the model server Pods.")
+    replicas: int | None = _field(None, doc="Desired replicas; set by the autoscaler unless it is disabled.", minimum=0)
+    min_replicas: int = _field(0, doc="Fewest replicas the autoscaler keeps (0 allows scale to zero).", minimum=0)
+    max_replicas: int | None = _field(None, doc="Most replicas the autoscaler creates; no limit if unset.", minimum=1)
+    autoscaling_disabled: bool = _field(False, doc="Leave replicas alone: no request-based autoscaling.")
+    target_requests: int = _field(100, doc="Active requests per replica the autoscaler aims for.", minimum=1)
+    scale_down_delay_seconds: int = _field(
+        30, doc="How long load must stay lower before replicas are removed.", minimum=0
+    )
+    load_balancing: LoadBalancing = _field(factory=LoadBalancing, doc="How requests are spread over replicas.")
+    owner: str = _field("", doc="Shown as owned_by in /v1/models.")
+
+    _RULES: ClassVar[tuple[_Rule, ...]] = (
+        _Rule(
+            field="minReplicas",
+            message="must be <= maxReplicas",
+            cel="!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+            ok=lambda s: s.max_replicas is None or s.min_replicas <= s.max_replicas,
+        ),
+        _Rule(
+            field="adapters",
+            message=f"adapters are only supported with engine {' or '.join(ADAPTER_ENGINES)}",
+            cel=f"!has(self.adapters) || size(self.adapters) == 0 || self.engine in {_cel_strings(ADAPTER_ENGINES)}",
+            ok=lambda s: not s.adapters or s.engine in ADAPTER_ENGINES,
+        ),
+        _Rule(
+            field="cacheProfile",
+            message="only supported with urls " + ", ".join(f"{s}://" for s in CACHEABLE_SCHEMES),
+            cel='!has(self.cacheProfile) || self.cacheProfile == "" || '
+            + _cel_prefixed("self.url", CACHEABLE_SCHEMES),
+            ok=lambda s: not s.cache_profile or _scheme_of(s.url) in CACHEABLE_SCHEMES,
+        ),
+        _Rule(
+            field="url",
+            message="urls " + ", ".join(f"{s}://" for s in CACHE_ONLY_SCHEMES) + " need a cacheProfile",
+            cel="!" + _cel_prefixed("self.url", CACHE_ONLY_SCHEMES)
+            + ' || (has(self.cacheProfile) && self.cacheProfile != "")',
+            ok=lambda s: _scheme_of(s.url) not in CACHE_ONLY_SCHEMES or bool(s.cache_profile),
+        ),
+    )
+    _UPDATE_RULES: ClassVar[tuple[_Rule, ...]] = (
+        _Rule(
+            field="url",
+            message="is immutable while a cacheProfile is set",
+            cel='!has(oldSelf.cacheProfile) || oldSelf.cacheProfile == "" || self.url == oldSelf.url',
+            ok=lambda old, new: not old.cache_profile or old.url == new.url,
+        ),
+    )
+
+    def clamp_replicas(self, n: int) -> int:
+        """Bound a requested replica count: out-of-range requests are normal (autoscaler, kubectl scale)."""
+        n = max(n, self.min_replicas)
+        return n if self.max_replicas is None else min(n, self.max_replicas)
+
+    def parsed_url(self) -> ModelURL:
+        return parse_model_url(self.url)
+
+    def parsed_resource_profile(self) -> tuple[str, int] | None:
+        """("nvidia-gpu-l4", 2) for "nvidia-gpu-l4:2"; None when no profile is set."""
+        if not self.resource_profile:
+            return None
+        name, _, count = self.resource_profile.rpartition(":")
+        return name, int(count)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelStatusReplicas(_Resource):
+    all: int = _field(0, doc="Replicas that exist.", minimum=0)
+    ready: int = _field(0, doc="Replicas that serve requests.", minimum=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelStatusCache(_Resource):
+    loaded: bool = _field(False, doc="Whether the model files are in the cache.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelStatus(_Resource):
+    replicas: ModelStatusReplicas = _field(factory=ModelStatusReplicas, doc="Replica counts.")
+    cache: ModelStatusCache | None = _field(None, doc="Cache state, when a cacheProfile is used.")
+
+
+_NAME_RULE = _Rule(
+    field="metadata.name",
+    message=f"must be at most {MAX_NAME_LENGTH} characters: it prefixes the names of generated objects",
+    cel=f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    ok=lambda m: len(m.name) <= MAX_NAME_LENGTH,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Model:
+    """A Model manifest. Only the metadata the planes use is kept; server-set metadata is dropped."""
+
+    name: str
+    spec: ModelSpec
+    namespace: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    status: ModelStatus | None = None
+
+    def __post_init__(self) -> None:
+        # The API server checks the name format itself; local mode needs the same check, and '_'
+        # must never appear because it separates model from adapter in requests.
+        if not _NAME_RE.fullmatch(self.name):
+            raise ModelValidationError(
+                "metadata.name", f"must be lowercase alphanumerics, '-' and '.' (DNS-1123), got {self.name!r}"
+            )
+        if not _NAME_RULE.ok(self):
+            raise ModelValidationError(_NAME_RULE.field, f"{_NAME_RULE.message}, got {len(self.name)}")
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Model:
+        _expect(dict, obj, "")
+        for key in obj:
+            if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
+                raise ModelValidationError(str(key), "unknown field")
+        if obj.get("apiVersion") not in (API_VERSION, KUBEAI_API_VERSION):
+            raise ModelValidationError(
+                "apiVersion", f"expected {API_VERSION} or {KUBEAI_API_VERSION}, got {obj.get('apiVersion')!r}"
+            )
+        if obj.get("kind") != KIND:
+            raise ModelValidationError("kind", f"expected {KIND}, got {obj.get('kind')!r}")
+        meta = _expect(dict, obj.get("metadata"), "metadata")
+        for key, where in (("name", meta), ("spec", obj)):
+            if where.get(key) is None:
+                raise ModelValidationError("metadata.name" if key == "name" else key, "required field is missing")
+        return cls(
+            name=_expect(str, meta["name"], "metadata.name"),
+            namespace=_expect(str, meta.get("namespace") or "default", "metadata.namespace"),
+            labels=_decode(dict[str, str], meta.get("labels") or {}, "metadata.labels"),
+            annotations=_decode(dict[str, str], meta.get("annotations") or {}, "metadata.annotations"),
+            spec=_from_wire(ModelSpec, obj["spec"], "spec"),
+            status=None if obj.get("status") is None else _from_wire(ModelStatus, obj["status"], "status"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
+        if self.labels:
+            metadata["labels"] = dict(self.labels)
+        if self.annotations:
+            metadata["annotations"] = dict(self.annotations)
+        out = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": self.spec.to_dict()}
+        if self.status is not None:
+            out["status"] = self.status.to_dict()
+        return out
+
+
+def validate_update(old: Model, new: Model) -> None:
+    """Reject changes the API server would refuse (transition rules), for local mode's file reloads."""
+    _check_update(old.spec, new.spec, "spec")
+
+
+# ---------------------------------------------------------------------------------------------
+# CustomResourceDefinition, generated from the dataclasses above
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    tp = _strip_optional(tp)
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _object_schema(tp)
+    if origin is Literal:
+        return {"type": "string", "enum": list(args)}
+    if origin is tuple:
+        return {"type": "array", "items": _type_schema(args[0])}
+    if origin is dict and args[1] is Any:
+        return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _type_schema(args[1])}
+    return {"type": _KINDS[tp][1]}
+
+
+def _cel(rules: Sequence[_Rule]) -> list[dict[str, str]]:
+    return [{"rule": rule.cel, "message": f"{rule.field}: {rule.message}" if rule.field else rule.message}
+            for rule in rules]
+
+
+def _field_schema(info: _FieldInfo) -> dict[str, Any]:
+    meta = info.meta
+    schema: dict[str, Any] = {"description": meta.doc, **_type_schema(info.tp)}
+    if not info.required and _is_set(info.default):
+        schema["default"] = {} if isinstance(info.default, _Resource) else info.default
+    constraints = {"minimum": meta.minimum, "maxLength": meta.max_length, "maxItems": meta.max_items,
+                   "pattern": meta.pattern}
+    schema.update({key: value for key, value in constraints.items() if value is not None})
+    if meta.list_key:
+        schema["x-kubernetes-list-type"] = "map"
+        schema["x-kubernetes-list-map-keys"] = [_camel(meta.list_key)]
+    validations = _cel(meta.rules)
+    if meta.immutable:
+        validations.append({"rule": "self == oldSelf", "message": "is immutable"})
+    if validations:
+        schema["x-kubernetes-validations"] = validations
+    return schema
+
+
+def _object_schema(cls: type) -> dict[str, Any]:
+    infos = _fields_of(cls)
+    schema: dict[str, Any] = {"type": "object", "properties": {info.wire: _field_schema(info) for info in infos}}
+    required = [info.wire for info in infos if info.required]
+    if required:
+        schema["required"] = required
+    rules = cls._RULES + cls._UPDATE_RULES
+    if rules:
+        schema["x-kubernetes-validations"] = _cel(rules)
+    return schema
+
+
+_PRINTER_COLUMNS = (
+    {"name": "Engine", "type": "string", "jsonPath": ".spec.engine"},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas.all"},
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.replicas.ready"},
+    {"name": "Min", "type": "integer", "jsonPath": ".spec.minReplicas", "priority": 1},
+    {"name": "Max", "type": "integer", "jsonPath": ".spec.maxReplicas", "priority": 1},
+    {"name": "URL", "type": "string", "jsonPath": ".spec.url", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+)
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The Model CustomResourceDefinition (apiextensions.k8s.io/v1) for the chart to install."""
+    root = {
+        "description": "A model served through the kvgate gateway (KubeAI-compatible).",
+        "type": "object",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": _object_schema(ModelSpec),
+            "status": _object_schema(ModelStatus),
+        },
+        "required": ["spec"],
+        "x-kubernetes-validations": _cel([_NAME_RULE]),
+    }
+    version = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": root},
+        "subresources": {
+            "status": {},
+            "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas.all"},
+        },
+        "additionalPrinterColumns": [dict(column) for column in _PRINTER_COLUMNS],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": KIND.lower()},
+            "scope": "Namespaced",
+            "versions": [version],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `python -m lb.model crd` for the chart, `validate` for model catalogs
+
+
+def _validate_stream(label: str, text: str) -> int:
+    failures = 0
+    for doc in yaml.safe_load_all(text):
+        if not isinstance(doc, dict) or doc.get("kind") != KIND:
+            continue
+        try:
+            model = Model.from_dict(doc)
+        except ModelValidationError as err:
+            failures += 1
+            name = (doc.get("metadata") or {}).get("name", "?")
+            print(f"{label}: {name}: {err}", file=sys.stderr)
+        else:
+            print(f"{label}: {model.name}: ok")
+    return failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lb.model", description="The kvgate Model resource.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("crd", help="print the Model CustomResourceDefinition as YAML")
+    check = commands.add_parser("validate", help="check the Model manifests in YAML files ('-' for stdin)")
+    check.add_argument("files", nargs="+")
+    args = parser.parse_args(argv)
+    if args.command == "crd":
+        sys.stdout.write(yaml.safe_dump(crd_manifest(), sort_keys=False, width=120))
+        return 0
+    failures = 0
+    for path in args.files:
+        if path == "-":
+            failures += _validate_stream("<stdin>", sys.stdin.read())
+        else:
+            with open(path, encoding="utf-8") as handle:
+                failures += _validate_stream(path, handle.read())
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

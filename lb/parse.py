@@ -1,0 +1,228 @@
+"""Reading an OpenAI request once: which model, which adapter, what prefix, streaming or not.
+
+The body is parsed a single time with orjson; it is re-serialised only when the model name
+must be rewritten to an adapter's (vLLM serves LoRAs under their own name). Anything the
+gateway relies on is type-checked here so that bad input ends as a 400, never as a 500 deeper
+in. The rest of the body is the model server's business and passes through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from lb.errors import GatewayError, bad_request
+
+# Route suffix (after /v1 or /openai/v1) -> request kind.
+KINDS: dict[str, str] = {
+    "/chat/completions": "chat",
+    "/completions": "completions",
+    "/embeddings": "embeddings",
+    "/rerank": "rerank",
+    "/audio/transcriptions": "transcriptions",
+}
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    kind: str
+    model: str  # as the client named it: `model` or `model_adapter`
+    stream: bool
+    payload: dict[str, Any] | None  # JSON routes only
+    body: bytes  # what goes upstream (multipart: without the `model` field)
+    content_type: bytes
+
+
+def parse_request(kind: str, body: bytes, content_type: bytes) -> ParsedRequest:
+    if kind == "transcriptions":
+        model, body, content_type = parse_multipart(body, content_type)
+        return ParsedRequest(kind, model, False, None, body, content_type)
+    payload = parse_json(body)
+    model = payload.get("model")
+    if model is None:
+        raise bad_request("you must provide a model parameter", "model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("`model` must be a non-empty string", "model")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("`stream` must be a boolean", "stream")
+    _CHECKS[kind](payload)
+    return ParsedRequest(kind, model, bool(stream), payload, body, b"application/json")
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise bad_request("We could not parse the JSON body of your request: it is not valid "
+                          "JSON (or not UTF-8).") from None
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return payload
+
+
+def with_model(parsed: ParsedRequest, model: str) -> bytes:
+    """The body to forward with ``model`` set to ``model`` (only re-serialised if it differs)."""
+    if parsed.payload is None or parsed.payload.get("model") == model:
+        return parsed.body
+    return orjson.dumps({**parsed.payload, "model": model})
+
+
+# -- prefixes for the ring ---------------------------------------------------------------------
+
+def prefix_of(parsed: ParsedRequest, length: int) -> str:
+    """KubeAI's prefix: the first user message (chat) or the prompt (completions), cut to
+    ``length`` code points; other kinds share no prompt cache worth routing on."""
+    payload = parsed.payload
+    if payload is None or length <= 0:
+        return ""
+    if parsed.kind == "chat":
+        return _first_user_text(payload["messages"])[:length]
+    if parsed.kind == "completions":
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        return prompt[:length] if isinstance(prompt, str) else ""
+    return ""
+
+
+def _first_user_text(messages: list[Any]) -> str:
+    for message in messages:
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(part["text"] for part in content if isinstance(part, dict)
+                               and part.get("type") == "text" and isinstance(part.get("text"), str))
+            return ""
+    return ""
+
+
+# -- per-kind checks of the fields the gateway reads --------------------------------------------
+
+def _check_chat(payload: dict[str, Any]) -> None:
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` must be a non-empty array", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"`messages[{i}]` must be an object", f"messages[{i}]")
+        if not isinstance(message.get("role"), str):
+            raise bad_request(f"`messages[{i}].role` must be a string", f"messages[{i}].role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise bad_request(f"`messages[{i}].content` must be a string, an array of parts "
+                              "or null", f"messages[{i}].content")
+
+
+def _check_completions(payload: dict[str, Any]) -> None:
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, (str, list)):
+        raise bad_request("`prompt` must be a string or an array", "prompt")
+
+
+def _check_embeddings(payload: dict[str, Any]) -> None:
+    if not isinstance(payload.get("input"), (str, list)):
+        raise bad_request("`input` must be a string or an array", "input")
+
+
+def _check_nothing(payload: dict[str, Any]) -> None:
+    return None
+
+
+_CHECKS = {
+    "chat": _check_chat,
+    "completions": _check_completions,
+    "embeddings": _check_embeddings,
+    "rerank": _check_nothing,
+}
+
+
+# -- multipart (audio) ---------------------------------------------------------------------------
+
+def parse_multipart(body: bytes, content_type: bytes) -> tuple[str, bytes, bytes]:
+    """Read the ``model`` field of a multipart form and return the form without it.
+
+    The other parts are re-emitted byte for byte under the original boundary, so the model
+    server receives exactly the file and options the client sent.
+    """
+    ctype, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise GatewayError(415, "This endpoint expects multipart/form-data with a boundary.",
+                           code="unsupported_media_type")
+    parts = _split_parts(body, boundary)
+    model, kept = None, []
+    for headers, data in parts:
+        if _field_name(headers) == b"model":
+            model = data
+        else:
+            kept.append((headers, data))
+    if model is None:
+        raise bad_request("you must provide a model parameter", "model")
+    try:
+        name = model.decode()
+    except UnicodeDecodeError:
+        raise bad_request("`model` must be UTF-8 text", "model") from None
+    if not name:
+        raise bad_request("`model` must be a non-empty string", "model")
+    return name, _join_parts(kept, boundary), content_type
+
+
+def _split_parts(body: bytes, boundary: bytes) -> list[tuple[list[tuple[bytes, bytes]], bytes]]:
+    parts: list[tuple[list[tuple[bytes, bytes]], bytes]] = []
+    state: dict[str, Any] = {}
+
+    def on_part_begin() -> None:
+        state.update(headers=[], data=[], field=b"", value=b"")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"].append((state["field"], state["value"]))
+        state["field"], state["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        state["data"].append(data[start:end])
+
+    def on_part_end() -> None:
+        parts.append((state["headers"], b"".join(state["data"])))
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_part_data": on_part_data, "on_part_end": on_part_end,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:  # python-multipart raises its own error types and ValueError
+        raise bad_request(f"malformed multipart body: {exc}") from None
+    if not parts:
+        raise bad_request("the multipart body has no parts")
+    return parts
+
+
+def _field_name(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name.lower() == b"content-disposition":
+            return parse_options_header(value)[1].get(b"name")
+    return None
+
+
+def _join_parts(parts: list[tuple[list[tuple[bytes, bytes]], bytes]], boundary: bytes) -> bytes:
+    out = []
+    for headers, data in parts:
+        out.append(b"--" + boundary + b"\r\n")
+        out.extend(name + b": " + value + b"\r\n" for name, value in headers)
+        out.append(b"\r\n" + data + b"\r\n")
+    out.append(b"--" + boundary + b"--\r\n")
+    return b"".join(out)

@@ -1,0 +1,122 @@
+"""The registry: where the two planes meet.
+
+The control plane (Kubernetes operator, local runtime, or a static config) writes Models and
+each model's ready endpoints here; the gateway only reads. Each model owns an EndpointGroup:
+its ring (which also carries the in-flight accounting for every strategy) and an event that
+fires on every endpoint change, so the waiting room re-evaluates instead of waiting for a
+specific replica (KubeAI's adapter wait never re-checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from lb.model import Model
+from lb.ring import Ring
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One ready replica: ``key`` identifies it (``namespace/pod`` or ``model/replica``),
+    ``address`` is ``host:port``; ``adapters`` are the LoRA adapters loaded on it."""
+
+    key: str
+    address: str
+    adapters: frozenset[str] = field(default_factory=frozenset)
+
+
+class EndpointGroup:
+    """A model's endpoints and the ring that balances them."""
+
+    def __init__(self, replication: int, mean_load_factor: int) -> None:
+        self.ring = Ring(replication, mean_load_factor)
+        self.endpoints: dict[str, Endpoint] = {}
+        self._changed = asyncio.Event()
+
+    def changed(self) -> asyncio.Event:
+        """The event the next endpoint change sets; take it before checking, then wait."""
+        return self._changed
+
+    def update(self, endpoints: Iterable[Endpoint]) -> None:
+        """Apply the new endpoint set as a diff, so requests in flight keep their accounting
+        and untouched endpoints keep their place on the ring."""
+        new = {e.key: e for e in endpoints}
+        for key in [k for k, old in self.endpoints.items() if new.get(k, None) is None
+                    or new[k].address != old.address]:
+            self.ring.remove(key)
+            del self.endpoints[key]
+        for key, endpoint in new.items():
+            old = self.endpoints.get(key)
+            if old is None:
+                self.ring.add(key, endpoint.adapters)
+            elif old.adapters != endpoint.adapters:
+                self.ring.set_adapters(key, endpoint.adapters)
+            self.endpoints[key] = endpoint
+        self.notify()
+
+    def set_load_factor(self, factor: int) -> None:
+        self.ring.mean_load_factor = factor
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+class Registry:
+    """Models by name and an EndpointGroup per model."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, Model] = {}
+        self._groups: dict[str, EndpointGroup] = {}
+
+    def set_model(self, model: Model) -> None:
+        self._models[model.name] = model
+        group = self._groups.get(model.name)
+        prefix_hash = model.spec.load_balancing.prefix_hash
+        if group is None:
+            return
+        if group.ring.replication != prefix_hash.replication:
+            self._rebuild(model.name, group)
+        else:
+            group.set_load_factor(prefix_hash.mean_load_factor)
+        group.notify()
+
+    def delete_model(self, name: str) -> None:
+        self._models.pop(name, None)
+        group = self._groups.get(name)
+        if group is not None:
+            group.notify()
+
+    def get_model(self, name: str) -> Model | None:
+        return self._models.get(name)
+
+    def models(self) -> list[Model]:
+        return sorted(self._models.values(), key=lambda m: m.name)
+
+    def set_endpoints(self, model: str, endpoints: Iterable[Endpoint]) -> None:
+        self.group(model).update(endpoints)
+
+    def group(self, model: str) -> EndpointGroup:
+        group = self._groups.get(model)
+        if group is None:
+            group = self._groups[model] = self._new_group(model)
+        return group
+
+    def groups(self) -> dict[str, EndpointGroup]:
+        return dict(self._groups)
+
+    def _new_group(self, model: str) -> EndpointGroup:
+        spec = self._models.get(model)
+        if spec is None:
+            return EndpointGroup(256, 125)
+        prefix_hash = spec.spec.load_balancing.prefix_hash
+        return EndpointGroup(prefix_hash.replication, prefix_hash.mean_load_factor)
+
+    def _rebuild(self, model: str, old: EndpointGroup) -> None:
+        """A new replication means new vnodes: build a fresh ring. Requests in flight release
+        into the old ring they were counted in, so neither ring's totals drift."""
+        group = self._groups[model] = self._new_group(model)
+        group._changed = old._changed
+        group.update(old.endpoints.values())
