@@ -1,28 +1,35 @@
-# One command each: `make run` starts the gateway on the embedded default; `make test` runs the tests.
+# `make run` starts kvgate on the embedded default; `make test` runs the test suite.
+# Both set everything up on a fresh machine: a virtualenv in .venv, the package with its
+# dependencies, and the Cython ring core.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: venv build run test bench-ring clean
+.PHONY: install build run test bench-ring bench-proxy clean
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	rm -f $(VENV)/.installed-* && touch $@
 
-venv: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench]'
+install: $(STAMP)
 
-build: venv
+build: install
 	$(BIN)/python setup.py -q build_ext --inplace
 
 run: build
-	$(BIN)/kvgate up -f examples/local.yaml
+	$(BIN)/python -m lb.cli up -f examples/local.yaml
 
 test: build
 	$(BIN)/python -m pytest -q
 
 bench-ring: build
 	$(BIN)/python bench/ring_bench.py
+
+bench-proxy: build
+	$(BIN)/python bench/proxy_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info lb/_chwbl.c lb/*.so

@@ -46,7 +46,10 @@ class GatewayMetrics:
         self.rejected = Counter("kvgate_waiting_room_rejected_total",
                                 "Requests refused because the waiting room was full.",
                                 ["model"], registry=r)
+        # Label lookups take a lock and hash a tuple; requests reuse the children instead.
         self._active_children: dict[str, Gauge] = {}
+        self._timing_children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+        self._count_children: dict[tuple[str, str, int], Counter] = {}
 
     def watch_rings(self, groups: Callable[[], dict[str, EndpointGroup]]) -> None:
         self.registry.register(_RingCollector(groups))
@@ -58,11 +61,22 @@ class GatewayMetrics:
         return child
 
     def finished(self, model: str, kind: str, code: int, seconds: float) -> None:
-        self.requests.labels(model, kind, str(code)).inc()
-        self.duration.labels(model, kind).observe(seconds)
+        counter = self._count_children.get((model, kind, code))
+        if counter is None:
+            counter = self._count_children[(model, kind, code)] = self.requests.labels(
+                model, kind, str(code))
+        counter.inc()
+        self._timings(model, kind)[0].observe(seconds)
 
     def first_byte_after(self, model: str, kind: str, seconds: float) -> None:
-        self.first_byte.labels(model, kind).observe(seconds)
+        self._timings(model, kind)[1].observe(seconds)
+
+    def _timings(self, model: str, kind: str) -> tuple[Histogram, Histogram]:
+        children = self._timing_children.get((model, kind))
+        if children is None:
+            children = self._timing_children[(model, kind)] = (
+                self.duration.labels(model, kind), self.first_byte.labels(model, kind))
+        return children
 
     def retried(self, model: str, reason: str) -> None:
         self.retries.labels(model, reason).inc()

@@ -43,14 +43,16 @@ MODEL_URL_SCHEMES = ("hf", "pvc", "ollama", "s3", "gs", "oss", "file")
 ADAPTER_URL_SCHEMES = ("hf", "s3", "gs", "oss", "file")
 # A cache profile downloads the model once into shared storage: only remote object sources qualify.
 CACHEABLE_SCHEMES = ("hf", "s3", "gs", "oss")
-# KubeAI only knows how to fetch these from inside a cache-loading Job.
+# Model servers cannot read these directly; only the cache-loading step fetches them.
 CACHE_ONLY_SCHEMES = ("gs", "oss")
 MAX_NAME_LENGTH = 40
 
 _META_KEY = "kvgate"
+# DNS-1123 subdomain, what Kubernetes enforces for object names: dots are allowed because
+# KubeAI's own catalog uses them ("qwen2.5-7b-cpu"); '_' never is, which keeps "<model>_<adapter>" unambiguous.
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _URL_RE = re.compile(r"([a-z0-9]+)://(\S+)")
-_BOOL_PARAM = ("true", "false")
+_URL_PARAMS = {"model": "a model name", "insecure": "true or false", "pull": "true or false"}
 
 
 class ModelValidationError(ValueError):
@@ -128,7 +130,7 @@ def _scheme_rule(schemes: Sequence[str]) -> _Rule:
 
 
 def _is_set(value: Any) -> bool:
-    """Empty means unset: the API server omits empty optional fields, so "" and absent are the same."""
+    """Empty means unset, as with KubeAI's `omitempty` Go fields: "" and absent must not differ."""
     return value is not None and value != "" and value != () and value != {}
 
 
@@ -188,14 +190,11 @@ def parse_model_url(url: str) -> ModelURL:
 
 
 def _check_url_param(url: str, key: str, value: str) -> None:
-    if key == "model" and value:
-        return
-    if key in ("insecure", "pull") and value in _BOOL_PARAM:
-        return
-    if key not in ("model", "insecure", "pull"):
-        raise ValueError(f"invalid url {url!r}: unknown query parameter {key!r} (known: model, insecure, pull)")
-    expected = "a model name" if key == "model" else "true or false"
-    raise ValueError(f"invalid url {url!r}: {key}= must be {expected}, got {value!r}")
+    if key not in _URL_PARAMS:
+        raise ValueError(f"invalid url {url!r}: unknown query parameter {key!r} (known: {', '.join(_URL_PARAMS)})")
+    valid = bool(value) if key == "model" else value in ("true", "false")
+    if not valid:
+        raise ValueError(f"invalid url {url!r}: {key}= must be {_URL_PARAMS[key]}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

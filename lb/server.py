@@ -34,7 +34,8 @@ def bind(host: str, port: int) -> socket.socket:
 def _uvicorn(app: object, log_level: str, lifespan: str) -> uvicorn.Server:
     config = uvicorn.Config(app, loop="none", http="httptools", lifespan=lifespan, interface="asgi3",
                             access_log=False, log_level=log_level, server_header=False,
-                            date_header=False, timeout_keep_alive=75,
+                            date_header=False, proxy_headers=False,
+                            timeout_keep_alive=75,
                             timeout_graceful_shutdown=30)
     return uvicorn.Server(config)
 
@@ -50,11 +51,15 @@ async def serve(gateway: Gateway, sock: socket.socket,
     tasks = [asyncio.create_task(main.serve(sockets=[sock]))]
     if metrics_sock is not None:
         tasks.append(asyncio.create_task(servers[1].serve(sockets=[metrics_sock])))
-    if started is not None:
-        asyncio.create_task(_signal_started(main, started))
+    notifier = asyncio.create_task(_signal_started(main, started)) if started else None
     try:
-        await tasks[0]
+        # Shielded: cancelling serve() must stop the servers through uvicorn's graceful
+        # shutdown (close listeners, finish requests, lifespan shutdown closes the upstream
+        # session), not abandon them still accepting connections.
+        await asyncio.shield(tasks[0])
     finally:
+        if notifier is not None:
+            notifier.cancel()
         for server in servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
