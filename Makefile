@@ -20,7 +20,9 @@ build: install
 	$(BIN)/python setup.py -q build_ext --inplace
 
 run: build
-	$(BIN)/python -m lb.cli up -f examples/local.yaml
+	@$(BIN)/kvgate sim --port 8101 --replicas 4 --model-name sim-llama --profile cpu-scaled & \
+	sim=$$!; trap "kill $$sim 2>/dev/null" EXIT INT TERM; \
+	$(BIN)/kvgate gateway -c examples/gateway-sim.yaml
 
 test: build
 	$(BIN)/python -m pytest -q

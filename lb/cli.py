@@ -2,6 +2,7 @@
 
 ``kvgate gateway -c config.yaml`` runs the gateway alone in static-endpoints mode: models and
 their replicas' addresses come from the config file, in front of any OpenAI-compatible servers.
+``kvgate sim ...`` runs simulated vLLM replicas (see ``kvgate sim --help``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway.add_argument("--port", type=int, help="listen port (overrides server.port)")
     gateway.add_argument("--metrics-port", type=int,
                          help="metrics port (overrides server.metricsPort; 0 disables)")
+    commands.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        from bench.sim.cli import main as sim_main  # the simulator is a bench tool, loaded lazily
+
+        return sim_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,135 @@
+"""Command line for the simulator: `python -m bench.sim ...` (and `kvgate sim ...` via `main`).
+
+Accepts the common vLLM flag names as aliases (`--served-model-name`, `--max-num-seqs`, ...) so a
+launcher that builds a vLLM command line can point at the simulator with few changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import Optional, Sequence
+
+from .cluster import SimCluster
+from .errors import SimError
+from .faults import Faults
+from .profiles import PROFILES, get_profile
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.sim",
+        description="Simulated vLLM replicas (OpenAI API, prefix cache, LoRA, vLLM metrics).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="port of replica 0; replica i uses +i")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--profile", default="fast", choices=sorted(PROFILES))
+    p.add_argument("--list-profiles", action="store_true", help="print profiles as JSON and exit")
+    p.add_argument("--model-name", "--served-model-name", dest="model_name", default="sim-model")
+    p.add_argument("--model", dest="model_path", default=None,
+                   help="model path shown as `root` in /v1/models")
+    p.add_argument("--startup-delay", type=float, default=0.0,
+                   help="seconds of 503 on /health after start")
+    eng = p.add_argument_group("engine overrides")
+    eng.add_argument("--time-scale", type=float)
+    eng.add_argument("--kv-blocks", "--num-gpu-blocks-override", dest="kv_blocks", type=int)
+    eng.add_argument("--max-num-seqs", type=int)
+    eng.add_argument("--max-num-batched-tokens", type=int)
+    eng.add_argument("--max-model-len", type=int)
+    eng.add_argument("--max-loras", type=int)
+    eng.add_argument("--lora-load-latency", type=float)
+    eng.add_argument("--natural-output-tokens", type=int)
+    eng.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="no_prefix",
+                     action="store_true")
+    eng.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH")
+    eng.add_argument("--enable-lora", action="store_true", help="accepted for vLLM parity")
+    flt = p.add_argument_group("failure injection (changeable at runtime: POST /sim/faults)")
+    flt.add_argument("--error-rate", type=float, default=0.0)
+    flt.add_argument("--error-status", type=int, default=500)
+    flt.add_argument("--reset-after-chunks", type=int)
+    flt.add_argument("--extra-latency", type=float, default=0.0)
+    flt.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    mapping = {
+        "time_scale": args.time_scale, "num_kv_blocks": args.kv_blocks,
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len, "max_loras": args.max_loras,
+        "lora_load_s": args.lora_load_latency,
+        "natural_output_tokens": args.natural_output_tokens,
+    }
+    out = {k: v for k, v in mapping.items() if v is not None}
+    if args.no_prefix:
+        out["enable_prefix_caching"] = False
+    return out
+
+
+def _lora_modules(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--lora-modules expects NAME=PATH, got {item!r}")
+        out[name] = path
+    return out
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    profile = get_profile(args.profile, **_overrides(args))
+    lora = _lora_modules(args.lora_modules)
+    faults = {"error_rate": args.error_rate, "error_status": args.error_status,
+              "reset_after_chunks": args.reset_after_chunks,
+              "extra_latency_s": args.extra_latency}
+    cluster = SimCluster(args.replicas, profile, args.model_name, host=args.host,
+                         base_port=args.port, seed=args.seed, model_path=args.model_path,
+                         lora_modules=lora, startup_delay_s=args.startup_delay, faults=faults)
+    await cluster.start()
+    for i, r in enumerate(cluster.replicas):
+        print(f"sim replica {i}: {r.url} model={args.model_name} profile={profile.name}",
+              flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await cluster.stop()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_profiles:
+        print(json.dumps({n: p.describe() for n, p in PROFILES.items()}, indent=2))
+        return 0
+    if args.replicas < 1:
+        print("--replicas must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        Faults().update({"error_rate": args.error_rate, "error_status": args.error_status})
+        get_profile(args.profile, **_overrides(args))
+    except (SimError, TypeError, ValueError) as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
+    _install_uvloop()
+    try:
+        asyncio.run(_serve(args))
+    except KeyboardInterrupt:
+        pass
+    return 0

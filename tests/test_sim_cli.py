@@ -1,0 +1,56 @@
+"""`python -m bench.sim` runs for real: several replicas, serving, clean exit on SIGTERM."""
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from bench.sim.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_cli_starts_replicas_and_stops_on_sigterm():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.sim", "--port", "0", "--replicas", "2", "--profile", "fast",
+        "--served-model-name", "cli-model", "--startup-delay", "0.2", "--kv-blocks", "128",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        urls = []
+        for _ in range(2):
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert line.startswith("sim replica"), line
+            urls.append(line.split()[3])
+        assert len(set(urls)) == 2
+        async with aiohttp.ClientSession() as http:
+            async with http.get(urls[0] + "/health") as resp:
+                assert resp.status == 503  # still in its startup delay
+            await asyncio.sleep(0.25)
+            for url in urls:
+                async with http.get(url + "/health") as resp:
+                    assert resp.status == 200
+            body = {"model": "cli-model", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 3}
+            async with http.post(urls[1] + "/v1/chat/completions", json=body) as resp:
+                assert (await resp.json())["usage"]["completion_tokens"] == 3
+            async with http.get(urls[1] + "/metrics") as resp:
+                assert 'num_gpu_blocks="128"' in await resp.text()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_cli_rejects_bad_settings(capsys):
+    assert main(["--replicas", "0"]) == 2
+    assert main(["--error-rate", "3"]) == 2
+    assert main(["--list-profiles"]) == 0
+    assert "l4-llama3.1-8b" in capsys.readouterr().out
+    args = build_parser().parse_args(["--max-num-seqs", "8", "--lora-modules", "a=/x"])
+    assert args.max_num_seqs == 8 and args.lora_modules == ["a=/x"]
