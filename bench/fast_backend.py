@@ -1,8 +1,9 @@
 """A deliberately cheap OpenAI-shaped backend for overhead benchmarks.
 
 It answers every POST with a fixed chat completion, or, when the body asks for
-``"stream": true``, with a fixed number of SSE chunks spaced ``--chunk-gap-ms`` apart (so the
-proxy under test sees each chunk as its own read, as it would with a real model server). It is
+``"stream": true``, with a fixed number of SSE chunks spaced ``--chunk-gap-ms`` apart (1 ms: the
+proxy under test sees each chunk as its own read, as with a model server generating tokens; 0:
+one write per chunk, all in one go, so chunks mostly share a read). It is
 a raw asyncio protocol over httptools, costing a few microseconds per request, so measurements
 describe the proxy, not the backend.
 
@@ -68,7 +69,12 @@ class _Protocol(asyncio.Protocol):
             return
         if b'"stream":true' in b"".join(self._body).replace(b" ", b""):
             transport.write(_SSE_HEAD)
-            asyncio.get_running_loop().create_task(self._stream(transport))
+            if self._gap > 0:
+                asyncio.get_running_loop().create_task(self._stream(transport))
+                return
+            for _ in range(self._chunks):  # all tokens ready: one write per chunk, no pause
+                transport.write(_SSE_CHUNK)
+            transport.write(_SSE_END)
         else:
             transport.write(_JSON_RESPONSE)
 

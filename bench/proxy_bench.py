@@ -1,9 +1,11 @@
 """Gateway overhead, side by side in one run: direct to a backend vs through kvgate.
 
-For each path (direct, kvgate) and each response shape (one JSON body; a 20-chunk SSE stream)
-it runs the same load generator (wrk, 64 connections) against the same backend and reports
-requests/s, latency p50/p99, and the proxy's CPU time per request (process CPU seconds over
-requests served, read from /proc). Then it offers a fixed 1,000 req/s (hey) to both and reports
+For each path (direct, kvgate) and each response shape it runs the same load generator (wrk,
+64 connections) against the same backend and reports requests/s, latency p50/p99, and the
+proxy's CPU time per request (process CPU seconds over requests served, read from /proc).
+Shapes: one JSON body; a 20-chunk SSE stream written back to back (the calibration's shape:
+chunks often share a read); the same stream paced 1 ms per chunk (every chunk its own read,
+as with a model server generating tokens). Then it offers a fixed 1,000 req/s (hey) to both and reports
 the latency the gateway adds at a moderate rate.
 
 The proxied server (backend when direct, gateway otherwise) is pinned to CPU 1 and everything
@@ -30,7 +32,7 @@ import orjson
 
 from bench.procs import cpu_seconds, free_port, pinned, spawn, stop, wait_for_port
 
-_CHAT = ('{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant."},'
+_CHAT = ('{"model":"%s","messages":[{"role":"system","content":"You are a helpful assistant."},'
          '{"role":"user","content":"Tell me about consistent hashing with bounded loads."}]%s}')
 _TARGETS = {"cpu_us_request": 100.0, "cpu_us_stream": 150.0, "added_p50_ms": 0.5,
             "added_p99_ms": 3.0}
@@ -57,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     duration = 3 if args.quick else args.duration
     from lb.ring import IMPLEMENTATION
     print(f"ring implementation: {IMPLEMENTATION}; cores: {os.cpu_count()}", flush=True)
-    with _stack() as (backend_port, gateway_port, procs):
-        rows = _saturation(backend_port, gateway_port, procs, duration, args.connections)
-        latency = _latency_at_rate(backend_port, gateway_port, args.rate, duration)
+    with _stack() as (ports, gateway_port, procs):
+        rows = _saturation(ports, gateway_port, procs, duration, args.connections)
+        latency = _latency_at_rate(ports["m"], gateway_port, args.rate, duration)
     _print(rows, latency)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -70,68 +72,77 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _stack() -> Iterator[tuple[int, int, dict[str, subprocess.Popen[bytes]]]]:
-    backend_port, gateway_port = free_port(), free_port()
+def _stack() -> Iterator[tuple[dict[str, int], int, dict[str, subprocess.Popen[bytes]]]]:
+    """Two backends (``m``: back-to-back chunks, ``m-paced``: 1 ms per chunk) and the gateway
+    with a model for each."""
+    ports = {"m": free_port(), "m-paced": free_port()}
+    gateway_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gateway.yaml"
-        config.write_text(_gateway_config(backend_port, gateway_port))
-        backend = spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(backend_port),
-                         "--chunks", "20", "--chunk-gap-ms", "1"], cpu=1)
-        gateway = spawn([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config)], cpu=1)
-        procs = {"backend": backend, "gateway": gateway}
+        config.write_text(_gateway_config(ports, gateway_port))
+        procs = {model: spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(port),
+                               "--chunks", "20", "--chunk-gap-ms", "1" if "paced" in model
+                               else "0"], cpu=1)
+                 for model, port in ports.items()}
+        procs["gateway"] = spawn([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config)],
+                                 cpu=1)
         try:
-            wait_for_port(backend_port)
-            wait_for_port(gateway_port)
-            yield backend_port, gateway_port, procs
+            for port in (*ports.values(), gateway_port):
+                wait_for_port(port)
+            yield ports, gateway_port, procs
         finally:
             for proc in procs.values():
                 stop(proc)
 
 
-def _gateway_config(backend_port: int, port: int) -> str:
-    return f"""
-server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}
-models:
+def _gateway_config(ports: dict[str, int], port: int) -> str:
+    models = "".join(f"""
 - apiVersion: kvgate.dev/v1
   kind: Model
-  metadata: {{name: m}}
+  metadata: {{name: {model}}}
   spec:
-    url: hf://bench/m
+    url: hf://bench/{model}
     engine: VLLM
     features: [TextGeneration]
-    loadBalancing: {{strategy: PrefixHash}}
-endpoints:
-  m: [{{address: "127.0.0.1:{backend_port}"}}]
-"""
+    loadBalancing: {{strategy: PrefixHash}}""" for model in ports)
+    endpoints = "".join(f'\n  {model}: [{{address: "127.0.0.1:{p}"}}]' for model, p in ports.items())
+    return (f"server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}\n"
+            f"models:{models}\nendpoints:{endpoints}\n")
 
 
-def _saturation(backend_port: int, gateway_port: int, procs: dict[str, subprocess.Popen[bytes]],
-                duration: int, connections: int) -> list[Row]:
+_SHAPES = (("json", "m", ""), ("sse-20", "m", ',"stream":true'),
+           ("sse-20-paced", "m-paced", ',"stream":true'))
+
+
+def _saturation(ports: dict[str, int], gateway_port: int,
+                procs: dict[str, subprocess.Popen[bytes]], duration: int,
+                connections: int) -> list[Row]:
     rows = []
-    for shape, extra in (("json", ""), ("sse-20", ',"stream":true')):
-        body = _CHAT % extra
-        for path, port, proc in (("direct", backend_port, procs["backend"]),
+    for shape, model, extra in _SHAPES:
+        body = _CHAT % (model, extra)
+        backend = procs[model]
+        for path, port, proc in (("direct", ports[model], backend),
                                  ("kvgate", gateway_port, procs["gateway"])):
             # In the direct run the backend has CPU 1 to itself; when proxied, it moves to CPU 0
             # with the load generator so the gateway has CPU 1 alone.
-            pinned(procs["backend"].pid, 1 if path == "direct" else 0)
+            pinned(backend.pid, 1 if path == "direct" else 0)
             _wrk(port, body, 1, connections)  # warm-up: connections, caches, JIT-free paths
             before = cpu_seconds(proc.pid)
             result = _wrk(port, body, duration, connections)
             cpu = cpu_seconds(proc.pid) - before
             cpu_us = cpu / result["requests"] * 1e6 if path == "kvgate" else None
             rows.append(Row(path, shape, result["rps"], result["p50"], result["p99"], cpu_us))
-            print(f"  {path:7s} {shape:7s} {result['rps']:9.0f} req/s", flush=True)
+            print(f"  {path:7s} {shape:12s} {result['rps']:9.0f} req/s", flush=True)
     return rows
 
 
 def _latency_at_rate(backend_port: int, gateway_port: int, rate: int,
-                     duration: int) -> dict[str, float]:
+                     duration: int) -> dict[str, float | int]:
     """hey at a fixed offered rate; runs alternate so drift hits both paths alike."""
     samples: dict[str, list[tuple[float, float]]] = {"direct": [], "kvgate": []}
     for _ in range(3):
         for path, port in (("direct", backend_port), ("kvgate", gateway_port)):
-            samples[path].append(_hey(port, _CHAT % "", rate, max(2, duration // 2)))
+            samples[path].append(_hey(port, _CHAT % ("m", ""), rate, max(2, duration // 2)))
     med = {path: (statistics.median(s[0] for s in runs), statistics.median(s[1] for s in runs))
            for path, runs in samples.items()}
     return {"rate": rate,
@@ -194,9 +205,10 @@ def _print(rows: list[Row], latency: dict[str, float]) -> None:
         cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "-"
         print(f"| {r.path} | {r.shape} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {cpu} |")
     by = {(r.path, r.shape): r for r in rows}
-    print("\n| ratio | json | sse-20 |\n|---|---:|---:|")
+    shapes = [shape for shape, _, _ in _SHAPES]
+    print("\n| ratio | " + " | ".join(shapes) + " |\n|---|" + "---:|" * len(shapes))
     print("| kvgate req/s ÷ direct | " + " | ".join(
-        f"{by[('kvgate', s)].rps / by[('direct', s)].rps:.2f}" for s in ("json", "sse-20")) + " |")
+        f"{by[('kvgate', s)].rps / by[('direct', s)].rps:.2f}" for s in shapes) + " |")
     print(f"\nAt {latency['rate']} req/s offered (hey, medians of 3 alternating runs):")
     print("| path | p50 ms | p99 ms |\n|---|---:|---:|")
     for path in ("direct", "kvgate"):

@@ -11,7 +11,6 @@ import contextlib
 import time
 from typing import Any, AsyncIterator
 
-import aiohttp
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -30,7 +29,8 @@ from lb.proxy import Proxy, Receive, Scope, Send, _send_error
 from lb.registry import Registry
 from lb.scaler import Scaler, StaticScaler
 from lb.selectors import matches, parse_selector
-from lb.upstream import create_session
+from lb.http1 import UpstreamPool
+from lb.upstream import create_pool
 
 API_PREFIXES = ("/v1", "/openai/v1")
 
@@ -46,17 +46,17 @@ class Gateway:
         self.metrics.watch_rings(self.registry.groups)
         self.balancer = Balancer(self.registry, scaler or StaticScaler(), config.waiting_room,
                                  self.metrics)
-        self._session: aiohttp.ClientSession | None = None
-        self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.session)
+        self._pool: UpstreamPool | None = None
+        self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool)
         self.ready = False
         self._routes = {prefix + suffix: kind for prefix in API_PREFIXES
                         for suffix, kind in KINDS.items()}
         self._app = self._starlette()
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> UpstreamPool:
+        if self._pool is None:
             raise GatewayError(503, "The gateway is starting up.", code="not_ready")
-        return self._session
+        return self._pool
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -71,14 +71,14 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
-        self._session = create_session(self.config.upstream)
+        self._pool = create_pool(self.config.upstream)
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
-            await self._session.close()
-            self._session = None
+            await self._pool.close()
+            self._pool = None
 
     async def metrics_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI app for the metrics port: /metrics only."""

@@ -55,8 +55,10 @@ class WaitingRoomConfig:
 class UpstreamConfig:
     connect_timeout_seconds: float = 10.0
     read_timeout_seconds: float = 600.0  # longest silence allowed from a model server
-    max_connections: int = 0  # per process; 0 = unlimited
-    keepalive_seconds: float = 75.0
+    max_idle_per_host: int = 256  # idle keep-alive connections kept per replica
+    # Below the model servers' own idle timeout (vLLM's uvicorn closes after 5 s), so the pool
+    # drops a connection before the server does and rarely races it.
+    keepalive_seconds: float = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,8 @@ def _validate(config: Config) -> None:
         (config.upstream.connect_timeout_seconds > 0,
          "upstream.connectTimeoutSeconds: must be > 0"),
         (config.upstream.read_timeout_seconds > 0, "upstream.readTimeoutSeconds: must be > 0"),
-        (config.upstream.max_connections >= 0, "upstream.maxConnections: must be >= 0"),
+        (config.upstream.max_idle_per_host >= 0, "upstream.maxIdlePerHost: must be >= 0"),
+        (config.upstream.keepalive_seconds > 0, "upstream.keepaliveSeconds: must be > 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -15,11 +15,10 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-import aiohttp
-
 from lb.balancer import Balancer, Lease
 from lb.config import Config
 from lb.errors import GatewayError, bad_request, model_not_found
+from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
 from lb.metrics import GatewayMetrics
 from lb.model import Model, split_model_adapter
 from lb.parse import ParsedRequest, parse_request, prefix_of, with_model
@@ -59,12 +58,12 @@ class _Exchange:
 
 class Proxy:
     def __init__(self, config: Config, registry: Registry, balancer: Balancer,
-                 metrics: GatewayMetrics, session: Callable[[], aiohttp.ClientSession]) -> None:
+                 metrics: GatewayMetrics, pool: Callable[[], UpstreamPool]) -> None:
         self._config = config
         self._registry = registry
         self._balancer = balancer
         self._metrics = metrics
-        self._session = session
+        self._pool = pool
         self._retry_statuses = frozenset(config.retries.retry_statuses)
 
     async def handle(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,7 +93,7 @@ class Proxy:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
-        watcher = _watch_disconnect(receive, exchange)
+        watcher = _DisconnectWatch(receive, exchange)
         active = self._metrics.active_gauge(model.name)
         active.inc()
         try:
@@ -129,7 +128,7 @@ class Proxy:
         prefix = prefix_of(parsed, model.spec.load_balancing.prefix_hash.prefix_char_length)
         body = with_model(parsed, adapter or model.name) if adapter else parsed.body
         headers = request_headers(scope["headers"], parsed.content_type)
-        path = "/v1" + scope["path"].removeprefix("/openai").removeprefix("/v1")
+        path = ("/v1" + scope["path"].removeprefix("/openai").removeprefix("/v1")).encode()
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1
         for attempt in range(attempts):
@@ -143,24 +142,29 @@ class Proxy:
                 lease.release()
             if done:
                 return
-            self._metrics.retried(model.name, str(exchange.status) if exchange.status else "connect")
+            if not last:  # a failed last attempt is not retried: the loop ends in a 502
+                self._metrics.retried(model.name,
+                                      str(exchange.status) if exchange.status else "connect")
         raise GatewayError(502, f"No replica of model `{model.name}` could be reached after "
                            f"{attempts} attempts.", code="upstream_unreachable")
 
-    async def _attempt(self, lease: Lease, path: str, body: bytes,
-                       headers: list[tuple[str, str]], send: Send, exchange: _Exchange,
+    async def _attempt(self, lease: Lease, path: bytes, body: bytes,
+                       headers: list[tuple[bytes, bytes]], send: Send, exchange: _Exchange,
                        last: bool, began: float, kind: str) -> bool:
         """One try on one replica. False means: retry elsewhere (nothing was sent)."""
-        url = f"http://{lease.address}{path}"
         exchange.status = 0
         try:
-            response = await self._session().post(url, data=body, headers=headers)
-        except aiohttp.SocketTimeoutError:
+            response = await self._pool().request(lease.address, b"POST", path, headers, body)
+        except ConnectFailed as exc:
+            log.debug("upstream %s unreachable: %s", lease.key, exc)
+            return False
+        except ResponseTimeout:
             raise GatewayError(504, "The model server did not answer in time.",
                                code="upstream_timeout") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            log.debug("upstream %s failed: %s", lease.key, exc)
-            return False
+        except BodyError as exc:
+            log.warning("upstream %s sent a broken response: %s", lease.key, exc)
+            raise GatewayError(502, "The model server sent a malformed response.",
+                               code="upstream_error") from None
         try:
             if response.status in self._retry_statuses and not last:
                 exchange.status = response.status
@@ -171,29 +175,26 @@ class Proxy:
         finally:
             response.release()
 
-    async def _relay(self, response: aiohttp.ClientResponse, send: Send,
-                     exchange: _Exchange) -> None:
+    async def _relay(self, response: UpstreamResponse, send: Send, exchange: _Exchange) -> None:
         """Pass the response through as it comes; never buffer a stream."""
         exchange.status = response.status
-        sse = response.content_type == "text/event-stream"
         await send({"type": "http.response.start", "status": response.status,
-                    "headers": response_headers(response.raw_headers)})
+                    "headers": response_headers(response.headers)})
         exchange.started = True
-        content = response.content
         try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
+            chunk = await response.read()
+            while not response.at_end:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                chunk = await response.read()
+        except BodyError as exc:
             log.warning("upstream closed mid-response: %s", exc)
             exchange.status = 502
-            if not sse:
+            if response.content_type != b"text/event-stream":
                 return  # a truncated non-SSE body: the connection is dropped, not faked complete
-            await send({"type": "http.response.body", "body": _STREAM_ERROR, "more_body": True})
+            chunk = _STREAM_ERROR
         exchange.finishing = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # The last piece goes with the end of the body: one message for a one-piece response.
+        await send({"type": "http.response.body", "body": chunk, "more_body": False})
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self._config.limits.max_body_bytes
@@ -215,20 +216,41 @@ class Proxy:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _watch_disconnect(receive: Receive, exchange: _Exchange) -> asyncio.Task[Any]:
-    """Cancel the handler task when the client goes away, so upstream work stops with it."""
-    handler = asyncio.current_task()
-    watcher = asyncio.get_running_loop().create_task(receive())
+class _DisconnectWatch:
+    """Cancels the handler task when the client goes away, so upstream work stops with it.
 
-    def on_message(task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or exchange.finishing:
+    The watcher (a task parked in ``receive()``) starts only after ``_WATCH_AFTER`` seconds:
+    most non-streaming requests are done by then and never pay for a task, while anything that
+    lasts (a generation, a stream, the waiting room) is watched from then on.
+    """
+
+    __slots__ = ("_receive", "_exchange", "_handler", "_timer", "_task")
+
+    def __init__(self, receive: Receive, exchange: _Exchange) -> None:
+        self._receive = receive
+        self._exchange = exchange
+        self._handler = asyncio.current_task()
+        self._task: asyncio.Task[Any] | None = None
+        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._receive())
+        self._task.add_done_callback(self._on_message)
+
+    def _on_message(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self._exchange.finishing:
             return
         if task.exception() is None and task.result().get("type") == "http.disconnect":
-            exchange.disconnected = True
-            handler.cancel()
+            self._exchange.disconnected = True
+            self._handler.cancel()
 
-    watcher.add_done_callback(on_message)
-    return watcher
+    def cancel(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+
+_WATCH_AFTER = 0.02
 
 
 def _header(scope: Scope, name: bytes) -> bytes:

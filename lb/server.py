@@ -55,7 +55,7 @@ async def serve(gateway: Gateway, sock: socket.socket,
     try:
         # Shielded: cancelling serve() must stop the servers through uvicorn's graceful
         # shutdown (close listeners, finish requests, lifespan shutdown closes the upstream
-        # session), not abandon them still accepting connections.
+        # pool), not abandon them still accepting connections.
         await asyncio.shield(tasks[0])
     finally:
         if notifier is not None:
