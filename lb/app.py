@@ -49,8 +49,9 @@ class Gateway:
         self._pool: UpstreamPool | None = None
         self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool)
         self.ready = False
-        self._routes = {prefix + suffix: kind for prefix in API_PREFIXES
-                        for suffix, kind in KINDS.items()}
+        # Client path -> (request kind, the model server's path for it).
+        self._routes = {prefix + suffix: (kind, b"/v1" + suffix.encode())
+                        for prefix in API_PREFIXES for suffix, kind in KINDS.items()}
         self._app = self._starlette()
 
     def pool(self) -> UpstreamPool:
@@ -60,10 +61,10 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            kind = self._routes.get(scope["path"])
-            if kind is not None:
+            route = self._routes.get(scope["path"])
+            if route is not None:
                 if scope["method"] == "POST":
-                    return await self.proxy.handle(kind, scope, receive, send)
+                    return await self.proxy.handle(*route, scope, receive, send)
                 return await _send_error(send, GatewayError(
                     405, f"Method {scope['method']} is not allowed here; use POST.",
                     code="method_not_allowed", headers={"allow": "POST"}))

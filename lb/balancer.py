@@ -55,15 +55,12 @@ class Balancer:
     def waiting(self, model: str) -> int:
         return self._waiting.get(model, 0)
 
-    async def acquire(self, model: Model, adapter: str, prefix: str,
-                      exclude: list[str]) -> Lease:
-        """A lease on the best endpoint for this request, waiting if there is none."""
-        lease = self._try(model, adapter, prefix, exclude)
-        if lease is not None:
-            return lease
-        return await self._wait(model, adapter, prefix, exclude)
+    def try_acquire(self, model: Model, adapter: str, prefix: str,
+                    exclude: list[str]) -> Lease | None:
+        """A lease on the best endpoint for this request, or None if there is none now.
 
-    def _try(self, model: Model, adapter: str, prefix: str, exclude: list[str]) -> Lease | None:
+        Synchronous so the common case costs no coroutine; ``wait`` is the slow path.
+        """
         group = self._registry.group(model.name)
         key = _pick(group, model, adapter, prefix, exclude)
         if key is None and exclude:
@@ -75,7 +72,8 @@ class Balancer:
         ring = group.ring
         return Lease(ring, key, group.endpoints[key].address, ring.acquire(key))
 
-    async def _wait(self, model: Model, adapter: str, prefix: str, exclude: list[str]) -> Lease:
+    async def wait(self, model: Model, adapter: str, prefix: str, exclude: list[str]) -> Lease:
+        """Wait in the model's waiting room for an endpoint, then lease it."""
         name = model.name
         if self.waiting(name) >= self._config.max_waiting_per_model:
             self._metrics.waiting_room_rejected(name)
@@ -93,7 +91,7 @@ class Balancer:
                 current = self._registry.get_model(name)
                 if current is None:
                     raise model_not_found(name)
-                lease = self._try(current, adapter, prefix, exclude)
+                lease = self.try_acquire(current, adapter, prefix, exclude)
                 if lease is not None:
                     return lease
                 remaining = deadline - time.monotonic()

@@ -193,10 +193,6 @@ class Ring:
         if i == n_vnodes:
             i = 0
         default = -1
-        # Two shortcuts to the full walk's answer (stats still count the full walk): if even an
-        # idle endpoint fails the bound (light load), every one does; and once each matching
-        # endpoint has failed, the rest of the ring cannot change the answer.
-        hopeless = self._total != 0 and len(self._slot_of) * 100 > (self._total + 1) * self._factor
         rejected: set[int] | None = None
         n_matching = 0
         for step in range(n_vnodes):
@@ -204,12 +200,15 @@ class Ring:
             if slot not in excluded and self._serves(slot, adapter):
                 if default < 0:
                     default = slot
-                if hopeless:
-                    break
                 if self._load_ok(slot):
                     self._iterations += step + 1
                     return self._keys[slot]
+                # Shortcuts to the full walk's answer (stats still count the full walk): if
+                # even an idle endpoint fails the bound (light load), every one does; and once
+                # each matching endpoint has failed, the rest of the ring cannot change it.
                 if rejected is None:
+                    if len(self._slot_of) * 100 > (self._total + 1) * self._factor:
+                        break
                     rejected = set()
                     n_matching = sum(1 for s, k in enumerate(self._keys) if k is not None
                                      and s not in excluded and self._serves(s, adapter))

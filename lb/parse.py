@@ -8,6 +8,7 @@ in. The rest of the body is the model server's business and passes through untou
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,9 @@ import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lb.errors import GatewayError, bad_request
+
+# A malformed form is the client's problem and gets a 400; it must not fill the server's logs.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 # Route suffix (after /v1 or /openai/v1) -> request kind.
 KINDS: dict[str, str] = {

@@ -66,12 +66,16 @@ class Proxy:
         self._pool = pool
         self._retry_statuses = frozenset(config.retries.retry_statuses)
 
-    async def handle(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, kind: str, path: bytes, scope: Scope, receive: Receive,
+                     send: Send) -> None:
+        """Serve one request of ``kind``; ``path`` is the model server's path for it."""
         began = time.perf_counter()
         exchange = _Exchange()
         try:
-            body = await self._read_body(scope, receive)
-            await self._serve(kind, scope, body, receive, send, exchange, began)
+            content_length, content_type = _content_headers(scope["headers"])
+            body = await self._read_body(content_length, receive)
+            await self._serve(kind, path, scope, body, content_type, receive, send, exchange,
+                              began)
         except GatewayError as exc:
             exchange.status = exc.status
             if not exchange.started:
@@ -87,9 +91,9 @@ class Proxy:
             self._metrics.finished(exchange.model, kind, exchange.status or 500,
                                    time.perf_counter() - began)
 
-    async def _serve(self, kind: str, scope: Scope, body: bytes, receive: Receive, send: Send,
-                     exchange: _Exchange, began: float) -> None:
-        content_type = _header(scope, b"content-type")
+    async def _serve(self, kind: str, path: bytes, scope: Scope, body: bytes,
+                     content_type: bytes, receive: Receive, send: Send, exchange: _Exchange,
+                     began: float) -> None:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
@@ -97,7 +101,7 @@ class Proxy:
         active = self._metrics.active_gauge(model.name)
         active.inc()
         try:
-            await self._forward(model, adapter, parsed, scope, send, exchange, began)
+            await self._forward(model, adapter, parsed, path, scope, send, exchange, began)
         finally:
             active.dec()
             watcher.cancel()
@@ -123,16 +127,16 @@ class Proxy:
                     return False
         return True
 
-    async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, scope: Scope,
-                       send: Send, exchange: _Exchange, began: float) -> None:
+    async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, path: bytes,
+                       scope: Scope, send: Send, exchange: _Exchange, began: float) -> None:
         prefix = prefix_of(parsed, model.spec.load_balancing.prefix_hash.prefix_char_length)
         body = with_model(parsed, adapter or model.name) if adapter else parsed.body
         headers = request_headers(scope["headers"], parsed.content_type)
-        path = ("/v1" + scope["path"].removeprefix("/openai").removeprefix("/v1")).encode()
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1
         for attempt in range(attempts):
-            lease = await self._balancer.acquire(model, adapter, prefix, tried)
+            lease = (self._balancer.try_acquire(model, adapter, prefix, tried)
+                     or await self._balancer.wait(model, adapter, prefix, tried))
             tried.append(lease.key)
             last = attempt == attempts - 1
             try:
@@ -196,9 +200,8 @@ class Proxy:
         # The last piece goes with the end of the body: one message for a one-piece response.
         await send({"type": "http.response.body", "body": chunk, "more_body": False})
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body(self, declared: bytes, receive: Receive) -> bytes:
         limit = self._config.limits.max_body_bytes
-        declared = _header(scope, b"content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
         chunks: list[bytes] = []
@@ -253,11 +256,15 @@ class _DisconnectWatch:
 _WATCH_AFTER = 0.02
 
 
-def _header(scope: Scope, name: bytes) -> bytes:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return b""
+def _content_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
+    """(content-length, content-type) in one pass over the headers; b"" when absent."""
+    length = ctype = b""
+    for key, value in headers:
+        if key == b"content-length":
+            length = value
+        elif key == b"content-type":
+            ctype = value
+    return length, ctype
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -32,9 +32,14 @@ def create_pool(config: UpstreamConfig) -> UpstreamPool:
 
 def request_headers(scope_headers: list[tuple[bytes, bytes]],
                     content_type: bytes) -> list[tuple[bytes, bytes]]:
-    """The client's headers minus hop-by-hop ones, with the body's content type."""
+    """The client's headers minus hop-by-hop ones (including any the client's ``Connection``
+    header names, RFC 9110 7.6.1), with the body's content type."""
+    drop = _REQUEST_DROP
+    for name, value in scope_headers:
+        if name == b"connection":
+            drop = drop | {token.strip().lower() for token in value.split(b",")}
     headers = [(name, value) for name, value in scope_headers
-               if name not in _REQUEST_DROP and name != b"content-type"]
+               if name not in drop and name != b"content-type"]
     headers.append((b"content-type", content_type))
     return headers
 
