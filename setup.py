@@ -1,7 +1,7 @@
 """Builds the Cython ring core when a compiler and Cython are available.
 
 Without them the package still installs: `lb.chwbl` (the pure-Python twin) is used instead
-and `lb.ring_impl` says so.
+and `lb.ring.IMPLEMENTATION` says so.
 """
 import os
 

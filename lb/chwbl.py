@@ -44,6 +44,7 @@ def hash64(key: str) -> int:
     Lone surrogates (which JSON can smuggle in) are encoded with ``surrogatepass`` rather
     than rejected: a client's odd prompt must still route.
     """
+    _check_str(key, "key")
     try:
         data = key.encode()
     except UnicodeEncodeError:
