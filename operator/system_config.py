@@ -1,0 +1,355 @@
+"""The operator's system config: what a Model's short names (engine, resource and cache profile) expand to.
+
+Same shape as KubeAI's "system" config (camelCase YAML keys), so a KubeAI helm values block for
+`modelServers`, `resourceProfiles`, `cacheProfiles`, `modelServerPods`, `modelLoading` and
+`secretNames` can be pasted in. Every key is optional: user entries are merged over built-in
+defaults, so adding one GPU profile does not silently delete the `cpu` one. A bad value fails at
+start-up with the offending key's path, never later while building a Pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any, Mapping
+
+import yaml
+
+from lb.config import ConfigError, _camel, _show
+from lb.model import ENGINES
+
+DEFAULT_IMAGE_KEY = "default"
+Quantity = str | int | float  # Kubernetes resource quantity as YAML gives it: "24Gi", 1, 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ModelServer:
+    """Images of one engine, keyed by a resource profile's `imageName` ("default" is the fallback)."""
+
+    images: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceProfile:
+    """Per-replica resources for one unit of an accelerator; a Model's "name:count" multiplies them."""
+
+    image_name: str = ""
+    requests: dict[str, Quantity] = field(default_factory=dict)
+    limits: dict[str, Quantity] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+    affinity: dict[str, Any] | None = None
+    runtime_class_name: str = ""
+    scheduler_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedFilesystem:
+    """A ReadWriteMany volume holding downloaded models: from a StorageClass or a pre-made PersistentVolume."""
+
+    storage_class_name: str = ""
+    persistent_volume_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheProfile:
+    shared_filesystem: SharedFilesystem | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelServerPods:
+    """Settings every model Pod gets, whatever its engine (clusters differ: OpenShift, private registries)."""
+
+    pod_security_context: dict[str, Any] | None = None
+    security_context: dict[str, Any] | None = None  # of the server container
+    json_patches: tuple[dict[str, Any], ...] = ()  # RFC 6902, applied to the finished Pod
+    image_pull_secrets: tuple[dict[str, str], ...] = ()
+    service_account_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoading:
+    image: str = "ghcr.io/kvgate/kvgate-model-loader:0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretNames:
+    """Secrets model Pods read credentials from; all optional in the Pod, so a missing one is not fatal."""
+
+    huggingface: str = "kvgate-huggingface"
+    aws: str = "kvgate-aws"
+    gcp: str = "kvgate-gcp"
+    alibaba: str = "kvgate-alibaba"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRollouts:
+    surge: int = 1  # extra Pods during a rollout; >= 1 is what keeps capacity up while replacing
+
+
+@dataclass(frozen=True, slots=True)
+class SystemConfig:
+    model_servers: dict[str, ModelServer] = field(default_factory=dict)
+    resource_profiles: dict[str, ResourceProfile] = field(default_factory=dict)
+    cache_profiles: dict[str, CacheProfile] = field(default_factory=dict)
+    model_server_pods: ModelServerPods = field(default_factory=ModelServerPods)
+    model_loading: ModelLoading = field(default_factory=ModelLoading)
+    secret_names: SecretNames = field(default_factory=SecretNames)
+    model_rollouts: ModelRollouts = field(default_factory=ModelRollouts)
+    # KubeAI's test hook: a Model annotation may redirect traffic to another address.
+    allow_pod_address_override: bool = False
+
+    def image_for(self, engine: str, image_name: str) -> str:
+        """The engine's image for a profile's imageName, falling back to its "default" like KubeAI."""
+        images = self.model_servers[engine].images
+        return images.get(image_name) or images[DEFAULT_IMAGE_KEY]
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults
+
+_NVIDIA_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+_AMD_TOLERATION = {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+_NVIDIA_PRODUCT = "nvidia.com/gpu.product"  # set by NVIDIA GPU feature discovery on any cloud
+
+DEFAULT_MODEL_SERVERS: dict[str, ModelServer] = {
+    "VLLM": ModelServer({
+        "default": "vllm/vllm-openai:v0.8.5",
+        "nvidia-gpu": "vllm/vllm-openai:v0.8.5",
+        "cpu": "substratusai/vllm:v0.8.5-cpu",
+        "amd-gpu": "rocm/vllm:latest",
+    }),
+    "OLlama": ModelServer({"default": "ollama/ollama:latest", "amd-gpu": "ollama/ollama:rocm"}),
+    "FasterWhisper": ModelServer({
+        "default": "fedirz/faster-whisper-server:latest-cpu",
+        "nvidia-gpu": "fedirz/faster-whisper-server:latest-cuda",
+    }),
+    "Infinity": ModelServer({"default": "michaelf34/infinity:latest"}),
+    "Sim": ModelServer({"default": "ghcr.io/kvgate/kvgate:0.1.0"}),
+    "LlamaCpp": ModelServer({
+        "default": "ghcr.io/abetlen/llama-cpp-python:latest",
+        "nvidia-gpu": "ghcr.io/abetlen/llama-cpp-python:latest-cuda",
+    }),
+}
+
+
+def _nvidia(product: str, cpu: str, memory: str) -> ResourceProfile:
+    return ResourceProfile(
+        image_name="nvidia-gpu",
+        requests={"nvidia.com/gpu": "1", "cpu": cpu, "memory": memory},
+        limits={"nvidia.com/gpu": "1"},
+        node_selector={_NVIDIA_PRODUCT: product},
+        tolerations=(_NVIDIA_TOLERATION,),
+    )
+
+
+DEFAULT_RESOURCE_PROFILES: dict[str, ResourceProfile] = {
+    "cpu": ResourceProfile(image_name="cpu", requests={"cpu": "1", "memory": "2Gi"}),
+    "nvidia-gpu-t4": _nvidia("Tesla-T4", "3", "12Gi"),
+    "nvidia-gpu-l4": _nvidia("NVIDIA-L4", "6", "24Gi"),
+    "nvidia-gpu-l40s": _nvidia("NVIDIA-L40S", "6", "48Gi"),
+    "nvidia-gpu-a100-40gb": _nvidia("NVIDIA-A100-SXM4-40GB", "10", "80Gi"),
+    "nvidia-gpu-a100-80gb": _nvidia("NVIDIA-A100-SXM4-80GB", "10", "120Gi"),
+    "nvidia-gpu-h100": _nvidia("NVIDIA-H100-80GB-HBM3", "20", "200Gi"),
+    "amd-gpu-mi300x": ResourceProfile(
+        image_name="amd-gpu",
+        requests={"amd.com/gpu": "1", "cpu": "12", "memory": "200Gi"},
+        limits={"amd.com/gpu": "1"},
+        node_selector={"amd.com/gpu.product-name": "AMD_Instinct_MI300X"},
+        tolerations=(_AMD_TOLERATION,),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_system_config(path: str | Path | None) -> SystemConfig:
+    """Read a YAML system config; None gives the defaults."""
+    if path is None:
+        return system_config_from_dict({})
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return system_config_from_dict(data or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def system_config_from_dict(data: Any) -> SystemConfig:
+    """Build, merge over the defaults and validate; ConfigError names the first bad key."""
+    config = _build(SystemConfig, data, "")
+    config = dataclasses.replace(
+        config,
+        model_servers=_merge_servers(config.model_servers),
+        resource_profiles={**DEFAULT_RESOURCE_PROFILES, **config.resource_profiles},
+    )
+    _validate(config)
+    return config
+
+
+def _merge_servers(given: Mapping[str, ModelServer]) -> dict[str, ModelServer]:
+    """Merge images per engine: overriding `default` for VLLM keeps its `nvidia-gpu` variant."""
+    merged = dict(DEFAULT_MODEL_SERVERS)
+    for engine, server in given.items():
+        base = merged.get(engine, ModelServer())
+        merged[engine] = ModelServer({**base.images, **server.images})
+    return merged
+
+
+# The loader of lb/config.py, extended with what Kubernetes-shaped values need: `Any`
+# (pass-through objects like affinity), optional fields and unions (quantities are str or number).
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {_camel(f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    return cls(**{fields[key].name: _convert(hints[fields[key].name], value, _at(path, key))
+                  for key, value in data.items()})
+
+
+def _at(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, UnionType):
+        return _convert_union(args, value, path)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
+        return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
+        item = args[1] if args else Any
+        return {str(k): _convert(item, v, _at(path, k)) for k, v in value.items()}
+    if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {_show(value)}")
+    return value
+
+
+def _convert_union(args: tuple[Any, ...], value: Any, path: str) -> Any:
+    if value is None and NoneType in args:
+        return None
+    options = [a for a in args if a is not NoneType]
+    for option in options:
+        try:
+            return _convert(option, value, path)
+        except ConfigError:
+            if len(options) == 1:
+                raise
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{path}: expected {names}, got {_show(value)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+_QUANTITY_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?")
+_PATCH_OPS = {"add", "remove", "replace", "move", "copy", "test"}
+
+
+def parse_quantity(value: Quantity) -> tuple[Decimal, str]:
+    """Split a Kubernetes quantity into (number, suffix); ValueError if it is not one."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a quantity: {value!r}")
+    match = _QUANTITY_RE.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"not a quantity: {value!r}")
+    try:
+        number = Decimal(match.group(1))
+    except InvalidOperation:
+        raise ValueError(f"not a quantity: {value!r}") from None
+    if number < 0:
+        raise ValueError(f"negative quantity: {value!r}")
+    return number, match.group(2) or ""
+
+
+def _validate(config: SystemConfig) -> None:
+    _validate_servers(config.model_servers)
+    for name, profile in config.resource_profiles.items():
+        _validate_profile(name, profile)
+    for name, cache in config.cache_profiles.items():
+        _validate_cache(name, cache)
+    _validate_pods(config.model_server_pods)
+    if config.model_rollouts.surge < 1:
+        raise ConfigError("modelRollouts.surge: must be >= 1 (a rollout without surge drops capacity)")
+    if not config.model_loading.image:
+        raise ConfigError("modelLoading.image: must not be empty")
+    for f in dataclasses.fields(SecretNames):
+        if not getattr(config.secret_names, f.name):
+            raise ConfigError(f"secretNames.{_camel(f.name)}: must not be empty")
+
+
+def _validate_servers(servers: Mapping[str, ModelServer]) -> None:
+    for engine, server in servers.items():
+        where = f"modelServers.{engine}"
+        if engine not in ENGINES:
+            raise ConfigError(f"{where}: unknown engine (known: {', '.join(ENGINES)})")
+        if not server.images.get(DEFAULT_IMAGE_KEY):
+            raise ConfigError(f"{where}.images.{DEFAULT_IMAGE_KEY}: required, the fallback image")
+        for key, image in server.images.items():
+            if not image or any(c.isspace() for c in image):
+                raise ConfigError(f"{where}.images.{key}: not an image reference: {image!r}")
+
+
+def _validate_profile(name: str, profile: ResourceProfile) -> None:
+    where = f"resourceProfiles.{name}"
+    if not name or ":" in name:
+        raise ConfigError(f"{where}: profile names cannot be empty or contain ':'")
+    for kind in ("requests", "limits"):
+        for resource, quantity in getattr(profile, kind).items():
+            try:
+                parse_quantity(quantity)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{kind}.{resource}: {exc}") from None
+    for i, toleration in enumerate(profile.tolerations):
+        if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
+            raise ConfigError(f"{where}.tolerations[{i}].operator: must be Equal or Exists")
+
+
+def _validate_cache(name: str, cache: CacheProfile) -> None:
+    where = f"cacheProfiles.{name}"
+    fs = cache.shared_filesystem
+    if fs is None:
+        raise ConfigError(f"{where}.sharedFilesystem: required (the only cache kind)")
+    if bool(fs.storage_class_name) == bool(fs.persistent_volume_name):
+        raise ConfigError(f"{where}.sharedFilesystem: set exactly one of storageClassName, persistentVolumeName")
+
+
+def _validate_pods(pods: ModelServerPods) -> None:
+    for i, patch in enumerate(pods.json_patches):
+        where = f"modelServerPods.jsonPatches[{i}]"
+        if patch.get("op") not in _PATCH_OPS:
+            raise ConfigError(f"{where}.op: must be one of {', '.join(sorted(_PATCH_OPS))}")
+        if not isinstance(patch.get("path"), str) or not (patch["path"] == "" or patch["path"].startswith("/")):
+            raise ConfigError(f"{where}.path: must be a JSON pointer starting with '/'")
+        if patch["op"] in ("add", "replace", "test") and "value" not in patch:
+            raise ConfigError(f"{where}.value: required for op {patch['op']}")
+        if patch["op"] in ("move", "copy") and not isinstance(patch.get("from"), str):
+            raise ConfigError(f"{where}.from: required for op {patch['op']}")
+    for i, secret in enumerate(pods.image_pull_secrets):
+        if not secret.get("name"):
+            raise ConfigError(f"modelServerPods.imagePullSecrets[{i}].name: required")
