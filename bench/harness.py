@@ -1,0 +1,503 @@
+"""Reproduce KubeAI's prefix-hash study on this machine: strategies x concurrency, one command.
+
+    python -m bench.harness [--quick] [--workload multi-turn|shared-prefix|unique]
+                            [--concurrency 40,80,160] [--replicas 8]
+                            [--strategies Random,LeastLoad,PrefixHash] [--out bench/results]
+                            [--endpoints host:port,...]
+
+For every (concurrency, strategy) pair it starts fresh simulated vLLM replicas (one
+`python -m bench.sim --replicas N` process: cold KV caches every run), the real gateway in
+static-endpoints mode with that strategy, and drives them with the closed-loop load generator
+(`bench.loadgen`, in this process). Replica counters (vLLM's /metrics) are scraped at the edges of
+the measurement window, so warm-up traffic is excluded everywhere. Results go to
+`<out>/<workload>.json`, `.md` and two PNG charts; one progress line is printed per run.
+
+With `--endpoints` the harness skips the simulator and measures real model servers (e.g. vLLM on
+GPUs); it cannot restart them, so it asks each for `POST /reset_prefix_cache` between runs.
+
+Why the load generator lives in this process: it is the cheapest option on two cores (no IPC,
+one interpreter), and its CPU is still measured on its own (this process does nothing else
+during the window) and reported next to the gateway's and the simulator's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import aiohttp
+
+from bench import report
+from bench.loadgen import LoadConfig, LoadGenerator, LoadResult, ThreadPool
+from bench.procs import cpu_seconds, free_port, stop, wait_for_port
+from bench.sim.metrics import parse_metrics
+from bench.sim.profiles import get_profile
+
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = ("Random", "LeastLoad", "PrefixHash")
+WORKLOADS = {"multi-turn": "multi-turn", "shared-prefix": "shared-prefix",
+             "unique": "unique-prompts", "unique-prompts": "unique-prompts"}
+DEFAULTS = {  # (concurrency, warm-up s, window s, drain cap s, simulator clock)
+    "full": ([40, 80, 160], 20.0, 40.0, 30.0, 1.0),
+    "quick": ([160], 8.0, 15.0, 10.0, 0.5),
+}
+# The cpu-scaled replica (one eighth of an L4) with twice its KV blocks: our threads carry
+# longer contexts than KubeAI's, and at the top concurrency each replica's share of the threads
+# must fit its cache under PrefixHash while all threads together are ~6x one cache (see
+# bench/README.md). Clock at L4 speed: the token rate stays far below what two cores can carry.
+# The control's prompts carry as much new text as a multi-turn turn adds (its user message plus
+# the previous reply, ~250 characters): the same uncached work per request as multi-turn under
+# ideal routing, with nothing to reuse. Prompts the size of whole late conversations saturate
+# the replicas at these concurrencies, and then balance, not prefixes, decides (bench/README.md).
+WORKLOAD_PARAMS: dict[str, dict] = {"unique-prompts": {"prompt_chars": (100, 400)}}
+SIM_DEFAULTS = {"cpu-scaled": {"num_kv_blocks": 1280}}
+# Above these a component may be distorting the numbers instead of routing (cores, 0..1 busy).
+CPU_LIMITS = {"gateway": 0.8, "loadgen": 0.8, "simulator": 0.9, "machine": 0.92, "other": 0.3}
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.harness", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one concurrency point, short runs")
+    p.add_argument("--workload", default="multi-turn", choices=sorted(WORKLOADS))
+    p.add_argument("--concurrency", type=_int_list, help="comma-separated thread counts")
+    p.add_argument("--strategies", type=_str_list, default=list(STRATEGIES))
+    p.add_argument("--replicas", type=int, default=8)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--warmup", type=float, help="seconds excluded before each window")
+    p.add_argument("--duration", type=float, help="seconds of each measurement window")
+    p.add_argument("--drain", type=float, help="cap on waiting for window requests to end")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="sim-llama", help="served model name")
+    p.add_argument("--load-factor", type=int, default=125, help="PrefixHash meanLoadFactor")
+    p.add_argument("--pin", choices=("none", "split"), default="none",
+                   help="split: simulator on CPU 0, gateway and load generator on CPU 1")
+    p.add_argument("--prompt-chars", type=_int_list, metavar="LO,HI",
+                   help="unique workload: characters per prompt (default 100,400)")
+    p.add_argument("--ramp", type=float, default=5.0,
+                   help="seconds over which the threads start (desynchronizes them)")
+    p.add_argument("--no-charts", action="store_true")
+    p.add_argument("--tag", default="", help="suffix for result file names")
+    sim = p.add_argument_group("simulated replicas (ignored with --endpoints)")
+    sim.add_argument("--profile", default="cpu-scaled")
+    sim.add_argument("--time-scale", type=float)
+    sim.add_argument("--kv-blocks", type=int)
+    sim.add_argument("--max-num-seqs", type=int)
+    sim.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--endpoints", type=_str_list,
+                   help="host:port,... of running OpenAI-compatible replicas (skip the simulator)")
+    return p
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@dataclass
+class Settings:
+    workload: str
+    concurrency: list[int]
+    strategies: list[str]
+    replicas: int
+    warmup_s: float
+    duration_s: float
+    drain_s: float
+    seed: int
+    model: str
+    load_factor: int
+    pin: str
+    profile: str
+    sim_overrides: dict = field(default_factory=dict)
+    endpoints: Optional[list[str]] = None
+    workload_params: dict = field(default_factory=dict)
+    ramp_s: float = 5.0
+
+    @property
+    def control(self) -> bool:
+        return self.workload == "unique-prompts"
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    conc, warmup, duration, drain, clock = DEFAULTS["quick" if args.quick else "full"]
+    bad = [s for s in args.strategies if s not in STRATEGIES]
+    if bad:
+        raise SystemExit(f"unknown strategy {bad[0]!r}; known: {', '.join(STRATEGIES)}")
+    overrides = {**SIM_DEFAULTS.get(args.profile, {})}
+    if args.profile == "cpu-scaled":
+        overrides["time_scale"] = clock
+    overrides.update({k: v for k, v in (("time_scale", args.time_scale),
+                                   ("num_kv_blocks", args.kv_blocks),
+                                   ("max_num_seqs", args.max_num_seqs),
+                                   ("max_num_batched_tokens", args.max_num_batched_tokens))
+                      if v is not None})
+    return Settings(
+        workload=WORKLOADS[args.workload], concurrency=args.concurrency or conc,
+        strategies=args.strategies, replicas=len(args.endpoints) if args.endpoints
+        else args.replicas, warmup_s=_pick(args.warmup, warmup),
+        duration_s=_pick(args.duration, duration), drain_s=_pick(args.drain, drain),
+        seed=args.seed, model=args.model, load_factor=args.load_factor, pin=args.pin,
+        profile=args.profile, sim_overrides=overrides, endpoints=args.endpoints,
+        workload_params=_workload_params(WORKLOADS[args.workload], args.prompt_chars),
+        ramp_s=args.ramp)
+
+
+def _workload_params(workload: str, prompt_chars: Optional[list[int]]) -> dict:
+    params = dict(WORKLOAD_PARAMS.get(workload, {}))
+    if prompt_chars:
+        if workload != "unique-prompts" or len(prompt_chars) != 2:
+            raise SystemExit("--prompt-chars LO,HI applies to --workload unique only")
+        params["prompt_chars"] = tuple(prompt_chars)
+    return params
+
+
+def _pick(value: Optional[float], default: float) -> float:
+    return default if value is None else value
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+def launch(cmd: list[str], log: Path, cpu: Optional[int] = None) -> subprocess.Popen[bytes]:
+    """Start a child from the repo root, output to a log file (a pipe nobody reads could fill
+    and stall it mid-run), optionally pinned to one CPU."""
+    if cpu is not None and (os.cpu_count() or 1) > 1:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with open(log, "ab") as fh:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def consecutive_free_ports(n: int) -> int:
+    """A base port whose next `n` ports are free now (the simulator binds base..base+n-1)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        if base + n >= 65535:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + i))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
+def gateway_yaml(model: str, strategy: str, port: int, addresses: list[str],
+                 load_factor: int) -> str:
+    eps = "\n".join(f'  - {{address: "{a}"}}' for a in addresses)
+    return f"""server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}
+models:
+- apiVersion: kvgate.dev/v1
+  kind: Model
+  metadata: {{name: {model}}}
+  spec:
+    url: hf://bench/{model}
+    engine: VLLM
+    features: [TextGeneration]
+    loadBalancing:
+      strategy: {strategy}
+      prefixHash: {{meanLoadFactor: {load_factor}}}
+endpoints:
+  {model}:
+{eps}
+"""
+
+
+class Stack:
+    """Simulator + gateway for one run; `async with Stack(...)` starts and stops both."""
+
+    def __init__(self, s: Settings, strategy: str, workdir: Path, sim_port: int) -> None:
+        self.s = s
+        self.strategy = strategy
+        self.workdir = workdir
+        self.sim_port = sim_port
+        self.gateway_port = free_port()
+        self.sim: Optional[subprocess.Popen[bytes]] = None
+        self.gateway: Optional[subprocess.Popen[bytes]] = None
+        self.addresses = s.endpoints or [f"127.0.0.1:{sim_port + i}" for i in range(s.replicas)]
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}/v1"
+
+    def _cpus(self) -> tuple[Optional[int], Optional[int]]:
+        return (0, 1) if self.s.pin == "split" else (None, None)
+
+    def _sim_cmd(self) -> list[str]:
+        s = self.s
+        cmd = [sys.executable, "-m", "bench.sim", "--port", str(self.sim_port), "--replicas",
+               str(s.replicas), "--profile", s.profile, "--model-name", s.model,
+               "--seed", str(s.seed)]
+        flags = {"time_scale": "--time-scale", "num_kv_blocks": "--kv-blocks",
+                 "max_num_seqs": "--max-num-seqs",
+                 "max_num_batched_tokens": "--max-num-batched-tokens"}
+        for key, value in s.sim_overrides.items():
+            cmd += [flags[key], str(value)]
+        return cmd
+
+    async def __aenter__(self) -> "Stack":
+        sim_cpu, gw_cpu = self._cpus()
+        config = self.workdir / f"gateway-{self.strategy}.yaml"
+        config.write_text(gateway_yaml(self.s.model, self.strategy, self.gateway_port,
+                                       self.addresses, self.s.load_factor))
+        try:
+            if not self.s.endpoints:
+                self.sim = launch(self._sim_cmd(), self.workdir / "sim.log", sim_cpu)
+            self.gateway = launch([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config)],
+                                  self.workdir / "gateway.log", gw_cpu)
+            await self._ready()
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _ready(self) -> None:
+        ports = [self.gateway_port] + [int(a.rsplit(":", 1)[1]) for a in self.addresses]
+        hosts = ["127.0.0.1"] + [a.rsplit(":", 1)[0] for a in self.addresses]
+        for host, port in zip(hosts, ports):
+            await asyncio.to_thread(wait_for_port, port, 60.0, host)
+        for proc, name in ((self.sim, "simulator"), (self.gateway, "gateway")):
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the {name} exited at start; see {self.workdir}")
+        async with aiohttp.ClientSession() as http:
+            for a in self.addresses:
+                await _wait_http_ok(http, f"http://{a}/health")
+            await _wait_http_ok(http, f"http://127.0.0.1:{self.gateway_port}/readyz")
+            if self.s.endpoints:
+                await reset_prefix_caches(http, self.addresses)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        procs = [p for p in (self.gateway, self.sim) if p is not None]
+        await asyncio.gather(*(asyncio.to_thread(stop, p, 5.0) for p in procs))
+
+    def pids(self) -> dict[str, int]:
+        out = {"loadgen": os.getpid()}
+        if self.gateway is not None:
+            out["gateway"] = self.gateway.pid
+        if self.sim is not None:
+            out["simulator"] = self.sim.pid
+        return out
+
+
+async def _wait_http_ok(http: aiohttp.ClientSession, url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with http.get(url) as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout:g}s")
+        await asyncio.sleep(0.1)
+
+
+async def reset_prefix_caches(http: aiohttp.ClientSession, addresses: list[str]) -> None:
+    """External replicas cannot be restarted: ask them to drop their prefix caches instead
+    (vLLM serves this only with VLLM_SERVER_DEV_MODE=1; we warn when it is refused)."""
+    for a in addresses:
+        try:
+            async with http.post(f"http://{a}/reset_prefix_cache") as resp:
+                if resp.status != 200:
+                    print(f"  warning: {a} refused /reset_prefix_cache ({resp.status}); "
+                          "its cache stays warm", flush=True)
+        except aiohttp.ClientError as exc:
+            print(f"  warning: {a}: /reset_prefix_cache failed: {exc}", flush=True)
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+_COUNTERS = {
+    "hits": "vllm:prefix_cache_hits_total", "queries": "vllm:prefix_cache_queries_total",
+    "requests": "vllm:request_success_total", "preemptions": "vllm:num_preemptions_total",
+    "prompt_tokens": "vllm:prompt_tokens_total",
+    "generation_tokens": "vllm:generation_tokens_total",
+    "ttft_sum": "vllm:time_to_first_token_seconds_sum",
+    "ttft_count": "vllm:time_to_first_token_seconds_count",
+}
+
+
+async def scrape(http: aiohttp.ClientSession, addresses: list[str]) -> list[dict]:
+    """vLLM counters of every replica (summed over label sets), e.g. {"hits": 1200.0, ...}."""
+    async def one(a: str) -> dict:
+        async with http.get(f"http://{a}/metrics") as resp:
+            samples = parse_metrics(await resp.text())
+        return {k: sum(v for _, v in samples.get(name, ())) for k, name in _COUNTERS.items()}
+    return list(await asyncio.gather(*(one(a) for a in addresses)))
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+class Window:
+    """CPU and replica counters sampled at the measurement window's edges."""
+
+    def __init__(self, http: aiohttp.ClientSession, stack: Stack) -> None:
+        self.http = http
+        self.stack = stack
+        self.before: list[dict] = []
+        self.after: list[dict] = []
+        self.cpu: dict[str, float] = {}
+        self._t = 0.0
+        self._proc: dict[str, float] = {}
+        self._machine = (0.0, 0.0)
+
+    def _proc_cpu(self) -> dict[str, float]:
+        out = {}
+        for name, pid in self.stack.pids().items():
+            out[name] = time.process_time() if name == "loadgen" else cpu_seconds(pid)
+        return out
+
+    async def start(self) -> None:
+        self._t, self._proc, self._machine = time.monotonic(), self._proc_cpu(), machine_busy()
+        self.before = await scrape(self.http, self.stack.addresses)
+
+    async def end(self) -> None:
+        self.after = await scrape(self.http, self.stack.addresses)
+        wall = time.monotonic() - self._t
+        now = self._proc_cpu()
+        self.cpu = {k: round((now[k] - self._proc[k]) / wall, 3) for k in now}
+        busy, total = machine_busy()
+        self.cpu["machine"] = round((busy - self._machine[0]) / max(total - self._machine[1], 1),
+                                    3)
+        ours = sum(v for k, v in self.cpu.items() if k != "machine")
+        # Cores used by processes outside the benchmark (a shared machine skews every number).
+        self.cpu["other"] = round(max(0.0, self.cpu["machine"] * (os.cpu_count() or 1) - ours), 3)
+
+
+def warnings_for(cpu: dict[str, float], client: dict) -> list[str]:
+    out = [f"{name} used {cpu[name]:.2f} {'of all CPU' if name == 'machine' else 'cores'} "
+           f"(limit {limit}): "
+           + ("other processes competed for the CPU" if name == "other" else
+              "it may be a bottleneck")
+           for name, limit in CPU_LIMITS.items() if name in cpu and cpu[name] > limit]
+    if client["failed"]:
+        out.append(f"{client['failed']} failed requests, e.g. {client['errors'][:2]}")
+    if client["unfinished"]:
+        out.append(f"{client['unfinished']} requests still open at the drain cap "
+                   "(TTFT counted as a lower bound)")
+    return out
+
+
+async def run_one(s: Settings, pool: ThreadPool, strategy: str, concurrency: int,
+                  workdir: Path, sim_port: int) -> dict:
+    """One (strategy, concurrency) measurement on freshly started replicas and gateway."""
+    t0 = time.monotonic()
+    async with Stack(s, strategy, workdir, sim_port) as stack:
+        async with aiohttp.ClientSession() as http:
+            window = Window(http, stack)
+            cfg = LoadConfig(stack.api_url, s.model, concurrency, s.warmup_s, s.duration_s,
+                             s.drain_s, s.seed, ramp_s=s.ramp_s)
+            result: LoadResult = await LoadGenerator(cfg, pool).run(window.start, window.end)
+    result.meta["drain_s"] = s.drain_s
+    client = report.client_stats(result)
+    return {"strategy": strategy, "concurrency": concurrency, "client": client,
+            "replicas": report.replica_stats(window.before, window.after), "cpu": window.cpu,
+            "threads_started": result.threads_started, "run_s": round(time.monotonic() - t0, 1),
+            "warnings": warnings_for(window.cpu, client)}
+
+
+def progress_line(run: dict) -> str:
+    c, r, cpu = run["client"], run["replicas"], run["cpu"]
+    return (f"{run['strategy']:>10} c={run['concurrency']:<4} TTFT mean {c['ttft_mean_ms']:8.0f} ms"
+            f" p90 {c['ttft_p90_ms']:8.0f} | {c['total_tokens_per_s']:7.0f} tok/s "
+            f"({c['output_tokens_per_s']:5.0f} out) {c['requests_per_s']:5.1f} req/s | "
+            f"hit {r['hit_rate']:4.0%} | req/replica {r['requests_min']}-{r['requests_max']} | "
+            f"fail {c['failed'] + c['unfinished']} | CPU gw {cpu.get('gateway', 0):.2f} "
+            f"lg {cpu.get('loadgen', 0):.2f} sim {cpu.get('simulator', 0):.2f} "
+            f"other {cpu.get('other', 0):.2f} | {run['run_s']:.0f} s")
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def meta_for(s: Settings, argv: list[str], pool: ThreadPool) -> dict:
+    profile = {} if s.endpoints else get_profile(s.profile, **s.sim_overrides).describe()
+    return {
+        "workload": s.workload, "control": s.control, "replicas": s.replicas,
+        "strategies": s.strategies, "concurrency": s.concurrency, "warmup_s": s.warmup_s,
+        "duration_s": s.duration_s, "drain_s": s.drain_s, "seed": s.seed, "model": s.model,
+        "load_factor": s.load_factor, "pin": s.pin, "profile": profile,
+        "profile_name": s.profile if not s.endpoints else "external",
+        "endpoints": s.endpoints, "command": "python -m bench.harness " + shlex.join(argv),
+        "workload_params": {k: list(v) if isinstance(v, tuple) else v
+                            for k, v in s.workload_params.items()},
+        "ramp_s": s.ramp_s, "workload_summary": pool.summary(), "cores": os.cpu_count(),
+    }
+
+
+async def run_all(s: Settings, argv: list[str], out: Path, tag: str, with_charts: bool) -> dict:
+    started = time.monotonic()
+    pool = ThreadPool(s.workload, s.seed, **s.workload_params)
+    pool.ensure(max(s.concurrency) * 3)
+    doc = {"meta": meta_for(s, argv, pool), "runs": []}
+    if tag:
+        doc["meta"]["workload"] = f"{s.workload}-{tag}"
+    if s.pin == "split":
+        os.sched_setaffinity(0, {1})
+    print(f"{s.workload}: {s.replicas} replicas, strategies {', '.join(s.strategies)}, "
+          f"concurrency {s.concurrency}, warm-up {s.warmup_s:g} s + window {s.duration_s:g} s",
+          flush=True)
+    sim_port = 0 if s.endpoints else consecutive_free_ports(s.replicas)
+    with tempfile.TemporaryDirectory(prefix="kvgate-harness-") as tmp:
+        for conc in s.concurrency:
+            for strategy in s.strategies:
+                run = await run_one(s, pool, strategy, conc, Path(tmp), sim_port)
+                doc["runs"].append(run)
+                print(progress_line(run), flush=True)
+                for w in run["warnings"]:
+                    print(f"  warning: {w}", flush=True)
+                doc["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+                report.write_all(doc, out, with_charts=False)
+    doc["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    paths = report.write_all(doc, out, with_charts=with_charts)
+    print("\n" + report.kubeai_table(doc["runs"]) + "\n")
+    for text, ok in report.acceptance(doc["runs"], s.control):
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    print(f"done in {doc['meta']['elapsed_s']:.0f} s; wrote " + ", ".join(paths.values()))
+    return doc
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    s = settings_from_args(args)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    asyncio.run(run_all(s, argv, args.out, args.tag, not args.no_charts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

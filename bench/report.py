@@ -1,0 +1,340 @@
+"""Turning load-generator records and replica counters into the benchmark's numbers, tables and
+charts (KubeAI's two plots: mean TTFT vs concurrency, throughput vs concurrency).
+
+Kept apart from the harness so the arithmetic can be tested and re-run on a saved JSON file
+(`python -m bench.report bench/results/multi-turn.json` rebuilds the markdown and PNGs).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import orjson
+
+from bench.loadgen import LoadResult
+
+STRATEGY_ORDER = ("Random", "LeastLoad", "PrefixHash")
+STRATEGY_LABEL = {"Random": "Random (K8s Service)", "LeastLoad": "LeastLoad",
+                  "PrefixHash": "PrefixHash"}
+# Acceptance bounds from the issue: PrefixHash vs Random at the highest concurrency, and parity
+# of all strategies on the low-sharing control.
+TTFT_RATIO_MAX = 0.10
+THROUGHPUT_RATIO_MIN = 2.0
+CONTROL_SPREAD_MAX = 0.15
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def client_stats(result: LoadResult) -> dict:
+    """Latency and throughput of the requests that started inside the window."""
+    w0, w1 = result.window
+    span = w1 - w0
+    started = [r for r in result.records if w0 <= r.start < w1]
+    ok = [r for r in started if r.ok]
+    failed = [r for r in started if r.end is not None and not r.ok]
+    unfinished = [r for r in started if r.end is None]
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    # A request still without a first token when the drain cap hit: its TTFT is at least this.
+    ttfts += [(r.first_token or w1 + result.meta.get("drain_s", 0.0)) - r.start
+              for r in unfinished]
+    gaps = sum(max(r.output_tokens - 1, 0) for r in ok if r.first_token is not None)
+    itl_total = sum((r.last_token or 0.0) - (r.first_token or 0.0) for r in ok)
+    prompt_in_window = sum(r.prompt_tokens for r in result.records
+                           if r.first_token is not None and w0 <= r.first_token < w1)
+    out_in_window = sum(r.window_tokens for r in result.records)
+    done_in_window = sum(1 for r in result.records if r.ok and w0 <= (r.end or 0.0) < w1)
+    prompts = sum(r.prompt_tokens for r in ok)
+    return {
+        "requests": len(started), "ok": len(ok), "failed": len(failed),
+        "unfinished": len(unfinished),
+        "errors": sorted({r.error for r in failed if r.error})[:5],
+        "ttft_mean_ms": _ms(_mean(ttfts)), "ttft_p50_ms": _ms(percentile(ttfts, 50)),
+        "ttft_p90_ms": _ms(percentile(ttfts, 90)), "ttft_p99_ms": _ms(percentile(ttfts, 99)),
+        "itl_mean_ms": _ms(itl_total / gaps if gaps else math.nan),
+        "itl_max_p99_ms": _ms(percentile([r.max_itl for r in ok], 99)),
+        "output_tokens_per_s": round(out_in_window / span, 1),
+        "total_tokens_per_s": round((out_in_window + prompt_in_window) / span, 1),
+        "requests_per_s": round(done_in_window / span, 2),
+        "mean_prompt_tokens": round(prompts / len(ok), 1) if ok else math.nan,
+        "mean_output_tokens": round(_mean([r.output_tokens for r in ok]), 2),
+        "client_cached_fraction": round(sum(r.cached_tokens for r in ok) / prompts, 4)
+        if prompts else math.nan,
+    }
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1) if not math.isnan(seconds) else math.nan
+
+
+def replica_stats(before: list[dict], after: list[dict]) -> dict:
+    """Per-replica deltas of vLLM counters over the window: hit rates and load spread."""
+    rows = []
+    for b, a in zip(before, after):
+        d = {k: a.get(k, 0.0) - b.get(k, 0.0) for k in a}
+        q = d.get("queries", 0.0)
+        ttft_n = d.get("ttft_count", 0.0)
+        rows.append({
+            "requests": int(d.get("requests", 0)),
+            "hit_rate": round(d.get("hits", 0.0) / q, 4) if q else 0.0,
+            "prompt_tokens": int(d.get("prompt_tokens", 0)),
+            "generation_tokens": int(d.get("generation_tokens", 0)),
+            "preemptions": int(d.get("preemptions", 0)),
+            "engine_ttft_mean_ms": _ms(d["ttft_sum"] / ttft_n) if ttft_n else math.nan,
+        })
+    reqs = [r["requests"] for r in rows]
+    hits = sum(a.get("hits", 0) - b.get("hits", 0) for b, a in zip(before, after))
+    queries = sum(a.get("queries", 0) - b.get("queries", 0) for b, a in zip(before, after))
+    mean_req = _mean(reqs)
+    ttft_sum = sum(a.get("ttft_sum", 0) - b.get("ttft_sum", 0) for b, a in zip(before, after))
+    ttft_n = sum(a.get("ttft_count", 0) - b.get("ttft_count", 0) for b, a in zip(before, after))
+    return {
+        "per_replica": rows,
+        "hit_rate": round(hits / queries, 4) if queries else 0.0,
+        "requests_min": min(reqs) if reqs else 0, "requests_max": max(reqs) if reqs else 0,
+        "requests_cv": round(statistics.pstdev(reqs) / mean_req, 3) if mean_req else math.nan,
+        "preemptions": sum(r["preemptions"] for r in rows),
+        "engine_ttft_mean_ms": _ms(ttft_sum / ttft_n) if ttft_n else math.nan,
+    }
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+def _fmt(v: object, digits: int = 0) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _ordered(runs: Iterable[dict]) -> list[dict]:
+    rank = {s: i for i, s in enumerate(STRATEGY_ORDER)}
+    return sorted(runs, key=lambda r: (r["concurrency"], rank.get(r["strategy"], 99)))
+
+
+def kubeai_table(runs: list[dict]) -> str:
+    """KubeAI's layout: one row per concurrency, 'mean TTFT ms / total tokens/s' per strategy."""
+    strategies = [s for s in STRATEGY_ORDER if any(r["strategy"] == s for r in runs)]
+    head = "| concurrent threads | " + " | ".join(STRATEGY_LABEL[s] for s in strategies) + " |"
+    lines = [head, "|---" * (len(strategies) + 1) + "|"]
+    for c in sorted({r["concurrency"] for r in runs}):
+        cells = []
+        for s in strategies:
+            run = _find(runs, s, c)
+            cells.append("–" if run is None else
+                         f"{_fmt(run['client']['ttft_mean_ms'])} / "
+                         f"{_fmt(run['client']['total_tokens_per_s'])}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(runs: list[dict]) -> str:
+    cols = ("conc", "strategy", "TTFT mean", "p50", "p90", "p99", "engine TTFT", "ITL mean",
+            "out tok/s",
+            "total tok/s", "req/s", "hit rate", "req/replica min–max (CV)", "failed",
+            "CPU gw / lg / sim / other")
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for r in _ordered(runs):
+        c, rep, cpu = r["client"], r["replicas"], r["cpu"]
+        lines.append("| " + " | ".join((
+            str(r["concurrency"]), r["strategy"], _fmt(c["ttft_mean_ms"]), _fmt(c["ttft_p50_ms"]),
+            _fmt(c["ttft_p90_ms"]), _fmt(c["ttft_p99_ms"]), _fmt(rep["engine_ttft_mean_ms"]),
+            _fmt(c["itl_mean_ms"], 1),
+            _fmt(c["output_tokens_per_s"]), _fmt(c["total_tokens_per_s"]),
+            _fmt(c["requests_per_s"], 1), f"{rep['hit_rate']:.0%}",
+            f"{rep['requests_min']}–{rep['requests_max']} ({_fmt(rep['requests_cv'], 2)})",
+            str(c["failed"] + c["unfinished"]),
+            " / ".join(_fmt(cpu.get(k), 2) for k in ("gateway", "loadgen", "simulator", "other")),
+        )) + " |")
+    return "\n".join(lines)
+
+
+def hit_rate_table(runs: list[dict]) -> str:
+    n = max((len(r["replicas"]["per_replica"]) for r in runs), default=0)
+    lines = ["| conc | strategy | " + " | ".join(f"r{i}" for i in range(n)) + " |",
+             "|---" * (n + 2) + "|"]
+    for r in _ordered(runs):
+        cells = [f"{p['hit_rate']:.0%} ({p['requests']})" for p in r["replicas"]["per_replica"]]
+        lines.append(f"| {r['concurrency']} | {r['strategy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _find(runs: list[dict], strategy: str, concurrency: int) -> Optional[dict]:
+    for r in runs:
+        if r["strategy"] == strategy and r["concurrency"] == concurrency:
+            return r
+    return None
+
+
+# --- acceptance ----------------------------------------------------------------------------------
+
+def acceptance(runs: list[dict], control: bool) -> list[tuple[str, bool]]:
+    """The issue's checks at the highest concurrency, as (description, passed) pairs."""
+    if not runs:
+        return []
+    top = max(r["concurrency"] for r in runs)
+    at = {r["strategy"]: r["client"] for r in runs if r["concurrency"] == top}
+    if control:
+        return _parity_checks(runs)
+    if not {"Random", "PrefixHash"} <= set(at):
+        return []
+    rnd, ph = at["Random"], at["PrefixHash"]
+    ttft_ratio = ph["ttft_mean_ms"] / rnd["ttft_mean_ms"]
+    tput_ratio = ph["total_tokens_per_s"] / rnd["total_tokens_per_s"]
+    checks = [
+        (f"{top} threads: PrefixHash mean TTFT = {ttft_ratio:.3f}x Random's "
+         f"(need <= {TTFT_RATIO_MAX})", ttft_ratio <= TTFT_RATIO_MAX),
+        (f"{top} threads: PrefixHash throughput = {tput_ratio:.2f}x Random's "
+         f"(need >= {THROUGHPUT_RATIO_MIN})", tput_ratio >= THROUGHPUT_RATIO_MIN),
+    ]
+    if "LeastLoad" in at:
+        ll = at["LeastLoad"]
+        between_t = ph["ttft_mean_ms"] <= ll["ttft_mean_ms"] <= rnd["ttft_mean_ms"]
+        between_x = rnd["total_tokens_per_s"] <= ll["total_tokens_per_s"] <= \
+            ph["total_tokens_per_s"]
+        checks.append((f"{top} threads: LeastLoad between Random and PrefixHash "
+                       f"(TTFT {ll['ttft_mean_ms']:.0f} ms, "
+                       f"{ll['total_tokens_per_s']:.0f} tokens/s)", between_t and between_x))
+    return checks
+
+
+def _parity_checks(runs: list[dict]) -> list[tuple[str, bool]]:
+    checks = []
+    for c in sorted({r["concurrency"] for r in runs}):
+        at = [r["client"] for r in runs if r["concurrency"] == c]
+        if len(at) < 2:
+            continue
+        for key, label in (("ttft_mean_ms", "mean TTFT"), ("total_tokens_per_s", "throughput")):
+            vals = [a[key] for a in at]
+            spread = max(vals) / min(vals) - 1 if min(vals) > 0 else math.inf
+            checks.append((f"{c} threads: {label} within {spread:.0%} across strategies "
+                           f"(need <= {CONTROL_SPREAD_MAX:.0%})", spread <= CONTROL_SPREAD_MAX))
+    return checks
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+def markdown(doc: dict) -> str:
+    """The results page for one workload."""
+    runs, meta = doc["runs"], doc["meta"]
+    checks = acceptance(runs, meta.get("control", False))
+    parts = [
+        f"# {meta['workload']}: {meta['replicas']} replicas, strategies vs concurrency",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Profile: `{meta['profile'].get('name', meta.get('profile_name'))}` "
+        f"({_profile_line(meta['profile'])}); warm-up {meta['warmup_s']:g} s, window "
+        f"{meta['duration_s']:g} s per run; total run time {meta.get('elapsed_s', 0):.0f} s.",
+        "",
+        "Mean TTFT (ms) / throughput (prompt + output tokens/s), as in KubeAI's study:",
+        "", kubeai_table(runs), "",
+        "## Details", "", detail_table(runs), "",
+        "TTFT and ITL in ms, measured by the client through the gateway; *engine TTFT* is the "
+        "replicas' own mean (vLLM's TTFT histogram), so the gap between the two is what the "
+        "gateway and the client add. CPU columns: cores used during the window by the gateway, "
+        "the load generator, the simulator process, and by other processes on the machine.", "",
+        "## Prefix-cache hit rate (requests) per replica", "", hit_rate_table(runs), "",
+    ]
+    if checks:
+        parts += ["## Acceptance", ""] + [f"- [{'x' if ok else ' '}] {text}"
+                                          for text, ok in checks] + [""]
+    charts = meta.get("charts") or []
+    if charts:
+        parts += ["## Charts", ""] + [f"![{Path(c).stem}]({Path(c).name})" for c in charts] + [""]
+    warnings = [w for r in runs for w in r.get("warnings", [])]
+    if warnings:
+        parts += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    return "\n".join(parts)
+
+
+def _profile_line(p: dict) -> str:
+    if not p or "num_kv_blocks" not in p:
+        return "external endpoints"
+    return (f"{p['kv_capacity_tokens']:,} KV tokens/replica, max_num_seqs {p['max_num_seqs']}, "
+            f"{p['max_num_batched_tokens']} tokens/step, peak prefill "
+            f"{p['peak_prefill_tokens_per_s']:,.0f} tokens/s, single-stream decode "
+            f"{p['single_stream_decode_tokens_per_s']:.1f} tokens/s, time scale "
+            f"{p['time_scale']:g}")
+
+
+def charts(doc: dict, out_dir: Path) -> list[str]:
+    """KubeAI-shaped PNGs: mean TTFT vs concurrency, throughput vs concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, name = doc["runs"], doc["meta"]["workload"]
+    paths = []
+    for key, ylabel, suffix in (("ttft_mean_ms", "mean time to first token (ms)", "ttft"),
+                                ("total_tokens_per_s", "throughput (tokens/s)", "throughput")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        for s in STRATEGY_ORDER:
+            pts = sorted((r["concurrency"], r["client"][key]) for r in runs if r["strategy"] == s)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        label=STRATEGY_LABEL[s])
+        ax.set_xlabel("concurrent threads")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name}: {ylabel.split(' (')[0]} vs concurrency")
+        ax.set_xticks(sorted({r["concurrency"] for r in runs}))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{name}-{suffix}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def write_all(doc: dict, out_dir: Path, with_charts: bool = True) -> dict[str, str]:
+    """Write <workload>.json, .md and the PNGs; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = doc["meta"]["workload"]
+    paths = {}
+    if with_charts and doc["runs"]:
+        doc["meta"]["charts"] = [str(Path(p).name) for p in charts(doc, out_dir)]
+    js = out_dir / f"{name}.json"
+    js.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    md = out_dir / f"{name}.md"
+    md.write_text(markdown(doc))
+    paths["json"], paths["markdown"] = str(js), str(md)
+    for p in doc["meta"].get("charts", []):
+        paths[Path(p).stem] = str(out_dir / p)
+    return paths
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m bench.report RESULTS.json [...]", file=sys.stderr)
+        return 2
+    for arg in args:
+        path = Path(arg)
+        doc = orjson.loads(path.read_bytes())
+        for text, ok in acceptance(doc["runs"], doc["meta"].get("control", False)):
+            print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+        print(write_all(doc, path.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
