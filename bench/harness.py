@@ -40,7 +40,7 @@ from bench import report
 from bench.loadgen import LoadConfig, LoadGenerator, LoadResult, ThreadPool
 from bench.procs import cpu_seconds, free_port, stop, wait_for_port
 from bench.sim.metrics import parse_metrics
-from bench.sim.profiles import get_profile
+from bench.sim.profiles import get_profile, scale_profile
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("Random", "LeastLoad", "PrefixHash")
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="suffix for result file names")
     sim = p.add_argument_group("simulated replicas (ignored with --endpoints)")
     sim.add_argument("--profile", default="cpu-scaled")
+    sim.add_argument("--capacity", type=float,
+                     help="shrink --profile by this factor (see bench/sim/profiles.py)")
     sim.add_argument("--time-scale", type=float)
     sim.add_argument("--kv-blocks", type=int)
     sim.add_argument("--max-num-seqs", type=int)
@@ -125,6 +127,14 @@ class Settings:
     endpoints: Optional[list[str]] = None
     workload_params: dict = field(default_factory=dict)
     ramp_s: float = 5.0
+    capacity: Optional[float] = None
+
+    def sim_profile(self) -> dict:
+        """The replicas' effective parameters, as the simulator will build them."""
+        base = get_profile(self.profile)
+        if self.capacity is not None:
+            base = scale_profile(base, self.capacity)
+        return base.with_overrides(**self.sim_overrides).describe()
 
     @property
     def control(self) -> bool:
@@ -152,7 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         seed=args.seed, model=args.model, load_factor=args.load_factor, pin=args.pin,
         profile=args.profile, sim_overrides=overrides, endpoints=args.endpoints,
         workload_params=_workload_params(WORKLOADS[args.workload], args.prompt_chars),
-        ramp_s=args.ramp)
+        ramp_s=args.ramp, capacity=args.capacity)
 
 
 def _workload_params(workload: str, prompt_chars: Optional[list[int]]) -> dict:
@@ -256,6 +266,8 @@ class Stack:
                  "max_num_batched_tokens": "--max-num-batched-tokens"}
         for key, value in s.sim_overrides.items():
             cmd += [flags[key], str(value)]
+        if s.capacity is not None:
+            cmd += ["--capacity", str(s.capacity)]
         return cmd
 
     async def __aenter__(self) -> "Stack":
@@ -439,7 +451,7 @@ def progress_line(run: dict) -> str:
 # --- main ----------------------------------------------------------------------------------------
 
 def meta_for(s: Settings, argv: list[str], pool: ThreadPool) -> dict:
-    profile = {} if s.endpoints else get_profile(s.profile, **s.sim_overrides).describe()
+    profile = {} if s.endpoints else s.sim_profile()
     return {
         "workload": s.workload, "control": s.control, "replicas": s.replicas,
         "strategies": s.strategies, "concurrency": s.concurrency, "warmup_s": s.warmup_s,

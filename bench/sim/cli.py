@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from .cluster import SimCluster
 from .errors import SimError
 from .faults import Faults
-from .profiles import PROFILES, get_profile
+from .profiles import PROFILES, Profile, get_profile, scale_profile
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-delay", type=float, default=0.0,
                    help="seconds of 503 on /health after start")
     eng = p.add_argument_group("engine overrides")
+    eng.add_argument("--capacity", type=float,
+                     help="shrink the profile by this factor first (scale_profile: keeps the "
+                          "load and working-set ratios)")
     eng.add_argument("--time-scale", type=float)
     eng.add_argument("--kv-blocks", "--num-gpu-blocks-override", dest="kv_blocks", type=int)
     eng.add_argument("--max-num-seqs", type=int)
@@ -69,6 +72,14 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _profile(args: argparse.Namespace) -> Profile:
+    """The named profile, shrunk by --capacity if given, then with the explicit overrides."""
+    base = get_profile(args.profile)
+    if args.capacity is not None:
+        base = scale_profile(base, args.capacity)
+    return base.with_overrides(**_overrides(args))
+
+
 def _lora_modules(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -88,7 +99,7 @@ def _install_uvloop() -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    profile = get_profile(args.profile, **_overrides(args))
+    profile = _profile(args)
     lora = _lora_modules(args.lora_modules)
     faults = {"error_rate": args.error_rate, "error_status": args.error_status,
               "reset_after_chunks": args.reset_after_chunks,
@@ -123,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         Faults().update({"error_rate": args.error_rate, "error_status": args.error_status})
-        get_profile(args.profile, **_overrides(args))
+        _profile(args)
     except (SimError, TypeError, ValueError) as exc:
         print(f"invalid settings: {exc}", file=sys.stderr)
         return 2
