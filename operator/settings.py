@@ -1,0 +1,57 @@
+"""One config file for a whole kvgate process: the gateway's keys and the operator's, side by side.
+
+``kvgate serve`` (cluster) and ``kvgate up`` (local) run both planes in one process, and users
+(and the helm chart) write one flat YAML file, as with KubeAI's system config. Each plane keeps
+its own loader and validation; this module only splits the top-level keys between them, so a key
+that belongs to neither is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lb.config import Config, ConfigError, _camel, config_from_dict
+from lb_operator.system_config import SystemConfig, system_config_from_dict
+
+GATEWAY_KEYS = frozenset(_camel(f.name) for f in dataclasses.fields(Config))
+SYSTEM_KEYS = frozenset(_camel(f.name) for f in dataclasses.fields(SystemConfig))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    gateway: Config = field(default_factory=Config)
+    system: SystemConfig = field(default_factory=lambda: system_config_from_dict({}))
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Read one YAML file into both planes' configs; None gives the defaults."""
+    if path is None:
+        return settings_from_dict({})
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return settings_from_dict(data or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def settings_from_dict(data: Any) -> Settings:
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping")
+    unknown = sorted(set(data) - GATEWAY_KEYS - SYSTEM_KEYS)
+    if unknown:
+        known = ", ".join(sorted(GATEWAY_KEYS | SYSTEM_KEYS))
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {known})")
+    return Settings(
+        gateway=config_from_dict({k: v for k, v in data.items() if k in GATEWAY_KEYS}),
+        system=system_config_from_dict({k: v for k, v in data.items() if k in SYSTEM_KEYS}),
+    )
