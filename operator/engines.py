@@ -15,8 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from lb.model import Model, ModelURL, parse_model_url
+from lb.model import ADAPTER_ENGINES, Model, ModelURL, parse_model_url
 
+from lb_operator.loader import ADAPTERS_DIR, LOADER_CONTAINER, LOADER_PORT
 from lb_operator.system_config import SecretNames, SystemConfig
 
 SERVER_CONTAINER = "server"
@@ -25,6 +26,7 @@ PORT_NAME = "http"
 MODEL_MOUNT = "/model"  # pvc:// sources are mounted here
 CACHE_MOUNT = "/models"  # the shared cache volume of a cache profile
 FILES_VOLUME = "model-files"
+ADAPTERS_VOLUME = "adapters"  # emptyDir the adapter-loader sidecar fills and the server reads
 
 EnvVar = dict[str, Any]
 Volume = dict[str, Any]
@@ -270,10 +272,9 @@ def credentials(scheme: str, secrets: SecretNames) -> tuple[list[EnvVar], list[V
 
 
 def _credential_schemes(model: Model, url: ModelURL) -> list[str]:
-    """Schemes the server itself reads: the model's (unless the cache holds it) and its adapters'."""
-    schemes = [] if model.spec.cache_profile else [url.scheme]
-    schemes += [a.url.partition("://")[0] for a in model.spec.adapters]
-    return list(dict.fromkeys(schemes))
+    """Schemes the server itself reads: the model's, unless the cache holds it. Adapters are fetched
+    by the adapter-loader sidecar, so their schemes never change (nor roll) the server container."""
+    return [] if model.spec.cache_profile else [url.scheme]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +342,9 @@ def server_container(model: Model, config: SystemConfig) -> tuple[dict[str, Any]
     for scheme in _credential_schemes(model, url):
         env, vols, mnts = credentials(scheme, config.secret_names)
         cred_env, volumes, mounts = cred_env + env, volumes + vols, mounts + mnts
+    if uses_adapter_loader(model):
+        volumes.append({"name": ADAPTERS_VOLUME, "emptyDir": {}})
+        mounts.append({"name": ADAPTERS_VOLUME, "mountPath": ADAPTERS_DIR, "readOnly": True})
     file_vols, file_mounts = _file_volumes(model)
     user_env = [{"name": k, "value": v} for k, v in sorted(model.spec.env.items())]
     container: dict[str, Any] = {"name": SERVER_CONTAINER}
@@ -360,3 +364,44 @@ def server_container(model: Model, config: SystemConfig) -> tuple[dict[str, Any]
     container["livenessProbe"] = parts.liveness
     container["volumeMounts"] = mounts + file_mounts
     return container, volumes + file_vols
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter-loader sidecar
+
+
+def uses_adapter_loader(model: Model) -> bool:
+    return bool(model.spec.adapters) and model.spec.engine in ADAPTER_ENGINES
+
+
+def adapter_loader_container(model: Model, config: SystemConfig) -> dict[str, Any] | None:
+    """The sidecar that fetches adapters (any scheme) into the volume the server loads them from.
+
+    It does not depend on which adapters the Model lists, nor on their schemes (it gets every
+    scheme's optional credentials), so adding or changing an adapter never rolls the Pods:
+    adapters change on live replicas through the LoRA API.
+    """
+    if not uses_adapter_loader(model):
+        return None
+    env: list[EnvVar] = []
+    mounts: list[Mount] = [{"name": ADAPTERS_VOLUME, "mountPath": ADAPTERS_DIR}]
+    for scheme in ("hf", "s3", "gs", "oss"):
+        scheme_env, _, scheme_mounts = credentials(scheme, config.secret_names)
+        env, mounts = env + scheme_env, mounts + scheme_mounts
+    return {
+        "name": LOADER_CONTAINER,
+        "image": config.model_loading.image,
+        "command": ["python", "-m", "lb_operator.loader", "serve", "--dir", ADAPTERS_DIR,
+                    "--port", str(LOADER_PORT)],
+        "env": env,
+        "ports": [{"name": "loader", "containerPort": LOADER_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": LOADER_PORT}, "periodSeconds": 10},
+        "volumeMounts": mounts,
+    }
+
+
+def adapter_loader_volumes(model: Model, config: SystemConfig) -> list[Volume]:
+    """Volumes the sidecar needs beyond the server's: the GCS credentials Secret, if not there yet."""
+    if not uses_adapter_loader(model):
+        return []
+    return credentials("gs", config.secret_names)[1]

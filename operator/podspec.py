@@ -17,7 +17,9 @@ from typing import Any, Mapping
 
 from lb.model import API_VERSION, KIND, Model
 
-from lb_operator.engines import MODEL_PORT, PodSpecError, server_container
+from lb_operator.loader import LOADER_PORT, LOADER_PORT_ANNOTATION
+from lb_operator.engines import (MODEL_PORT, PodSpecError, adapter_loader_container, adapter_loader_volumes,
+                                 server_container)
 from lb_operator.json_patch import JsonPatchError, apply_patch
 from lb_operator.system_config import Quantity, ResourceProfile, SystemConfig, parse_quantity
 
@@ -50,6 +52,7 @@ def pod_for_model(model: Model, config: SystemConfig, *, owner_uid: str = "") ->
         "metadata": _metadata(model, owner_uid),
         "spec": _pod_spec(model, config, profile, container, volumes),
     }
+    _add_adapter_loader(pod, model, config)
     if pods.json_patches:
         try:
             pod = apply_patch(pod, pods.json_patches)
@@ -57,6 +60,17 @@ def pod_for_model(model: Model, config: SystemConfig, *, owner_uid: str = "") ->
             raise PodSpecError(f"modelServerPods.{exc}") from None
     pod["metadata"].setdefault("labels", {})[POD_HASH_LABEL] = pod_hash(pod["spec"])
     return pod
+
+
+def _add_adapter_loader(pod: dict[str, Any], model: Model, config: SystemConfig) -> None:
+    """Models with adapters get the adapter-loader sidecar (see engines.adapter_loader_container)."""
+    loader = adapter_loader_container(model, config)
+    if loader is None:
+        return
+    pod["spec"]["containers"].append(loader)
+    names = {v["name"] for v in pod["spec"]["volumes"]}
+    pod["spec"]["volumes"] += [v for v in adapter_loader_volumes(model, config) if v["name"] not in names]
+    pod["metadata"]["annotations"][LOADER_PORT_ANNOTATION] = str(LOADER_PORT)
 
 
 def _profile(model: Model, config: SystemConfig) -> tuple[ResourceProfile, int]:

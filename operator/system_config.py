@@ -92,6 +92,47 @@ class ModelRollouts:
     surge: int = 1  # extra Pods during a rollout; >= 1 is what keeps capacity up while replacing
 
 
+Duration = str | int | float  # "10s", "10m", "1m30s", "500ms" (Go style, as KubeAI's config) or seconds
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Duration) -> float:
+    """Seconds in a Go-style duration ("1m30s") or a plain number of seconds; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip()
+    parts = _DURATION_RE.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {value!r} (e.g. 10s, 10m, 1m30s)")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAutoscaling:
+    """The autoscaler's cadence (KubeAI's keys and defaults) and where it keeps its state.
+
+    Each `interval` the active requests are summed over the gateway replicas; the average over
+    `timeWindow` drives replicas. `includeEngineWaiting` adds the model servers' own queue
+    (`vllm:num_requests_waiting`) to the signal, for traffic queued beyond what the gateways see.
+    """
+
+    interval: Duration = "10s"
+    time_window: Duration = "10m"
+    state_config_map_name: str = "kvgate-autoscaler-state"
+    include_engine_waiting: bool = False
+
+    @property
+    def interval_seconds(self) -> float:
+        return parse_duration(self.interval)
+
+    @property
+    def time_window_seconds(self) -> float:
+        return parse_duration(self.time_window)
+
+
 @dataclass(frozen=True, slots=True)
 class SystemConfig:
     model_servers: dict[str, ModelServer] = field(default_factory=dict)
@@ -101,6 +142,7 @@ class SystemConfig:
     model_loading: ModelLoading = field(default_factory=ModelLoading)
     secret_names: SecretNames = field(default_factory=SecretNames)
     model_rollouts: ModelRollouts = field(default_factory=ModelRollouts)
+    model_autoscaling: ModelAutoscaling = field(default_factory=ModelAutoscaling)
     # KubeAI's test hook: a Model annotation may redirect traffic to another address.
     allow_pod_address_override: bool = False
 
@@ -296,11 +338,26 @@ def _validate(config: SystemConfig) -> None:
     _validate_pods(config.model_server_pods)
     if config.model_rollouts.surge < 1:
         raise ConfigError("modelRollouts.surge: must be >= 1 (a rollout without surge drops capacity)")
+    _validate_autoscaling(config.model_autoscaling)
     if not config.model_loading.image:
         raise ConfigError("modelLoading.image: must not be empty")
     for f in dataclasses.fields(SecretNames):
         if not getattr(config.secret_names, f.name):
             raise ConfigError(f"secretNames.{_camel(f.name)}: must not be empty")
+
+
+def _validate_autoscaling(autoscaling: ModelAutoscaling) -> None:
+    for key, value in (("interval", autoscaling.interval), ("timeWindow", autoscaling.time_window)):
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise ConfigError(f"modelAutoscaling.{key}: {exc}") from None
+        if seconds <= 0:
+            raise ConfigError(f"modelAutoscaling.{key}: must be > 0, got {value!r}")
+    if autoscaling.time_window_seconds < autoscaling.interval_seconds:
+        raise ConfigError("modelAutoscaling.timeWindow: must be >= interval")
+    if not autoscaling.state_config_map_name:
+        raise ConfigError("modelAutoscaling.stateConfigMapName: must not be empty")
 
 
 def _validate_servers(servers: Mapping[str, ModelServer]) -> None:

@@ -25,7 +25,7 @@ def model(name="m1", annotations=None, **spec):
 
 
 def server(pod):
-    (container,) = pod["spec"]["containers"]
+    container = pod["spec"]["containers"][0]
     assert container["name"] == "server"
     return container
 
@@ -73,11 +73,13 @@ def test_vllm_pod():
 
 
 def test_vllm_with_adapters_enables_runtime_lora():
-    c = server(pod_for_model(model(adapters=[{"name": "sql", "url": "s3://bucket/sql"}]), CONFIG))
+    pod = pod_for_model(model(adapters=[{"name": "sql", "url": "s3://bucket/sql"}]), CONFIG)
+    c = server(pod)
     assert c["args"][-1] == "--enable-lora"
     env = env_of(c)
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert "HF_TOKEN" in env and "AWS_ACCESS_KEY_ID" in env  # model from hf, adapter from s3
+    assert "HF_TOKEN" in env  # model from hf; the adapter from s3 is fetched by the loader sidecar
+    assert "AWS_ACCESS_KEY_ID" in env_of(pod["spec"]["containers"][1])
 
 
 def test_vllm_from_pvc_mounts_claim():
@@ -190,7 +192,7 @@ def test_credentials_by_scheme(url, expected):
 def test_gcs_and_oss_credentials_for_adapters_and_custom_secret_names():
     config = system_config_from_dict({"secretNames": {"gcp": "g", "alibaba": "ali"}})
     pod = pod_for_model(model(adapters=[{"name": "x", "url": "gs://b/x"}, {"name": "y", "url": "oss://b/y"}]), config)
-    c = server(pod)
+    c = pod["spec"]["containers"][1]  # the adapter-loader sidecar fetches adapters
     env = env_of(c)
     assert env["GOOGLE_APPLICATION_CREDENTIALS"] == "/secrets/gcp-credentials/credentials.json"
     assert volumes_of(pod)["gcp-credentials"]["secret"]["secretName"] == "g"
