@@ -20,9 +20,7 @@ build: install
 	$(BIN)/python setup.py -q build_ext --inplace
 
 run: build
-	@$(BIN)/kvgate sim --port 8101 --replicas 4 --model-name sim-llama --profile cpu-scaled & \
-	sim=$$!; trap "kill $$sim 2>/dev/null" EXIT INT TERM; \
-	$(BIN)/kvgate gateway -c examples/gateway-sim.yaml
+	$(BIN)/kvgate up -f examples/local.yaml
 
 test: build
 	$(BIN)/python -m pytest -q

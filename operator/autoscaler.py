@@ -49,6 +49,10 @@ WAITING_METRIC = "vllm:num_requests_waiting"
 STATE_VERSION = 1
 
 SetReplicas = Callable[[str, int], Awaitable[None]]
+# A metrics source: `host:port` or a URL to scrape, or a callable returning the exposition text of
+# a gateway in this very process (`kvgate up` with its metrics port disabled).
+Target = str | Callable[[], str | bytes]
+IN_PROCESS = "in-process"
 
 
 async def _resolve(source: Callable[[], Any]) -> Any:
@@ -78,6 +82,10 @@ def waiting_requests(text: str) -> float:
     """Requests queued inside one model server (vLLM's gauge, also exported by the simulator)."""
     return sum(sample.value for family in text_string_to_metric_families(text)
                if family.name == WAITING_METRIC for sample in family.samples)
+
+
+def _text(page: str | bytes) -> str:
+    return page.decode() if isinstance(page, bytes) else page
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +157,8 @@ class Autoscaler:
     """See the module docstring. Arguments:
 
     - `models()`: the Models to scale (plain or async callable);
-    - `gateways()`: gateway metrics addresses, `host:port` (then `/metrics`) or full URLs;
+    - `gateways()`: gateway metrics addresses, `host:port` (then `/metrics`) or full URLs, or
+      in-process sources (see `Target`);
     - `set_replicas(name, n)`: the runtime's write (cluster: the scale subresource);
     - `engine_replicas(name)`: a model's server addresses, for `includeEngineWaiting`.
     """
@@ -244,21 +253,25 @@ class Autoscaler:
             if waiting:
                 totals[model.name] = totals.get(model.name, 0.0) + waiting
 
-    async def _scrape(self, target: str, report: TickReport) -> str | None:
-        url = target if "://" in target else f"http://{target}/metrics"
+    async def _scrape(self, target: Target, report: TickReport) -> str | None:
+        name = target if isinstance(target, str) else IN_PROCESS
         try:
-            async with self.session.get(url, timeout=self._timeout) as response:
-                if response.status != 200:
-                    raise aiohttp.ClientResponseError(response.request_info, (), status=response.status,
-                                                      message=response.reason or "")
-                text = await response.text()
+            text = await self._fetch(target) if isinstance(target, str) else _text(target())
             active_requests(text)  # a page that does not parse counts as a failed scrape
             return text
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            report.failed[target] = repr(exc)
-            self.scrape_errors.labels(target).inc()
-            log.warning("autoscaler: scraping %s failed: %r", target, exc)
+            report.failed[name] = repr(exc)
+            self.scrape_errors.labels(name).inc()
+            log.warning("autoscaler: scraping %s failed: %r", name, exc)
             return None
+
+    async def _fetch(self, target: str) -> str:
+        url = target if "://" in target else f"http://{target}/metrics"
+        async with self.session.get(url, timeout=self._timeout) as response:
+            if response.status != 200:
+                raise aiohttp.ClientResponseError(response.request_info, (), status=response.status,
+                                                  message=response.reason or "")
+            return await response.text()
 
     # -- decision ------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 ``kvgate serve`` (cluster) and ``kvgate up`` (local) run both planes in one process, and users
 (and the helm chart) write one flat YAML file, as with KubeAI's system config. Each plane keeps
 its own loader and validation; this module only splits the top-level keys between them, so a key
-that belongs to neither is reported instead of silently ignored.
+that belongs to neither is reported instead of silently ignored. `local:` holds the local
+runtime's settings (state directory, engine command lines); a cluster ignores it.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from typing import Any
 import yaml
 
 from lb.config import Config, ConfigError, _camel, config_from_dict
+from lb_operator.local_config import LocalConfig, local_config_from_dict
 from lb_operator.system_config import SystemConfig, system_config_from_dict
 
 GATEWAY_KEYS = frozenset(_camel(f.name) for f in dataclasses.fields(Config))
 SYSTEM_KEYS = frozenset(_camel(f.name) for f in dataclasses.fields(SystemConfig))
+LOCAL_KEY = "local"
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     gateway: Config = field(default_factory=Config)
     system: SystemConfig = field(default_factory=lambda: system_config_from_dict({}))
+    local: LocalConfig = field(default_factory=LocalConfig)
 
 
 def load_settings(path: str | Path | None) -> Settings:
@@ -47,11 +51,12 @@ def load_settings(path: str | Path | None) -> Settings:
 def settings_from_dict(data: Any) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping")
-    unknown = sorted(set(data) - GATEWAY_KEYS - SYSTEM_KEYS)
+    unknown = sorted(set(data) - GATEWAY_KEYS - SYSTEM_KEYS - {LOCAL_KEY})
     if unknown:
-        known = ", ".join(sorted(GATEWAY_KEYS | SYSTEM_KEYS))
+        known = ", ".join(sorted(GATEWAY_KEYS | SYSTEM_KEYS | {LOCAL_KEY}))
         raise ConfigError(f"{unknown[0]}: unknown key (known: {known})")
     return Settings(
         gateway=config_from_dict({k: v for k, v in data.items() if k in GATEWAY_KEYS}),
         system=system_config_from_dict({k: v for k, v in data.items() if k in SYSTEM_KEYS}),
+        local=local_config_from_dict(data.get(LOCAL_KEY)),
     )

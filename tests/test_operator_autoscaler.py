@@ -240,3 +240,36 @@ async def test_run_loop_with_the_local_runtime_seams(tmp_path: Path) -> None:
             assert list(restored.windows["m1"].readings)[-1] == 3
     finally:
         await gateway.stop()
+
+
+async def test_in_process_gateway_metrics_need_no_port() -> None:
+    """`kvgate up` with its metrics port disabled: the gateway's own registry is read directly,
+    and a source that breaks is a failed scrape like an unreachable replica."""
+    from lb.model import Model
+
+    metrics = GatewayMetrics()
+    metrics.active_gauge("m1").value = 2
+    replicas: dict[str, int] = {}
+
+    async def set_replicas(name: str, n: int) -> None:
+        replicas[name] = n
+
+    def broken() -> str:
+        return "not { an exposition"
+
+    async with aiohttp.ClientSession() as session:
+        scaler = Autoscaler(ModelAutoscaling(interval=1, time_window=1),
+                            models=lambda: [Model.from_dict(model_body())],
+                            gateways=lambda: [lambda: generate_latest(metrics.registry), broken],
+                            set_replicas=set_replicas, store=_NullStore(), session=session)
+        report = await scaler.tick()
+    assert report.totals == {"m1": 2} and replicas == {"m1": 2}
+    assert list(report.failed) == ["in-process"]
+
+
+class _NullStore:
+    async def load(self) -> None:
+        return None
+
+    async def save(self, state: dict[str, Any]) -> None:
+        pass

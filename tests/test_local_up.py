@@ -1,0 +1,251 @@
+"""`kvgate up` for real: a subprocess running simulated replicas as processes, reached through
+the gateway with the official `openai` SDK, the models file edited while it runs, replicas killed,
+and kvgate itself stopped by signal with every child process accounted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import openai
+import pytest
+import yaml
+
+from tests.local_harness import (
+    UpProcess, free_port, kvgate, pid_alive, sim_model, wait_for, write_models,
+)
+
+CHAT = sim_model("chat", min_replicas=2, strategy="PrefixHash")
+ZERO = sim_model("zero", min_replicas=0, max_replicas=1)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    process = UpProcess(tmp_path_factory.mktemp("up"), [CHAT, ZERO],
+                        config={"local": {"restartBackoffSeconds": 0.2, "gracePeriodSeconds": 5,
+                                          "reloadIntervalSeconds": 0.2}})
+    try:
+        process.wait_output("kvgate: ready:")
+        wait_for(lambda: len(process.ready_pids("chat")) == 2, 10, "the status file")
+        yield process
+    finally:
+        process.close()
+
+
+def client(up: UpProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=up.base_url, api_key="unused", max_retries=0, timeout=30)
+
+
+def ask(up: UpProcess, model: str = "chat", content: str = "Hello there") -> str:
+    reply = client(up).chat.completions.create(
+        model=model, max_tokens=8, messages=[{"role": "user", "content": content}])
+    return reply.choices[0].message.content or ""
+
+
+class Traffic:
+    """Requests in a loop on a thread while something happens; every one must succeed."""
+
+    def __init__(self, up: UpProcess, model: str = "chat") -> None:
+        self.up, self.model = up, model
+        self.ok, self.errors = 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                ask(self.up, self.model, f"conversation {i % 7}")
+                self.ok += 1
+            except Exception as exc:  # collected and asserted on by the test
+                self.errors.append(repr(exc))
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def test_banner_lists_url_models_and_replicas(up: UpProcess) -> None:
+    assert f"http://127.0.0.1:{up.port}/v1" in up.output
+    assert "chat" in up.output and "PrefixHash" in up.output and "replicas 2" in up.output
+    assert "zero" in up.output and "replicas 0" in up.output
+
+
+def test_chat_completion_and_stream_through_the_sdk(up: UpProcess) -> None:
+    assert ask(up)
+    chunks = list(client(up).chat.completions.create(
+        model="chat", max_tokens=8, stream=True, messages=[{"role": "user", "content": "Hi"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2 and text
+    models = {m.id for m in client(up).models.list()}
+    assert {"chat", "zero"} <= models
+
+
+def test_status_command_shows_models_replicas_and_endpoints(up: UpProcess) -> None:
+    result = kvgate("status", "--state-dir", str(up.state_dir))
+    assert result.returncode == 0, result.stderr
+    assert up.base_url in result.stdout
+    lines = result.stdout.splitlines()
+    chat_line = next(line for line in lines if line.startswith("chat "))
+    assert "PrefixHash" in chat_line and "2/2" in chat_line
+    status = json.loads(kvgate("status", "--state-dir", str(up.state_dir), "--json").stdout)
+    chat = next(m for m in status["models"] if m["name"] == "chat")
+    for replica in chat["replicas"]:
+        assert replica["state"] == "ready" and replica["address"] in result.stdout
+        assert Path(replica["log"]).is_file()
+
+
+def test_scale_from_zero_on_first_request(up: UpProcess) -> None:
+    assert up.ready_pids("zero") == set()
+    assert ask(up, "zero")
+    model = wait_for(lambda: up.model("zero") if up.ready_pids("zero") else None, 10, "zero ready")
+    assert model["desired"] == 1 and model["ready"] == 1
+
+
+def test_killed_replica_is_restarted_and_traffic_continues(up: UpProcess) -> None:
+    before = up.ready_pids("chat")
+    assert len(before) == 2
+    victim = min(before)
+    with Traffic(up) as traffic:
+        wait_for(lambda: traffic.ok >= 3, 10, "traffic flowing")
+        os.kill(victim, signal.SIGKILL)
+        after = wait_for(lambda: _replaced(up.ready_pids("chat"), victim), 15, "a replacement replica")
+        served = traffic.ok
+        wait_for(lambda: traffic.ok >= served + 3, 10, "traffic after the restart")
+    assert traffic.errors == []
+    assert not pid_alive(victim) and len(after - before) == 1
+
+
+def _replaced(pids: set[int], victim: int) -> set[int] | None:
+    return pids if len(pids) == 2 and victim not in pids else None
+
+
+def test_models_file_edits_add_update_and_remove_models_live(up: UpProcess) -> None:
+    extra = sim_model("extra", min_replicas=1)
+    write_models(up.models_path, [CHAT, ZERO, extra])
+    wait_for(lambda: up.ready_pids("extra"), 15, "the added model's replica")
+    assert ask(up, "extra")
+    extra_pids = up.ready_pids("extra")
+
+    old = up.ready_pids("chat")
+    updated = sim_model("chat", min_replicas=2, strategy="PrefixHash", args=("--seed", "7"))
+    with Traffic(up) as traffic:
+        write_models(up.models_path, [updated, ZERO, extra])
+        wait_for(lambda: len(p := up.ready_pids("chat")) == 2 and not p & old, 30, "a rolled-out model")
+    assert traffic.errors == [] and traffic.ok > 0
+    wait_for(lambda: not any(pid_alive(p) for p in old), 10, "the old replicas stopped")
+
+    write_models(up.models_path, [updated, ZERO])
+    wait_for(lambda: up.model("extra") is None, 15, "the removed model gone")
+    with pytest.raises(openai.NotFoundError):
+        ask(up, "extra")
+    wait_for(lambda: not any(pid_alive(p) for p in extra_pids), 10, "its replica stopped")
+
+
+def test_bad_models_file_on_reload_keeps_the_running_models(up: UpProcess) -> None:
+    pids = up.ready_pids("chat")
+    up.models_path.write_text(up.models_path.read_text().replace("minReplicas: 2", "minReplicas: two"))
+    up.wait_output("keeping the running models")
+    assert "spec.minReplicas" in up.output
+    assert ask(up) and up.ready_pids("chat") == pids
+
+
+def test_ctrl_c_and_sigterm_leave_no_process_behind(tmp_path: Path) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        work = tmp_path / sig.name
+        work.mkdir()
+        process = UpProcess(work, [sim_model("m", min_replicas=2)])
+        try:
+            process.wait_output("kvgate: ready:")
+            pids = wait_for(lambda: p if len(p := process.ready_pids("m")) == 2 else None, 10,
+                            "the status file")
+            assert process.stop(sig) == 0
+            assert "stopping replicas" in process.output
+            assert not [p for p in pids if pid_alive(p)]
+            assert not (process.state_dir / "status.json").exists()
+        finally:
+            process.close()
+
+
+# -- start-up errors: before any process starts -------------------------------------------------
+
+
+def run_up(tmp_path: Path, models_text: str, *extra: str) -> tuple[int, str]:
+    path = tmp_path / "models.yaml"
+    path.write_text(models_text)
+    result = kvgate("up", "-f", str(path), "--port", str(free_port()), "--metrics-port", "0",
+                    "--state-dir", str(tmp_path / "state"), *extra, cwd=tmp_path)
+    return result.returncode, result.stderr
+
+
+BAD = """\
+apiVersion: kvgate.dev/v1
+kind: Model
+metadata: {name: ok}
+spec: {url: "hf://a/b", engine: Sim, features: [TextGeneration]}
+---
+apiVersion: kvgate.dev/v1
+kind: Model
+metadata:
+  name: broken
+spec:
+  url: hf://a/b
+  engine: Sim
+  features: [TextGeneration]
+  minReplicas: 3
+  maxReplicas: 2
+"""
+
+
+def test_bad_file_exits_with_line_and_field(tmp_path: Path) -> None:
+    code, err = run_up(tmp_path, BAD)
+    assert code == 2
+    assert "models.yaml:14:" in err and "spec.minReplicas" in err and "broken" in err
+    code, err = run_up(tmp_path, BAD.replace("engine: Sim\n  features", "engine: Simm\n  features"))
+    assert code == 2 and "models.yaml:12:" in err and "spec.engine" in err
+    code, err = run_up(tmp_path, "a: [b\n")
+    assert code == 2 and "models.yaml:2:" in err and "not valid YAML" in err
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        code, err = run_up(tmp_path, BAD.split("---")[0], "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err
+
+
+def test_missing_engine_is_a_clear_error(tmp_path: Path) -> None:
+    vllm = BAD.split("---")[0].replace("engine: Sim", "engine: VLLM")
+    code, err = run_up(tmp_path, vllm)
+    assert code == 2 and "engine VLLM" in err and "`vllm` is not installed" in err
+    ollama = BAD.split("---")[0].replace("engine: Sim", "engine: OLlama").replace("hf://a/b", "ollama://qwen2:0.5b")
+    code, err = run_up(tmp_path, ollama, "-c", str(_config(tmp_path, {"local": {"engines": {
+        "OLlama": {"command": ["no-such-ollama-binary", "serve"]}}}})))
+    assert code == 2 and "`no-such-ollama-binary` is not installed" in err
+
+
+def _config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_help_and_status_without_a_running_up(tmp_path: Path) -> None:
+    for args in (["--help"], ["up", "--help"], ["status", "--help"]):
+        result = kvgate(*args)
+        assert result.returncode == 0 and "usage: kvgate" in result.stdout
+    assert "kvgate up" in kvgate("--help").stdout or "up" in kvgate("--help").stdout
+    result = kvgate("status", "--state-dir", str(tmp_path))
+    assert result.returncode == 1 and "no `kvgate up` is running" in result.stderr
