@@ -3,6 +3,7 @@
 ``kvgate gateway -c config.yaml`` runs the gateway alone in static-endpoints mode: models and
 their replicas' addresses come from the config file, in front of any OpenAI-compatible servers.
 ``kvgate sim ...`` runs simulated vLLM replicas (see ``kvgate sim --help``).
+``kvgate serve`` runs the gateway and the Kubernetes operator in one process (in a cluster).
 ``kvgate up -f models.yaml`` runs the gateway and local model servers; ``kvgate status`` shows them.
 """
 
@@ -34,10 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway.add_argument("--metrics-port", type=int,
                          help="metrics port (overrides server.metricsPort; 0 disables)")
     commands.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
+    commands.add_parser("serve", help="gateway + Kubernetes operator in one process",
+                        add_help=False)
     commands.add_parser("up", help="gateway + local model servers from a models file",
                         add_help=False)
     commands.add_parser("status", help="what the running `kvgate up` serves", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from lb_operator.serve import main as serve_main  # the control plane, loaded lazily
+
+        return serve_main(argv[1:])
     if argv[:1] in (["up"], ["status"]):
         from lb_operator.local_cli import main as local_main  # the control plane, loaded lazily
 

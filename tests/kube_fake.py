@@ -750,6 +750,13 @@ class FakeKube:
         }
         return self.update_status("pods", name, status, namespace, merge=False)
 
+    def patch(self, kind: str, name: str, patch: dict[str, Any],
+              namespace: str | None = "default") -> dict[str, Any]:
+        """Merge-patch the main resource directly (as another client would), bypassing faults."""
+        rt = self._lookup(kind)
+        old = self._get(rt, namespace if rt.namespaced else None, name)
+        return copy.deepcopy(self._update(rt, old, merge_patch(old, patch), None))
+
     def set_pod_phase(self, name: str, phase: str, namespace: str = "default") -> dict[str, Any]:
         return self.update_status("pods", name, {"phase": phase}, namespace)
 

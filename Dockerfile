@@ -1,0 +1,43 @@
+# syntax=docker/dockerfile:1
+# The kvgate image: gateway + operator (`kvgate serve`), and the vLLM simulator the Sim engine
+# runs (`python -m bench.sim`). Build: docker build -t ghcr.io/kvgate/kvgate:0.1.0 .
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- build: compile the Cython ring core into a wheel and install it with its dependencies ---
+FROM ${PYTHON_IMAGE} AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY lb ./lb
+COPY operator ./operator
+COPY bench ./bench
+RUN python -m venv /opt/kvgate \
+ && /opt/kvgate/bin/pip install --upgrade pip \
+ && /opt/kvgate/bin/pip wheel --no-deps --wheel-dir /wheels . \
+ && /opt/kvgate/bin/pip install /wheels/kvgate-*.whl \
+ && cd / \
+ && /opt/kvgate/bin/python -c "import lb.ring; assert lb.ring.IMPLEMENTATION == 'cython', lb.ring.IMPLEMENTATION" \
+ && /opt/kvgate/bin/python -m compileall -q /opt/kvgate
+
+# --- runtime: slim Python, no compiler, non-root, nothing written outside /tmp ---------------
+FROM ${PYTHON_IMAGE} AS runtime
+RUN groupadd --system --gid 10001 kvgate \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
+      --shell /usr/sbin/nologin kvgate
+COPY --from=build /opt/kvgate /opt/kvgate
+# Bytecode was compiled at build time; HOME and TMPDIR point at /tmp, the one writable mount
+# (an emptyDir in the chart), so the root filesystem can be read-only.
+ENV PATH=/opt/kvgate/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    TMPDIR=/tmp
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 8000 9090
+ENTRYPOINT ["kvgate"]
+CMD ["serve", "--config", "/etc/kvgate/config.yaml"]

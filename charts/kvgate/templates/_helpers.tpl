@@ -1,0 +1,85 @@
+{{/* Names, labels and shared values of the kvgate chart. */}}
+
+{{- define "kvgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kvgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kvgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kvgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kvgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kvgate.labels" -}}
+helm.sh/chart: {{ include "kvgate.chart" . }}
+{{ include "kvgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: kvgate
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "kvgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kvgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kvgate.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "kvgate.autoscalerStateConfigMapName" -}}
+{{- default (printf "%s-autoscaler-state" (include "kvgate.fullname" .)) .Values.modelAutoscaling.stateConfigMapName }}
+{{- end }}
+
+{{/*
+config.yaml: the gateway's keys and the operator's keys in one file, read by `kvgate serve`
+(lb_operator.settings.load_settings).
+*/}}
+{{- define "kvgate.config" -}}
+{{- $v := .Values }}
+{{- $servers := deepCopy $v.modelServers }}
+{{- if $servers.Sim }}
+{{- if not $servers.Sim.images.default }}
+{{- $_ := set $servers.Sim.images "default" (include "kvgate.image" .) }}
+{{- end }}
+{{- end }}
+{{- $autoscaling := deepCopy $v.modelAutoscaling }}
+{{- $_ := set $autoscaling "stateConfigMapName" (include "kvgate.autoscalerStateConfigMapName" .) }}
+{{- $config := dict
+  "server" (dict "host" "0.0.0.0" "port" (int $v.ports.http) "metricsPort" (int $v.ports.metrics) "logLevel" $v.gateway.logLevel)
+  "retries" $v.gateway.retries
+  "waitingRoom" $v.gateway.waitingRoom
+  "limits" $v.gateway.limits
+  "upstream" $v.gateway.upstream
+  "modelServers" $servers
+  "resourceProfiles" $v.resourceProfiles
+  "cacheProfiles" $v.cacheProfiles
+  "modelServerPods" $v.modelServerPods
+  "secretNames" $v.secretNames
+  "modelRollouts" $v.modelRollouts
+  "modelAutoscaling" $autoscaling
+}}
+{{- if $v.modelLoading.image }}
+{{- $_ := set $config "modelLoading" (dict "image" $v.modelLoading.image) }}
+{{- end }}
+{{- toYaml (mergeOverwrite $config (deepCopy $v.extraConfig)) }}
+{{- end }}

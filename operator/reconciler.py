@@ -1,0 +1,242 @@
+"""Reconciling Models into Pods: a coalescing work queue and the reconcile of one Model.
+
+Level-triggered: an event only says *which* Model to look at. Each reconcile reads the Model
+and its Pods fresh from the API server (a quorum read, not the watch cache), plans with
+`lb_operator.plan.plan_pods`, applies the plan, and writes ``status.replicas``. Reading fresh
+is what makes a reconcile safe to repeat: a Pod created a moment ago is always counted, so a
+burst of events, a replayed watch or a relist can never create a Pod twice.
+
+The queue holds each key at most once, never hands one key to two workers at once, and a key
+that changes while it is being reconciled runs once more afterwards. A failing key is retried
+with exponential backoff and jitter; a Model that cannot be planned (invalid spec, unknown
+profile) is logged and left until it changes.
+
+Only the elected leader runs a ``Reconciler`` (see `lb_operator.leader`).
+
+Hooks for other operator features (LoRA adapters, cache): ``Reconciler(hooks=[...])`` takes
+``async def hook(ctx: ReconcileContext) -> None`` callables; each runs after every successful
+reconcile of a Model with the Model, its API object and the Pods that exist after the plan was
+applied (fresh, so Ready flags and labels are current as of this reconcile). A hook that raises
+makes the key retry with backoff. ``Reconciler.enqueue(namespace, name)`` asks for a reconcile
+from outside (e.g. after loading an adapter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable, Sequence
+
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from lb.model import API_VERSION, KIND, Model, ModelValidationError
+from lb_operator.apply import apply_plan, ensure_files, pods_after, write_status
+from lb_operator.engines import PodSpecError
+from lb_operator.kube_client import KubeApi
+from lb_operator.plan import Pod, plan_pods, replica_status
+from lb_operator.podspec import ENGINE_LABEL, MODEL_LABEL
+from lb_operator.system_config import SystemConfig
+from lb_operator.watch import TRANSIENT_ERRORS, Backoff, Informer, Obj
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, Model name)
+POD_SELECTOR = f"{MODEL_LABEL},{ENGINE_LABEL}"  # Pods this operator made (both labels set)
+
+
+def model_pod_selector(name: str) -> str:
+    return f"{MODEL_LABEL}={name},{ENGINE_LABEL}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileContext:
+    api: KubeApi
+    model: Model
+    obj: dict[str, Any]  # the Model as read from the API server at the start of the reconcile
+    pods: Sequence[Pod]  # the model's Pods once the plan was applied
+
+
+ReconcileHook = Callable[[ReconcileContext], Awaitable[None]]
+
+
+class WorkQueue:
+    """Keys to process: deduplicated, one worker per key, changes during processing re-queued."""
+
+    def __init__(self) -> None:
+        self._order: deque[Key] = deque()
+        self._queued: set[Key] = set()
+        self._active: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._wakeup = asyncio.Event()
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    def add(self, key: Key) -> None:
+        if key in self._active:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._order.append(key)
+            self._wakeup.set()
+
+    def add_after(self, key: Key, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.add(key)
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    async def get(self) -> Key:
+        while not self._order:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        key = self._order.popleft()
+        self._queued.discard(key)
+        self._active.add(key)
+        return key
+
+    def done(self, key: Key) -> None:
+        self._active.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def close(self) -> None:
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+
+
+class Reconciler:
+    """Reconciles every Model the informers know of, and again whenever it or its Pods change."""
+
+    def __init__(self, api: KubeApi, config: SystemConfig, *, model_informers: Iterable[Informer],
+                 pod_informers: Iterable[Informer], workers: int = 2, resync_seconds: float = 60.0,
+                 backoff: Backoff = Backoff(initial=0.1, maximum=10.0),
+                 hooks: Sequence[ReconcileHook] = ()) -> None:
+        self.api = api
+        self.config = config
+        self.model_informers = list(model_informers)
+        self.pod_informers = list(pod_informers)
+        self.workers = workers
+        self.resync_seconds = resync_seconds
+        self.backoff = backoff
+        self.hooks = list(hooks)
+        self.queue = WorkQueue()
+        self.reconciles = 0  # completed reconciles (tests and debugging)
+        self._failures: dict[Key, int] = {}
+
+    def enqueue(self, namespace: str, name: str) -> None:
+        self.queue.add((namespace, name))
+
+    async def run(self) -> None:
+        """Reconcile until cancelled (i.e. until leadership is lost)."""
+        self.queue = WorkQueue()  # a new term starts clean: no key left "active" by the last one
+        for informer in self.model_informers:
+            informer.add_handler(self._on_model)
+        for informer in self.pod_informers:
+            informer.add_handler(self._on_pod)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.workers):
+                    group.create_task(self._worker())
+                group.create_task(self._resync())
+        finally:
+            for informer in self.model_informers:
+                informer.remove_handler(self._on_model)
+            for informer in self.pod_informers:
+                informer.remove_handler(self._on_pod)
+            self.queue.close()
+
+    def _on_model(self, etype: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        if etype != "DELETED":  # Pods go with their owner (garbage collection)
+            self.enqueue(meta.get("namespace", "default"), meta.get("name", ""))
+
+    def _on_pod(self, etype: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        model = (meta.get("labels") or {}).get(MODEL_LABEL)
+        if model:
+            self.enqueue(meta.get("namespace", "default"), model)
+
+    async def _resync(self) -> None:
+        """Every Model now (taking over from another leader), then periodically: the safety net
+        for anything an event did not cover."""
+        await asyncio.gather(*(i.synced.wait() for i in self.model_informers))
+        while True:
+            for informer in self.model_informers:
+                for obj in list(informer.items.values()):
+                    self._on_model("SYNC", obj)
+            await asyncio.sleep(self.resync_seconds)
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                await self.reconcile(*key)
+            except (ApiException, RuntimeError, *TRANSIENT_ERRORS) as exc:
+                self._retry_later(key, exc)
+            except Exception as exc:  # a bug must not kill the worker; keep retrying the key
+                log.exception("model %s/%s: reconcile failed", *key)
+                self._retry_later(key, exc)
+            else:
+                self._failures.pop(key, None)
+                self.reconciles += 1
+            finally:
+                self.queue.done(key)
+
+    def _retry_later(self, key: Key, exc: BaseException) -> None:
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        delay = self.backoff.delay(failures)
+        log.warning("model %s/%s: reconcile failed (%s); retrying in %.2fs", *key,
+                    _describe(exc), delay)
+        self.queue.add_after(key, delay)
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        """Bring one Model's Pods, files and status one step closer to its spec."""
+        obj = await self.api.get_model(namespace, name)
+        if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        try:
+            model = Model.from_dict(obj)
+        except ModelValidationError as exc:
+            log.warning("model %s/%s: invalid, not reconciled: %s", namespace, name, exc)
+            return
+        listed = await self.api.list_pods(namespace, label_selector=model_pod_selector(name))
+        pods = listed.get("items") or []
+        uid = obj["metadata"].get("uid", "")
+        try:
+            plan = plan_pods(model, self.config, pods, owner_uid=uid)
+        except PodSpecError as exc:
+            log.warning("model %s/%s: cannot build its Pods: %s", namespace, name, exc)
+            return
+        await ensure_files(self.api, model, plan.config_map, owner_reference(obj))
+        created = await apply_plan(self.api, model, plan)
+        after = pods_after(pods, plan, created)
+        await write_status(self.api, obj, replica_status(after))
+        context = ReconcileContext(self.api, model, obj, after)
+        for hook in self.hooks:
+            await hook(context)
+
+
+def owner_reference(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """An ownerReference to a Model object, so its dependents are deleted with it."""
+    meta = obj.get("metadata") or {}
+    if not meta.get("uid"):
+        return None
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"API error {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"

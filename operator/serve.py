@@ -1,0 +1,205 @@
+"""``kvgate serve``: the gateway and the Kubernetes operator in one process.
+
+Every replica of the deployment runs the same thing: Model and Pod informers per managed
+namespace feeding its own gateway's registry (`lb_operator.endpoints`), a `ClusterScaler` for
+scale-from-zero, and a Lease campaign (`lb_operator.leader`); the replica holding the Lease also
+runs the reconciler and any extra leader tasks (the autoscaler).
+
+``ClusterOperator`` is that composition, usable on its own (the tests run two of them against
+one API server); ``main`` is the command line. Namespace-scoped like KubeAI: by default the
+Pod's own namespace (or the kubeconfig context's); ``--namespace a,b`` (or repeated) manages
+several, with the Lease in the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import functools
+import logging
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from lb.app import Gateway
+from lb.config import Config, ConfigError
+from lb.model import GROUP, PLURAL, VERSION
+from lb.registry import Registry
+from lb.server import bind, install_uvloop, serve
+from lb_operator.cluster_scaler import ClusterScaler
+from lb_operator.endpoints import EndpointSync
+from lb_operator.kube_client import KubeApi, default_namespace, load_api_client
+from lb_operator.leader import DEFAULT_LEASE_NAME, LeaderElector, LeaderTask
+from lb_operator.reconciler import POD_SELECTOR, ReconcileHook, Reconciler
+from lb_operator.settings import Settings, load_settings
+from lb_operator.system_config import SystemConfig
+from lb_operator.watch import Backoff, Informer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    namespaces: tuple[str, ...] = ("default",)
+    lease_name: str = DEFAULT_LEASE_NAME
+    identity: str | None = None
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    watch_timeout: int = 300  # seconds a watch request lasts before it is renewed
+    resync_seconds: float = 60.0
+    workers: int = 2
+    backoff: Backoff = Backoff()  # after API errors, for the watches and for failed reconciles
+
+
+class ClusterOperator:
+    """The operator side of one gateway replica. ``run()`` until cancelled.
+
+    ``leader_tasks`` and ``hooks`` extend it (see `lb_operator.leader` and
+    `lb_operator.reconciler`); ``scaler`` is what the replica's Gateway should be given.
+    """
+
+    def __init__(self, api: KubeApi, registry: Registry, system: SystemConfig,
+                 options: ClusterOptions = ClusterOptions(), *,
+                 leader_tasks: Iterable[LeaderTask] = (),
+                 hooks: Sequence[ReconcileHook] = ()) -> None:
+        if not options.namespaces:
+            raise ValueError("at least one namespace is needed")
+        self.api = api
+        self.registry = registry
+        self.options = options
+        self.model_informers = [self._model_informer(ns) for ns in options.namespaces]
+        self.pod_informers = [self._pod_informer(ns) for ns in options.namespaces]
+        self.endpoints = EndpointSync(registry, system)
+        self.endpoints.attach(self.model_informers, self.pod_informers)
+        self.reconciler = Reconciler(api, system, model_informers=self.model_informers,
+                                     pod_informers=self.pod_informers, workers=options.workers,
+                                     resync_seconds=options.resync_seconds,
+                                     backoff=options.backoff, hooks=hooks)
+        self.elector = LeaderElector(
+            api, options.namespaces[0], name=options.lease_name, identity=options.identity,
+            lease_duration=options.lease_duration, renew_deadline=options.renew_deadline,
+            retry_period=options.retry_period,
+            leader_tasks=[self.reconciler.run, *leader_tasks])
+        self.scaler = ClusterScaler(api, registry, options.namespaces[0])
+
+    def _model_informer(self, namespace: str) -> Informer:
+        call = functools.partial(self.api.custom.list_namespaced_custom_object, GROUP, VERSION,
+                                 namespace, PLURAL)
+        return Informer(f"models/{namespace}", call, watch_timeout=self.options.watch_timeout,
+                        backoff=self.options.backoff)
+
+    def _pod_informer(self, namespace: str) -> Informer:
+        call = functools.partial(self.api.core.list_namespaced_pod, namespace)
+        lister = functools.partial(self.api.list_pods, namespace)
+        return Informer(f"pods/{namespace}", call, label_selector=POD_SELECTOR, lister=lister,
+                        watch_timeout=self.options.watch_timeout, backoff=self.options.backoff)
+
+    async def wait_synced(self) -> None:
+        """Until every informer has listed once (the registry then holds the cluster's view)."""
+        await asyncio.gather(*(i.synced.wait() for i in self.model_informers + self.pod_informers))
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for informer in self.model_informers + self.pod_informers:
+                group.create_task(informer.run())
+            group.create_task(self._elect_when_synced())
+
+    async def _elect_when_synced(self) -> None:
+        """Campaign only with a synced cache: a fresh leader's first resync must see every Model."""
+        await self.wait_synced()
+        await self.elector.run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kvgate serve", description="Run the gateway and the Kubernetes operator in one "
+        "process (in-cluster service account, or a kubeconfig outside a cluster).")
+    parser.add_argument("-c", "--config", help="config YAML (gateway keys and system config keys)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then "
+                                             "$KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context")
+    parser.add_argument("-n", "--namespace", action="append", default=[],
+                        help="namespace to manage; repeat or comma-separate for several "
+                             "(default: the Pod's or the context's namespace)")
+    parser.add_argument("--lease-name", default=DEFAULT_LEASE_NAME, help="leader election Lease")
+    parser.add_argument("--identity", help="leader election identity (default: host name + suffix)")
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="metrics port (overrides server.metricsPort; 0 disables)")
+    return parser.parse_args(argv)
+
+
+def _namespaces(args: argparse.Namespace) -> tuple[str, ...]:
+    names = [n.strip() for value in args.namespace for n in value.split(",") if n.strip()]
+    if not names:
+        names = [default_namespace(args.kubeconfig, args.context)]
+    return tuple(dict.fromkeys(names))
+
+
+def _gateway_config(config: Config, args: argparse.Namespace) -> Config:
+    changes = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port}
+    server = dataclasses.replace(config.server,
+                                 **{k: v for k, v in changes.items() if v is not None})
+    if config.models:
+        log.warning("serve: the %d models of the config file are ignored; Models come from the "
+                    "cluster", len(config.models))
+    return dataclasses.replace(config, server=server, models=(), endpoints={})
+
+
+async def run_serve(settings: Settings, options: ClusterOptions, args: argparse.Namespace,
+                    sock: socket.socket, metrics_sock: socket.socket | None) -> None:
+    client = await load_api_client(args.kubeconfig, args.context)
+    async with client:
+        registry = Registry()
+        operator = ClusterOperator(KubeApi(client), registry, settings.system, options)
+        gateway = Gateway(settings.gateway, registry, operator.scaler)
+        task = asyncio.create_task(operator.run())
+        serving = asyncio.create_task(serve(gateway, sock, metrics_sock))
+        _stop_on_signals(serving)
+        try:
+            await asyncio.gather(serving, return_exceptions=True)
+        finally:
+            task.cancel()  # the elector releases the Lease on its way out
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _stop_on_signals(serving: asyncio.Task[None]) -> None:
+    """SIGTERM/SIGINT stop the server gracefully, then the operator (which releases the Lease).
+
+    uvicorn handles the signal while it serves but raises it again once it has shut down; with a
+    loop handler installed that second delivery lands here instead of killing the process before
+    the Lease is released.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, serving.cancel)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        loaded = load_settings(args.config)
+        settings = dataclasses.replace(loaded, gateway=_gateway_config(loaded.gateway, args))
+        options = ClusterOptions(namespaces=_namespaces(args), lease_name=args.lease_name,
+                                 identity=args.identity)
+        server = settings.gateway.server
+        sock = bind(server.host, server.port)
+        metrics_sock = bind(server.host, server.metrics_port) if server.metrics_port else None
+    except (ConfigError, OSError) as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return 2
+    install_uvloop()
+    print(f"kvgate: serving the OpenAI API on http://{server.host}:{server.port}/v1, "
+          f"managing Models in {', '.join(options.namespaces)}", flush=True)
+    asyncio.run(run_serve(settings, options, args, sock, metrics_sock))
+    return 0

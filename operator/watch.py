@@ -1,0 +1,173 @@
+"""List + watch: a local, always-converging copy of one kind of object, with change callbacks.
+
+``Informer`` keeps ``items`` (namespace/name -> object, the API's JSON) in step with the API
+server the way client-go's reflector does:
+
+- it lists once, then watches from the list's resourceVersion with ``kubernetes_asyncio``'s
+  ``Watch`` (server-side ``timeoutSeconds`` so a quiet stream is renewed now and then, and
+  bookmarks so the resume point stays fresh);
+- a stream that ends or drops (a cut connection, a half-written event) resumes from the last
+  resourceVersion it saw, so nothing is missed and nothing is listed again;
+- ``410 Gone`` (the resume point was compacted away) means events were lost: it lists again and
+  reports the difference, deletions included, as events;
+- any other error (5xx, connection refused, timeouts) backs off exponentially with jitter,
+  then resumes; a success resets the backoff.
+
+Handlers are plain functions ``handler(event_type, obj)`` with event types ADDED, MODIFIED and
+DELETED; they run on the event loop for every change and must be quick (enqueue, update a dict).
+A relist reports objects that changed or vanished while the informer was not watching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from kubernetes_asyncio import watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Handler = Callable[[str, Obj], None]
+Lister = Callable[..., Awaitable[Any]]
+
+# What a watch can fail with besides an ApiException: the connection (refused, reset, cut mid
+# chunk), a client-side timeout, or a line that is not JSON.
+TRANSIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter in [delay/2, delay]: replicas restarting together
+    after an outage do not hammer the API server in lockstep."""
+
+    initial: float = 0.2
+    maximum: float = 30.0
+    factor: float = 2.0
+
+    def delay(self, failures: int) -> float:
+        delay = min(self.maximum, self.initial * self.factor ** max(0, failures - 1))
+        return random.uniform(delay / 2, delay)
+
+
+def object_key(obj: Obj) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+class Informer:
+    """A watched collection. ``list_call(**params)`` is the namespaced list method to call
+    (typed or custom-object; it gets ``watch=True`` for the stream), ``lister`` the list call
+    returning a JSON dict (defaults to ``list_call``)."""
+
+    def __init__(self, name: str, list_call: Lister, *, label_selector: str | None = None,
+                 lister: Lister | None = None, watch_timeout: int = 300,
+                 backoff: Backoff = Backoff()) -> None:
+        self.name = name
+        self._list_call = list_call
+        self._lister = lister or list_call
+        self._selector = label_selector
+        self._watch_timeout = watch_timeout
+        self._backoff = backoff
+        self.items: dict[str, Obj] = {}
+        self.resource_version: str | None = None
+        self.synced = asyncio.Event()
+        self.relists = 0
+        self.resumes = 0
+        self._handlers: list[Handler] = []
+
+    def add_handler(self, handler: Handler) -> None:
+        self._handlers.append(handler)
+
+    def remove_handler(self, handler: Handler) -> None:
+        if handler in self._handlers:
+            self._handlers.remove(handler)
+
+    async def run(self) -> None:
+        """List and watch until cancelled."""
+        failures = 0
+        while True:
+            try:
+                if self.resource_version is None:
+                    await self._relist()
+                await self._watch()
+                failures = 0
+            except ApiException as exc:
+                if exc.status == 410:
+                    log.info("%s: resume point expired (410), listing again", self.name)
+                    self.resource_version = None
+                    continue
+                failures += 1
+                await self._pause(failures, f"API error {exc.status} {exc.reason}")
+            except TRANSIENT_ERRORS as exc:
+                failures += 1
+                await self._pause(failures, f"{type(exc).__name__}: {exc}")
+
+    async def _pause(self, failures: int, why: str) -> None:
+        delay = self._backoff.delay(failures)
+        log.warning("%s: %s; retrying in %.2fs", self.name, why, delay)
+        await asyncio.sleep(delay)
+
+    async def _relist(self) -> None:
+        params = {"label_selector": self._selector} if self._selector else {}
+        listed = await self._lister(**params)
+        self.relists += 1
+        fresh = {object_key(obj): obj for obj in listed.get("items") or ()}
+        old, self.items = self.items, fresh
+        self.resource_version = (listed.get("metadata") or {}).get("resourceVersion")
+        for key, obj in old.items():
+            if key not in fresh:
+                self._notify("DELETED", obj)
+        for key, obj in fresh.items():
+            before = old.get(key)
+            if before is None:
+                self._notify("ADDED", obj)
+            elif _rv(before) != _rv(obj):
+                self._notify("MODIFIED", obj)
+        self.synced.set()
+
+    async def _watch(self) -> None:
+        """One watch request, from the last resourceVersion until the server ends it."""
+        params: dict[str, Any] = {"resource_version": self.resource_version,
+                                  "timeout_seconds": self._watch_timeout,
+                                  "allow_watch_bookmarks": True}
+        if self._selector:
+            params["label_selector"] = self._selector
+        self.resumes += 1
+        stream = watch.Watch(return_type="object")
+        try:
+            async for event in stream.stream(self._list_call, **params):
+                if not isinstance(event, dict):  # the Watch hands back lines it cannot parse
+                    raise ValueError(f"malformed watch event: {str(event)[:80]!r}")
+                self._apply(event["type"], event["raw_object"])
+        finally:
+            await stream.close()
+
+    def _apply(self, etype: str, obj: Obj) -> None:
+        version = _rv(obj)
+        if etype == "BOOKMARK":
+            self.resource_version = version or self.resource_version
+            return
+        key = object_key(obj)
+        if etype == "DELETED":
+            self.items.pop(key, None)
+        else:
+            self.items[key] = obj
+        self.resource_version = version or self.resource_version
+        self._notify(etype, obj)
+
+    def _notify(self, etype: str, obj: Obj) -> None:
+        for handler in list(self._handlers):
+            try:
+                handler(etype, obj)
+            except Exception:  # one broken handler must not stop the stream for the others
+                log.exception("%s: handler failed on %s %s", self.name, etype, object_key(obj))
+
+
+def _rv(obj: Obj) -> str | None:
+    return (obj.get("metadata") or {}).get("resourceVersion")

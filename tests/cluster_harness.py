@@ -1,0 +1,188 @@
+"""Harness for the cluster-mode tests: FakeKube + gateway replicas + a kubelet stand-in.
+
+Everything runs on the test's event loop over real HTTP: the fake API server
+(tests/kube_fake.py), each gateway replica (`lb_operator.serve.ClusterOperator` feeding a real
+`lb.app.Gateway` served by `lb.server.serve`), and simulated vLLM replicas (bench.sim) that the
+``Kubelet`` starts for Pods the operator creates. The Kubelet plays the node: it gives a new Pod a
+simulator on 127.0.0.1, records the port in the Pod's port annotation (what the operator reads
+for the endpoint address), marks it Ready, and stops the simulator once the Pod is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from typing import Any, Callable
+
+from bench.sim.cluster import Replica
+from lb.config import config_from_dict
+from lb.app import Gateway
+from lb.model import GROUP, PLURAL, VERSION
+from lb.registry import Registry
+from lb.server import bind, serve
+from lb_operator.kube_client import KubeApi
+from lb_operator.podspec import MODEL_LABEL, PORT_ANNOTATION, POD_HASH_LABEL
+from lb_operator.serve import ClusterOperator, ClusterOptions
+from lb_operator.system_config import SystemConfig, system_config_from_dict
+from lb_operator.watch import Backoff
+from tests.kube_fake import FakeKube
+
+NS = "default"
+MERGE = "application/merge-patch+json"
+
+FAST = ClusterOptions(lease_duration=1.0, renew_deadline=0.6, retry_period=0.1, watch_timeout=5,
+                      resync_seconds=5.0, workers=2, backoff=Backoff(initial=0.05, maximum=0.5))
+
+
+def model_body(name: str, replicas: int | None = 1, *, min_replicas: int = 0,
+               max_replicas: int | None = 3, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"url": "hf://org/model", "engine": "VLLM", "features": ["TextGeneration"],
+                            "minReplicas": min_replicas, **spec}
+    if replicas is not None:
+        body["replicas"] = replicas
+    if max_replicas is not None:
+        body["maxReplicas"] = max_replicas
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Model", "metadata": {"name": name},
+            "spec": body}
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+                     what: str = "condition") -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class Kubelet:
+    """Starts a simulator for each new model Pod and makes the Pod Ready; stops it when the Pod
+    is gone. ``ready_delay`` is the time a server takes to start."""
+
+    def __init__(self, kube: FakeKube, *, ready_delay: float = 0.05, namespace: str = NS) -> None:
+        self.kube = kube
+        self.ready_delay = ready_delay
+        self.namespace = namespace
+        self.replicas: dict[str, Replica] = {}  # pod uid -> simulator
+        self.paused = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> "Kubelet":
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await asyncio.gather(*(r.stop() for r in self.replicas.values()))
+
+    def pods(self, model: str | None = None) -> list[dict[str, Any]]:
+        return [p for p in self.kube.objects("pods", self.namespace)
+                if model is None or p["metadata"].get("labels", {}).get(MODEL_LABEL) == model]
+
+    async def _loop(self) -> None:
+        starting: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(0.01)
+            live = {p["metadata"]["uid"]: p for p in self.pods()}
+            for uid in [u for u in self.replicas if u not in live]:
+                await self.replicas.pop(uid).stop()
+            if self.paused:
+                continue
+            for uid, pod in live.items():
+                if uid in self.replicas or pod["metadata"].get("deletionTimestamp"):
+                    continue
+                first_seen = starting.setdefault(uid, time.monotonic())
+                if time.monotonic() - first_seen >= self.ready_delay:
+                    await self._start(pod)
+
+    async def _start(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        replica = await Replica("fast", meta["labels"][MODEL_LABEL]).start()
+        self.replicas[meta["uid"]] = replica
+        self.kube.patch("pods", meta["name"], {"metadata": {"annotations": {
+            PORT_ANNOTATION: str(replica.port)}}}, self.namespace)
+        self.kube.set_pod_ready(meta["name"], self.namespace, ip="127.0.0.1")
+
+
+class GatewayReplica:
+    """One `kvgate serve` replica in-process: operator + gateway on an ephemeral port."""
+
+    def __init__(self, kube: FakeKube, system: SystemConfig | None = None,
+                 options: ClusterOptions = FAST, identity: str = "replica") -> None:
+        self.kube = kube
+        self.system = system or system_config_from_dict({})
+        self.options = dataclasses.replace(options, identity=identity)
+        self.identity = identity
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> "GatewayReplica":
+        self.client = self.kube.api_client()
+        self.api = KubeApi(self.client)
+        self.registry = Registry()
+        self.operator = ClusterOperator(self.api, self.registry, self.system, self.options)
+        config = config_from_dict({"server": {"logLevel": "warning"},
+                                   "waitingRoom": {"timeoutSeconds": 15}})
+        self.gateway = Gateway(config, self.registry, self.operator.scaler)
+        sock = bind("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        started = asyncio.Event()
+        self._tasks = [asyncio.create_task(self.operator.run()),
+                       asyncio.create_task(serve(self.gateway, sock, None, started))]
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.wait_for(self.operator.wait_synced(), 10)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def leading(self) -> bool:
+        return self.operator.elector.is_leader
+
+    def endpoints(self, model: str) -> dict[str, str]:
+        group = self.registry.groups().get(model)
+        return {} if group is None else {k: e.address for k, e in group.endpoints.items()}
+
+    async def stop(self, *, release: bool = True) -> None:
+        """Stop; ``release=False`` acts as a crash: the Lease is left to expire."""
+        if not release:
+            async def no_release() -> None:
+                return None
+            self.operator.elector._release = no_release  # type: ignore[method-assign]
+        for task in self._tasks:
+            task.cancel()
+        async with asyncio.timeout(10):  # a replica that ignores being stopped fails the test
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+
+
+async def create_model(api: KubeApi, body: dict[str, Any]) -> dict[str, Any]:
+    return await api.custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+
+
+async def patch_model(api: KubeApi, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    return await api.custom.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name, patch,
+                                                           _content_type=MERGE)
+
+
+def pod_hashes(pods: list[dict[str, Any]]) -> set[str]:
+    return {p["metadata"]["labels"][POD_HASH_LABEL] for p in pods}
+
+
+def ready_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp") and any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (p.get("status") or {}).get("conditions") or ())]
+
