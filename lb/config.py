@@ -13,12 +13,14 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import yaml
 
 from lb.model import Model, ModelValidationError
 from lb.registry import Endpoint
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -85,8 +87,11 @@ class Config:
 
 def load_config(path: str | Path | None) -> Config:
     """Read and validate a YAML config file; None gives the defaults."""
-    if path is None:
-        return Config()
+    return Config() if path is None else read_yaml_config(path, config_from_dict)
+
+
+def read_yaml_config(path: str | Path, build: Callable[[Any], T]) -> T:
+    """Read a YAML file and build a config from it; every error names the file."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
@@ -94,7 +99,7 @@ def load_config(path: str | Path | None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     try:
-        return config_from_dict(data or {})
+        return build(data or {})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

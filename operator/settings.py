@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from lb.config import Config, ConfigError, _camel, config_from_dict
+from lb.config import Config, ConfigError, _camel, config_from_dict, read_yaml_config
 from lb_operator.local_config import LocalConfig, local_config_from_dict
 from lb_operator.system_config import SystemConfig, system_config_from_dict
 
@@ -34,18 +33,7 @@ class Settings:
 
 def load_settings(path: str | Path | None) -> Settings:
     """Read one YAML file into both planes' configs; None gives the defaults."""
-    if path is None:
-        return settings_from_dict({})
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return settings_from_dict(data or {})
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return settings_from_dict({}) if path is None else read_yaml_config(path, settings_from_dict)
 
 
 def settings_from_dict(data: Any) -> Settings:

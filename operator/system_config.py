@@ -18,9 +18,8 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Mapping
 
-import yaml
 
-from lb.config import ConfigError, _camel, _show
+from lb.config import ConfigError, _camel, _show, read_yaml_config
 from lb.model import ENGINES
 
 DEFAULT_IMAGE_KEY = "default"
@@ -214,18 +213,7 @@ DEFAULT_RESOURCE_PROFILES: dict[str, ResourceProfile] = {
 
 def load_system_config(path: str | Path | None) -> SystemConfig:
     """Read a YAML system config; None gives the defaults."""
-    if path is None:
-        return system_config_from_dict({})
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return system_config_from_dict(data or {})
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return system_config_from_dict({}) if path is None else read_yaml_config(path, system_config_from_dict)
 
 
 def system_config_from_dict(data: Any) -> SystemConfig:
