@@ -1159,7 +1159,7 @@ class FakeKube:
             if method == "DELETE":
                 self.calls.append(("deletecollection", group, resource, namespace))
                 return _json_response(await self._delete_collection(request, rt, namespace))
-            raise KubeError(405, f"the server does not allow this method on the requested resource")
+            raise KubeError(405, "the server does not allow this method on the requested resource")
         verb = {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
         if verb is None or (verb == "delete" and subresource):
             raise KubeError(405, "the server does not allow this method on the requested resource")
