@@ -33,6 +33,7 @@ PLURAL = "models"
 Engine = Literal["OLlama", "VLLM", "FasterWhisper", "Infinity", "Sim", "LlamaCpp"]
 Feature = Literal["TextGeneration", "TextEmbedding", "SpeechToText", "Reranking"]
 Strategy = Literal["LeastLoad", "PrefixHash", "Random"]
+ConditionStatus = Literal["True", "False", "Unknown"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 FEATURES: tuple[str, ...] = get_args(Feature)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -554,9 +555,24 @@ class ModelStatusCache(_Resource):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ModelCondition(_Resource):
+    """metav1.Condition's shape, so kubectl and tooling that read conditions understand them."""
+
+    type: str = _field(doc="Condition type, e.g. CacheReady or Valid.", max_length=316)
+    status: ConditionStatus = _field(doc="True, False or Unknown.")
+    reason: str = _field(doc="CamelCase reason for the last transition.", max_length=1024)
+    message: str = _field("", doc="Human-readable details.", max_length=32768)
+    last_transition_time: str = _field(doc="When the status last changed (RFC 3339).")
+    observed_generation: int | None = _field(
+        None, doc="metadata.generation the condition was computed from.", minimum=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelStatus(_Resource):
     replicas: ModelStatusReplicas = _field(factory=ModelStatusReplicas, doc="Replica counts.")
     cache: ModelStatusCache | None = _field(None, doc="Cache state, when a cacheProfile is used.")
+    conditions: tuple[ModelCondition, ...] = _field(
+        (), doc="Observations of the operator: Valid (spec and profiles usable), CacheReady.", list_key="type")
 
 
 _NAME_RULE = _Rule(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -70,19 +71,53 @@ def pods_after(pods: Sequence[Pod], plan: PodPlan, created: Sequence[Pod]) -> li
     return [p for p in pods if pod_name(p) not in deleted] + list(created)
 
 
-async def write_status(api: KubeApi, obj: dict[str, Any], replicas: dict[str, int]) -> None:
-    """Set status.replicas through the status subresource.
+def condition(kind: str, ok: bool, reason: str, message: str = "",
+              generation: int | None = None) -> dict[str, Any]:
+    """A metav1.Condition; its lastTransitionTime is settled by `merge_conditions`."""
+    out: dict[str, Any] = {"type": kind, "status": "True" if ok else "False", "reason": reason,
+                           "message": message, "lastTransitionTime": _now()}
+    if generation is not None:
+        out["observedGeneration"] = generation
+    return out
+
+
+def merge_conditions(current: Sequence[dict[str, Any]],
+                     updates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace conditions by type. An unchanged status keeps its lastTransitionTime, so repeating a
+    reconcile writes nothing (and the status does not churn on every pass)."""
+    merged = {c.get("type"): dict(c) for c in current}
+    for update in updates:
+        old = merged.get(update["type"])
+        new = dict(update)
+        if old is not None and old.get("status") == new["status"]:
+            new["lastTransitionTime"] = old.get("lastTransitionTime", new["lastTransitionTime"])
+        merged[update["type"]] = new
+    return list(merged.values())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def write_status(api: KubeApi, obj: dict[str, Any], replicas: dict[str, int] | None = None,
+                       conditions: Sequence[dict[str, Any]] = ()) -> None:
+    """Set status.replicas and conditions through the status subresource.
 
     The write carries the resourceVersion it was based on; on 409 (someone else changed the
-    Model meanwhile: a spec edit, the autoscaler) it reads the Model again and retries.
+    Model meanwhile: a spec edit, the autoscaler, the cache's status patch) it reads the Model
+    again and retries, so the rest of the status (cache.loaded) is never overwritten by a stale copy.
     """
     meta = obj["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     for _ in range(CONFLICT_RETRIES):
-        status = copy.deepcopy(obj.get("status") or {})
-        if status.get("replicas") == replicas:
+        current = obj.get("status") or {}
+        status = copy.deepcopy(current)
+        if replicas is not None:
+            status["replicas"] = dict(replicas)
+        if conditions:
+            status["conditions"] = merge_conditions(current.get("conditions") or (), conditions)
+        if status == current:
             return
-        status["replicas"] = dict(replicas)
         body = dict(obj, status=status)
         try:
             await api.replace_model_status(namespace, name, body)

@@ -35,7 +35,8 @@ log = logging.getLogger("lb_operator.cache")
 CACHE_FINALIZER = "kvgate.dev/cache-eviction"
 LOADED_ANNOTATION_PREFIX = "models.kvgate.dev/"  # on the PVC: <prefix><model name> = cache dir
 CACHE_PROFILE_LABEL = "kvgate.dev/cache-profile"
-JOB_KIND_LABEL = "kvgate.dev/cache-job"
+JOB_KIND_LABEL = "kvgate.dev/cache-job"  # "load" or "evict"; the operator watches Jobs with it
+JOB_MODEL_LABEL = "model"  # the Model a cache Job works for
 CACHE_SIZE = "10Gi"  # a shared filesystem's request is nominal (as in KubeAI)
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -101,7 +102,7 @@ def _job(model: Model, config: SystemConfig, name: str, kind: str, args: list[st
     if env:
         container["env"] = env
     metadata: dict[str, Any] = {"name": name, "namespace": model.namespace,
-                                "labels": {"model": model.name, JOB_KIND_LABEL: kind}}
+                                "labels": {JOB_MODEL_LABEL: model.name, JOB_KIND_LABEL: kind}}
     if owner_uid:
         metadata["ownerReferences"] = [{"apiVersion": API_VERSION, "kind": KIND, "name": model.name,
                                         "uid": owner_uid, "controller": True, "blockOwnerDeletion": True}]
@@ -248,11 +249,25 @@ async def _ensure_pvc(kube: _Kube, model: Model, profile: CacheProfile
         return pvc, None
     manifest = cache_pvc(model.spec.cache_profile, profile, model.namespace)
     storage_class = manifest["spec"]["storageClassName"]
-    if storage_class and await kube.get(kube.storage.read_storage_class, storage_class) is None:
+    if storage_class and not await _storage_class_exists(kube, storage_class):
         return manifest, ("StorageClassNotFound",
                           f"StorageClass {storage_class!r} of cache profile {model.spec.cache_profile!r} does not exist")
     await kube.create(kube.core.create_namespaced_persistent_volume_claim, model.namespace, manifest)
     return manifest, None
+
+
+async def _storage_class_exists(kube: _Kube, name: str) -> bool:
+    """Whether the class exists; assumed to when StorageClasses may not be read (403: the chart's
+    optional ClusterRole is off), so the check is skipped rather than blocking every cache."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        return await kube.get(kube.storage.read_storage_class, name) is not None
+    except ApiException as exc:
+        if exc.status != 403:
+            raise
+        log.info("StorageClass %s not checked: no permission to read StorageClasses", name)
+        return True
 
 
 async def _ensure_loaded(kube: _Kube, model: Model, meta: Mapping[str, Any], config: SystemConfig,

@@ -9,7 +9,13 @@ burst of events, a replayed watch or a relist can never create a Pod twice.
 The queue holds each key at most once, never hands one key to two workers at once, and a key
 that changes while it is being reconciled runs once more afterwards. A failing key is retried
 with exponential backoff and jitter; a Model that cannot be planned (invalid spec, unknown
-profile) is logged and left until it changes.
+profile) gets a ``Valid=False`` condition and is left until it changes.
+
+Cache profiles (`lb_operator.cache`): before planning, ``ensure_cache`` takes one step (PVC,
+loader Job, finalizer); until the cache is loaded no Pod is planned, the ``CacheReady`` condition
+says why, and the key comes back after a growing delay or when a cache Job changes (the Job
+informers). A deleted Model holding the cache finalizer has its Pods deleted and its eviction
+Job run until the finalizer is dropped.
 
 Only the elected leader runs a ``Reconciler`` (see `lb_operator.leader`).
 
@@ -32,7 +38,8 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb.model import API_VERSION, KIND, Model, ModelValidationError
-from lb_operator.apply import apply_plan, ensure_files, pods_after, write_status
+from lb_operator.apply import apply_plan, condition, ensure_files, pods_after, write_status
+from lb_operator.cache import CACHE_FINALIZER, JOB_KIND_LABEL, JOB_MODEL_LABEL, CacheState, ensure_cache
 from lb_operator.engines import PodSpecError
 from lb_operator.kube_client import KubeApi
 from lb_operator.plan import Pod, plan_pods, replica_status
@@ -44,6 +51,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, Model name)
 POD_SELECTOR = f"{MODEL_LABEL},{ENGINE_LABEL}"  # Pods this operator made (both labels set)
+JOB_SELECTOR = JOB_KIND_LABEL  # the cache's loader and eviction Jobs
+VALID = "Valid"  # condition: the spec and the profiles it names can be planned into Pods
 
 
 def model_pod_selector(name: str) -> str:
@@ -121,7 +130,8 @@ class Reconciler:
     def __init__(self, api: KubeApi, config: SystemConfig, *, model_informers: Iterable[Informer],
                  pod_informers: Iterable[Informer], workers: int = 2, resync_seconds: float = 60.0,
                  backoff: Backoff = Backoff(initial=0.1, maximum=10.0),
-                 hooks: Sequence[ReconcileHook] = ()) -> None:
+                 hooks: Sequence[ReconcileHook] = (), job_informers: Iterable[Informer] = (),
+                 cache_backoff: Backoff = Backoff(initial=2.0, maximum=60.0)) -> None:
         self.api = api
         self.config = config
         self.model_informers = list(model_informers)
@@ -130,9 +140,12 @@ class Reconciler:
         self.resync_seconds = resync_seconds
         self.backoff = backoff
         self.hooks = list(hooks)
+        self.job_informers = list(job_informers)
+        self.cache_backoff = cache_backoff
         self.queue = WorkQueue()
         self.reconciles = 0  # completed reconciles (tests and debugging)
         self._failures: dict[Key, int] = {}
+        self._cache_waits: dict[Key, int] = {}  # consecutive passes that found the cache not ready
 
     def enqueue(self, namespace: str, name: str) -> None:
         self.queue.add((namespace, name))
@@ -144,6 +157,8 @@ class Reconciler:
             informer.add_handler(self._on_model)
         for informer in self.pod_informers:
             informer.add_handler(self._on_pod)
+        for informer in self.job_informers:
+            informer.add_handler(self._on_job)
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.workers):
@@ -154,6 +169,8 @@ class Reconciler:
                 informer.remove_handler(self._on_model)
             for informer in self.pod_informers:
                 informer.remove_handler(self._on_pod)
+            for informer in self.job_informers:
+                informer.remove_handler(self._on_job)
             self.queue.close()
 
     def _on_model(self, etype: str, obj: Obj) -> None:
@@ -164,6 +181,13 @@ class Reconciler:
     def _on_pod(self, etype: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
         model = (meta.get("labels") or {}).get(MODEL_LABEL)
+        if model:
+            self.enqueue(meta.get("namespace", "default"), model)
+
+    def _on_job(self, etype: str, obj: Obj) -> None:
+        """A cache Job changed (completed, failed, deleted): its Model's cache step runs again."""
+        meta = obj.get("metadata") or {}
+        model = (meta.get("labels") or {}).get(JOB_MODEL_LABEL)
         if model:
             self.enqueue(meta.get("namespace", "default"), model)
 
@@ -201,30 +225,94 @@ class Reconciler:
         self.queue.add_after(key, delay)
 
     async def reconcile(self, namespace: str, name: str) -> None:
-        """Bring one Model's Pods, files and status one step closer to its spec."""
+        """Bring one Model's cache, Pods, files and status one step closer to its spec."""
         obj = await self.api.get_model(namespace, name)
-        if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+        if obj is None:
+            return
+        if (obj.get("metadata") or {}).get("deletionTimestamp"):
+            await self._finalize(obj)
             return
         try:
             model = Model.from_dict(obj)
         except ModelValidationError as exc:
-            log.warning("model %s/%s: invalid, not reconciled: %s", namespace, name, exc)
+            await self._invalid(obj, "InvalidSpec", str(exc))
+            return
+        obj, cache = await self._cache(model, obj)
+        if cache is not None and not cache.ready:
             return
         listed = await self.api.list_pods(namespace, label_selector=model_pod_selector(name))
         pods = listed.get("items") or []
-        uid = obj["metadata"].get("uid", "")
         try:
-            plan = plan_pods(model, self.config, pods, owner_uid=uid)
+            plan = plan_pods(model, self.config, pods, owner_uid=obj["metadata"].get("uid", ""))
         except PodSpecError as exc:
-            log.warning("model %s/%s: cannot build its Pods: %s", namespace, name, exc)
+            await self._invalid(obj, "PodSpecError", str(exc))
             return
         await ensure_files(self.api, model, plan.config_map, owner_reference(obj))
         created = await apply_plan(self.api, model, plan)
         after = pods_after(pods, plan, created)
-        await write_status(self.api, obj, replica_status(after))
+        conditions = [condition(VALID, True, "Valid", generation=_generation(obj))]
+        if cache is not None:
+            conditions.append(_cache_condition(cache, obj))
+        await write_status(self.api, obj, replica_status(after), conditions)
         context = ReconcileContext(self.api, model, obj, after)
         for hook in self.hooks:
             await hook(context)
+
+    async def _invalid(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        """A Model that cannot be planned is left until it changes; the reason goes to its status."""
+        meta = obj["metadata"]
+        log.warning("model %s/%s: not reconciled: %s", meta["namespace"], meta["name"], message)
+        await write_status(self.api, obj, conditions=[
+            condition(VALID, False, reason, message, _generation(obj))])
+
+    async def _cache(self, model: Model, obj: dict[str, Any]
+                     ) -> tuple[dict[str, Any], CacheState | None]:
+        """One step of the Model's cache (no-op without a cacheProfile). While it is not ready no
+        Pod is planned: the status says why, and the key comes back after a growing delay (a
+        loader Job's completion brings it back sooner, through the Job informer)."""
+        if not model.spec.cache_profile:
+            return obj, None
+        key = (model.namespace, model.name)
+        state = await ensure_cache(self.api.client, obj, self.config)
+        obj = await self.api.get_model(*key) or obj  # ensure_cache patches finalizers and status
+        if state.ready:
+            self._cache_waits.pop(key, None)
+            return obj, state
+        await write_status(self.api, obj, conditions=[
+            condition(VALID, True, "Valid", generation=_generation(obj)), _cache_condition(state, obj)])
+        self._wait_for_cache(key)
+        return obj, state
+
+    def _wait_for_cache(self, key: Key) -> None:
+        waits = self._cache_waits[key] = self._cache_waits.get(key, 0) + 1
+        self.queue.add_after(key, self.cache_backoff.delay(waits))
+
+    async def _finalize(self, obj: dict[str, Any]) -> None:
+        """A deleted Model holding the cache finalizer: stop its Pods (they mount the files about
+        to be evicted), then run the eviction until `ensure_cache` drops the finalizer."""
+        meta = obj["metadata"]
+        if CACHE_FINALIZER not in (meta.get("finalizers") or ()):
+            return  # Pods go with their owner (garbage collection)
+        namespace, name = meta["namespace"], meta["name"]
+        listed = await self.api.list_pods(namespace, label_selector=model_pod_selector(name))
+        await asyncio.gather(*(self.api.delete_pod(namespace, p["metadata"]["name"], p["metadata"].get("uid"))
+                               for p in listed.get("items") or () if not p["metadata"].get("deletionTimestamp")))
+        try:
+            state = await ensure_cache(self.api.client, obj, self.config)
+        except ModelValidationError as exc:
+            log.warning("model %s/%s: cannot evict its cache: %s", namespace, name, exc)
+            return
+        if not state.finalized:
+            self._wait_for_cache((namespace, name))
+
+
+def _generation(obj: dict[str, Any]) -> int | None:
+    return (obj.get("metadata") or {}).get("generation")
+
+
+def _cache_condition(state: CacheState, obj: dict[str, Any]) -> dict[str, Any]:
+    generation = _generation(obj)
+    return {**state.condition(), **({"observedGeneration": generation} if generation is not None else {})}
 
 
 def owner_reference(obj: dict[str, Any]) -> dict[str, Any] | None:

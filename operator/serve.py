@@ -3,7 +3,10 @@
 Every replica of the deployment runs the same thing: Model and Pod informers per managed
 namespace feeding its own gateway's registry (`lb_operator.endpoints`), a `ClusterScaler` for
 scale-from-zero, and a Lease campaign (`lb_operator.leader`); the replica holding the Lease also
-runs the reconciler and any extra leader tasks (the autoscaler).
+runs the reconciler (with each Model's cache step, `lb_operator.cache`, and cache-Job informers
+to notice loads finishing), LoRA adapter loading (`lb_operator.cluster_adapters`) and the
+autoscaler (`lb_operator.cluster_autoscaling`: it scrapes the Pods ``--gateway-selector`` matches
+in the first namespace, and keeps its state in a ConfigMap there).
 
 ``ClusterOperator`` is that composition, usable on its own (the tests run two of them against
 one API server); ``main`` is the command line. Namespace-scoped like KubeAI: by default the
@@ -22,18 +25,26 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
+
+import aiohttp
+from kubernetes_asyncio.client import BatchV1Api
+from prometheus_client import CollectorRegistry
 
 from lb.app import Gateway
 from lb.config import Config, ConfigError
 from lb.model import GROUP, PLURAL, VERSION
 from lb.registry import Registry
 from lb.server import bind, install_uvloop, serve
+from lb_operator.autoscaler import Autoscaler, ConfigMapStateStore
+from lb_operator.cluster_adapters import ClusterAdapters
+from lb_operator.cluster_autoscaling import (DEFAULT_GATEWAY_SELECTOR, GatewayTargets, ScaleByName,
+                                             engine_addresses, watched_models)
 from lb_operator.cluster_scaler import ClusterScaler
 from lb_operator.endpoints import EndpointSync
 from lb_operator.kube_client import KubeApi, default_namespace, load_api_client
 from lb_operator.leader import DEFAULT_LEASE_NAME, LeaderElector, LeaderTask
-from lb_operator.reconciler import POD_SELECTOR, ReconcileHook, Reconciler
+from lb_operator.reconciler import JOB_SELECTOR, POD_SELECTOR, ReconcileHook, Reconciler
 from lb_operator.settings import Settings, load_settings
 from lb_operator.system_config import SystemConfig
 from lb_operator.watch import Backoff, Informer
@@ -53,37 +64,61 @@ class ClusterOptions:
     resync_seconds: float = 60.0
     workers: int = 2
     backoff: Backoff = Backoff()  # after API errors, for the watches and for failed reconciles
+    cache_backoff: Backoff = Backoff(initial=2.0, maximum=60.0)  # re-checks of a cache not ready
+    adapters: bool = True  # LoRA adapters on ready replicas (lb_operator.cluster_adapters)
+    autoscaler: bool = True  # request-based autoscaling on the leader
+    gateway_selector: str = DEFAULT_GATEWAY_SELECTOR  # this deployment's Pods, to scrape metrics
+    metrics_port: int | None = None  # gateway Pods' metrics port when their spec names none
 
 
 class ClusterOperator:
     """The operator side of one gateway replica. ``run()`` until cancelled.
 
     ``leader_tasks`` and ``hooks`` extend it (see `lb_operator.leader` and
-    `lb_operator.reconciler`); ``scaler`` is what the replica's Gateway should be given.
+    `lb_operator.reconciler`); ``scaler`` is what the replica's Gateway should be given. Built in:
+    the cache step of each reconcile (with Job informers), LoRA adapters (a reconcile hook and a
+    leader task) and the autoscaler (a leader task). ``metrics`` is the prometheus registry the
+    autoscaler's metrics join: set it to the Gateway's (``gateway.metrics.registry``) before ``run``.
     """
 
     def __init__(self, api: KubeApi, registry: Registry, system: SystemConfig,
                  options: ClusterOptions = ClusterOptions(), *,
                  leader_tasks: Iterable[LeaderTask] = (),
-                 hooks: Sequence[ReconcileHook] = ()) -> None:
+                 hooks: Sequence[ReconcileHook] = (),
+                 metrics: CollectorRegistry | None = None) -> None:
         if not options.namespaces:
             raise ValueError("at least one namespace is needed")
         self.api = api
         self.registry = registry
+        self.system = system
         self.options = options
+        self.metrics = metrics
         self.model_informers = [self._model_informer(ns) for ns in options.namespaces]
         self.pod_informers = [self._pod_informer(ns) for ns in options.namespaces]
+        self.job_informers = [self._job_informer(ns) for ns in options.namespaces]
         self.endpoints = EndpointSync(registry, system)
         self.endpoints.attach(self.model_informers, self.pod_informers)
+        self.adapters = ClusterAdapters(api.client) if options.adapters else None
+        self.autoscaler: Autoscaler | None = None  # built on first leadership (needs the session)
+        self._session: aiohttp.ClientSession | None = None
+        builtin_hooks: list[ReconcileHook] = []
+        builtin_tasks: list[LeaderTask] = []
+        if self.adapters is not None:
+            builtin_hooks.append(self.adapters.hook)
+            builtin_tasks.append(self.adapters.run)
+        if options.autoscaler:
+            builtin_tasks.append(self._autoscale)
         self.reconciler = Reconciler(api, system, model_informers=self.model_informers,
                                      pod_informers=self.pod_informers, workers=options.workers,
                                      resync_seconds=options.resync_seconds,
-                                     backoff=options.backoff, hooks=hooks)
+                                     backoff=options.backoff, hooks=[*builtin_hooks, *hooks],
+                                     job_informers=self.job_informers,
+                                     cache_backoff=options.cache_backoff)
         self.elector = LeaderElector(
             api, options.namespaces[0], name=options.lease_name, identity=options.identity,
             lease_duration=options.lease_duration, renew_deadline=options.renew_deadline,
             retry_period=options.retry_period,
-            leader_tasks=[self.reconciler.run, *leader_tasks])
+            leader_tasks=[self.reconciler.run, *builtin_tasks, *leader_tasks])
         self.scaler = ClusterScaler(api, registry, options.namespaces[0])
 
     def _model_informer(self, namespace: str) -> Informer:
@@ -98,15 +133,51 @@ class ClusterOperator:
         return Informer(f"pods/{namespace}", call, label_selector=POD_SELECTOR, lister=lister,
                         watch_timeout=self.options.watch_timeout, backoff=self.options.backoff)
 
+    def _job_informer(self, namespace: str) -> Informer:
+        """The cache's loader and eviction Jobs: their completion triggers the next cache step."""
+        batch = BatchV1Api(self.api.client)
+
+        async def list_jobs(**params: Any) -> dict[str, Any]:
+            listed = await batch.list_namespaced_job(namespace, **params)
+            return self.api.client.sanitize_for_serialization(listed)
+
+        return Informer(f"jobs/{namespace}", functools.partial(batch.list_namespaced_job, namespace),
+                        label_selector=JOB_SELECTOR, lister=list_jobs,
+                        watch_timeout=self.options.watch_timeout, backoff=self.options.backoff)
+
+    def _informers(self) -> list[Informer]:
+        return self.model_informers + self.pod_informers + self.job_informers
+
     async def wait_synced(self) -> None:
         """Until every informer has listed once (the registry then holds the cluster's view)."""
-        await asyncio.gather(*(i.synced.wait() for i in self.model_informers + self.pod_informers))
+        await asyncio.gather(*(i.synced.wait() for i in self._informers()))
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            for informer in self.model_informers + self.pod_informers:
+        async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as group:
+            self._session = session
+            for informer in self._informers():
                 group.create_task(informer.run())
             group.create_task(self._elect_when_synced())
+
+    async def _autoscale(self) -> None:
+        """Leader task: the autoscaler, built once per process so its metrics register once;
+        each term restores its state from the ConfigMap the previous leader wrote."""
+        if self.autoscaler is None:
+            self.autoscaler = self._build_autoscaler()
+        await self.autoscaler.run()
+
+    def _build_autoscaler(self) -> Autoscaler:
+        assert self._session is not None, "run() owns the session"
+        client, home = self.api.client, self.options.namespaces[0]
+        config = self.system.model_autoscaling
+        return Autoscaler(
+            config, models=watched_models(self.model_informers),
+            gateways=GatewayTargets(self.api, home, self.options.gateway_selector,
+                                    fallback_port=self.options.metrics_port, local=self.metrics),
+            set_replicas=ScaleByName(client, dict(zip(self.options.namespaces, self.model_informers))),
+            store=ConfigMapStateStore(client, home, config.state_config_map_name),
+            session=self._session, engine_replicas=engine_addresses(self.registry),
+            registry=self.metrics)
 
     async def _elect_when_synced(self) -> None:
         """Campaign only with a synced cache: a fresh leader's first resync must see every Model."""
@@ -135,6 +206,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
     parser.add_argument("--metrics-port", type=int,
                         help="metrics port (overrides server.metricsPort; 0 disables)")
+    parser.add_argument("--gateway-selector", default=DEFAULT_GATEWAY_SELECTOR,
+                        help="label selector of this deployment's Pods, whose metrics ports the "
+                             "autoscaler scrapes (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -162,6 +236,7 @@ async def run_serve(settings: Settings, options: ClusterOptions, args: argparse.
         registry = Registry()
         operator = ClusterOperator(KubeApi(client), registry, settings.system, options)
         gateway = Gateway(settings.gateway, registry, operator.scaler)
+        operator.metrics = gateway.metrics.registry  # the autoscaler's metrics on /metrics too
         task = asyncio.create_task(operator.run())
         serving = asyncio.create_task(serve(gateway, sock, metrics_sock))
         _stop_on_signals(serving)
@@ -190,9 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_settings(args.config)
         settings = dataclasses.replace(loaded, gateway=_gateway_config(loaded.gateway, args))
-        options = ClusterOptions(namespaces=_namespaces(args), lease_name=args.lease_name,
-                                 identity=args.identity)
         server = settings.gateway.server
+        options = ClusterOptions(namespaces=_namespaces(args), lease_name=args.lease_name,
+                                 identity=args.identity, gateway_selector=args.gateway_selector,
+                                 metrics_port=server.metrics_port or None)
         sock = bind(server.host, server.port)
         metrics_sock = bind(server.host, server.metrics_port) if server.metrics_port else None
     except (ConfigError, OSError) as exc:

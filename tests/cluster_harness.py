@@ -13,8 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable
+
+from aiohttp import web
 
 from bench.sim.cluster import Replica
 from lb.config import config_from_dict
@@ -23,6 +28,7 @@ from lb.model import GROUP, PLURAL, VERSION
 from lb.registry import Registry
 from lb.server import bind, serve
 from lb_operator.kube_client import KubeApi
+from lb_operator.loader import LOADER_PORT_ANNOTATION, AdapterStore, loader_app
 from lb_operator.podspec import MODEL_LABEL, PORT_ANNOTATION, POD_HASH_LABEL
 from lb_operator.serve import ClusterOperator, ClusterOptions
 from lb_operator.system_config import SystemConfig, system_config_from_dict
@@ -30,6 +36,7 @@ from lb_operator.watch import Backoff
 from tests.kube_fake import FakeKube
 
 NS = "default"
+GATEWAY_LABELS = {"app.kubernetes.io/name": "kvgate", "app.kubernetes.io/instance": "kvgate"}
 MERGE = "application/merge-patch+json"
 
 FAST = ClusterOptions(lease_duration=1.0, renew_deadline=0.6, retry_period=0.1, watch_timeout=5,
@@ -65,17 +72,21 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
 
 class Kubelet:
     """Starts a simulator for each new model Pod and makes the Pod Ready; stops it when the Pod
-    is gone. ``ready_delay`` is the time a server takes to start."""
+    is gone. A Pod with the adapter-loader sidecar also gets a real loader (`loader_app` over a
+    per-Pod directory) on its own port. ``ready_delay`` is the time a server takes to start."""
 
     def __init__(self, kube: FakeKube, *, ready_delay: float = 0.05, namespace: str = NS) -> None:
         self.kube = kube
         self.ready_delay = ready_delay
         self.namespace = namespace
         self.replicas: dict[str, Replica] = {}  # pod uid -> simulator
+        self.loaders: dict[str, web.AppRunner] = {}  # pod uid -> adapter-loader sidecar
         self.paused = False
         self._task: asyncio.Task[None] | None = None
+        self._root = ""
 
     async def __aenter__(self) -> "Kubelet":
+        self._root = tempfile.mkdtemp(prefix="kubelet-")
         self._task = asyncio.create_task(self._loop())
         return self
 
@@ -84,11 +95,15 @@ class Kubelet:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        await asyncio.gather(*(r.stop() for r in self.replicas.values()))
+        await asyncio.gather(*(r.stop() for r in self.replicas.values()),
+                             *(r.cleanup() for r in self.loaders.values()))
+        shutil.rmtree(self._root, ignore_errors=True)
 
     def pods(self, model: str | None = None) -> list[dict[str, Any]]:
-        return [p for p in self.kube.objects("pods", self.namespace)
-                if model is None or p["metadata"].get("labels", {}).get(MODEL_LABEL) == model]
+        """Model Pods (of one model); gateway Pods are not the node's to run."""
+        found = [p for p in self.kube.objects("pods", self.namespace)
+                 if MODEL_LABEL in p["metadata"].get("labels", {})]
+        return [p for p in found if model is None or p["metadata"]["labels"][MODEL_LABEL] == model]
 
     async def _loop(self) -> None:
         starting: dict[str, float] = {}
@@ -97,6 +112,8 @@ class Kubelet:
             live = {p["metadata"]["uid"]: p for p in self.pods()}
             for uid in [u for u in self.replicas if u not in live]:
                 await self.replicas.pop(uid).stop()
+                if uid in self.loaders:
+                    await self.loaders.pop(uid).cleanup()
             if self.paused:
                 continue
             for uid, pod in live.items():
@@ -110,20 +127,33 @@ class Kubelet:
         meta = pod["metadata"]
         replica = await Replica("fast", meta["labels"][MODEL_LABEL]).start()
         self.replicas[meta["uid"]] = replica
-        self.kube.patch("pods", meta["name"], {"metadata": {"annotations": {
-            PORT_ANNOTATION: str(replica.port)}}}, self.namespace)
+        annotations = {PORT_ANNOTATION: str(replica.port)}
+        if LOADER_PORT_ANNOTATION in (meta.get("annotations") or {}):
+            annotations[LOADER_PORT_ANNOTATION] = str(await self._start_loader(meta["uid"]))
+        self.kube.patch("pods", meta["name"], {"metadata": {"annotations": annotations}}, self.namespace)
         self.kube.set_pod_ready(meta["name"], self.namespace, ip="127.0.0.1")
+
+    async def _start_loader(self, uid: str) -> int:
+        runner = web.AppRunner(loader_app(AdapterStore(os.path.join(self._root, uid))), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.loaders[uid] = runner
+        return int(runner.addresses[0][1])
 
 
 class GatewayReplica:
-    """One `kvgate serve` replica in-process: operator + gateway on an ephemeral port."""
+    """One `kvgate serve` replica in-process: operator + gateway on ephemeral ports (API and
+    metrics). ``register_pod`` also creates a Ready Pod for it, labelled as the chart labels its
+    Pods, with its metrics port: what the autoscaler discovers and scrapes."""
 
     def __init__(self, kube: FakeKube, system: SystemConfig | None = None,
-                 options: ClusterOptions = FAST, identity: str = "replica") -> None:
+                 options: ClusterOptions = FAST, identity: str = "replica",
+                 register_pod: bool = False) -> None:
         self.kube = kube
         self.system = system or system_config_from_dict({})
         self.options = dataclasses.replace(options, identity=identity)
         self.identity = identity
+        self.register_pod = register_pod
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> "GatewayReplica":
@@ -134,14 +164,32 @@ class GatewayReplica:
         config = config_from_dict({"server": {"logLevel": "warning"},
                                    "waitingRoom": {"timeoutSeconds": 15}})
         self.gateway = Gateway(config, self.registry, self.operator.scaler)
-        sock = bind("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
+        self.operator.metrics = self.gateway.metrics.registry
+        sock, metrics_sock = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
+        self.port, self.metrics_port = sock.getsockname()[1], metrics_sock.getsockname()[1]
         started = asyncio.Event()
-        self._tasks = [asyncio.create_task(self.operator.run()),
-                       asyncio.create_task(serve(self.gateway, sock, None, started))]
+        self._tasks = [asyncio.create_task(serve(self.gateway, sock, metrics_sock, started))]
         await asyncio.wait_for(started.wait(), 10)
+        if self.register_pod:
+            self._create_pod()
+        self._tasks.append(asyncio.create_task(self.operator.run()))
         await asyncio.wait_for(self.operator.wait_synced(), 10)
         return self
+
+    @property
+    def pod_name(self) -> str:
+        return f"kvgate-{self.identity}"
+
+    @property
+    def metrics_address(self) -> str:
+        return f"127.0.0.1:{self.metrics_port}"
+
+    def _create_pod(self) -> None:
+        self.kube.create("pods", {"metadata": {"name": self.pod_name, "labels": dict(GATEWAY_LABELS)},
+                                  "spec": {"containers": [{"name": "kvgate", "image": "kvgate", "ports": [
+                                      {"name": "http", "containerPort": self.port},
+                                      {"name": "metrics", "containerPort": self.metrics_port}]}]}})
+        self.kube.set_pod_ready(self.pod_name, ip="127.0.0.1")
 
     @property
     def url(self) -> str:
@@ -165,6 +213,8 @@ class GatewayReplica:
             task.cancel()
         async with asyncio.timeout(10):  # a replica that ignores being stopped fails the test
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.register_pod and self.kube.get("pods", self.pod_name) is not None:
+            self.kube.delete("pods", self.pod_name)
         await self.client.close()
 
 

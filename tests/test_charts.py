@@ -198,6 +198,8 @@ K8S_MODELS = {
     ("policy/v1", "PodDisruptionBudget"): "V1PodDisruptionBudget",
     ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding",
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): "V1ClusterRole",
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "V1ClusterRoleBinding",
     ("networking.k8s.io/v1", "Ingress"): "V1Ingress",
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "V1CustomResourceDefinition",
 }
@@ -311,11 +313,11 @@ def test_every_rendered_object_is_a_valid_kubernetes_object(variant: str, kvgate
     docs = kvgate_default if variant == "default" else kvgate_full
     for doc in docs:
         check_object(doc)
-        if doc["kind"] != "CustomResourceDefinition":
+        if doc["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):  # cluster-scoped
             assert doc["metadata"]["namespace"] == NS, doc["metadata"]["name"]
     kinds = sorted(d["kind"] for d in docs)
-    expected = ["ConfigMap", "ConfigMap", "CustomResourceDefinition", "Deployment", "PodDisruptionBudget",
-                "Role", "RoleBinding", "Service", "ServiceAccount"]
+    expected = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "CustomResourceDefinition",
+                "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"]
     if variant == "full":
         expected += ["ConfigMap", "Ingress", "PodMonitor", "Secret", "ServiceMonitor"]
     assert kinds == sorted(expected)
@@ -604,6 +606,10 @@ def test_objects_reference_each_other(variant: str, kvgate_default: list[dict[st
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert "--namespace=$(POD_NAMESPACE)" in container["args"]
+    # The autoscaler finds the gateway replicas by their Pod labels, and scrapes their metrics port
+    gateway_selector = next(a for a in container["args"] if a.startswith("--gateway-selector="))
+    wanted = dict(pair.split("=") for pair in gateway_selector.partition("=")[2].split(","))
+    assert wanted.items() <= labels.items() and "metrics" in ports
     # Probes on the gateway's health endpoints
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -779,18 +785,30 @@ _RBAC_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", 
                "patch": "patch", "delete": "delete", "delete_collection": "deletecollection"}
 _API_METHOD = re.compile(r"\b(read|get|list|create|replace|patch|delete_collection|delete)_namespaced_([a-z_]+?)"
                          r"(_status|_scale)?\b")
+# Cluster-scoped kinds the operator reads: granted by the chart's ClusterRole, not its Role.
+_CLUSTER_RESOURCES = {"storage_class": ("storage.k8s.io", "storageclasses")}
+_CLUSTER_METHOD = re.compile(r"\b(read|list)_(" + "|".join(_CLUSTER_RESOURCES) + r")\b")
+
+
+def _operator_sources() -> list[str]:
+    return [path.read_text() for path in sorted((ROOT / "operator").glob("*.py"))]
 
 
 def _api_calls_in_code() -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) of every kubernetes_asyncio call named in the operator's code,
-    including paths a test scenario does not reach (cache Jobs, events, the autoscaler's state)."""
+    """(apiGroup, resource, verb) of every namespaced kubernetes_asyncio call named in the
+    operator's code, including paths a test scenario does not reach (failed Jobs, events)."""
     calls = set()
-    for path in sorted((ROOT / "operator").glob("*.py")):
-        for verb, resource, sub in _API_METHOD.findall(path.read_text()):
-            assert resource in _RBAC_RESOURCES, f"{path.name}: {resource!r} calls: add the resource to the Role"
+    for text in _operator_sources():
+        for verb, resource, sub in _API_METHOD.findall(text):
+            assert resource in _RBAC_RESOURCES, f"{resource!r} calls: add the resource to the Role"
             group, plural = _RBAC_RESOURCES[resource]
             calls.add((group, plural + (f"/{sub[1:]}" if sub else ""), _RBAC_VERBS[verb]))
     return calls
+
+
+def _cluster_calls_in_code() -> set[tuple[str, str, str]]:
+    return {(*_CLUSTER_RESOURCES[resource], _RBAC_VERBS[verb])
+            for text in _operator_sources() for verb, resource in _CLUSTER_METHOD.findall(text)}
 
 
 def _admission_needs() -> set[tuple[str, str, str]]:
@@ -812,51 +830,93 @@ def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
-async def test_role_covers_every_api_call_of_a_running_operator(helm: Any) -> None:
+async def test_role_covers_every_api_call_of_a_running_operator(helm: Any, tmp_path: Path) -> None:
     """Run `kvgate serve`'s operator and gateway against the fake API server through a Model's
     life (create with files, ready, spec change and rollout, scale to zero and back from a
-    request, delete, leader hand-over) and check each (apiGroup, resource, verb) it used against
-    the chart's Role, rendered for the same namespace."""
+    request, LoRA adapters, the autoscaler scraping the gateway Pods, a cached Model loaded and
+    evicted, delete, leader hand-over) and check each (apiGroup, resource, verb) it used against
+    the chart's Role (namespaced calls) and ClusterRole (StorageClasses), rendered for the same
+    namespace."""
     import aiohttp
 
     from tests.cluster_harness import NS as HARNESS_NS, GatewayReplica, Kubelet, eventually, model_body
-    from tests.kube_fake import FakeKube
+    from tests.kube_fake import FakeKube, ResourceType
+    from lb_operator.system_config import system_config_from_dict
 
     docs = render_chart(helm, KVGATE, "--namespace", HARNESS_NS)
-    granted = _granted(one(docs, "Role"))
-    async with FakeKube() as kube, Kubelet(kube):
-        first = await GatewayReplica(kube, identity="a").start()
-        second = await GatewayReplica(kube, identity="b").start()
+    granted, cluster_granted = _granted(one(docs, "Role")), _granted(one(docs, "ClusterRole"))
+    storage_class = ResourceType("storage.k8s.io", "v1", "storageclasses", "StorageClass", namespaced=False)
+    system = system_config_from_dict({
+        "modelAutoscaling": {"interval": 0.1, "timeWindow": 0.2},
+        "cacheProfiles": {"shared": {"sharedFilesystem": {"storageClassName": "nfs"}}}})
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    async with FakeKube(extra_types=[storage_class]) as kube, Kubelet(kube):
+        kube.create("storageclasses", {"metadata": {"name": "nfs"}, "provisioner": "nfs"}, namespace=None)
+        first = await GatewayReplica(kube, system, identity="a", register_pod=True).start()
+        second = await GatewayReplica(kube, system, identity="b", register_pod=True).start()
         await eventually(lambda: first.leading or second.leading, what="a leader")
+        leader = first if first.leading else second
         # The test itself writes through the fake's direct helpers, which are not recorded.
         files = [{"path": "/etc/chat/template.jinja", "content": "{{ messages }}"}]
         kube.create("models", model_body("chat", replicas=1, files=files))
-        kube.create("models", model_body("cold", replicas=0, min_replicas=0))
+        kube.create("models", model_body("cold", replicas=0, min_replicas=0, scaleDownDelaySeconds=0))
+        kube.create("models", model_body("cached", replicas=1, cacheProfile="shared"))
         await eventually(lambda: first.endpoints("chat") and second.endpoints("chat"), what="chat ready")
         assert kube.objects("configmaps", HARNESS_NS), "the files ConfigMap"
-        kube.patch("models", "chat", {"spec": {"args": ["--max-model-len=4096"]}})
+        kube.patch("models", "chat", {"spec": {"args": ["--max-model-len=4096"],
+                                               "adapters": [{"name": "a1", "url": f"file://{adapter}"}]}})
         await eventually(lambda: any("--max-model-len=4096" in c.get("args", [])
                                      for p in kube.objects("pods", HARNESS_NS)
                                      for c in p["spec"]["containers"]), what="rollout")
+        await eventually(lambda: any(e.adapters for e in first.registry.group("chat").endpoints.values()),
+                         what="the adapter loaded and recorded on the Pod")
         async with aiohttp.ClientSession() as session:  # scale from zero through the gateway
             async with session.post(f"{first.url}/chat/completions", json={
                     "model": "cold", "messages": [{"role": "user", "content": "hi"}]}) as response:
                 assert response.status == 200, await response.text()
+        # Idle again: the autoscaler scales it back to zero through the scale subresource.
+        await eventually(lambda: kube.get("models", "cold")["spec"]["replicas"] == 0, what="autoscaled to zero")
+        await eventually(lambda: kube.get("jobs", "load-cache-cached"), what="the cache loader Job")
+        _finish_job(kube, "load-cache-cached")
+        await eventually(lambda: first.endpoints("cached"), what="cached model ready")
+        kube.delete("models", "cached")
+        await eventually(lambda: kube.get("jobs", "evict-cache-cached"), what="the eviction Job")
+        _finish_job(kube, "evict-cache-cached")
+        await eventually(lambda: kube.get("models", "cached") is None, what="cached model finalized")
         kube.delete("models", "chat")
         await eventually(lambda: not first.endpoints("chat"), what="chat gone")
-        leader = first if first.leading else second
         await leader.stop()  # releases the Lease; the other replica takes over
         other = second if leader is first else first
         await eventually(lambda: other.leading, what="hand-over")
         await other.stop()
-    used = kube.rbac_usage()
-    namespaces = {ns for *_, ns in kube.calls}
-    assert namespaces == {HARNESS_NS}, "a namespaced Role is enough only for namespaced calls"
-    assert {("kvgate.dev", "models", "watch"), ("", "pods", "create"),
-            ("coordination.k8s.io", "leases", "update")} <= used, "the scenario ran the operator"
+    used = {(g, r, v) for v, g, r, ns in kube.calls if ns is not None}
+    cluster_used = {(g, r, v) for v, g, r, ns in kube.calls if ns is None}
+    assert {ns for *_, ns in kube.calls} == {HARNESS_NS, None}
+    assert cluster_used == {("storage.k8s.io", "storageclasses", "get")}, "only StorageClasses are cluster-scoped"
+    assert {("kvgate.dev", "models", "watch"), ("", "pods", "create"), ("batch", "jobs", "watch"),
+            ("kvgate.dev", "models/scale", "patch"), ("coordination.k8s.io", "leases", "update")} <= used, \
+        "the scenario ran the operator, the cache, the adapters and the autoscaler"
     missing = used - granted
     assert not missing, f"the Role lacks {sorted(missing)}"
     # Least privilege: nothing beyond what the code calls (watch comes from the run above).
     required = used | _api_calls_in_code() | _admission_needs()
     assert granted - required == set(), f"the Role grants more than the operator uses: {sorted(granted - required)}"
     assert required - granted == set(), f"the operator's code calls what the Role lacks: {sorted(required - granted)}"
+    assert cluster_granted == cluster_used | _cluster_calls_in_code()
+
+
+def _finish_job(kube: Any, name: str) -> None:
+    kube.update_status("jobs", name, {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True", "reason": "Completed"}]})
+
+
+def test_storage_class_cluster_role_is_optional(helm: Any) -> None:
+    docs = render_chart(helm, KVGATE, "--set", "rbac.storageClasses=false")
+    assert by_kind(docs, "ClusterRole") == [] and by_kind(docs, "ClusterRoleBinding") == []
+    docs = render_chart(helm, KVGATE)
+    binding, role = one(docs, "ClusterRoleBinding"), one(docs, "ClusterRole")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": one(docs, "ServiceAccount")["metadata"]["name"],
+                                    "namespace": NS}]

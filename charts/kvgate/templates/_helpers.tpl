@@ -46,6 +46,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* Cluster-scoped names must not clash between releases of the same name in other namespaces. */}}
+{{- define "kvgate.storageClassRoleName" -}}
+{{- printf "%s-%s-storageclasses" (include "kvgate.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "kvgate.autoscalerStateConfigMapName" -}}
 {{- default (printf "%s-autoscaler-state" (include "kvgate.fullname" .)) .Values.modelAutoscaling.stateConfigMapName }}
 {{- end }}
