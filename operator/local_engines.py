@@ -173,8 +173,10 @@ def check_engine(model: Model, config: LocalConfig, base_dir: Path) -> None:
         if url.scheme == "file" and not os.path.exists(location := local_path(url.ref, base_dir)):
             raise EngineUnavailable(f"model {model.name}: spec.adapters[{i}].url: {location} does "
                                     "not exist (a relative file:// url is relative to the models file)")
+    if program != sys.executable:
+        return  # another interpreter or a binary: its modules are not ours to inspect
     modules = list(engine.requires)
-    if program == sys.executable and len(launch.argv) > 2 and launch.argv[1] == "-m":
+    if len(launch.argv) > 2 and launch.argv[1] == "-m":
         modules.append(launch.argv[2])
     for module in dict.fromkeys(modules):
         if not _module_exists(module):

@@ -4,6 +4,7 @@ the whole session, a fresh gateway and fresh backends per test."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -48,3 +49,8 @@ def make_gateway(loop_thread: LoopThread) -> Iterator[Callable[..., GatewayHarne
 def gw(make_gateway: Callable[..., GatewayHarness]) -> GatewayHarness:
     """A gateway with the default config (quiet logs)."""
     return make_gateway()
+
+
+# Real model servers need a long build; their tests are collected only when asked for.
+if not os.environ.get("KVGATE_ENGINE_TESTS"):
+    collect_ignore_glob = ["engines/*"]
