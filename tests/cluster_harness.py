@@ -17,7 +17,10 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
+
+import openai
+import pytest
 
 from aiohttp import web
 
@@ -236,3 +239,35 @@ def ready_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in (p.get("status") or {}).get("conditions") or ())]
 
+
+
+# Fixtures shared by the cluster test modules; each module defines its own `kube` (FakeKube
+# options differ) and imports these.
+
+@pytest.fixture
+async def api(kube: FakeKube) -> AsyncIterator[KubeApi]:
+    async with kube.api_client() as client:
+        yield KubeApi(client)
+
+
+@pytest.fixture
+async def kubelet(kube: FakeKube) -> AsyncIterator["Kubelet"]:
+    async with Kubelet(kube) as node:
+        yield node
+
+
+@pytest.fixture
+async def replica(kube: FakeKube) -> AsyncIterator["GatewayReplica"]:
+    node = await GatewayReplica(kube).start()
+    yield node
+    await node.stop()
+
+
+def sdk(node: "GatewayReplica") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=node.url, api_key="unused", max_retries=0, timeout=20)
+
+
+async def chat(client: openai.AsyncOpenAI, model: str, text: str = "hello") -> str:
+    reply = await client.chat.completions.create(model=model, max_tokens=4,
+                                                 messages=[{"role": "user", "content": text}])
+    return reply.choices[0].message.content or ""

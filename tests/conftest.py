@@ -11,6 +11,9 @@ import pytest
 
 from tests.gateway_harness import ERRORS, GatewayHarness, LoopThread
 
+# The cluster tests' fixtures (api, kubelet, replica), over each module's own `kube` fixture.
+pytest_plugins = ["tests.cluster_harness"]
+
 
 @pytest.fixture(scope="session")
 def loop_thread() -> Iterator[LoopThread]:

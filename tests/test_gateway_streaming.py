@@ -195,3 +195,33 @@ async def test_chunked_request_body_is_forwarded(gw):
     assert backend.last.headers["Content-Length"] == str(len(payload))
     assert "Transfer-Encoding" not in backend.last.headers
     await gw.asettle()
+
+
+def test_disconnect_is_noticed_under_any_asgi_server(gw):
+    """Without kvgate's own server (no disconnect hook in the scope), the proxy watches
+    ``receive`` for ``http.disconnect`` and still cancels the backend request."""
+    backend = gw.backend("slow", chunks=100, chunk_delay=0.1)
+    gw.model_with("m", [backend])
+    body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
+    sent: list[dict] = []
+
+    async def scenario() -> None:
+        messages: asyncio.Queue[dict] = asyncio.Queue()
+        messages.put_nowait({"type": "http.request", "body": body, "more_body": False})
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                 "headers": [(b"content-type", b"application/json")], "query_string": b""}
+        handler = asyncio.ensure_future(gw.gateway(scope, messages.get, send))
+        while len(sent) < 3:  # the head and two chunks: the stream is flowing
+            await asyncio.sleep(0.01)
+        messages.put_nowait({"type": "http.disconnect"})
+        await asyncio.wait_for(handler, 3)
+
+    gw.run(scenario())
+    gw.wait_for(lambda: backend.cancelled == 1, timeout=3, what="the backend to see the close")
+    assert not any(m.get("more_body") is False for m in sent)  # the stream was not finished
+    gw.settle()
+    assert gw.metric("kvgate_requests_total", model="m", code="499") == 1

@@ -833,12 +833,113 @@ async def test_concurrent_requests_get_their_own_responses() -> None:
     await scenario_concurrency()
 
 
+# -- connect storms -------------------------------------------------------------------------
+
+@checked
+async def scenario_burst_reuses_connections() -> None:
+    """300 requests started at once with at most 4 connects in flight: every request gets its
+    own answer, over far fewer connections than requests (released ones are handed over)."""
+    async with RawServer(answering(lambda conn, n, body: ok(body))) as server, \
+            pool_of(max_connecting=4) as pool:
+        bodies = [b"request %d" % i for i in range(300)]
+        answers = await asyncio.gather(*(get(pool, server.address, body) for body in bodies))
+        assert answers == bodies
+        assert server.connections < 300
+        host = pool._hosts[server.address]
+        assert host.connecting == 0 and not host.waiters
+
+
+async def test_a_burst_reuses_connections() -> None:
+    await scenario_burst_reuses_connections()
+
+
+@checked
+async def test_slow_responses_still_get_parallel_connections() -> None:
+    """The cap is on connects in progress, not on connections: requests held by a slow server
+    (a generation) do not make later requests wait for them."""
+    release = asyncio.Event()
+
+    async def slow(server: RawServer, index: int, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter) -> None:
+        if await server.recv(index, reader) is not None:
+            await release.wait()
+            writer.write(ok(b"done"))
+            await writer.drain()
+            await server.until_gone(index, reader)
+
+    async with RawServer(slow) as server, pool_of(max_connecting=2) as pool:
+        tasks = [asyncio.ensure_future(get(pool, server.address)) for _ in range(20)]
+        deadline = time.monotonic() + 5
+        while len(server.requests) < 20:  # all 20 reached the server while none was answered
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.gather(*tasks) == [b"done"] * 20
+
+
+@checked
+async def test_a_cancelled_waiter_passes_its_turn_on() -> None:
+    async with RawServer(answering(lambda conn, n, body: ok(body))) as server, \
+            pool_of(max_connecting=1) as pool:
+        await get(pool, server.address)  # the host is known; its idle connection is taken next
+        tasks = [asyncio.ensure_future(get(pool, server.address, b"r%d" % i)) for i in range(6)]
+        await asyncio.sleep(0)  # each ran to its first await: one reuses, one connects, 4 wait
+        host = pool._hosts[server.address]
+        assert host.connecting == 1 and len(host.waiters) == 4
+        tasks[2].cancel()
+        tasks[5].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [r if isinstance(r, bytes) else "cancelled" for r in results] == [
+            b"r0", b"r1", "cancelled", b"r3", b"r4", "cancelled"]
+        assert host.connecting == 0 and not host.waiters
+        assert await get(pool, server.address, b"after") == b"after"
+
+
+@checked
+async def test_a_connection_handed_to_a_cancelled_waiter_goes_back_to_the_pool() -> None:
+    async with RawServer(answering(lambda conn, n, body: ok(body))) as server, \
+            pool_of(max_connecting=1) as pool:
+        await get(pool, server.address)
+        host = pool._hosts[server.address]
+        conn = host.idle.pop()
+        host.connecting = 1  # as if a connect were in progress: the next request must wait
+        waiting = asyncio.ensure_future(get(pool, server.address, b"late"))
+        await asyncio.sleep(0)
+        assert len(host.waiters) == 1
+        pool._put(conn)  # a response ends: its connection is handed to the waiter...
+        waiting.cancel()  # ...which is cancelled before it could use it
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        host.connecting = 0
+        assert list(host.idle) == [conn]  # passed on, not leaked
+        assert await get(pool, server.address, b"next") == b"next"
+        assert server.connections == 1
+
+
+@checked
+async def test_closing_the_pool_releases_waiters() -> None:
+    async def silent(server: RawServer, index: int, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await server.until_gone(index, reader)
+
+    async with RawServer(silent) as server:
+        pool = UpstreamPool(max_connecting=1)
+        first = asyncio.ensure_future(get(pool, server.address))
+        await asyncio.sleep(0.05)
+        others = [asyncio.ensure_future(get(pool, server.address)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        await pool.close()
+        for task in (first, *others):
+            with pytest.raises(UpstreamError):
+                await asyncio.wait_for(task, 2)
+
+
 # -- the same scenarios on uvloop ----------------------------------------------------------
 
 @pytest.mark.parametrize("scenario", [
     scenario_json, scenario_sse, scenario_chunked, scenario_reuse, scenario_keepalive_race,
     scenario_response_timeout, scenario_cancel_reader, scenario_cancel_request,
-    scenario_flow_control, scenario_concurrency,
+    scenario_flow_control, scenario_concurrency, scenario_burst_reuses_connections,
 ], ids=lambda scenario: scenario.__name__.removeprefix("scenario_"))
 def test_under_uvloop(scenario: Scenario) -> None:
     uvloop.run(scenario())

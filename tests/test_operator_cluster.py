@@ -20,8 +20,9 @@ from lb_operator.kube_client import KubeApi
 from lb_operator.plan import POD_IP_ANNOTATION, POD_PORT_ANNOTATION
 from lb_operator.podspec import MODEL_LABEL
 from lb_operator.system_config import system_config_from_dict
-from tests.cluster_harness import (NS, GatewayReplica, Kubelet, create_model, eventually,
+from tests.cluster_harness import (NS, GatewayReplica, Kubelet, chat, create_model, eventually,
                                    model_body, patch_model, pod_hashes, ready_pods)
+from tests.cluster_harness import sdk as client
 from tests.kube_fake import FakeKube
 
 
@@ -29,35 +30,6 @@ from tests.kube_fake import FakeKube
 async def kube() -> AsyncIterator[FakeKube]:
     async with FakeKube(bookmark_interval=0.5, pod_termination_delay=0.3) as server:
         yield server
-
-
-@pytest.fixture
-async def api(kube: FakeKube) -> AsyncIterator[KubeApi]:
-    async with kube.api_client() as client:
-        yield KubeApi(client)
-
-
-@pytest.fixture
-async def kubelet(kube: FakeKube) -> AsyncIterator[Kubelet]:
-    async with Kubelet(kube) as node:
-        yield node
-
-
-@pytest.fixture
-async def replica(kube: FakeKube) -> AsyncIterator[GatewayReplica]:
-    node = await GatewayReplica(kube).start()
-    yield node
-    await node.stop()
-
-
-def client(node: GatewayReplica) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=node.url, api_key="unused", max_retries=0, timeout=20)
-
-
-async def chat(sdk: openai.AsyncOpenAI, model: str, text: str = "hello") -> str:
-    reply = await sdk.chat.completions.create(model=model, max_tokens=4,
-                                              messages=[{"role": "user", "content": text}])
-    return reply.choices[0].message.content or ""
 
 
 def status_of(kube: FakeKube, name: str) -> dict[str, Any]:

@@ -21,25 +21,6 @@ async def kube() -> AsyncIterator[FakeKube]:
         yield server
 
 
-@pytest.fixture
-async def api(kube: FakeKube) -> AsyncIterator[KubeApi]:
-    async with kube.api_client() as client:
-        yield KubeApi(client)
-
-
-@pytest.fixture
-async def kubelet(kube: FakeKube) -> AsyncIterator[Kubelet]:
-    async with Kubelet(kube) as node:
-        yield node
-
-
-@pytest.fixture
-async def replica(kube: FakeKube) -> AsyncIterator[GatewayReplica]:
-    node = await GatewayReplica(kube).start()
-    yield node
-    await node.stop()
-
-
 def pods_created(kube: FakeKube) -> int:
     return sum(1 for call in kube.calls if call[:3] == ("create", "", "pods"))
 

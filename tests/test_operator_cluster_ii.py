@@ -18,8 +18,8 @@ from lb_operator.cache import CACHE_FINALIZER
 from lb_operator.engines import CACHE_MOUNT
 from lb_operator.system_config import system_config_from_dict
 from lb_operator.watch import Backoff
-from tests.cluster_harness import (FAST, NS, GatewayReplica, Kubelet, create_model, eventually,
-                                   model_body, patch_model)
+from tests.cluster_harness import (FAST, GatewayReplica, Kubelet, chat, create_model, eventually,
+                                   model_body, patch_model, sdk)
 from tests.kube_fake import FakeKube, ResourceType
 
 STORAGE_CLASS = ResourceType("storage.k8s.io", "v1", "storageclasses", "StorageClass", namespaced=False)
@@ -29,22 +29,6 @@ STORAGE_CLASS = ResourceType("storage.k8s.io", "v1", "storageclasses", "StorageC
 async def kube() -> AsyncIterator[FakeKube]:
     async with FakeKube(bookmark_interval=0.5, extra_types=[STORAGE_CLASS]) as server:
         yield server
-
-
-@pytest.fixture
-async def kubelet(kube: FakeKube) -> AsyncIterator[Kubelet]:
-    async with Kubelet(kube) as node:
-        yield node
-
-
-def sdk(node: GatewayReplica) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=node.url, api_key="unused", max_retries=0, timeout=20)
-
-
-async def chat(client: openai.AsyncOpenAI, model: str, text: str = "hello") -> str:
-    reply = await client.chat.completions.create(model=model, max_tokens=4,
-                                                 messages=[{"role": "user", "content": text}])
-    return reply.choices[0].message.content or ""
 
 
 def spec_of(kube: FakeKube, name: str) -> dict[str, Any]:
