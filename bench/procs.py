@@ -58,6 +58,42 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a proxy's workers, a shell's child), from /proc."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its descendants alive now (each read from /proc)."""
+    total = 0.0
+    for child in tree(pid):
+        try:
+            total += cpu_seconds(child)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Summed RSS of a process and its descendants (shared pages count once per process)."""
+    total = 0
+    for child in tree(pid):
+        try:
+            total += rss_bytes(child)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM the process group, then SIGKILL after ``grace`` seconds."""
     if proc.poll() is not None:

@@ -157,15 +157,20 @@ def _latency_at_rate(backend_port: int, gateway_port: int, rate: int,
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def _wrk(port: int, body: str, duration: int, connections: int) -> dict[str, float]:
+def _wrk(port: int, body: str, duration: int, connections: int,
+         headers: dict[str, str] | None = None, timeout: int = 2) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                      f"wrk.body = {orjson.dumps(body).decode()}\n")
+        for name, value in (headers or {}).items():
+            script.write(f"wrk.headers[{orjson.dumps(name).decode()}] = "
+                         f"{orjson.dumps(value).decode()}\n")
     try:
         out = subprocess.run(
             pinned_cmd(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-                        "-s", script.name, f"http://127.0.0.1:{port}/v1/chat/completions"], 0),
-            capture_output=True, text=True, check=True, timeout=duration + 30).stdout
+                        f"--timeout={timeout}s", "-s", script.name,
+                        f"http://127.0.0.1:{port}/v1/chat/completions"], 0),
+            capture_output=True, text=True, check=True, timeout=duration + timeout + 30).stdout
     finally:
         os.unlink(script.name)
     if "Non-2xx" in out:
@@ -176,14 +181,23 @@ def _wrk(port: int, body: str, duration: int, connections: int) -> dict[str, flo
             "p50": _ms(latency["50"]), "p99": _ms(latency["99"])}
 
 
-def _hey(port: int, body: str, rate: int, duration: int) -> tuple[float, float]:
+def _hey(port: int, body: str, rate: int, duration: int,
+         headers: dict[str, str] | None = None) -> tuple[float, float]:
     workers = 10
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
     out = subprocess.run(
-        pinned_cmd(["hey", "-z", f"{duration}s", "-c", str(workers), "-q", str(rate // workers),
+        pinned_cmd(["hey", "-z", f"{duration}s", "-c", str(workers), "-q",
+                    str(max(1, rate // workers)), *extra,
                     "-m", "POST", "-T", "application/json", "-d", body,
                     f"http://127.0.0.1:{port}/v1/chat/completions"], 0),
         capture_output=True, text=True, check=True, timeout=duration + 30).stdout
     found = dict(re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out))
+    if "99" not in found:  # hey omits p99 below 100 responses: take the slowest then
+        slowest = re.search(r"Slowest:\s+([\d.]+) secs", out)
+        if slowest:
+            found["99"] = slowest.group(1)
+    if "50" not in found or "99" not in found:
+        return float("nan"), float("nan")  # no response came back in time
     return float(found["50"]) * 1e3, float(found["99"]) * 1e3
 
 

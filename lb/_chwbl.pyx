@@ -24,10 +24,14 @@ on every request's path:
   counts the full walk, so the observable results are identical.
 * ``add`` merges the new endpoint's sorted vnodes into the arrays with ``memmove`` runs and
   ``remove`` compacts them: no other endpoint is rehashed.
+* With a shared ``LoadTable`` each slot also holds a pointer to its counter in the shared
+  memory map; acquire/release add to it (and to the model's total) with one atomic add each
+  (``_atomic.h``), and the walk reads the shared counts instead of the local ones.
 """
 
 cimport cython
 from cpython.bool cimport PyBool_Check
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_Clear
 from cpython.list cimport PyList_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
@@ -40,6 +44,12 @@ from libc.string cimport memcpy, memmove, memset
 
 cdef extern from "_murmur3.h":
     uint64_t kv_murmur3_64(const void *data, size_t length, uint64_t seed) noexcept nogil
+
+cdef extern from "_atomic.h":
+    int64_t kv_atomic_add(int64_t *counter, int64_t delta) noexcept nogil
+    int64_t kv_atomic_load(const int64_t *counter) noexcept nogil
+
+from lb.chwbl import LoadTable
 
 cdef extern from "Python.h":
     # Declared here without Cython's ``except NULL``: a lone surrogate is not an error for
@@ -68,7 +78,7 @@ cdef extern from *:
     bint kv_load_ok(int64_t load, int64_t n, int64_t total, int64_t factor) noexcept nogil
     int kv_cmp_u64(const void *a, const void *b) noexcept nogil
 
-__all__ = ["Ring", "hash64", "MAX_ENDPOINTS", "SLOT_BITS"]
+__all__ = ["Ring", "LoadTable", "SharedCount", "hash64", "MAX_ENDPOINTS", "SLOT_BITS"]
 
 SLOT_BITS = 20
 MAX_ENDPOINTS = 1 << SLOT_BITS
@@ -218,6 +228,43 @@ cdef _Members _new_members(Py_ssize_t capacity):
     return m
 
 
+# -- a shared counter outside any ring -----------------------------------------------------------
+
+@cython.final
+cdef class SharedCount:
+    """One counter of a ``LoadTable`` outside any ring (e.g. a model's active requests, summed
+    over the worker processes): ``inc``/``dec`` are one atomic add each."""
+    cdef Py_buffer _view
+    cdef bint _has_view
+    cdef int64_t *_counter
+
+    def __init__(self, table, namespace: str, key: str) -> None:
+        if not isinstance(table, LoadTable):
+            raise TypeError(f"table must be a LoadTable, not {type(table).__name__}")
+        if self._has_view:
+            raise RuntimeError("this counter is already attached to a load table")
+        cdef Py_ssize_t word = table.offset(table.entry(namespace, key))
+        PyObject_GetBuffer(table.buffer, &self._view, PyBUF_WRITABLE)
+        self._has_view = True
+        if word < 0 or (word + 1) * 8 > self._view.len:
+            raise ValueError("load table entry out of range")
+        self._counter = (<int64_t *>self._view.buf) + word
+
+    def __dealloc__(self):
+        if self._has_view:
+            PyBuffer_Release(&self._view)
+
+    def inc(self) -> None:
+        kv_atomic_add(self._counter, 1)
+
+    def dec(self) -> None:
+        kv_atomic_add(self._counter, -1)
+
+    @property
+    def value(self) -> int:
+        return kv_atomic_load(self._counter)
+
+
 # -- the ring -----------------------------------------------------------------------------------
 
 cdef class Ring:
@@ -250,6 +297,13 @@ cdef class Ring:
     cdef uint64_t _rand
     cdef Py_ssize_t _cursor
     cdef uint64_t _lookups, _iterations, _fallbacks
+    # shared loads (NULL without a LoadTable): per slot, its counter in the table's map
+    cdef object _table
+    cdef str _namespace
+    cdef Py_buffer _view
+    cdef bint _has_view
+    cdef int64_t **_sh_loads
+    cdef int64_t *_sh_total
 
     def __cinit__(self, *args, **kwargs):
         self._keys = []
@@ -260,12 +314,18 @@ cdef class Ring:
         self._seen_epoch = 0
 
     def __init__(self, replication: int = 256, mean_load_factor: int = 125,
-                 seed: int = _DEFAULT_SEED) -> None:
+                 seed: int = _DEFAULT_SEED, loads=None, namespace: str = "") -> None:
         if not isinstance(replication, int) or not 1 <= replication <= 65536:
             raise ValueError("replication must be an int in [1, 65536]")
         self._replication = replication
         self.mean_load_factor = mean_load_factor
         self._rand = (seed & _U64) or _DEFAULT_SEED
+        if loads is not None and not isinstance(loads, LoadTable):
+            raise TypeError(f"loads must be a LoadTable, not {type(loads).__name__}")
+        _check_str(namespace, "namespace")
+        self._namespace = namespace
+        if loads is not None:
+            self._attach(loads)
 
     def __dealloc__(self):
         free(self._hashes)
@@ -276,6 +336,9 @@ cdef class Ring:
         free(self._excl)
         free(self._seen)
         free(self._excl_list)
+        free(self._sh_loads)
+        if self._has_view:
+            PyBuffer_Release(&self._view)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -309,6 +372,9 @@ cdef class Ring:
         cdef frozenset adapter_set = _adapter_set(adapters)
         if key in self._slot_of:  # a generator of adapters could have added it meanwhile
             raise ValueError(f"endpoint {key!r} is already in the ring")
+        cdef int64_t *shared = NULL
+        if self._table is not None:
+            shared = self._counter(self._table.entry(self._namespace, key))
         cdef Py_ssize_t slot = self._free_slot()
         self._merge_vnodes(key, <int32_t>slot)
         self._last_gen += 1
@@ -317,6 +383,8 @@ cdef class Ring:
         self._loads[slot] = 0
         self._adapters[slot] = adapter_set
         self._slot_of[key] = slot
+        if shared != NULL:
+            self._sh_loads[slot] = shared
         self._n_live += 1
         self._join_members(slot, adapter_set)
 
@@ -324,6 +392,7 @@ cdef class Ring:
         """Remove an endpoint; its in-flight requests leave ``total`` now, and their later
         releases are recognised as stale by generation."""
         cdef Py_ssize_t slot = self._slot(key)
+        self._share(slot, -self._loads[slot])  # other processes' requests stay counted
         self._total -= self._loads[slot]
         self._loads[slot] = 0
         self._leave_members(slot, self._adapters[slot])
@@ -360,16 +429,18 @@ cdef class Ring:
 
     @property
     def total(self) -> int:
-        return self._total
+        """In-flight requests over all endpoints (of every process sharing the table)."""
+        return self._total_now()
 
     def load(self, key: str) -> int:
-        return self._loads[self._slot(key)]
+        return self._load_at(self._slot(key))
 
     def acquire(self, key: str) -> int:
         """Count one more in-flight request on ``key``; returns the ticket for ``release``."""
         cdef Py_ssize_t slot = self._slot(key)
         self._loads[slot] += 1
         self._total += 1
+        self._share(slot, 1)
         return (self._gens[slot] << _C_SLOT_BITS) | slot
 
     def release(self, ticket) -> bool:
@@ -393,6 +464,7 @@ cdef class Ring:
             raise ValueError(f"ticket {ticket} released more often than acquired")
         self._loads[slot] -= 1
         self._total -= 1
+        self._share(slot, -1)
         return True
 
     # -- picks -----------------------------------------------------------------------------
@@ -501,7 +573,7 @@ cdef class Ring:
           visit ``n * replication`` vnodes per pick."""
         cdef Py_ssize_t n_vnodes = self._n_vnodes, step, rejected = 0, default = -1
         cdef int32_t slot
-        cdef int64_t n = self._n_live, total = self._total, factor = self._factor
+        cdef int64_t n = self._n_live, total = self._total_now(), factor = self._factor
         cdef bint seen_ready = False
         cdef bint hopeless = total != 0 and not kv_load_ok(0, n, total, factor)
         for step in range(n_vnodes):
@@ -511,7 +583,7 @@ cdef class Ring:
                     default = slot
                 if hopeless:
                     break
-                if total == 0 or kv_load_ok(self._loads[slot], n, total, factor):
+                if total == 0 or kv_load_ok(self._load_at(slot), n, total, factor):
                     self._iterations += <uint64_t>(step + 1)
                     return slot
                 if not seen_ready:
@@ -573,15 +645,16 @@ cdef class Ring:
     @cython.final
     cdef Py_ssize_t _least_loaded(self, const uint8_t *member, bint use_excl) noexcept nogil:
         cdef Py_ssize_t n_slots = self._n_slots, step, slot, best = -1
-        cdef int64_t best_load = -1
+        cdef int64_t best_load = -1, load
         if n_slots == 0:
             return -1
         slot = self._cursor % n_slots
         for step in range(n_slots):
             if self._gens[slot] != 0 and self._eligible(slot, member, use_excl):
-                if best < 0 or self._loads[slot] < best_load:
+                load = self._load_at(slot)
+                if best < 0 or load < best_load:
                     best = slot
-                    best_load = self._loads[slot]
+                    best_load = load
             slot += 1
             if slot == n_slots:
                 slot = 0
@@ -664,6 +737,50 @@ cdef class Ring:
             k += 1
         return 0
 
+    # -- internals: shared loads -----------------------------------------------------------
+
+    @cython.final
+    cdef int _attach(self, object table) except -1:
+        """Hold a buffer on the table's map (it cannot be unmapped under us) and find the
+        model's total."""
+        if self._has_view:
+            raise RuntimeError("this ring is already attached to a load table")
+        PyObject_GetBuffer(table.buffer, &self._view, PyBUF_WRITABLE)
+        self._has_view = True
+        self._table = table
+        self._sh_total = self._counter(table.entry(self._namespace, ""))
+        if self._slot_cap:
+            self._sh_loads = <int64_t **>calloc(<size_t>self._slot_cap, sizeof(int64_t *))
+            if self._sh_loads == NULL:
+                raise MemoryError()
+        return 0
+
+    @cython.final
+    cdef int64_t *_counter(self, object index) except NULL:
+        cdef Py_ssize_t word = self._table.offset(index)
+        if word < 0 or (word + 1) * 8 > self._view.len:
+            raise ValueError("load table entry out of range")
+        return (<int64_t *>self._view.buf) + word
+
+    @cython.final
+    cdef inline int64_t _load_at(self, Py_ssize_t slot) noexcept nogil:
+        if self._sh_total != NULL:
+            return kv_atomic_load(self._sh_loads[slot])
+        return self._loads[slot]
+
+    @cython.final
+    cdef inline int64_t _total_now(self) noexcept nogil:
+        if self._sh_total != NULL:
+            return kv_atomic_load(self._sh_total)
+        return self._total
+
+    @cython.final
+    cdef inline void _share(self, Py_ssize_t slot, int64_t delta) noexcept nogil:
+        """Apply this process's change to the shared counters, if any."""
+        if self._sh_total != NULL and delta != 0:
+            kv_atomic_add(self._sh_loads[slot], delta)
+            kv_atomic_add(self._sh_total, delta)
+
     # -- internals: slots and membership ---------------------------------------------------
 
     @cython.final
@@ -704,6 +821,9 @@ cdef class Ring:
         self._excl = <uint32_t *>_grow(self._excl, cap * sizeof(uint32_t))
         self._seen = <uint32_t *>_grow(self._seen, cap * sizeof(uint32_t))
         self._excl_list = <int32_t *>_grow(self._excl_list, cap * sizeof(int32_t))
+        if self._sh_total != NULL:
+            self._sh_loads = <int64_t **>_grow(self._sh_loads, cap * sizeof(int64_t *))
+            memset(self._sh_loads + old, 0, (cap - old) * sizeof(int64_t *))
         for found in self._members.values():
             m = <_Members>found
             m.bits = <uint8_t *>_grow(m.bits, <size_t>cap)

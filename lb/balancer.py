@@ -98,7 +98,10 @@ class Balancer:
                 if remaining <= 0:
                     raise _no_replica(name, adapter, self._config.timeout_seconds)
                 try:
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    # asyncio.timeout, not wait_for: no extra task per waiter, which counts when
+                    # thousands of waiters wake together as a replica appears.
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
                 except TimeoutError:
                     raise _no_replica(name, adapter, self._config.timeout_seconds) from None
         finally:

@@ -19,17 +19,23 @@ Semantics follow KubeAI's ring with its rough edges fixed:
 * Loads are this process's in-flight requests. ``acquire`` returns a ticket carrying the
   endpoint's generation, so releasing after the endpoint was removed (or removed and re-added)
   never touches the new counters: ``total`` stays exact whatever the endpoints do.
+* With a ``LoadTable`` (``Ring(..., loads=table, namespace=model)``), loads and ``total`` are
+  those of every process sharing the table: each ring still counts its own share (tickets,
+  removal and the "released twice" check stay per process) and adds every change to the
+  shared counters, so the gateway's worker processes bound loads as one. See ``LoadTable``.
 """
 
 from __future__ import annotations
 
+import mmap
+import multiprocessing
 from bisect import bisect_left
 from heapq import merge
 from typing import Collection, Iterable
 
 import mmh3
 
-__all__ = ["Ring", "hash64", "MAX_ENDPOINTS", "SLOT_BITS"]
+__all__ = ["Ring", "LoadTable", "SharedCount", "hash64", "MAX_ENDPOINTS", "SLOT_BITS"]
 
 SLOT_BITS = 20
 MAX_ENDPOINTS = 1 << SLOT_BITS
@@ -52,6 +58,97 @@ def hash64(key: str) -> int:
     return mmh3.hash64(data, seed=0, x64arch=True, signed=False)[0]
 
 
+class LoadTable:
+    """In-flight counters shared by processes: one per (namespace, endpoint key), plus one
+    total per namespace (the empty key), in an anonymous shared memory map.
+
+    Create it before forking the workers; each child inherits the mapping. The layout is a
+    fixed open-addressing hash table of 16-byte entries (64-bit key hash, signed 64-bit
+    count) after a 64-byte header, so the Cython ring updates counts with one atomic add each
+    and reads them with plain loads. Finding or inserting an entry (when an endpoint joins a
+    ring, rare) takes the table's lock; entries are never removed (an endpoint that comes back
+    finds its slot again, with whatever requests other workers still hold on it).
+
+    The pure-Python ring updates counts under the lock, the Cython ring with atomics: all
+    processes sharing a table must run the same ring implementation (they run one install).
+    """
+
+    HEADER = 64
+    ENTRY = 16
+
+    def __init__(self, capacity: int = 16384) -> None:
+        if not isinstance(capacity, int) or not 2 <= capacity <= 1 << 24:
+            raise ValueError("capacity must be an int in [2, 16777216]")
+        self.capacity = capacity
+        self.buffer = mmap.mmap(-1, self.HEADER + capacity * self.ENTRY)  # MAP_SHARED
+        self._words = memoryview(self.buffer).cast("Q")  # keys, read without the lock
+        self._counts = memoryview(self.buffer).cast("q")
+        self._lock = multiprocessing.get_context("fork").Lock()
+
+    def entry(self, namespace: str, key: str) -> int:
+        """The entry index of (namespace, key), inserted if new. ``key=""`` is the namespace's
+        total."""
+        _check_str(namespace, "namespace")
+        _check_str(key, "endpoint key")
+        tag = hash64(f"{namespace}\x00{key}") or 1  # 0 marks a free entry
+        base, words, capacity = self.HEADER // 8, self._words, self.capacity
+        with self._lock:
+            i = tag % capacity
+            for _ in range(capacity):
+                found = words[base + 2 * i]
+                if found == tag:
+                    return i
+                if found == 0:
+                    words[base + 2 * i] = tag
+                    return i
+                i = (i + 1) % capacity
+        raise RuntimeError(f"the load table is full ({capacity} entries)")
+
+    def offset(self, index: int) -> int:
+        """Index of entry ``index``'s count in the table viewed as 64-bit words."""
+        return self.HEADER // 8 + 2 * index + 1
+
+    def add(self, index: int, delta: int) -> int:
+        """Add ``delta`` to an entry's count under the lock; returns the new count."""
+        counts, at = self._counts, self.offset(index)
+        with self._lock:
+            counts[at] += delta
+            return counts[at]
+
+    def value(self, index: int) -> int:
+        """An entry's count (an aligned 8-byte read: never torn)."""
+        return self._counts[self.offset(index)]
+
+    def close(self) -> None:
+        """Unmap the table; every ring using it must be gone first."""
+        self._words.release()
+        self._counts.release()
+        self.buffer.close()
+
+
+class SharedCount:
+    """One counter of a ``LoadTable`` outside any ring (e.g. a model's active requests, summed
+    over the worker processes): ``inc``/``dec`` and ``value``."""
+
+    __slots__ = ("_table", "_index")
+
+    def __init__(self, table: LoadTable, namespace: str, key: str) -> None:
+        if not isinstance(table, LoadTable):
+            raise TypeError(f"table must be a LoadTable, not {type(table).__name__}")
+        self._table = table
+        self._index = table.entry(namespace, key)
+
+    def inc(self) -> None:
+        self._table.add(self._index, 1)
+
+    def dec(self) -> None:
+        self._table.add(self._index, -1)
+
+    @property
+    def value(self) -> int:
+        return self._table.value(self._index)
+
+
 def _check_str(value: object, what: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be str, not {type(value).__name__}")
@@ -62,12 +159,20 @@ class Ring:
     over the same endpoint set (so every strategy shares one accounting)."""
 
     def __init__(self, replication: int = 256, mean_load_factor: int = 125,
-                 seed: int = _DEFAULT_SEED) -> None:
+                 seed: int = _DEFAULT_SEED, loads: LoadTable | None = None,
+                 namespace: str = "") -> None:
         if not isinstance(replication, int) or not 1 <= replication <= 65536:
             raise ValueError("replication must be an int in [1, 65536]")
         self._replication = replication
         self.mean_load_factor = mean_load_factor
         self._rand = (seed & _U64) or _DEFAULT_SEED
+        if loads is not None and not isinstance(loads, LoadTable):
+            raise TypeError(f"loads must be a LoadTable, not {type(loads).__name__}")
+        _check_str(namespace, "namespace")
+        self._table = loads
+        self._namespace = namespace
+        self._shared: list[int] = []  # slot -> table entry (with a table)
+        self._shared_total = loads.entry(namespace, "") if loads is not None else -1
         self._cursor = 0
         self._keys: list[str | None] = []
         self._slot_of: dict[str, int] = {}
@@ -108,6 +213,7 @@ class Ring:
         if key in self._slot_of:
             raise ValueError(f"endpoint {key!r} is already in the ring")
         adapter_set = self._adapter_set(adapters)
+        shared = self._table.entry(self._namespace, key) if self._table is not None else -1
         slot = self._free_slot()
         self._last_gen += 1
         self._keys[slot] = key
@@ -115,12 +221,14 @@ class Ring:
         self._loads[slot] = 0
         self._adapters[slot] = adapter_set
         self._slot_of[key] = slot
+        self._shared[slot] = shared
         self._merge_vnodes(key, slot)
 
     def remove(self, key: str) -> None:
         """Remove an endpoint; its in-flight requests leave ``total`` now, and their later
         releases are recognised as stale by generation."""
         slot = self._slot(key)
+        self._share(slot, -self._loads[slot])  # other processes' requests stay counted
         self._total -= self._loads[slot]
         self._loads[slot] = 0
         self._keys[slot] = None
@@ -151,16 +259,18 @@ class Ring:
 
     @property
     def total(self) -> int:
-        return self._total
+        """In-flight requests over all endpoints (of every process sharing the table)."""
+        return self._total_now()
 
     def load(self, key: str) -> int:
-        return self._loads[self._slot(key)]
+        return self._load_at(self._slot(key))
 
     def acquire(self, key: str) -> int:
         """Count one more in-flight request on ``key``; returns the ticket for ``release``."""
         slot = self._slot(key)
         self._loads[slot] += 1
         self._total += 1
+        self._share(slot, 1)
         return (self._gens[slot] << SLOT_BITS) | slot
 
     def release(self, ticket: int) -> bool:
@@ -176,6 +286,7 @@ class Ring:
             raise ValueError(f"ticket {ticket} released more often than acquired")
         self._loads[slot] -= 1
         self._total -= 1
+        self._share(slot, -1)
         return True
 
     # -- picks -----------------------------------------------------------------------------
@@ -208,7 +319,7 @@ class Ring:
                 # even an idle endpoint fails the bound (light load), every one does; and once
                 # each matching endpoint has failed, the rest of the ring cannot change it.
                 if rejected is None:
-                    if len(self._slot_of) * 100 > (self._total + 1) * self._factor:
+                    if len(self._slot_of) * 100 > (self._total_now() + 1) * self._factor:
                         break
                     rejected = set()
                     n_matching = sum(1 for s, k in enumerate(self._keys) if k is not None
@@ -236,8 +347,9 @@ class Ring:
             slot = (self._cursor + step) % n_slots
             if self._keys[slot] is None or slot in excluded or not self._serves(slot, adapter):
                 continue
-            if best < 0 or self._loads[slot] < best_load:
-                best, best_load = slot, self._loads[slot]
+            load = self._load_at(slot)
+            if best < 0 or load < best_load:
+                best, best_load = slot, load
         if best < 0:
             return None
         self._cursor = best + 1
@@ -277,6 +389,7 @@ class Ring:
         self._gens.append(0)
         self._loads.append(0)
         self._adapters.append(frozenset())
+        self._shared.append(-1)
         return len(self._keys) - 1
 
     @staticmethod
@@ -304,10 +417,27 @@ class Ring:
         return not adapter or adapter in self._adapters[slot]
 
     def _load_ok(self, slot: int) -> bool:
-        if self._total == 0:
+        total = self._total_now()
+        if total == 0:
             return True
         n = len(self._slot_of)
-        return (self._loads[slot] + 1) * n * 100 <= (self._total + 1) * self._factor
+        return (self._load_at(slot) + 1) * n * 100 <= (total + 1) * self._factor
+
+    def _load_at(self, slot: int) -> int:
+        if self._table is None:
+            return self._loads[slot]
+        return self._table.value(self._shared[slot])
+
+    def _total_now(self) -> int:
+        if self._table is None:
+            return self._total
+        return self._table.value(self._shared_total)
+
+    def _share(self, slot: int, delta: int) -> None:
+        """Apply this process's change to the shared counters, if any."""
+        if self._table is not None and delta:
+            self._table.add(self._shared[slot], delta)
+            self._table.add(self._shared_total, delta)
 
     def _next_random(self) -> int:
         x = self._rand

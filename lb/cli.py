@@ -13,13 +13,15 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import socket
 import sys
 from typing import Sequence
 
 from lb.app import Gateway
 from lb.config import Config, ConfigError, load_config
 from lb.registry import Registry
-from lb.server import bind, install_uvloop, serve
+from lb.ring import LoadTable
+from lb.server import bind, install_uvloop, run_workers, serve, tune_gc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway.add_argument("--port", type=int, help="listen port (overrides server.port)")
     gateway.add_argument("--metrics-port", type=int,
                          help="metrics port (overrides server.metricsPort; 0 disables)")
+    gateway.add_argument("--workers", type=_positive, default=1,
+                         help="worker processes sharing the port and the ring's load table "
+                              "(default 1)")
     commands.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
     commands.add_parser("serve", help="gateway + Kubernetes operator in one process",
                         add_help=False)
@@ -57,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = _with_overrides(load_config(args.config), args)
-        return run_gateway(config)
+        return run_gateway(config, args.workers)
     except (ConfigError, OSError) as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 2
@@ -70,15 +75,24 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, server=server)
 
 
-def static_registry(config: Config) -> Registry:
-    registry = Registry()
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def static_registry(config: Config, loads: LoadTable | None = None) -> Registry:
+    registry = Registry(loads)
     for model in config.models:
         registry.set_model(model)
         registry.set_endpoints(model.name, config.static_endpoints(model.name))
     return registry
 
 
-def run_gateway(config: Config) -> int:
+def run_gateway(config: Config, workers: int = 1) -> int:
+    if workers > 1:
+        return _run_workers(config, workers)
     server = config.server
     sock = bind(server.host, server.port)
     metrics_sock = bind(server.host, server.metrics_port) if server.metrics_port else None
@@ -86,8 +100,26 @@ def run_gateway(config: Config) -> int:
     gateway = Gateway(config, static_registry(config))
     print(f"kvgate: serving the OpenAI API on http://{server.host}:{server.port}/v1 "
           f"({len(config.models)} models)", flush=True)
+    tune_gc()
     asyncio.run(serve(gateway, sock, metrics_sock))
     return 0
+
+
+def _run_workers(config: Config, workers: int) -> int:
+    """N processes, one port, one shared in-flight table: bounded loads hold across them."""
+    server = config.server
+    loads = LoadTable()
+
+    def worker(index: int, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
+        install_uvloop()
+        gateway = Gateway(config, static_registry(config, loads))
+        gateway.metrics.share_active(loads)
+        tune_gc()
+        asyncio.run(serve(gateway, sock, metrics_sock))
+
+    print(f"kvgate: serving the OpenAI API on http://{server.host}:{server.port}/v1 "
+          f"({len(config.models)} models, {workers} workers)", flush=True)
+    return run_workers(workers, server.host, server.port, server.metrics_port, worker)
 
 
 if __name__ == "__main__":

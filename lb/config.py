@@ -13,6 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import NoneType, UnionType
 from typing import Any, Callable, TypeVar
 
 import yaml
@@ -181,21 +182,41 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:  # passed through as YAML gave it (e.g. the operator's Kubernetes objects)
+        return value
+    if origin in (typing.Union, UnionType):
+        return _convert_union(args, value, path)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {_show(value)}")
         return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
+    if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
-        return {str(k): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+        item = args[1] if args else Any
+        return {str(k): _convert(item, v, f"{path}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{path}: expected {hint.__name__}, got {_show(value)}")
     return value
+
+
+def _convert_union(args: tuple[Any, ...], value: Any, path: str) -> Any:
+    """The first option the value converts to, in declaration order (`str | int | float`)."""
+    if value is None and NoneType in args:
+        return None
+    options = [a for a in args if a is not NoneType]
+    for option in options:
+        try:
+            return _convert(option, value, path)
+        except ConfigError:
+            if len(options) == 1:
+                raise
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{path}: expected {names}, got {_show(value)}")
 
 
 def _show(value: Any) -> str:

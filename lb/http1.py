@@ -17,7 +17,12 @@ does only what that hop needs, on asyncio Protocols and httptools' C parser:
 * a per-address LIFO pool of idle connections. A reused connection that dies before the first
   response byte (the server closed it as we wrote: the request never reached the app) is
   retried once on a fresh connection; the same failure on a fresh connection is
-  ``ConnectFailed``.
+  ``ConnectFailed``;
+* at most ``max_connecting`` connects in progress per address. When thousands of requests
+  start at once (a waiting room releasing as a replica appears), the others wait for either a
+  connection coming back from a finished response (handed over directly) or a connect slot,
+  instead of opening thousands of connections at once and overflowing the server's accept
+  backlog (dropped SYNs are retried after a second).
 
 Cancelling a task that awaits ``request()`` or ``read()`` closes the connection, which is how a
 client disconnect stops generation on the model server.
@@ -84,7 +89,7 @@ def _split_address(address: str) -> tuple[str, int]:
 class _Host:
     """Per-address constants and the idle connections, hottest last."""
 
-    __slots__ = ("address", "host", "port", "head", "idle")
+    __slots__ = ("address", "host", "port", "head", "idle", "connecting", "waiters")
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -92,6 +97,9 @@ class _Host:
         # Everything between the path and the content-length value, built once per address.
         self.head = b" HTTP/1.1\r\nhost: " + address.encode("ascii") + b"\r\ncontent-length: "
         self.idle: deque[_Conn] = deque()
+        self.connecting = 0  # connects in progress
+        # requests waiting for a connection: each gets a released one, or None (go connect)
+        self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
 
 
 def _encode(head: bytes, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]],
@@ -143,6 +151,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        if self._pool._uvloop:
+            return  # uvloop sets TCP_NODELAY itself; get_extra_info would cost two syscalls
         sock = transport.get_extra_info("socket")
         if sock is not None:  # uvloop sets it already; asyncio's default loop may not
             try:
@@ -449,11 +459,14 @@ class UpstreamPool:
     """Keep-alive connections per upstream address, and the request entry point."""
 
     def __init__(self, *, connect_timeout: float = 10.0, read_timeout: float = 600.0,
-                 keepalive_timeout: float = 75.0, max_idle_per_host: int = 256) -> None:
+                 keepalive_timeout: float = 75.0, max_idle_per_host: int = 256,
+                 max_connecting: int = 32) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._keepalive_timeout = keepalive_timeout
         self._max_idle = max_idle_per_host
+        self._max_connecting = max(1, max_connecting)
+        self._uvloop = False
         self._hosts: dict[str, _Host] = {}
         self._conns: set[_Conn] = set()  # every open connection, idle or in use, for close()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -467,6 +480,8 @@ class UpstreamPool:
             host = self._new_host(address)
         data = _encode(host.head, method, path, headers, body)
         conn = self._pop_idle(host)
+        if conn is None and host.connecting >= self._max_connecting:
+            conn = await self._handed_over(host)
         if conn is not None:
             try:
                 return await conn._exchange(data)
@@ -483,6 +498,8 @@ class UpstreamPool:
         self._closed = True
         for host in self._hosts.values():
             host.idle.clear()
+            while host.waiters:  # their connect attempt fails at once: the pool is closed
+                self._next_connect(host)
         for conn in list(self._conns):
             conn._abort()
         self._conns.clear()
@@ -521,7 +538,46 @@ class UpstreamPool:
             return conn
         return None
 
+    async def _handed_over(self, host: _Host) -> _Conn | None:
+        """Wait for a connection another request releases, or for a connect slot (None)."""
+        assert self._loop is not None  # connects are in progress, so one was made
+        waiter: asyncio.Future[_Conn | None] = self._loop.create_future()
+        host.waiters.append(waiter)
+        try:
+            conn = await waiter
+        except asyncio.CancelledError:
+            if not waiter.cancelled():  # handed something as we were cancelled: pass it on
+                handed = waiter.result()
+                if handed is not None:
+                    self._put(handed)
+                else:
+                    self._next_connect(host)
+            else:
+                try:
+                    host.waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+        if conn is not None and (conn._closed or conn._transport.is_closing()):
+            return None  # it died on the way: connect (the slot count is only a soft cap)
+        return conn
+
+    def _next_connect(self, host: _Host) -> None:
+        """A connect slot is free: give it to the longest waiting request, if any."""
+        waiters = host.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     def _put(self, conn: _Conn) -> None:
+        waiters = conn._host.waiters
+        while waiters:  # a request is waiting for a connection: hand this one over directly
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
         idle = conn._host.idle
         conn._idle_since = conn._loop.time()
         idle.append(conn)
@@ -542,12 +598,18 @@ class UpstreamPool:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
+            self._uvloop = type(loop).__module__.startswith("uvloop")
         conn = _Conn(self, host, loop)
+        host.connecting += 1
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: conn, host.host, host.port),
-                                   self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):  # no extra task per connect
+                await loop.create_connection(lambda: conn, host.host, host.port)
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectFailed(f"cannot connect to {host.address}: {exc!r}") from None
+        finally:
+            host.connecting -= 1
+            if host.waiters:
+                self._next_connect(host)
         if self._closed:
             conn._abort()
             raise UpstreamError("the upstream pool is closed")

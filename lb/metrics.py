@@ -10,12 +10,16 @@ plain integers and bucket counts updated on the event loop and turned into metri
 scrape time: prometheus-client's own metric objects take a lock per update, which costs ~1 µs
 each and seven updates per request. Ring counters (lookups, walk length, fallbacks) are read
 from the rings at scrape time too. Rare events (retries, waiting room) use ordinary metrics.
+
+With several worker processes (``kvgate gateway --workers N``) the active-requests gauge and the
+per-endpoint in-flight counts are read from the shared load table, so they cover every worker
+(the autoscaler reads the gauge); the other series are the serving worker's own.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -24,6 +28,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from lb.registry import EndpointGroup
+    from lb.ring import LoadTable, SharedCount
 
 _LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -78,7 +83,12 @@ class GatewayMetrics:
         self.rejected = Counter("kvgate_waiting_room_rejected_total",
                                 "Requests refused because the waiting room was full.",
                                 ["model"], registry=r)
-        self.active: dict[str, ActiveCount] = {}
+        self.active: dict[str, ActiveCount | SharedCount] = {}
+        self._loads: LoadTable | None = None
+        # labels() looks the child up under a lock on every call; thousands of waiters
+        # entering and leaving at once would pay it twice each
+        self._waiting_children: dict[str, Any] = {}
+        self._wait_children: dict[str, Any] = {}
         self.codes: dict[tuple[str, str, int], int] = {}
         self.durations: dict[tuple[str, str], _Buckets] = {}
         self.first_bytes: dict[tuple[str, str], _Buckets] = {}
@@ -87,10 +97,21 @@ class GatewayMetrics:
     def watch_rings(self, groups: Callable[[], dict[str, EndpointGroup]]) -> None:
         self.registry.register(_RingCollector(groups))
 
-    def active_gauge(self, model: str) -> ActiveCount:
+    def share_active(self, loads: LoadTable) -> None:
+        """Count active requests in ``loads``, across the processes sharing it. Call before
+        the first request."""
+        self._loads = loads
+
+    def active_gauge(self, model: str) -> ActiveCount | SharedCount:
         count = self.active.get(model)
         if count is None:
-            count = self.active[model] = ActiveCount()
+            if self._loads is None:
+                count = ActiveCount()
+            else:
+                from lb.ring import SharedCount  # lazily: lb.ring logs which ring is in use
+
+                count = SharedCount(self._loads, "\x00active", model)
+            self.active[model] = count
         return count
 
     def finished(self, model: str, kind: str, code: int, seconds: float) -> None:
@@ -105,13 +126,20 @@ class GatewayMetrics:
         self.retries.labels(model, reason).inc()
 
     def waiting_changed(self, model: str, count: int) -> None:
-        self.waiting.labels(model).set(count)
+        _child(self._waiting_children, self.waiting, model).set(count)
 
     def waited(self, model: str, seconds: float) -> None:
-        self.wait_time.labels(model).observe(seconds)
+        _child(self._wait_children, self.wait_time, model).observe(seconds)
 
     def waiting_room_rejected(self, model: str) -> None:
         self.rejected.labels(model).inc()
+
+
+def _child(cache: dict[str, Any], metric: Any, model: str) -> Any:
+    child = cache.get(model)
+    if child is None:
+        child = cache[model] = metric.labels(model)
+    return child
 
 
 def _buckets(table: dict[tuple[str, str], _Buckets], key: tuple[str, str]) -> _Buckets:

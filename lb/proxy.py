@@ -4,8 +4,10 @@ request -> read body (bounded) -> parse once -> resolve model/adapter -> lease a
 forward -> relay the response chunk by chunk with ``send`` -> release.
 
 It is raw ASGI rather than a Starlette endpoint because Starlette's Request/StreamingResponse
-cost tens of microseconds per request and several per chunk. A watcher on ``receive`` turns a
-client disconnect into cancellation of this task, which aborts the upstream request at once.
+cost tens of microseconds per request and several per chunk. A client disconnect cancels this
+task, which aborts the upstream request at once: kvgate's own server reports the lost
+connection through a callback in the scope (``DISCONNECT_HOOK``); under any other
+ASGI server a watcher on ``receive`` does it.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class Proxy:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
-        watcher = _DisconnectWatch(receive, exchange)
+        hook = scope.get(DISCONNECT_HOOK)
+        watcher = (_DisconnectHook(hook, exchange) if hook is not None
+                   else _DisconnectWatch(receive, exchange))
         active = self._metrics.active_gauge(model.name)
         active.inc()
         try:
@@ -219,6 +223,27 @@ class Proxy:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+class _DisconnectHook:
+    """Cancels the handler task when the server reports the client's connection lost."""
+
+    __slots__ = ("_hook", "_exchange", "_handler")
+
+    def __init__(self, hook: Callable[[Callable[[], None] | None], None],
+                 exchange: _Exchange) -> None:
+        self._hook = hook
+        self._exchange = exchange
+        self._handler = asyncio.current_task()
+        hook(self._lost)
+
+    def _lost(self) -> None:
+        if not self._exchange.finishing:
+            self._exchange.disconnected = True
+            self._handler.cancel()
+
+    def cancel(self) -> None:
+        self._hook(None)
+
+
 class _DisconnectWatch:
     """Cancels the handler task when the client goes away, so upstream work stops with it.
 
@@ -232,12 +257,13 @@ class _DisconnectWatch:
     def __init__(self, receive: Receive, exchange: _Exchange) -> None:
         self._receive = receive
         self._exchange = exchange
-        self._handler = asyncio.current_task()
+        loop = asyncio.get_running_loop()  # once: each call costs a getpid() syscall
+        self._handler = asyncio.current_task(loop)
         self._task: asyncio.Task[Any] | None = None
-        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._start)
+        self._timer = loop.call_later(_WATCH_AFTER, self._start)
 
     def _start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._receive())
+        self._task = self._handler.get_loop().create_task(self._receive())
         self._task.add_done_callback(self._on_message)
 
     def _on_message(self, task: asyncio.Task[Any]) -> None:
@@ -254,6 +280,8 @@ class _DisconnectWatch:
 
 
 _WATCH_AFTER = 0.02
+# The scope key under which kvgate's server (lb.server) offers a lost-connection callback.
+DISCONNECT_HOOK = "kvgate.on_disconnect"
 
 
 def _content_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:

@@ -5,6 +5,10 @@ each model's ready endpoints here; the gateway only reads. Each model owns an En
 its ring (which also carries the in-flight accounting for every strategy) and an event that
 fires on every endpoint change, so the waiting room re-evaluates instead of waiting for a
 specific replica (KubeAI's adapter wait never re-checks).
+
+With several worker processes, every process has its own registry, fed the same models and
+endpoints; their rings count in-flight requests in one shared ``LoadTable`` (namespaced by
+model), so each worker bounds loads by the requests of all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from lb.model import Model
-from lb.ring import Ring
+from lb.ring import LoadTable, Ring
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +34,9 @@ class Endpoint:
 class EndpointGroup:
     """A model's endpoints and the ring that balances them."""
 
-    def __init__(self, replication: int, mean_load_factor: int) -> None:
-        self.ring = Ring(replication, mean_load_factor)
+    def __init__(self, replication: int, mean_load_factor: int,
+                 loads: LoadTable | None = None, namespace: str = "") -> None:
+        self.ring = Ring(replication, mean_load_factor, loads=loads, namespace=namespace)
         self.endpoints: dict[str, Endpoint] = {}
         self._changed = asyncio.Event()
 
@@ -67,7 +72,8 @@ class EndpointGroup:
 class Registry:
     """Models by name and an EndpointGroup per model."""
 
-    def __init__(self) -> None:
+    def __init__(self, loads: LoadTable | None = None) -> None:
+        self.loads = loads  # shared with the other worker processes, if any
         self._models: dict[str, Model] = {}
         self._groups: dict[str, EndpointGroup] = {}
 
@@ -110,9 +116,10 @@ class Registry:
     def _new_group(self, model: str) -> EndpointGroup:
         spec = self._models.get(model)
         if spec is None:
-            return EndpointGroup(256, 125)
+            return EndpointGroup(256, 125, self.loads, model)
         prefix_hash = spec.spec.load_balancing.prefix_hash
-        return EndpointGroup(prefix_hash.replication, prefix_hash.mean_load_factor)
+        return EndpointGroup(prefix_hash.replication, prefix_hash.mean_load_factor, self.loads,
+                             model)
 
     def _rebuild(self, model: str, old: EndpointGroup) -> None:
         """A new replication means new vnodes: build a fresh ring. Requests in flight release

@@ -9,19 +9,19 @@ from __future__ import annotations
 import logging
 import os
 
-from lb.chwbl import MAX_ENDPOINTS
+from lb.chwbl import MAX_ENDPOINTS, LoadTable
 
-__all__ = ["Ring", "IMPLEMENTATION", "MAX_ENDPOINTS", "hash64"]
+__all__ = ["Ring", "LoadTable", "SharedCount", "IMPLEMENTATION", "MAX_ENDPOINTS", "hash64"]
 
 if os.environ.get("KVGATE_PURE_RING") == "1":
-    from lb.chwbl import Ring, hash64
+    from lb.chwbl import Ring, SharedCount, hash64
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from lb._chwbl import Ring, hash64
+        from lb._chwbl import Ring, SharedCount, hash64
     except ImportError:
-        from lb.chwbl import Ring, hash64
+        from lb.chwbl import Ring, SharedCount, hash64
 
         IMPLEMENTATION = "python"
         logging.getLogger(__name__).warning(

@@ -1,0 +1,502 @@
+"""kvgate against its peers, side by side in one run: direct, kvgate, nginx, LiteLLM.
+
+One fast OpenAI-shaped backend (``bench/fast_backend.py``: a fixed chat completion, or 20 SSE
+chunks written back to back) sits behind each proxy in turn. The same load generator (wrk, one
+thread, 64 connections) measures, per path and response shape: requests/s, latency p50/p99,
+the p50/p99 added over going direct, the proxy's CPU time per request (user+system seconds of
+the proxy's processes, workers included, from /proc, over the requests served) and its RSS
+(summed over its processes, at the end of the run). Then a fixed 1,000 req/s (hey) gives the
+latency each proxy adds at a moderate rate, and kvgate with 1 and 2 worker processes is run
+again unpinned to compare their throughput.
+
+Paths:
+
+* ``direct``: the client talks to the backend;
+* ``kvgate``: ``kvgate gateway`` (one worker, static endpoints, PrefixHash);
+* ``nginx``: Debian's nginx, one worker, ``proxy_pass`` to an upstream with ``keepalive``,
+  HTTP/1.1 upstream, ``proxy_buffering off`` (so SSE chunks are passed on as they arrive),
+  no access log;
+* ``litellm``: LiteLLM's proxy from PyPI (``litellm --config ...``, one worker, its defaults),
+  with ``LITELLM_MASTER_KEY`` and ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (this machine is
+  offline). Found with ``--litellm PATH``, ``$KVGATE_LITELLM`` or ``litellm`` on ``$PATH``;
+  without it, the run says so and carries on with the others.
+
+The server under test (backend when direct, the proxy otherwise) is pinned to CPU 1 and
+everything else to CPU 0, so each proxy gets one core, as in ``proxy_bench.py``. Every path's
+figures come from the same run; compare ratios, not absolute numbers across runs.
+
+    python -m bench.peers_bench [--duration 10] [--quick] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import orjson
+
+from bench.procs import (free_port, pinned, spawn, stop, tree, tree_cpu_seconds, tree_rss_bytes,
+                         wait_for_port)
+from bench.proxy_bench import _CHAT, _hey, _wrk
+
+MASTER_KEY = "sk-kvgate-bench"
+AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}  # LiteLLM wants it; the others ignore it
+SHAPES = {"json": "", "sse-20": ',"stream":true'}
+TARGETS = {"cpu_us_json": 100.0, "cpu_us_sse": 150.0, "x_litellm": 50.0, "added_p50_ms": 0.5,
+           "added_p99_ms": 3.0, "workers_ratio": 1.6}
+
+
+@dataclass
+class Route:
+    """A way to the backend: its name, port and the process (tree) to account to it."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+
+@dataclass
+class Row:
+    path: str
+    shape: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    added_p50_ms: float = 0.0
+    added_p99_ms: float = 0.0
+    cpu_us: float | None = None
+    rss_mib: float | None = None
+    requests: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rate", type=int, default=1000, help="req/s for the latency runs")
+    parser.add_argument("--quick", action="store_true", help="3 s runs")
+    parser.add_argument("--litellm", help="the litellm executable (default: $KVGATE_LITELLM, "
+                                          "then litellm on $PATH)")
+    parser.add_argument("--skip", default="", help="comma-separated paths to leave out")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    duration = 3 if args.quick else args.duration
+    skip = set(filter(None, args.skip.split(",")))
+    from lb.ring import IMPLEMENTATION
+    print(f"ring implementation: {IMPLEMENTATION}; cores: {os.cpu_count()}", flush=True)
+    litellm = _find_litellm(args.litellm) if "litellm" not in skip else None
+    load_before = os.getloadavg()[0]
+    with ExitStack() as stack:
+        paths = _start_paths(stack, litellm, skip)
+        rows = _saturation(paths, duration, args.connections)
+        at_rate = _latency_at_rate(paths, args.rate, duration)
+    workers = _workers_scaling(duration, args.connections) if "workers" not in skip else {}
+    result = {"settings": {"duration_s": duration, "connections": args.connections,
+                           "rate": args.rate, "cores": os.cpu_count(),
+                           "ring": IMPLEMENTATION, "python": platform.python_version(),
+                           "versions": _versions(litellm),
+                           "load_average_1m": [load_before, os.getloadavg()[0]]},
+              "saturation": [asdict(r) for r in rows], "latency_at_rate": at_rate,
+              "workers": workers}
+    result["targets"] = _targets(rows, at_rate, workers)
+    text = _markdown(result)
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peers.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (args.out / "peers.md").write_text(text)
+    chart(result, args.out / "peers.png")
+    print(f"wrote {args.out}/peers.json, peers.md, peers.png")
+    return 0
+
+
+# -- the paths ------------------------------------------------------------------------------------
+
+
+def _find_litellm(explicit: str | None) -> str | None:
+    candidate = explicit or os.environ.get("KVGATE_LITELLM") or shutil.which("litellm")
+    candidate = os.path.expanduser(candidate) if candidate else None
+    if candidate and Path(candidate).is_file():
+        return candidate
+    print("LiteLLM not found: pass --litellm PATH or set KVGATE_LITELLM (e.g. after "
+          "`python -m venv ~/litellm-venv && ~/litellm-venv/bin/pip install "
+          "'litellm[proxy]'`, use ~/litellm-venv/bin/litellm); its rows are left out.",
+          flush=True)
+    return None
+
+
+def _start_paths(stack: ExitStack, litellm: str | None, skip: set[str]) -> list[Route]:
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    backend_port = free_port()
+    backend = _keep(stack, spawn([sys.executable, "-m", "bench.fast_backend", "--port",
+                                  str(backend_port), "--chunks", "20", "--chunk-gap-ms", "0"],
+                                 cpu=0))
+    paths = [Route("direct", backend_port, backend)]
+    starters: dict[str, Callable[[Path, int, int], subprocess.Popen[bytes] | None]] = {
+        "kvgate": _start_kvgate, "nginx": _start_nginx,
+        "litellm": lambda tmp, backend, port: _start_litellm(tmp, backend, port, litellm)}
+    for name, start in starters.items():
+        if name in skip or (name == "litellm" and litellm is None):
+            continue
+        port = free_port()
+        paths.append(Route(name, port, _keep(stack, start(tmp, backend_port, port))))
+    for path in paths:
+        wait_for_port(path.port, timeout=180)
+        _check(path)
+    return paths
+
+
+def _keep(stack: ExitStack, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    stack.callback(stop, proc)
+    return proc
+
+
+def _check(path: Route) -> None:
+    """Requests of each shape until they are answered (a proxy may listen before it serves),
+    so a misconfigured one fails here and not as a wrk error."""
+    for shape, extra in SHAPES.items():
+        deadline = time.monotonic() + 120
+        while _wrk(path.port, _CHAT % ("m", extra), 2, 1, AUTH, timeout=30)["requests"] == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{path.name} answered no {shape} request")
+            time.sleep(1)
+
+
+def _kvgate_config(tmp: Path, backend_port: int, port: int) -> Path:
+    config = tmp / f"kvgate-{port}.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}\n"
+        "models:\n- apiVersion: kvgate.dev/v1\n  kind: Model\n  metadata: {name: m}\n"
+        "  spec:\n    url: hf://bench/m\n    engine: VLLM\n    features: [TextGeneration]\n"
+        "    loadBalancing: {strategy: PrefixHash}\n"
+        f'endpoints:\n  m: [{{address: "127.0.0.1:{backend_port}"}}]\n')
+    return config
+
+
+def _start_kvgate(tmp: Path, backend_port: int, port: int, workers: int = 1,
+                  cpu: int | None = 1) -> subprocess.Popen[bytes]:
+    config = _kvgate_config(tmp, backend_port, port)
+    return spawn([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config),
+                  "--workers", str(workers)], cpu=cpu)
+
+
+_NGINX = """\
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream backend {{
+        server 127.0.0.1:{backend};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def _start_nginx(tmp: Path, backend_port: int, port: int) -> subprocess.Popen[bytes]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    conf = tmp / "nginx.conf"
+    conf.write_text(_NGINX.format(tmp=tmp, backend=backend_port, port=port))
+    return spawn([nginx, "-c", str(conf), "-p", str(tmp), "-e", str(tmp / "nginx-error.log")],
+                 cpu=1)
+
+
+def _start_litellm(tmp: Path, backend_port: int, port: int,
+                   litellm: str | None) -> subprocess.Popen[bytes]:
+    assert litellm is not None
+    conf = tmp / "litellm.yaml"
+    conf.write_text("model_list:\n  - model_name: m\n    litellm_params:\n"
+                    f"      model: openai/m\n      api_base: http://127.0.0.1:{backend_port}/v1\n"
+                    "      api_key: sk-none\nlitellm_settings:\n  telemetry: false\n")
+    env = {**os.environ, "LITELLM_MASTER_KEY": MASTER_KEY,
+           "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    return spawn([litellm, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port),
+                  "--num_workers", "1"], cpu=1, env=env)
+
+
+def _versions(litellm: str | None) -> dict[str, str]:
+    versions = {}
+    try:
+        out = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
+        versions["nginx"] = out.strip().rpartition("/")[2]
+    except OSError:
+        pass
+    if litellm:
+        python = Path(litellm).with_name("python")
+        out = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
+                              "print(m.version('litellm'))"], capture_output=True, text=True)
+        versions["litellm"] = out.stdout.strip()
+    return versions
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def _saturation(paths: list[Route], duration: int, connections: int) -> list[Row]:
+    rows: list[Row] = []
+    direct = paths[0]
+    for shape, extra in SHAPES.items():
+        body = _CHAT % ("m", extra)
+        for path in paths:
+            # Direct: the backend has CPU 1 to itself; proxied, it moves to CPU 0 with wrk.
+            for pid in tree(direct.proc.pid):
+                pinned(pid, 1 if path is direct else 0)
+            # A slow proxy's streams outlast wrk's default 2 s timeout; give every path 60 s.
+            _wrk(path.port, body, 1, connections, AUTH, timeout=60)  # warm-up
+            before = tree_cpu_seconds(path.proc.pid)
+            counter = _Instructions(tree(path.proc.pid), duration)
+            result = _wrk(path.port, body, duration, connections, AUTH, timeout=60)
+            cpu = tree_cpu_seconds(path.proc.pid) - before
+            instructions = counter.result()
+            row = Row(path.name, shape, result["rps"], result["p50"], result["p99"],
+                      cpu_us=cpu / max(1, result["requests"]) * 1e6,
+                      rss_mib=tree_rss_bytes(path.proc.pid) / 2**20,
+                      requests=int(result["requests"]),
+                      extra={"processes": len(tree(path.proc.pid)),
+                             "cores_used": cpu / duration})
+            if instructions is not None:
+                row.extra["k_instructions"] = instructions / max(1, result["requests"]) / 1e3
+            rows.append(row)
+            print(f"  {path.name:8s} {shape:7s} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.2f} ms  "
+                  f"CPU {row.cpu_us:6.0f} µs/req", flush=True)
+    base = {r.shape: r for r in rows if r.path == "direct"}
+    for row in rows:
+        row.added_p50_ms = row.p50_ms - base[row.shape].p50_ms
+        row.added_p99_ms = row.p99_ms - base[row.shape].p99_ms
+    for pid in tree(direct.proc.pid):
+        pinned(pid, 0)
+    return rows
+
+
+class _Instructions:
+    """Instructions the processes retire over the run (``perf stat``), when perf is usable.
+
+    CPU time per request swells when other work shares the core (caches, the sibling
+    hyperthread); the instruction count does not, so it is the steadier figure on a busy
+    machine. None when perf is missing or not permitted."""
+
+    def __init__(self, pids: list[int], seconds: int) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        perf = shutil.which("perf")
+        if perf:
+            self._proc = subprocess.Popen(
+                [perf, "stat", "-x,", "-e", "instructions", "-p", ",".join(map(str, pids)),
+                 "--", "sleep", str(seconds)], stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, text=True)
+
+    def result(self) -> float | None:
+        if self._proc is None:
+            return None
+        _, err = self._proc.communicate()
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] == "instructions" and fields[0].isdigit():
+                return float(fields[0])
+        return None
+
+
+def _latency_at_rate(paths: list[Route], rate: int, duration: int) -> list[dict[str, float]]:
+    """hey at a fixed offered rate, JSON responses; three rounds with the paths alternating so
+    drift hits all alike; medians. LiteLLM cannot sustain it, so it is offered 20 req/s (for
+    12 s, so hey has enough answers for a p99)."""
+    body = _CHAT % ("m", "")
+    runs: dict[str, list[tuple[float, float]]] = {p.name: [] for p in paths}
+    rates = {p.name: 20 if p.name == "litellm" else rate for p in paths}
+    for _ in range(3):
+        for path in paths:
+            seconds = max(12, duration) if path.name == "litellm" else max(2, duration // 2)
+            runs[path.name].append(_hey(path.port, body, rates[path.name], seconds, AUTH))
+    direct = (statistics.median(r[0] for r in runs["direct"]),
+              statistics.median(r[1] for r in runs["direct"]))
+    out = []
+    for path in paths:
+        p50 = statistics.median(r[0] for r in runs[path.name])
+        p99 = statistics.median(r[1] for r in runs[path.name])
+        out.append({"path": path.name, "rate": rates[path.name], "p50_ms": p50, "p99_ms": p99,
+                    "added_p50_ms": p50 - direct[0], "added_p99_ms": p99 - direct[1]})
+    return out
+
+
+def _workers_scaling(duration: int, connections: int) -> dict[str, object]:
+    """kvgate with 1 and 2 workers, nothing pinned (two workers need both cores, which they
+    share with wrk and the backend), alternating, three rounds each; medians."""
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        backend_port = free_port()
+        _keep(stack, spawn([sys.executable, "-m", "bench.fast_backend", "--port",
+                            str(backend_port), "--chunks", "20", "--chunk-gap-ms", "0"]))
+        gateways = {}
+        for workers in (1, 2):
+            port = free_port()
+            proc = _keep(stack, _start_kvgate(tmp, backend_port, port, workers, cpu=None))
+            gateways[workers] = (port, proc)
+        wait_for_port(backend_port)
+        for port, _ in gateways.values():
+            wait_for_port(port)
+        body = _CHAT % ("m", "")
+        rps: dict[int, list[float]] = {1: [], 2: []}
+        cpu: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(3):
+            for workers, (port, proc) in gateways.items():
+                _wrk(port, body, 1, connections)
+                before = tree_cpu_seconds(proc.pid)
+                result = _wrk(port, body, duration, connections)
+                cpu[workers].append((tree_cpu_seconds(proc.pid) - before) / duration)
+                rps[workers].append(result["rps"])
+                print(f"  kvgate {workers} worker(s): {result['rps']:9.0f} req/s", flush=True)
+    one, two = statistics.median(rps[1]), statistics.median(rps[2])
+    return {"rps_1": one, "rps_2": two, "ratio": two / one,
+            "cores_used_1": statistics.median(cpu[1]), "cores_used_2": statistics.median(cpu[2]),
+            "runs": {"1": rps[1], "2": rps[2]}}
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _targets(rows: list[Row], at_rate: list[dict[str, float]],
+             workers: dict[str, object]) -> list[dict[str, object]]:
+    by = {(r.path, r.shape): r for r in rows}
+    rate = {r["path"]: r for r in at_rate}
+    checks: list[tuple[str, float | None, float, bool]] = []
+    if ("kvgate", "json") in by:
+        checks.append(("kvgate CPU per JSON request (µs)", by[("kvgate", "json")].cpu_us,
+                       TARGETS["cpu_us_json"], False))
+        checks.append(("kvgate CPU per 20-chunk stream (µs)", by[("kvgate", "sse-20")].cpu_us,
+                       TARGETS["cpu_us_sse"], False))
+    if ("litellm", "json") in by and ("kvgate", "json") in by:
+        checks.append(("kvgate req/s ÷ LiteLLM req/s (JSON)",
+                       by[("kvgate", "json")].rps / by[("litellm", "json")].rps,
+                       TARGETS["x_litellm"], True))
+    if "kvgate" in rate:
+        checks.append((f"added p50 at {rate['kvgate']['rate']:.0f} req/s (ms)",
+                       rate["kvgate"]["added_p50_ms"], TARGETS["added_p50_ms"], False))
+        checks.append((f"added p99 at {rate['kvgate']['rate']:.0f} req/s (ms)",
+                       rate["kvgate"]["added_p99_ms"], TARGETS["added_p99_ms"], False))
+    if workers:
+        checks.append(("2 workers ÷ 1 worker req/s", float(workers["ratio"]),  # type: ignore[arg-type]
+                       TARGETS["workers_ratio"], True))
+    return [{"target": name, "measured": value, "limit": limit,
+             "met": value is not None and (value >= limit if higher else value <= limit),
+             "higher_is_better": higher} for name, value, limit, higher in checks]
+
+
+def _markdown(result: dict) -> str:  # type: ignore[type-arg]
+    s = result["settings"]
+    lines = [f"Peers, one run: wrk -t1 -c{s['connections']}, {s['duration_s']} s per cell, "
+             f"{s['cores']} cores; proxy pinned to one core; load average "
+             f"{s['load_average_1m'][0]:.1f} before, {s['load_average_1m'][1]:.1f} after "
+             "(other work on the machine shows as lower 'cores used'). Versions: "
+             + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ".", "",
+             "| path | response | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms "
+             "| CPU µs/request | k instructions/request | cores used | processes | RSS MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["saturation"]:
+        kinstr = r["extra"].get("k_instructions")
+        lines.append(f"| {r['path']} | {r['shape']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['added_p50_ms']:.2f} | {r['added_p99_ms']:.2f} | "
+                     f"{r['cpu_us']:,.0f} | {f'{kinstr:,.0f}' if kinstr else '-'} | "
+                     f"{r['extra']['cores_used']:.2f} | {r['extra']['processes']} | "
+                     f"{r['rss_mib']:.0f} |")
+    lines += ["", "CPU µs/request, instructions (perf stat, user + kernel), cores used, processes "
+              "and RSS of `direct` are the backend's own; for the proxies, of all the proxy's "
+              "processes (summed).", "",
+              "At a fixed offered rate (hey, JSON, medians of 3 alternating runs):", "",
+              "| path | offered req/s | p50 ms | p99 ms | added p50 ms | added p99 ms |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in result["latency_at_rate"]:
+        lines.append(f"| {r['path']} | {r['rate']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+                     f"| {r['added_p50_ms']:.2f} | {r['added_p99_ms']:.2f} |")
+    w = result["workers"]
+    if w:
+        lines += ["", "kvgate workers, unpinned (JSON, medians of 3 alternating runs):", "",
+                  "| workers | req/s | cores used by kvgate | req/s per kvgate core |",
+                  "|---:|---:|---:|---:|",
+                  f"| 1 | {w['rps_1']:,.0f} | {w['cores_used_1']:.2f} | "
+                  f"{w['rps_1'] / w['cores_used_1']:,.0f} |",
+                  f"| 2 | {w['rps_2']:,.0f} | {w['cores_used_2']:.2f} | "
+                  f"{w['rps_2'] / w['cores_used_2']:,.0f} |",
+                  f"| 2 ÷ 1 | {w['ratio']:.2f} | "
+                  f"{w['cores_used_2'] / w['cores_used_1']:.2f} | "
+                  f"{w['rps_2'] / w['cores_used_2'] / (w['rps_1'] / w['cores_used_1']):.2f} |"]
+    lines += ["", "| target | measured | limit | met |", "|---|---:|---:|---|"]
+    for t in result["targets"]:
+        sign = "≥" if t["higher_is_better"] else "≤"
+        lines.append(f"| {t['target']} | {t['measured']:.2f} | {sign} {t['limit']:g} | "
+                     f"{'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:  # type: ignore[type-arg]
+    """The PNG: req/s, CPU per request, added latency (``chart(json.load(...), path)`` redraws
+    it from a saved run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["saturation"]
+    names = list(dict.fromkeys(r["path"] for r in rows))
+    proxies = [n for n in names if n != "direct"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    by = {(r["path"], r["shape"]): r for r in rows}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    width = 0.8 / len(shapes)
+    for k, shape in enumerate(shapes):
+        axes[0].bar([i + k * width for i in range(len(names))],
+                    [by[(n, shape)]["rps"] for n in names], width, label=shape)
+        axes[1].bar([i + k * width for i in range(len(proxies))],
+                    [by[(n, shape)]["cpu_us"] for n in proxies], width, label=shape)
+    for ax, labels, title in ((axes[0], names, "requests/s (log)"),
+                              (axes[1], proxies, "proxy CPU µs per request (log)")):
+        ax.set_xticks([i + width * (len(shapes) - 1) / 2 for i in range(len(labels))], labels)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend()
+    rate = [r for r in result["latency_at_rate"] if r["path"] != "direct"]
+    xs = range(len(rate))
+    axes[2].bar([x - 0.2 for x in xs], [max(r["added_p50_ms"], 0.01) for r in rate], 0.4,
+                label="added p50")
+    axes[2].bar([x + 0.2 for x in xs], [max(r["added_p99_ms"], 0.01) for r in rate], 0.4,
+                label="added p99")
+    axes[2].set_xticks(list(xs), [f"{r['path']}\n@{r['rate']:.0f} req/s" for r in rate])
+    axes[2].set_yscale("log")
+    axes[2].set_title("latency added over direct at a fixed rate, ms (log)")
+    axes[2].legend()
+    fig.suptitle("kvgate vs peers: one fast backend, same load generator, one run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

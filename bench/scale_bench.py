@@ -1,0 +1,396 @@
+"""Scale figures of the gateway: open streams, the waiting room, and ring size.
+
+1. **Memory per open stream.** N clients each open a streamed chat completion through kvgate
+   and hold it after the first chunk (the backend sends one chunk, then waits); with all N
+   open, the gateway's RSS (all its processes) is read from /proc and compared with its RSS
+   before. Levels 1,000 and 10,000 streams. Each stream holds two sockets in the gateway
+   (client and upstream); this machine's hard limit of open files (``ulimit -Hn``; raised to
+   it here with ``resource.setrlimit``) caps one process near 10,000 sockets, so the gateway
+   runs with ``--workers 2`` (5,000 streams and 10,000 sockets each), which also shows the
+   shared load table holding up.
+2. **The waiting room.** 10,000 requests for a model with no replica wait in the gateway; then
+   a replica appears (the gateway is told by a signal; it records the time on the shared
+   monotonic clock) and the time until the last client has its full response is reported.
+3. **Ring lookups as endpoints grow** to 1,024 (``ring_bench``'s rings: 256 vnodes each, every
+   endpoint with requests in flight), with the per-process loads and with the shared table
+   that ``--workers`` uses: pick, and acquire+release.
+
+    python -m bench.scale_bench [--streams 1000,10000] [--waiting 10000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.procs import free_port, stop, tree, tree_cpu_seconds, tree_rss_bytes, wait_for_port
+
+_REPO = Path(__file__).resolve().parent.parent
+_BODY = (b'{"model":"m","messages":[{"role":"user","content":"Tell me a long story."}]%s}')
+_TARGETS = {"rss_10k_gib": 1.0, "drain_10k_s": 1.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", default="1000,10000", help="open-stream levels")
+    parser.add_argument("--waiting", type=int, default=10_000, help="requests in the room")
+    parser.add_argument("--workers", type=int, default=2, help="gateway worker processes")
+    parser.add_argument("--quick", action="store_true", help="1,000 streams/waiters, fewer "
+                                                             "ring rounds")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--waiting-gateway", nargs="+", type=int,
+                        help=argparse.SUPPRESS)  # internal: PORT BACKEND METRICS-PORT...
+    args = parser.parse_args(argv)
+    if args.waiting_gateway:
+        port, backend, *metrics = args.waiting_gateway
+        return _waiting_gateway(port, backend, metrics)
+    limit = _raise_nofile()
+    levels = [1000] if args.quick else [int(n) for n in args.streams.split(",")]
+    waiting = 1000 if args.quick else args.waiting
+    print(f"open files allowed per process: {limit}; gateway workers: {args.workers}",
+          flush=True)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    result: dict[str, Any] = {"settings": {"workers": args.workers, "nofile": limit,
+                                           "cores": os.cpu_count(),
+                                           "load_average_1m": os.getloadavg()[0]}}
+    result["streams"] = [asyncio.run(_streams(n, args.workers)) for n in levels]
+    result["waiting_room"] = asyncio.run(_waiting_room(waiting, args.workers))
+    result["ring"] = _ring_sizes(args.quick)
+    result["targets"] = _targets(result)
+    text = _markdown(result)
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (args.out / "scale.md").write_text(text)
+    print(f"wrote {args.out}/scale.json and scale.md")
+    return 0
+
+
+def _raise_nofile() -> int:
+    """Soft limit up to the hard one; children (gateway, backend) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _popen(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    kwargs.setdefault("stdout", subprocess.DEVNULL)
+    return subprocess.Popen(cmd, cwd=_REPO, start_new_session=True, **kwargs)
+
+
+def _backend(port: int, gap_ms: float) -> subprocess.Popen[bytes]:
+    return _popen([sys.executable, "-m", "bench.fast_backend", "--port", str(port), "--chunks",
+                   "2", "--chunk-gap-ms", str(gap_ms)])
+
+
+# -- HTTP clients (raw sockets: 10,000 of them must fit in one process) ---------------------------
+
+
+def _request(stream: bool, close: bool = False) -> bytes:
+    body = _BODY % (b',"stream":true' if stream else b"")
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+            % (len(body), b"connection: close\r\n" if close else b"", body))
+
+
+async def _open_stream(port: int, gate: asyncio.Semaphore) -> asyncio.StreamWriter:
+    """A streamed completion, read up to its first chunk and then left open."""
+    async with gate:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_request(stream=True))
+        seen = b""
+        while b"data:" not in seen:
+            data = await reader.read(65536)
+            if not data:
+                raise RuntimeError("the gateway closed a stream before its first chunk")
+            seen += data
+        if not seen.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"stream refused: {seen[:80]!r}")
+    return writer
+
+
+async def _one_request(port: int, gate: asyncio.Semaphore, sent: list[int]) -> float:
+    """One non-streamed request on its own connection; returns when its answer is complete."""
+    async with gate:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_request(stream=False, close=True))
+    sent[0] += 1
+    answer = await reader.read()  # the gateway closes after the response (connection: close)
+    writer.close()
+    if not answer.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"request failed: {answer[:80]!r}")
+    return time.monotonic()
+
+
+# -- 1. memory per open stream --------------------------------------------------------------------
+
+
+async def _streams(count: int, workers: int) -> dict[str, float]:
+    backend_port, port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "gateway.yaml"
+        config.write_text(_config(port, 0, backend_port, static=True))
+        backend = _backend(backend_port, gap_ms=600_000)  # one chunk, then a long silence
+        gateway = _popen([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config),
+                          "--workers", str(workers)])
+        try:
+            wait_for_port(backend_port)
+            wait_for_port(port)
+            gate = asyncio.Semaphore(256)
+            warm = [await _open_stream(port, gate) for _ in range(20)]  # pools, code paths
+            await _close_all(warm)
+            await asyncio.sleep(0.5)
+            before = tree_rss_bytes(gateway.pid)
+            started = time.monotonic()
+            writers = await asyncio.gather(*(_open_stream(port, gate) for _ in range(count)))
+            opened_in = time.monotonic() - started
+            await asyncio.sleep(1.0)
+            after = tree_rss_bytes(gateway.pid)
+            await _close_all(writers)
+        finally:
+            stop(gateway)
+            stop(backend)
+    row = {"streams": count, "workers": workers, "rss_before_mib": before / 2**20,
+           "rss_open_mib": after / 2**20, "kib_per_stream": (after - before) / count / 1024,
+           "open_seconds": opened_in}
+    print(f"  {count:6d} open streams: RSS {row['rss_before_mib']:.0f} -> "
+          f"{row['rss_open_mib']:.0f} MiB ({row['kib_per_stream']:.1f} KiB per stream)",
+          flush=True)
+    return row
+
+
+async def _close_all(writers: list[asyncio.StreamWriter]) -> None:
+    for writer in writers:
+        writer.close()
+    await asyncio.sleep(0)
+
+
+def _config(port: int, metrics_port: int, backend_port: int, static: bool) -> str:
+    endpoints = f'endpoints:\n  m: [{{address: "127.0.0.1:{backend_port}"}}]\n' if static else ""
+    return (f"server: {{host: 127.0.0.1, port: {port}, metricsPort: {metrics_port}, "
+            "logLevel: warning}\n"
+            "waitingRoom: {maxWaitingPerModel: 50000, timeoutSeconds: 300}\n"
+            "models:\n- apiVersion: kvgate.dev/v1\n  kind: Model\n  metadata: {name: m}\n"
+            "  spec:\n    url: hf://bench/m\n    engine: VLLM\n    features: [TextGeneration]\n"
+            "    loadBalancing: {strategy: PrefixHash}\n" + endpoints)
+
+
+# -- 2. the waiting room --------------------------------------------------------------------------
+
+
+async def _waiting_room(count: int, workers: int) -> dict[str, float]:
+    backend_port, port = free_port(), free_port()
+    metrics_ports = [free_port() for _ in range(workers)]
+    backend = _backend(backend_port, gap_ms=0)
+    gateway = _popen([sys.executable, "-m", "bench.scale_bench", "--waiting-gateway", str(port),
+                      str(backend_port), *map(str, metrics_ports)], stdout=subprocess.PIPE)
+    try:
+        wait_for_port(backend_port)
+        wait_for_port(port)
+        gate = asyncio.Semaphore(256)
+        sent = [0]
+        tasks = [asyncio.ensure_future(_one_request(port, gate, sent)) for _ in range(count)]
+        await _until_waiting(metrics_ports, count, tasks)
+        pids = [p for p in tree(gateway.pid) if p != gateway.pid]
+        cpu_before = _cpu(gateway, backend)
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR1)  # "a replica appeared": each worker sets endpoints
+        assert gateway.stdout is not None
+        loop = asyncio.get_running_loop()
+        appeared = [float(await loop.run_in_executor(None, gateway.stdout.readline))
+                    for _ in pids]
+        done = await asyncio.gather(*tasks)
+        cpu = {k: v - cpu_before[k] for k, v in _cpu(gateway, backend).items()}
+    finally:
+        stop(gateway)
+        stop(backend)
+    drain = max(done) - min(appeared)
+    row = {"requests": count, "workers": workers, "drain_seconds": drain,
+           "served_per_second": count / drain,
+           **{f"cpu_seconds_{name}": value for name, value in cpu.items()}}
+    print(f"  {count} waiting requests served {drain:.3f} s after the replica appeared "
+          f"(CPU s: {', '.join(f'{k} {v:.2f}' for k, v in cpu.items())})", flush=True)
+    return row
+
+
+def _cpu(gateway: subprocess.Popen[bytes], backend: subprocess.Popen[bytes]) -> dict[str, float]:
+    """CPU seconds so far of the gateway (all workers), the backend and these clients."""
+    clients = os.times()
+    return {"gateway": tree_cpu_seconds(gateway.pid), "backend": tree_cpu_seconds(backend.pid),
+            "clients": clients.user + clients.system}
+
+
+async def _until_waiting(metrics_ports: list[int], count: int,
+                         tasks: list[asyncio.Future[float]]) -> None:
+    """Poll every worker's ``kvgate_waiting_requests`` until all requests are in the room."""
+    deadline = time.monotonic() + 120
+    while True:
+        waiting = 0
+        for port in metrics_ports:
+            waiting += await _scrape_waiting(port)
+        if waiting >= count:
+            return
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {waiting} of {count} requests reached the waiting room")
+        await asyncio.sleep(0.2)
+
+
+async def _scrape_waiting(port: int) -> int:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return 0
+    writer.write(b"GET /metrics HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    for line in text.splitlines():
+        if line.startswith('kvgate_waiting_requests{model="m"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def _waiting_gateway(port: int, backend_port: int, metrics_ports: list[int]) -> int:
+    """The gateway for the waiting-room run: static config without endpoints; SIGUSR1 adds
+    the replica in each worker and prints the time (CLOCK_MONOTONIC, shared by processes).
+    Worker ``i`` serves its metrics on ``metrics_ports[i]`` so the bench sees every room."""
+    from lb.app import Gateway
+    from lb.cli import static_registry
+    from lb.config import load_config
+    from lb.registry import Endpoint
+    from lb.ring import LoadTable
+    from lb.server import bind, install_uvloop, run_workers, serve, tune_gc
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        handle.write(_config(port, 0, backend_port, static=False))
+    config = load_config(handle.name)
+    os.unlink(handle.name)
+    loads = LoadTable()
+
+    def worker(index: int, sock: Any, _: Any) -> None:
+        install_uvloop()
+        gateway = Gateway(config, static_registry(config, loads))
+        gateway.metrics.share_active(loads)
+        metrics_sock = bind("127.0.0.1", metrics_ports[index])
+        tune_gc()
+
+        async def run() -> None:
+            def appear() -> None:
+                gateway.registry.set_endpoints("m", [Endpoint("m/0", f"127.0.0.1:{backend_port}")])
+                os.write(1, b"%r\n" % time.monotonic())  # one write: workers share the pipe
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, appear)
+            await serve(gateway, sock, metrics_sock)
+
+        asyncio.run(run())
+
+    return run_workers(len(metrics_ports), "127.0.0.1", port, 0, worker)
+
+
+# -- 3. ring lookups as endpoints grow ------------------------------------------------------------
+
+
+def _ring_sizes(quick: bool) -> list[dict[str, float]]:
+    from functools import partial
+
+    from bench import ring_bench
+    from lb.ring import IMPLEMENTATION, LoadTable, Ring
+
+    keys = ring_bench.prefixes(500 if quick else 1000)
+    rounds = 8 if quick else 30
+    rows = []
+    for n in ring_bench.SIZES:
+        table = LoadTable()
+        built = {"local": ring_bench.build(Ring, n),
+                 "shared": ring_bench.build(partial(Ring, loads=table, namespace="m"), n)}
+        cases = {name: (ring.pick, keys, 5) for name, (ring, _) in built.items()}
+        picks = ring_bench.per_call_ns(cases, rounds)
+        keys_n = ring_bench.endpoint_keys(n)
+        endpoints = [keys_n[i % n] for i in range(64)]  # same batch size at every ring size
+        churn = {name: (_acquire_release, [(ring, endpoints)], 200)
+                 for name, (ring, _) in built.items()}
+        leases = ring_bench.per_call_ns(churn, rounds)
+        rows.append({"endpoints": n, "implementation": IMPLEMENTATION,
+                     "pick_ns": picks["local"], "pick_shared_ns": picks["shared"],
+                     "acquire_release_ns": leases["local"] / len(endpoints),
+                     "acquire_release_shared_ns": leases["shared"] / len(endpoints)})
+        print(f"  ring of {n:4d} endpoints: pick {picks['local']:.0f} ns", flush=True)
+    return rows
+
+
+def _acquire_release(case: tuple[Any, list[str]]) -> None:
+    ring, endpoints = case
+    for key in endpoints:
+        ring.release(ring.acquire(key))
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    big = [r for r in result["streams"] if r["streams"] >= 10_000]
+    if big:
+        out.append({"target": "RSS with 10k open streams (GiB)",
+                    "measured": big[0]["rss_open_mib"] / 1024, "limit": _TARGETS["rss_10k_gib"],
+                    "met": big[0]["rss_open_mib"] / 1024 <= _TARGETS["rss_10k_gib"]})
+    room = result["waiting_room"]
+    if room["requests"] >= 10_000:
+        out.append({"target": "10k waiting requests served after a replica appears (s)",
+                    "measured": room["drain_seconds"], "limit": _TARGETS["drain_10k_s"],
+                    "met": room["drain_seconds"] <= _TARGETS["drain_10k_s"]})
+    return out
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [f"Scale, one run: {s['cores']} cores (load average {s['load_average_1m']:.1f} at "
+             f"the start), gateway with {s['workers']} workers, {s['nofile']} open files per "
+             "process.", "",
+             "| open streams | gateway RSS before MiB | RSS with streams open MiB | KiB per stream "
+             "| time to open all s |", "|---:|---:|---:|---:|---:|"]
+    for r in result["streams"]:
+        lines.append(f"| {r['streams']:,} | {r['rss_before_mib']:.0f} | {r['rss_open_mib']:.0f} "
+                     f"| {r['kib_per_stream']:.1f} | {r['open_seconds']:.2f} |")
+    w = result["waiting_room"]
+    lines += ["", "| requests in the waiting room | served after the replica appeared, s "
+              "| requests/s while draining |", "|---:|---:|---:|",
+              f"| {w['requests']:,} | {w['drain_seconds']:.3f} | {w['served_per_second']:,.0f} |",
+              "", f"CPU seconds while draining: gateway {w['cpu_seconds_gateway']:.2f}, backend "
+              f"{w['cpu_seconds_backend']:.2f}, clients {w['cpu_seconds_clients']:.2f} "
+              f"({s['cores']} cores: at most {s['cores'] * w['drain_seconds']:.2f} in all).",
+              "", "Ring lookups (256 vnodes per endpoint, every endpoint busy), median ns per "
+              "call:", "",
+              "| endpoints | pick | pick, shared table | acquire+release | acquire+release, "
+              "shared table |", "|---:|---:|---:|---:|---:|"]
+    for r in result["ring"]:
+        lines.append(f"| {r['endpoints']} | {r['pick_ns']:.0f} | {r['pick_shared_ns']:.0f} | "
+                     f"{r['acquire_release_ns']:.0f} | {r['acquire_release_shared_ns']:.0f} |")
+    if result["targets"]:
+        lines += ["", "| target | measured | limit | met |", "|---|---:|---:|---|"]
+        for t in result["targets"]:
+            lines.append(f"| {t['target']} | {t['measured']:.3f} | ≤ {t['limit']:g} | "
+                         f"{'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
