@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: install build run test bench-ring bench-proxy clean
+.PHONY: install build run test bench-ring bench-proxy bench-peers bench-scale clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,12 @@ bench-ring: build
 
 bench-proxy: build
 	$(BIN)/python bench/proxy_bench.py
+
+bench-peers: build
+	$(BIN)/python -m bench.peers_bench
+
+bench-scale: build
+	$(BIN)/python -m bench.scale_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info lb/_chwbl.c lb/*.so
