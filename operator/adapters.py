@@ -1,9 +1,9 @@
 """LoRA adapters on live replicas: make each ready replica's loaded set match the Model's spec.
 
 Runtime-agnostic: a replica is a key and an address, fetching adapter files is a `Fetcher`, and
-the loaded set is handed to a `Recorder`. The cluster runtime records it as Pod labels
-`adapter.kvgate.dev/<name>` (what `plan.adapters_of` reads for routing) plus an annotation with
-the URLs; the local runtime keeps it in memory (`MemoryRecorder`).
+the loaded set is handed to a `Recorder`. The cluster runtime records it on Pods
+(`cluster_adapters.PodRecorder`); the local runtime keeps it in memory (`MemoryRecorder`). Both
+drive the sync with `SyncWorkers`, one worker per model.
 
 One pass over a replica (`AdapterSync.sync_replica`):
 1. ask the server which adapters it really has (`GET /v1/models`, LoRA cards have a `parent`),
@@ -18,25 +18,21 @@ A replica that fails is reported in its `SyncResult` and never stops the others.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Generic, Hashable, Mapping, Protocol, Sequence, TypeVar
 
 import aiohttp
 
-from lb.model import ADAPTER_ENGINES, Adapter, Model, parse_model_url
+from lb.model import ADAPTER_ENGINES, Adapter, Model
 
-from lb_operator.loader import LOADER_PORT_ANNOTATION, AdapterStore, FetchError
-from lb_operator.engines import MODEL_PORT
-from lb_operator.plan import is_ready
-from lb_operator.podspec import ADAPTER_LABEL_PREFIX, PORT_ANNOTATION
+from lb_operator.loader import AdapterStore, FetchError
+from lb_operator.retry import Backoff, wait_until_set
 
 log = logging.getLogger("lb_operator.adapters")
 
-ADAPTERS_ANNOTATION = "kvgate.dev/adapters"  # JSON {name: url} of the adapters loaded on a Pod
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,47 +75,18 @@ class AdapterError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fetchers
-
-
-def direct_path(url: str) -> str:
-    """The `lora_path` of an adapter the server reads itself: a hub id (vLLM downloads it) or a path."""
-    parsed = parse_model_url(url)
-    if parsed.scheme == "hf":
-        return parsed.ref
-    if parsed.scheme == "file":
-        return "/" + parsed.ref.lstrip("/")
-    raise FetchError(f"{url}: {parsed.scheme}:// adapters need an adapter loader")
+# Fetchers (the cluster's SidecarFetcher is in cluster_adapters)
 
 
 class StoreFetcher:
-    """Local runtime: download into a directory on this machine (servers here read the same disk)."""
+    """Download into a directory on this machine, for servers that read the same disk (the local
+    runtime's fetcher for every scheme but file://, whose paths it hands over as they are)."""
 
     def __init__(self, store: AdapterStore) -> None:
         self.store = store
 
     async def __call__(self, replica: Replica, adapter: Adapter) -> str:
         return await self.store.fetch(adapter.name, adapter.url)
-
-
-class SidecarFetcher:
-    """Cluster: ask the Pod's adapter-loader sidecar to fetch into the volume it shares with the
-    server. A replica without a sidecar gets the direct path (hf:// ids, file:// paths)."""
-
-    def __init__(self, session: aiohttp.ClientSession, timeout: float = 1800.0) -> None:
-        self.session = session
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-
-    async def __call__(self, replica: Replica, adapter: Adapter) -> str:
-        if replica.loader is None:
-            return direct_path(adapter.url)
-        url = f"http://{replica.loader}/fetch"
-        async with self.session.post(url, json={"name": adapter.name, "url": adapter.url},
-                                     timeout=self.timeout) as response:
-            body = await response.json(content_type=None)
-            if response.status != 200:
-                raise FetchError(f"{adapter.name}: loader answered {response.status}: {body.get('error')}")
-            return str(body["path"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +183,7 @@ class AdapterSync:
 
 
 # ---------------------------------------------------------------------------------------------
-# Recording: in memory (local runtime) and on Pods (cluster runtime)
+# Recording in memory (the local runtime; the cluster's PodRecorder is in cluster_adapters)
 
 
 class MemoryRecorder:
@@ -235,63 +202,84 @@ class MemoryRecorder:
         self.loaded.pop(key, None)
 
 
-def url_label_value(url: str) -> str:
-    """Label values are short and restricted; a hash of the URL still tells URLs apart (as KubeAI does)."""
-    return hashlib.sha256(url.encode()).hexdigest()[:16]
+# ---------------------------------------------------------------------------------------------
+# Driving the sync: one worker per model, in both runtimes
 
 
-def pod_adapters_patch(labels: Mapping[str, str], loaded: Mapping[str, str]) -> dict[str, Any]:
-    """A merge patch setting one label per loaded adapter, removing stale ones, and the URL annotation."""
-    new = {f"{ADAPTER_LABEL_PREFIX}{name}": url_label_value(url) for name, url in loaded.items()}
-    stale = {key: None for key in labels if key.startswith(ADAPTER_LABEL_PREFIX) and key not in new}
-    annotation = json.dumps(dict(sorted(loaded.items())), separators=(",", ":"))
-    return {"metadata": {"labels": {**stale, **new}, "annotations": {ADAPTERS_ANNOTATION: annotation}}}
+class SyncWorkers(Generic[K]):
+    """One task per key running `work(key)` (a sync pass: True when nothing failed), level-triggered.
 
-
-def recorded_adapters(pod: Mapping[str, Any]) -> dict[str, str]:
-    """{name: url} from a Pod's annotation, keeping only names that also have their label."""
-    meta = pod.get("metadata") or {}
-    try:
-        recorded = json.loads((meta.get("annotations") or {}).get(ADAPTERS_ANNOTATION) or "{}")
-    except ValueError:
-        return {}
-    labels = meta.get("labels") or {}
-    return {name: url for name, url in recorded.items()
-            if isinstance(url, str) and labels.get(f"{ADAPTER_LABEL_PREFIX}{name}") == url_label_value(url)}
-
-
-def replica_from_pod(pod: Mapping[str, Any]) -> Replica | None:
-    """The Replica of a ready Pod with an IP, or None; key and address as `plan.endpoints_from_pods`."""
-    meta = pod.get("metadata") or {}
-    annotations = meta.get("annotations") or {}
-    ip = (pod.get("status") or {}).get("podIP")
-    if not is_ready(pod) or not ip:
-        return None
-    port = annotations.get(PORT_ANNOTATION) or str(MODEL_PORT)
-    loader_port = annotations.get(LOADER_PORT_ANNOTATION)
-    return Replica(f"{meta.get('namespace', 'default')}/{meta.get('name', '')}", f"{ip}:{port}",
-                   recorded_adapters(pod), f"{ip}:{loader_port}" if loader_port else None)
-
-
-def replicas_from_pods(pods: Sequence[Mapping[str, Any]]) -> list[Replica]:
-    return [r for r in map(replica_from_pod, pods) if r is not None]
-
-
-class PodRecorder:
-    """Cluster runtime: patch the Pod (labels for routing, annotation for URL changes).
-
-    `api` is a kubernetes_asyncio ApiClient; the patch triggers a Pod MODIFIED event, so the watch
-    loop rebuilds the model's endpoints with the new adapter set.
+    `mark(key)` says "look at this key again": a pass started for an older spec is always
+    followed by one that sees the newer one, and a worker waiting out a failure's backoff starts
+    at once. A failed pass is retried after a growing delay; a pass that finds nothing to do (the
+    model is gone) returns True, which ends the worker. Workers run only between `start()` and
+    `stop()`; keys marked meanwhile, or cut off mid-pass by `stop()`, are picked up by the next
+    `start()` (the cluster's leadership terms).
     """
 
-    def __init__(self, api: Any) -> None:
-        from kubernetes_asyncio.client import CoreV1Api
+    def __init__(self, work: Callable[[K], Awaitable[bool]], *, retry: Backoff, name: str) -> None:
+        self.work = work
+        self.retry = retry
+        self.name = name
+        self._dirty: set[K] = set()
+        self._wake: dict[K, asyncio.Event] = {}
+        self._tasks: dict[K, asyncio.Task[None]] = {}
+        self._running = False
 
-        self.core = CoreV1Api(api)
+    @property
+    def active(self) -> set[K]:
+        """Keys whose worker is running (syncing or waiting to retry)."""
+        return set(self._tasks)
 
-    async def __call__(self, replica: Replica, loaded: dict[str, str]) -> None:
-        namespace, _, name = replica.key.partition("/")
-        pod = await self.core.read_namespaced_pod(name, namespace)
-        labels = pod.metadata.labels or {}
-        await self.core.patch_namespaced_pod(name, namespace, pod_adapters_patch(labels, loaded),
-                                             _content_type="application/merge-patch+json")
+    def mark(self, key: K) -> None:
+        self._dirty.add(key)
+        if key in self._wake:
+            self._wake[key].set()
+        self._start(key)
+
+    def start(self) -> None:
+        self._running = True
+        for key in list(self._dirty):
+            self._start(key)
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()  # a task cancelled before it ran never reached its `finally`
+        self._wake.clear()
+
+    def _start(self, key: K) -> None:
+        if self._running and key not in self._tasks:
+            self._tasks[key] = asyncio.create_task(self._run(key), name=f"{self.name}-{key}")
+
+    async def _run(self, key: K) -> None:
+        wake, failures = self._wake.setdefault(key, asyncio.Event()), 0
+        try:
+            while key in self._dirty:
+                self._dirty.discard(key)
+                wake.clear()
+                if await self._attempt(key):
+                    failures = 0
+                    continue
+                failures += 1
+                self._dirty.add(key)  # again after the delay (or after the next start())
+                await wait_until_set(wake, self.retry.delay(failures))
+        finally:
+            # No await between the last check of `_dirty` and this: a mark arriving after it
+            # starts a new worker instead of being lost.
+            if self._tasks.get(key) is asyncio.current_task():
+                del self._tasks[key]
+                del self._wake[key]
+
+    async def _attempt(self, key: K) -> bool:
+        try:
+            return await self.work(key)
+        except asyncio.CancelledError:
+            self._dirty.add(key)  # stopped mid-pass: the next start() syncs it again
+            raise
+        except Exception:  # a bug must not end syncing for this key
+            log.exception("%s %s: sync pass failed", self.name, key)
+            return False

@@ -75,7 +75,7 @@ def condition(kind: str, ok: bool, reason: str, message: str = "",
               generation: int | None = None) -> dict[str, Any]:
     """A metav1.Condition; its lastTransitionTime is settled by `merge_conditions`."""
     out: dict[str, Any] = {"type": kind, "status": "True" if ok else "False", "reason": reason,
-                           "message": message, "lastTransitionTime": _now()}
+                           "message": message, "lastTransitionTime": now_timestamp()}
     if generation is not None:
         out["observedGeneration"] = generation
     return out
@@ -95,7 +95,8 @@ def merge_conditions(current: Sequence[dict[str, Any]],
     return list(merged.values())
 
 
-def _now() -> str:
+def now_timestamp() -> str:
+    """The current time as Kubernetes writes it in conditions and Events (RFC 3339, seconds)."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

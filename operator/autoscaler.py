@@ -16,29 +16,26 @@ cancels it when it loses). Every `interval`:
 4. write changed replica counts through `set_replicas(model, n)` and persist the windows through
    a `StateStore`, so a restarted or newly elected autoscaler continues where the last one was.
 
-Everything outside is a callable or a small protocol, so both runtimes wire it the same way; the
-Kubernetes pieces (`kube_models`, `ScaleWriter`, `ConfigMapStateStore`) are at the bottom.
+Everything outside is a callable or a small protocol, so both runtimes wire it the same way:
+`lb_operator.cluster_autoscaling` holds the Kubernetes pieces (the scale subresource, the state
+ConfigMap), `lb_operator.state_files` the local state file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import math
-import os
-import tempfile
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Protocol, Sequence
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb.model import GROUP, PLURAL, VERSION, Model, split_model_adapter
+from lb.model import Model, split_model_adapter
 
 from lb_operator.system_config import ModelAutoscaling
 
@@ -110,32 +107,6 @@ class StateStore(Protocol):
 
     async def save(self, state: dict[str, Any]) -> None:
         ...
-
-
-class JsonFileStateStore:
-    """Local runtime: a JSON file, replaced atomically (a crash never leaves half a file)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    async def load(self) -> dict[str, Any] | None:
-        return await asyncio.to_thread(self._read)
-
-    async def save(self, state: dict[str, Any]) -> None:
-        await asyncio.to_thread(self._write, json.dumps(state, sort_keys=True))
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-
-    def _write(self, text: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}-", dir=self.path.parent)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, self.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,80 +286,3 @@ class Autoscaler:
             log.warning("autoscaler: saving state failed: %r", exc)
             return
         self._saved = state
-
-
-# ---------------------------------------------------------------------------------------------
-# Kubernetes: Models, the scale subresource, the state ConfigMap (all via kubernetes_asyncio)
-
-MERGE_PATCH = "application/merge-patch+json"
-STATE_KEY = "state.json"
-
-
-def kube_models(api: Any, namespace: str) -> Callable[[], Awaitable[list[Model]]]:
-    """A `models` source listing the namespace's Models (for runtimes without a watch cache)."""
-    from kubernetes_asyncio.client import CustomObjectsApi
-
-    custom = CustomObjectsApi(api)
-
-    async def models() -> list[Model]:
-        listed = await custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-        parsed = []
-        for item in listed.get("items", ()):
-            try:
-                parsed.append(Model.from_dict(item))
-            except ValueError as exc:
-                log.warning("autoscaler: skipping invalid Model %s: %s", item.get("metadata", {}).get("name"), exc)
-        return parsed
-
-    return models
-
-
-class ScaleWriter:
-    """`set_replicas` for the cluster: a merge patch of the Model's scale subresource, so it needs
-    only `models/scale` rights and never races the rest of the spec."""
-
-    def __init__(self, api: Any, namespace: str) -> None:
-        from kubernetes_asyncio.client import CustomObjectsApi
-
-        self.custom = CustomObjectsApi(api)
-        self.namespace = namespace
-
-    async def __call__(self, name: str, replicas: int) -> None:
-        await self.custom.patch_namespaced_custom_object_scale(
-            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"replicas": replicas}},
-            _content_type=MERGE_PATCH)
-
-
-class ConfigMapStateStore:
-    """The state in a ConfigMap (KubeAI keeps it the same way), created on first save."""
-
-    def __init__(self, api: Any, namespace: str, name: str) -> None:
-        from kubernetes_asyncio.client import CoreV1Api
-
-        self.core = CoreV1Api(api)
-        self.namespace, self.name = namespace, name
-
-    async def load(self) -> dict[str, Any] | None:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        try:
-            config_map = await self.core.read_namespaced_config_map(self.name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        text = (config_map.data or {}).get(STATE_KEY)
-        return json.loads(text) if text else None
-
-    async def save(self, state: Mapping[str, Any]) -> None:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        data = {"data": {STATE_KEY: json.dumps(state, sort_keys=True)}}
-        try:
-            await self.core.patch_namespaced_config_map(self.name, self.namespace, data, _content_type=MERGE_PATCH)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            body = {"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": self.name, "namespace": self.namespace}, **data}
-            await self.core.create_namespaced_config_map(self.namespace, body)

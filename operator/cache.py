@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Mapping
+
+from kubernetes_asyncio.client import BatchV1Api, CoreV1Api, CustomObjectsApi, StorageV1Api
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, Model, parse_model_url
 
-from lb_operator.engines import CACHE_MOUNT, cache_claim_name, cache_dir, credentials
+from lb_operator.apply import condition, now_timestamp
+from lb_operator.engines import CACHE_MOUNT, Credentials, cache_claim_name, cache_dir, credentials
+from lb_operator.kube_client import MERGE_PATCH, or_none
+from lb_operator.podspec import MODEL_LABEL, owner_reference
 from lb_operator.system_config import CacheProfile, SystemConfig
 
 log = logging.getLogger("lb_operator.cache")
@@ -36,9 +41,7 @@ CACHE_FINALIZER = "kvgate.dev/cache-eviction"
 LOADED_ANNOTATION_PREFIX = "models.kvgate.dev/"  # on the PVC: <prefix><model name> = cache dir
 CACHE_PROFILE_LABEL = "kvgate.dev/cache-profile"
 JOB_KIND_LABEL = "kvgate.dev/cache-job"  # "load" or "evict"; the operator watches Jobs with it
-JOB_MODEL_LABEL = "model"  # the Model a cache Job works for
 CACHE_SIZE = "10Gi"  # a shared filesystem's request is nominal (as in KubeAI)
-MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +54,9 @@ class CacheState:
     message: str = ""
     finalized: bool = False
 
-    def condition(self) -> dict[str, str]:
-        """A `CacheReady` condition for the Model's status, for runtimes whose status has conditions."""
-        return {"type": "CacheReady", "status": "True" if self.ready else "False", "reason": self.reason,
-                "message": self.message, "lastTransitionTime": _now()}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    def condition(self, generation: int | None = None) -> dict[str, Any]:
+        """The Model's `CacheReady` status condition."""
+        return condition("CacheReady", self.ready, self.reason, self.message, generation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,21 +91,19 @@ def eviction_job_name(model: Model) -> str:
 
 
 def _job(model: Model, config: SystemConfig, name: str, kind: str, args: list[str],
-         env: list[dict[str, Any]], volumes: list[dict[str, Any]], mounts: list[dict[str, Any]],
-         owner_uid: str) -> dict[str, Any]:
+         creds: Credentials, owner_uid: str) -> dict[str, Any]:
     claim = {"name": "models", "persistentVolumeClaim": {"claimName": cache_claim_name(model.spec.cache_profile)}}
     container = {"name": "loader", "image": config.model_loading.image,
                  "command": ["python", "-m", "lb_operator.loader", *args],
-                 "volumeMounts": [{"name": "models", "mountPath": CACHE_MOUNT}, *mounts]}
-    if env:
-        container["env"] = env
+                 "volumeMounts": [{"name": "models", "mountPath": CACHE_MOUNT}, *creds.mounts]}
+    if creds.env:
+        container["env"] = creds.env
     metadata: dict[str, Any] = {"name": name, "namespace": model.namespace,
-                                "labels": {JOB_MODEL_LABEL: model.name, JOB_KIND_LABEL: kind}}
+                                "labels": {MODEL_LABEL: model.name, JOB_KIND_LABEL: kind}}
     if owner_uid:
-        metadata["ownerReferences"] = [{"apiVersion": API_VERSION, "kind": KIND, "name": model.name,
-                                        "uid": owner_uid, "controller": True, "blockOwnerDeletion": True}]
+        metadata["ownerReferences"] = [owner_reference(model.name, owner_uid)]
     pods = config.model_server_pods
-    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": [claim, *volumes]}
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": [claim, *creds.volumes]}
     if pods.service_account_name:
         pod_spec["serviceAccountName"] = pods.service_account_name
     if pods.image_pull_secrets:
@@ -119,21 +115,22 @@ def _job(model: Model, config: SystemConfig, name: str, kind: str, args: list[st
 
 def loader_job(model: Model, config: SystemConfig, owner_uid: str = "") -> dict[str, Any]:
     """Downloads the model into its cache directory, with the credentials its URL scheme needs."""
-    env, volumes, mounts = credentials(parse_model_url(model.spec.url).scheme, config.secret_names)
+    creds = credentials(parse_model_url(model.spec.url).scheme, config.secret_names)
     return _job(model, config, loader_job_name(model), "load", ["fetch", model.spec.url, cache_dir(model)],
-                env, volumes, mounts, owner_uid)
+                creds, owner_uid)
 
 
 def eviction_job(model: Model, config: SystemConfig, owner_uid: str = "") -> dict[str, Any]:
-    return _job(model, config, eviction_job_name(model), "evict", ["evict", cache_dir(model)], [], [], [], owner_uid)
+    return _job(model, config, eviction_job_name(model), "evict", ["evict", cache_dir(model)],
+                Credentials([], [], []), owner_uid)
 
 
 def job_outcome(job: Mapping[str, Any]) -> tuple[str, str]:
     """("Complete" | "Failed" | "Running", message) from a Job's status, as the Job controller sets it."""
     status = job.get("status") or {}
-    for condition in status.get("conditions") or ():
-        if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
-            return condition["type"], condition.get("message") or condition.get("reason") or ""
+    for cond in status.get("conditions") or ():
+        if cond.get("status") == "True" and cond.get("type") in ("Complete", "Failed"):
+            return cond["type"], cond.get("message") or cond.get("reason") or ""
     if status.get("succeeded"):
         return "Complete", ""
     return "Running", ""
@@ -147,25 +144,15 @@ class _Kube:
     """The few API calls the cache needs, answering plain dicts (None for 404)."""
 
     def __init__(self, api: Any) -> None:
-        from kubernetes_asyncio.client import BatchV1Api, CoreV1Api, CustomObjectsApi, StorageV1Api
-
         self.api = api
         self.core, self.batch = CoreV1Api(api), BatchV1Api(api)
         self.storage, self.custom = StorageV1Api(api), CustomObjectsApi(api)
 
     async def get(self, call: Any, *args: Any) -> dict[str, Any] | None:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        try:
-            return self.api.sanitize_for_serialization(await call(*args))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        found = await or_none(call(*args))
+        return None if found is None else self.api.sanitize_for_serialization(found)
 
     async def create(self, call: Any, namespace: str, body: dict[str, Any]) -> None:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
         try:
             await call(namespace, body)
         except ApiException as exc:
@@ -173,13 +160,7 @@ class _Kube:
                 raise
 
     async def delete_job(self, name: str, namespace: str) -> None:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        try:
-            await self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        await or_none(self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background"))
 
     async def patch_model(self, model: Model, patch: dict[str, Any], status: bool = False) -> None:
         call = (self.custom.patch_namespaced_custom_object_status if status
@@ -191,9 +172,7 @@ class _Kube:
 
     async def event(self, model: Model, uid: str, kind: str, reason: str, message: str) -> None:
         """Record an Event on the Model; a repeat bumps the count of the same Event, as kubectl shows."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        name, now = f"{model.name}.cache-{reason.lower()}", _now()
+        name, now = f"{model.name}.cache-{reason.lower()}", now_timestamp()
         body = {"apiVersion": "v1", "kind": "Event",
                 "metadata": {"name": name, "namespace": model.namespace},
                 "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": model.name,
@@ -259,8 +238,6 @@ async def _ensure_pvc(kube: _Kube, model: Model, profile: CacheProfile
 async def _storage_class_exists(kube: _Kube, name: str) -> bool:
     """Whether the class exists; assumed to when StorageClasses may not be read (403: the chart's
     optional ClusterRole is off), so the check is skipped rather than blocking every cache."""
-    from kubernetes_asyncio.client.exceptions import ApiException
-
     try:
         return await kube.get(kube.storage.read_storage_class, name) is not None
     except ApiException as exc:

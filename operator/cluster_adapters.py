@@ -1,48 +1,61 @@
 """LoRA adapters in cluster mode: `adapters.AdapterSync` on each Model's ready Pods, off the queue.
 
 Fetching an adapter through a Pod's loader sidecar can take minutes, so the reconcile hook never
-waits for it: it only keeps the latest (Model, Pods) a reconcile saw for a model and wakes that
-model's worker. The worker syncs with the newest snapshot, again while newer ones arrive, so a pass
-started for an older spec is always followed by one for the current spec. The loaded set goes to
-the Pods' labels (`adapters.PodRecorder`); the Pod informers then rebuild the endpoints on every
-gateway replica, which routes `<model>_<adapter>` only to replicas that have it. A pass with
-errors (a fetch, a server refusing a load) is retried after a growing delay.
+waits for it: it only keeps the latest (Model, Pods) a reconcile saw for a model and marks that
+model for its worker (`adapters.SyncWorkers`), which syncs with the newest snapshot. The loaded
+set goes to the Pods' labels (`PodRecorder`); the Pod informers then rebuild the endpoints on
+every gateway replica, which routes `<model>_<adapter>` only to replicas that have it. A pass
+with errors (a fetch, a server refusing a load) is retried after a growing delay while the Model
+exists: its deletion (seen by the Model informers) ends the worker.
 
 Leader only: `run` is a leader task; it owns the HTTP session, and cancelling it (leadership
-lost) cancels every worker. Snapshots recorded meanwhile are kept and synced once it runs again.
+lost) cancels every worker. Models marked meanwhile are synced once it runs again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import aiohttp
+from kubernetes_asyncio.client import CoreV1Api
 
-from lb.model import Model
-from lb_operator.adapters import AdapterSync, PodRecorder, Replica, SidecarFetcher, replicas_from_pods
+from lb.model import Adapter, Model, parse_model_url
+from lb_operator.adapters import AdapterSync, Replica, SyncWorkers
+from lb_operator.kube_client import MERGE_PATCH
+from lb_operator.loader import LOADER_PORT_ANNOTATION, FetchError
+from lb_operator.plan import pod_endpoint
+from lb_operator.podspec import ADAPTER_LABEL_PREFIX
 from lb_operator.reconciler import ReconcileContext
-from lb_operator.watch import Backoff
+from lb_operator.retry import Backoff
+from lb_operator.watch import Informer, Obj
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, Model name)
+ADAPTERS_ANNOTATION = "kvgate.dev/adapters"  # JSON {name: url} of the adapters loaded on a Pod
 
 
 class ClusterAdapters:
-    """`hook` goes to the reconciler, `run` to the leader tasks (see the module docstring)."""
+    """`hook` goes to the reconciler, `run` to the leader tasks (see the module docstring).
 
-    def __init__(self, api_client: Any, *, retry: Backoff = Backoff(initial=1.0, maximum=30.0),
-                 timeout: float = 60.0) -> None:
+    `model_informers` tell whether a Model still exists; their DELETED events stop its worker."""
+
+    def __init__(self, api_client: Any, model_informers: Iterable[Informer], *,
+                 retry: Backoff = Backoff(initial=1.0, maximum=30.0), timeout: float = 60.0) -> None:
         self.api_client = api_client
-        self.retry = retry
+        self.model_informers = list(model_informers)
         self.timeout = timeout
         self.passes = 0  # completed sync passes (tests and debugging)
+        self.workers: SyncWorkers[Key] = SyncWorkers(self._sync_model, retry=retry,
+                                                     name="cluster-adapters")
         self._sync: AdapterSync | None = None
         self._latest: dict[Key, tuple[Model, list[Replica]]] = {}
-        self._wake: dict[Key, asyncio.Event] = {}
-        self._workers: dict[Key, asyncio.Task[None]] = {}
+        for informer in self.model_informers:
+            informer.add_handler(self._on_model)
 
     async def hook(self, ctx: ReconcileContext) -> None:
         """After a reconcile: remember what its replicas should have; never blocks the queue."""
@@ -51,56 +64,136 @@ class ClusterAdapters:
             return  # nothing wanted, nothing recorded as loaded: nothing to do
         key = (ctx.model.namespace, ctx.model.name)
         self._latest[key] = (ctx.model, replicas)
-        self._wake.setdefault(key, asyncio.Event()).set()
-        self._start(key)
+        self.workers.mark(key)
 
     async def run(self) -> None:
         """While leading: serve workers with one HTTP session; cancel them all on the way out."""
         async with aiohttp.ClientSession() as session:
             self._sync = AdapterSync(session, SidecarFetcher(session), PodRecorder(self.api_client),
                                      timeout=self.timeout)
-            for key in list(self._latest):
-                self._start(key)
+            self.workers.start()
             try:
                 await asyncio.Event().wait()
             finally:
+                await self.workers.stop()
                 self._sync = None
-                workers = list(self._workers.values())
-                for task in workers:
-                    task.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                self._workers.clear()
 
-    def _start(self, key: Key) -> None:
-        if self._sync is not None and key not in self._workers:
-            self._workers[key] = asyncio.create_task(self._worker(key, self._sync))
+    def _on_model(self, etype: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        if etype == "DELETED" or meta.get("deletionTimestamp"):
+            key = (meta.get("namespace", "default"), meta.get("name", ""))
+            if self._latest.pop(key, None) is not None:
+                self.workers.mark(key)  # a worker waiting to retry ends at once
 
-    async def _worker(self, key: Key, sync: AdapterSync) -> None:
-        wake, failures = self._wake[key], 0
-        try:
-            while True:
-                wake.clear()
-                model, replicas = self._latest[key]
-                failures = 0 if await self._pass(sync, model, replicas) else failures + 1
-                if failures == 0 and not wake.is_set():
-                    self._latest.pop(key, None)  # done: the next reconcile brings a new snapshot
-                    return
-                if failures:
-                    await _wait(wake, self.retry.delay(failures))
-        finally:
-            if self._workers.get(key) is asyncio.current_task():
-                del self._workers[key]
+    def _exists(self, key: Key) -> bool:
+        """Known to the watch and not being deleted (a reconcile may have raced the deletion)."""
+        for informer in self.model_informers:
+            obj = informer.items.get(f"{key[0]}/{key[1]}")
+            if obj is not None:
+                return not (obj.get("metadata") or {}).get("deletionTimestamp")
+        return False
 
-    async def _pass(self, sync: AdapterSync, model: Model, replicas: Sequence[Replica]) -> bool:
-        results = await sync.sync(model, replicas)
+    async def _sync_model(self, key: Key) -> bool:
+        """One pass over the latest snapshot; True when done (all synced, or the Model is gone)."""
+        snapshot, sync = self._latest.get(key), self._sync
+        if snapshot is None or sync is None:
+            return True
+        if not self._exists(key):
+            log.info("model %s/%s: gone; its adapters are no longer synced", *key)
+            self._latest.pop(key, None)
+            return True
+        results = await sync.sync(*snapshot)
         self.passes += 1
         return all(result.ok for result in results)
 
 
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    """Until the event is set or the time is up (asyncio.timeout: a cancel is never swallowed)."""
+# ---------------------------------------------------------------------------------------------
+# Adapters on Pods: fetched by the loader sidecar, recorded as labels
+
+
+def direct_path(url: str) -> str:
+    """The `lora_path` of an adapter the server reads itself: a hub id (vLLM downloads it) or a path."""
+    parsed = parse_model_url(url)
+    if parsed.scheme == "hf":
+        return parsed.ref
+    if parsed.scheme == "file":
+        return "/" + parsed.ref.lstrip("/")
+    raise FetchError(f"{url}: {parsed.scheme}:// adapters need an adapter loader")
+
+
+class SidecarFetcher:
+    """Cluster: ask the Pod's adapter-loader sidecar to fetch into the volume it shares with the
+    server. A replica without a sidecar gets the direct path (hf:// ids, file:// paths)."""
+
+    def __init__(self, session: aiohttp.ClientSession, timeout: float = 1800.0) -> None:
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def __call__(self, replica: Replica, adapter: Adapter) -> str:
+        if replica.loader is None:
+            return direct_path(adapter.url)
+        url = f"http://{replica.loader}/fetch"
+        async with self.session.post(url, json={"name": adapter.name, "url": adapter.url},
+                                     timeout=self.timeout) as response:
+            body = await response.json(content_type=None)
+            if response.status != 200:
+                raise FetchError(f"{adapter.name}: loader answered {response.status}: {body.get('error')}")
+            return str(body["path"])
+
+
+def url_label_value(url: str) -> str:
+    """Label values are short and restricted; a hash of the URL still tells URLs apart (as KubeAI does)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def pod_adapters_patch(labels: Mapping[str, str], loaded: Mapping[str, str]) -> dict[str, Any]:
+    """A merge patch setting one label per loaded adapter, removing stale ones, and the URL annotation."""
+    new = {f"{ADAPTER_LABEL_PREFIX}{name}": url_label_value(url) for name, url in loaded.items()}
+    stale = {key: None for key in labels if key.startswith(ADAPTER_LABEL_PREFIX) and key not in new}
+    annotation = json.dumps(dict(sorted(loaded.items())), separators=(",", ":"))
+    return {"metadata": {"labels": {**stale, **new}, "annotations": {ADAPTERS_ANNOTATION: annotation}}}
+
+
+def recorded_adapters(pod: Mapping[str, Any]) -> dict[str, str]:
+    """{name: url} from a Pod's annotation, keeping only names that also have their label."""
+    meta = pod.get("metadata") or {}
     try:
-        async with asyncio.timeout(seconds):
-            await event.wait()
-    except TimeoutError:
-        pass
+        recorded = json.loads((meta.get("annotations") or {}).get(ADAPTERS_ANNOTATION) or "{}")
+    except ValueError:
+        return {}
+    labels = meta.get("labels") or {}
+    return {name: url for name, url in recorded.items()
+            if isinstance(url, str) and labels.get(f"{ADAPTER_LABEL_PREFIX}{name}") == url_label_value(url)}
+
+
+def replica_from_pod(pod: Mapping[str, Any]) -> Replica | None:
+    """The Replica of a ready Pod with an IP, or None; key and address as its endpoint's."""
+    endpoint = pod_endpoint(pod)
+    if endpoint is None:
+        return None
+    key, address = endpoint
+    ip = pod["status"]["podIP"]
+    loader_port = ((pod.get("metadata") or {}).get("annotations") or {}).get(LOADER_PORT_ANNOTATION)
+    return Replica(key, address, recorded_adapters(pod), f"{ip}:{loader_port}" if loader_port else None)
+
+
+def replicas_from_pods(pods: Sequence[Mapping[str, Any]]) -> list[Replica]:
+    return [r for r in map(replica_from_pod, pods) if r is not None]
+
+
+class PodRecorder:
+    """Cluster runtime: patch the Pod (labels for routing, annotation for URL changes).
+
+    `api` is a kubernetes_asyncio ApiClient; the patch triggers a Pod MODIFIED event, so the watch
+    loop rebuilds the model's endpoints with the new adapter set.
+    """
+
+    def __init__(self, api: Any) -> None:
+        self.core = CoreV1Api(api)
+
+    async def __call__(self, replica: Replica, loaded: dict[str, str]) -> None:
+        namespace, _, name = replica.key.partition("/")
+        pod = await self.core.read_namespaced_pod(name, namespace)
+        labels = pod.metadata.labels or {}
+        await self.core.patch_namespaced_pod(name, namespace, pod_adapters_patch(labels, loaded),
+                                             _content_type=MERGE_PATCH)

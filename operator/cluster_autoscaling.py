@@ -6,20 +6,24 @@
   labels) in the operator's namespace, at `podIP:<the container port named "metrics">`. Outside a
   cluster, where no gateway Pod matches, this process's own metrics are read in-process;
 - `set_replicas` through the scale subresource of the Model's namespace (`ScaleWriter`);
-- the engines' addresses (for `includeEngineWaiting`) from the gateway's registry.
+- the engines' addresses (for `includeEngineWaiting`) from the gateway's registry;
+- its state in a ConfigMap (`ConfigMapStateStore`), so the next leader continues from it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
+from kubernetes_asyncio.client import CoreV1Api, CustomObjectsApi
+from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lb.model import Model, ModelValidationError
+from lb.model import GROUP, PLURAL, VERSION, Model, ModelValidationError
 from lb.registry import Registry
-from lb_operator.autoscaler import ScaleWriter, Target
-from lb_operator.kube_client import KubeApi
+from lb_operator.autoscaler import Target
+from lb_operator.kube_client import MERGE_PATCH, KubeApi, or_none
 from lb_operator.plan import is_ready
 from lb_operator.watch import Informer
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GATEWAY_SELECTOR = "app.kubernetes.io/name=kvgate"
 METRICS_PORT_NAME = "metrics"
+STATE_KEY = "state.json"  # the state's key in its ConfigMap
 
 
 def watched_models(informers: Iterable[Informer]) -> Callable[[], list[Model]]:
@@ -87,6 +92,20 @@ class GatewayTargets:
         return [lambda: generate_latest(registry)]
 
 
+class ScaleWriter:
+    """`set_replicas` for one namespace: a merge patch of the Model's scale subresource, so it
+    needs only `models/scale` rights and never races the rest of the spec."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        self.custom = CustomObjectsApi(api)
+        self.namespace = namespace
+
+    async def __call__(self, name: str, replicas: int) -> None:
+        await self.custom.patch_namespaced_custom_object_scale(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"replicas": replicas}},
+            _content_type=MERGE_PATCH)
+
+
 class ScaleByName:
     """`set_replicas(name, n)`: the scale subresource of the namespace the Model is watched in
     (Model names are unique across the managed namespaces, as for the gateway's registry)."""
@@ -111,3 +130,30 @@ def engine_addresses(registry: Registry) -> Callable[[str], list[str]]:
         return [] if group is None else [e.address for e in group.endpoints.values()]
 
     return addresses
+
+
+class ConfigMapStateStore:
+    """The state in a ConfigMap (KubeAI keeps it the same way), created on first save."""
+
+    def __init__(self, api: Any, namespace: str, name: str) -> None:
+        self.core = CoreV1Api(api)
+        self.namespace, self.name = namespace, name
+
+    async def load(self) -> dict[str, Any] | None:
+        config_map = await or_none(self.core.read_namespaced_config_map(self.name, self.namespace))
+        if config_map is None:
+            return None
+        text = (config_map.data or {}).get(STATE_KEY)
+        return json.loads(text) if text else None
+
+    async def save(self, state: Mapping[str, Any]) -> None:
+        data = {"data": {STATE_KEY: json.dumps(state, sort_keys=True)}}
+        try:
+            await self.core.patch_namespaced_config_map(self.name, self.namespace, data,
+                                                        _content_type=MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": self.name, "namespace": self.namespace}, **data}
+            await self.core.create_namespaced_config_map(self.namespace, body)

@@ -16,11 +16,10 @@ import logging
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb.registry import Registry
+from lb_operator.apply import CONFLICT_RETRIES
 from lb_operator.kube_client import KubeApi
 
 log = logging.getLogger(__name__)
-
-CONFLICT_RETRIES = 5
 
 
 class ClusterScaler:

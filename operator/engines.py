@@ -13,7 +13,7 @@ import hashlib
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from lb.model import ADAPTER_ENGINES, Model, ModelURL, parse_model_url
 
@@ -251,24 +251,32 @@ def _secret_env(name: str, secret: str, key: str) -> EnvVar:
 GCP_CREDENTIALS_DIR = "/secrets/gcp-credentials"
 
 
-def credentials(scheme: str, secrets: SecretNames) -> tuple[list[EnvVar], list[Volume], list[Mount]]:
+class Credentials(NamedTuple):
+    """What a container needs to read from one URL scheme."""
+
+    env: list[EnvVar]
+    volumes: list[Volume]
+    mounts: list[Mount]
+
+
+def credentials(scheme: str, secrets: SecretNames) -> Credentials:
     """The env, volumes and mounts that let a server read from a source of this scheme."""
     if scheme == "hf":
-        return [_secret_env("HF_TOKEN", secrets.huggingface, "token")], [], []
+        return Credentials([_secret_env("HF_TOKEN", secrets.huggingface, "token")], [], [])
     if scheme == "s3":
-        return [_secret_env("AWS_ACCESS_KEY_ID", secrets.aws, "accessKeyID"),
-                _secret_env("AWS_SECRET_ACCESS_KEY", secrets.aws, "secretAccessKey")], [], []
+        return Credentials([_secret_env("AWS_ACCESS_KEY_ID", secrets.aws, "accessKeyID"),
+                            _secret_env("AWS_SECRET_ACCESS_KEY", secrets.aws, "secretAccessKey")], [], [])
     if scheme == "oss":
-        return [_secret_env("OSS_ACCESS_KEY_ID", secrets.alibaba, "accessKeyID"),
-                _secret_env("OSS_ACCESS_KEY_SECRET", secrets.alibaba, "accessKeySecret")], [], []
+        return Credentials([_secret_env("OSS_ACCESS_KEY_ID", secrets.alibaba, "accessKeyID"),
+                            _secret_env("OSS_ACCESS_KEY_SECRET", secrets.alibaba, "accessKeySecret")], [], [])
     if scheme == "gs":
         volume = {"name": "gcp-credentials", "secret": {
             "secretName": secrets.gcp, "items": [{"key": "jsonKeyfile", "path": "credentials.json"}],
             "optional": True}}
         mount = {"name": "gcp-credentials", "mountPath": GCP_CREDENTIALS_DIR, "readOnly": True}
         env = {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{GCP_CREDENTIALS_DIR}/credentials.json"}
-        return [env], [volume], [mount]
-    return [], [], []
+        return Credentials([env], [volume], [mount])
+    return Credentials([], [], [])
 
 
 def _credential_schemes(model: Model, url: ModelURL) -> list[str]:

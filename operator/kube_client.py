@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any, Awaitable, TypeVar
 
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import (ApiClient, Configuration, CoordinationV1Api, CoreV1Api,
@@ -28,6 +28,7 @@ from lb.model import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+T = TypeVar("T")
 
 
 async def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> ApiClient:
@@ -54,8 +55,14 @@ def default_namespace(kubeconfig: str | None = None, context: str | None = None)
     return ((chosen or {}).get("context") or {}).get("namespace") or "default"
 
 
-def is_status(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, ApiException) and exc.status in codes
+async def or_none(call: Awaitable[T]) -> T | None:
+    """The call's answer, or None when the object does not exist (404); other errors raise."""
+    try:
+        return await call
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 async def _raw_json(call: Awaitable[Any]) -> Any:
@@ -81,18 +88,9 @@ class KubeApi:
 
     # -- Models --------------------------------------------------------------------------------
 
-    async def list_models(self, namespace: str, **params: Any) -> dict[str, Any]:
-        return await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                                               **params)
-
     async def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace,
-                                                                  PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await or_none(self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                      PLURAL, name))
 
     async def replace_model_status(self, namespace: str, name: str,
                                    body: dict[str, Any]) -> dict[str, Any]:
@@ -135,13 +133,8 @@ class KubeApi:
     # -- ConfigMaps ----------------------------------------------------------------------------
 
     async def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await _raw_json(self.core.read_namespaced_config_map(
-                name, namespace, _preload_content=False))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await or_none(_raw_json(self.core.read_namespaced_config_map(
+            name, namespace, _preload_content=False)))
 
     async def create_config_map(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return await _raw_json(self.core.create_namespaced_config_map(namespace, body,
@@ -153,23 +146,14 @@ class KubeApi:
                                                                        _preload_content=False))
 
     async def delete_config_map(self, namespace: str, name: str) -> None:
-        try:
-            await _raw_json(self.core.delete_namespaced_config_map(name, namespace,
-                                                                   _preload_content=False))
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        await or_none(_raw_json(self.core.delete_namespaced_config_map(name, namespace,
+                                                                       _preload_content=False)))
 
     # -- Leases --------------------------------------------------------------------------------
 
     async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await _raw_json(self.coordination.read_namespaced_lease(
-                name, namespace, _preload_content=False))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await or_none(_raw_json(self.coordination.read_namespaced_lease(
+            name, namespace, _preload_content=False)))
 
     async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return await _raw_json(self.coordination.create_namespaced_lease(

@@ -34,7 +34,8 @@ from typing import Any, Awaitable, Callable, Iterable
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb_operator.kube_client import KubeApi
-from lb_operator.watch import TRANSIENT_ERRORS, Backoff
+from lb_operator.retry import Backoff
+from lb_operator.watch import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class LeaderElector:
         now = time.monotonic()
         lease = await self.api.get_lease(self.namespace, self.name)
         if lease is None:
-            await self.api.create_lease(self.namespace, self._lease_body(None))
+            await self.api.create_lease(self.namespace, self._lease_body(None, None))
             self._observe(None, now)
             return True
         spec = lease.get("spec") or {}
@@ -170,8 +171,7 @@ class LeaderElector:
         duration = spec.get("leaseDurationSeconds") or self.lease_duration
         if holder and holder != self.identity and now < self._observed_at + duration:
             return False
-        body = self._lease_body(spec)
-        body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
+        body = self._lease_body(spec, lease["metadata"]["resourceVersion"])
         written = await self.api.replace_lease(self.namespace, self.name, body)
         self._observe(written.get("spec") or {}, time.monotonic())
         return True
@@ -184,19 +184,24 @@ class LeaderElector:
         if record != self._observed:
             self._observed, self._observed_at = record, now
 
-    def _lease_body(self, current: dict[str, Any] | None) -> dict[str, Any]:
+    def _lease_body(self, current: dict[str, Any] | None, resource_version: str | None) -> dict[str, Any]:
+        """The Lease held by us: renewed if it was ours, taken over (one more transition) if not."""
         current = current or {}
         now = _micro_time()
         mine = current.get("holderIdentity") == self.identity
         transitions = int(current.get("leaseTransitions") or 0) + (0 if mine or not current else 1)
-        return {
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": self.name, "namespace": self.namespace},
-            "spec": {"holderIdentity": self.identity,
-                     "leaseDurationSeconds": max(1, round(self.lease_duration)),
-                     "acquireTime": current.get("acquireTime") if mine else now,
-                     "renewTime": now, "leaseTransitions": transitions},
-        }
+        return self._lease({"holderIdentity": self.identity,
+                            "leaseDurationSeconds": max(1, round(self.lease_duration)),
+                            "acquireTime": current.get("acquireTime") if mine else now,
+                            "renewTime": now, "leaseTransitions": transitions}, resource_version)
+
+    def _lease(self, spec: dict[str, Any], resource_version: str | None) -> dict[str, Any]:
+        """A Lease object; with a resourceVersion, a write of it fails (409) if it changed meanwhile."""
+        metadata = {"name": self.name, "namespace": self.namespace}
+        if resource_version is not None:
+            metadata["resourceVersion"] = resource_version
+        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata,
+                "spec": spec}
 
     async def _release(self) -> None:
         """Give the Lease up so a successor need not wait for it to expire."""
@@ -206,9 +211,6 @@ class LeaderElector:
                 return
             spec = dict(lease["spec"], holderIdentity="", leaseDurationSeconds=1,
                         renewTime=_micro_time())
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": self.name, "namespace": self.namespace,
-                                 "resourceVersion": lease["metadata"]["resourceVersion"]},
-                    "spec": spec}
+            body = self._lease(spec, lease["metadata"]["resourceVersion"])
             await self.api.replace_lease(self.namespace, self.name, body)
             log.info("%s: released the lease", self.identity)

@@ -5,7 +5,8 @@ the models file, only marks the model dirty; one worker per model then syncs eve
 against the Model as it is *now*, so a pass started for an older spec can never overwrite a newer
 one. The loaded set of each replica goes to the registry (`runtime.set_adapters`), which is what
 routes `<model>_<adapter>` requests only to replicas that have the adapter. A pass that failed
-somewhere (a fetch, a server refusing a load) is retried after a backoff.
+somewhere (a fetch, a server refusing a load) is retried after a backoff, while the model runs
+(`adapters.SyncWorkers`, shared with the cluster runtime).
 
 Where adapters come from, on one machine: `file://` paths are given to the server as they are
 (relative ones are relative to the models file, like a model's own file:// url), so nothing is
@@ -16,22 +17,20 @@ copied; other schemes (hf://, s3://, gs://, oss://) are downloaded once into
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from pathlib import Path
 from typing import Callable
 
 from lb.model import Adapter, Model, parse_model_url
 
-from lb_operator.adapters import AdapterSync, MemoryRecorder, Replica, SyncResult
+from lb_operator.adapters import AdapterSync, MemoryRecorder, Replica, StoreFetcher, SyncResult, SyncWorkers
 from lb_operator.loader import AdapterStore, FetchError
 from lb_operator.local_engines import local_path
 from lb_operator.local_runtime import LocalRuntime, ReplicaView
+from lb_operator.retry import Backoff
 
-log = logging.getLogger(__name__)
 
-RETRY_SECONDS = 5.0  # after a pass with errors; doubled per failed pass up to MAX_RETRY_SECONDS
-MAX_RETRY_SECONDS = 60.0
+RETRY = Backoff(initial=5.0, maximum=60.0, jitter=False)  # after a pass with errors
 
 
 class LocalAdapters:
@@ -40,25 +39,19 @@ class LocalAdapters:
     def __init__(self, runtime: LocalRuntime, store_dir: Path, base_dir: Callable[[], Path]) -> None:
         self.runtime = runtime
         self.base_dir = base_dir  # the models file's directory, which may be re-read meanwhile
-        self.store = AdapterStore(store_dir)
+        self.download = StoreFetcher(AdapterStore(store_dir))
         self.recorder = MemoryRecorder()
         self.sync = AdapterSync(runtime.session, self.fetch, self.recorder)
-        self._dirty: set[str] = set()
-        self._wake: dict[str, asyncio.Event] = {}  # ends a retry backoff early on a new trigger
-        self._workers: dict[str, asyncio.Task[None]] = {}
-        self._failures: dict[str, int] = {}
+        self.workers: SyncWorkers[str] = SyncWorkers(self._pass, retry=RETRY, name="local-adapters")
+        self.workers.start()
         runtime.add_ready_hook(self._replica_ready)
         runtime.add_exit_hook(self._replica_exited)
 
     # -- triggers ------------------------------------------------------------------------------
 
     def model_changed(self, name: str) -> None:
-        """The Model was added or its spec changed: bring its ready replicas in line."""
-        self._dirty.add(name)
-        if name in self._wake:
-            self._wake[name].set()
-        if name not in self._workers:
-            self._workers[name] = asyncio.create_task(self._work(name), name=f"local-adapters-{name}")
+        """The Model was added, changed or removed: bring its ready replicas in line (if any)."""
+        self.workers.mark(name)
 
     async def _replica_ready(self, model: Model, view: ReplicaView) -> None:
         self.model_changed(view.model)
@@ -67,24 +60,6 @@ class LocalAdapters:
         self.recorder.forget(view.key)
 
     # -- the work ------------------------------------------------------------------------------
-
-    async def _work(self, name: str) -> None:
-        try:
-            while name in self._dirty:
-                self._dirty.discard(name)
-                try:
-                    ok = await self._pass(name)
-                except Exception:  # a bug must not end adapter syncing for this model
-                    log.exception("model %s: adapter sync failed", name)
-                    ok = False
-                if not ok and self.runtime.model(name) is not None:
-                    await self._retry_after(name, self._backoff(name))
-                else:
-                    self._failures.pop(name, None)
-        finally:
-            # No await between the last check of `_dirty` and this: a trigger arriving after
-            # it starts a new worker instead of being lost.
-            self._workers.pop(name, None)
 
     async def _pass(self, name: str) -> bool:
         """One sync of every ready replica against the current spec; False if anything failed."""
@@ -103,20 +78,6 @@ class LocalAdapters:
         self.runtime.set_adapters(model.name, view.name, result.loaded)
         return result
 
-    async def _retry_after(self, name: str, delay: float) -> None:
-        wake = self._wake[name] = asyncio.Event()
-        try:
-            await asyncio.wait_for(wake.wait(), delay)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            del self._wake[name]
-        self._dirty.add(name)
-
-    def _backoff(self, name: str) -> float:
-        failures = self._failures[name] = self._failures.get(name, 0) + 1
-        return min(RETRY_SECONDS * 2 ** (failures - 1), MAX_RETRY_SECONDS)
-
     async def fetch(self, replica: Replica, adapter: Adapter) -> str:
         """The `lora_path` for a server on this machine (see the module docstring)."""
         url = parse_model_url(adapter.url)
@@ -126,9 +87,7 @@ class LocalAdapters:
                 raise FetchError(f"{adapter.url}: {path} does not exist "
                                  "(a relative file:// url is relative to the models file)")
             return path
-        return await self.store.fetch(adapter.name, adapter.url)
+        return await self.download(replica, adapter)
 
     async def close(self) -> None:
-        for task in list(self._workers.values()):
-            task.cancel()
-        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        await self.workers.stop()

@@ -35,12 +35,14 @@ from lb.model import Model, ModelValidationError, validate_update
 from lb.registry import Registry
 from lb.server import bind, install_uvloop, serve
 
-from lb_operator.autoscaler import Autoscaler, JsonFileStateStore, Target
+from lb_operator.autoscaler import Autoscaler, Target
 from lb_operator.local_adapters import LocalAdapters
 from lb_operator.local_engines import EngineUnavailable, check_engine
 from lb_operator.local_manifests import ManifestError, ModelsFile, diff_models, read_models_file
 from lb_operator.local_runtime import LocalRuntime
-from lb_operator.settings import Settings, load_settings
+from lb_operator.retry import wait_until_set
+from lb_operator.settings import Settings, load_settings, with_listen_args
+from lb_operator.state_files import JsonFileStateStore, write_atomic
 
 log = logging.getLogger("kvgate.up")
 STATUS_FILE = "status.json"
@@ -113,10 +115,7 @@ def prepare(args: argparse.Namespace) -> Up:
 
 
 def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
-    server = settings.gateway.server
-    changes = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port}
-    server = dataclasses.replace(server, **{k: v for k, v in changes.items() if v is not None})
-    gateway = dataclasses.replace(settings.gateway, server=server)
+    gateway = with_listen_args(settings.gateway, args)
     local = settings.local
     if args.state_dir:
         local = dataclasses.replace(local, state_dir=args.state_dir)
@@ -283,6 +282,8 @@ class Up:
         for name in removed:
             log.info("model %s: removed from %s; stopping its replicas", name, path)
             await self.runtime.remove(name)
+            if self.adapters is not None:
+                self.adapters.model_changed(name)  # a worker retrying a failed pass ends
 
     def _acceptable(self, model: Model, old: Model | None, base_dir: Path) -> bool:
         try:
@@ -299,18 +300,16 @@ class Up:
 
     async def _write_status(self) -> None:
         path = self.state_dir / STATUS_FILE
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         last = ""
         while True:
             assert self.runtime is not None
             changed = self.runtime.changed
             text = json.dumps(self.status(), indent=1)
             if text != last:
-                await asyncio.to_thread(_write_atomic, path, text)
+                await asyncio.to_thread(write_atomic, path, text)
                 last = text
             # At once on a replica change; at least every period for the in-flight counts.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), STATUS_PERIOD)
+            await wait_until_set(changed, STATUS_PERIOD)
 
     def status(self) -> dict[str, Any]:
         assert self.runtime is not None and self.gateway is not None
@@ -359,12 +358,6 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size, st.st_ino
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -118,6 +117,3 @@ def diff_models(old: dict[str, Model], new: tuple[Model, ...]) -> tuple[list[Mod
     removed = [name for name in old if name not in new_by_name]
     return added, changed, removed
 
-
-def describe(models: tuple[Model, ...] | list[Model]) -> list[dict[str, Any]]:
-    return [{"name": m.name, "engine": m.spec.engine} for m in models]

@@ -137,8 +137,9 @@ class ReplicaProcess:
             finally:
                 logfile.close()
             try:
-                code = await asyncio.wait_for(proc.wait(), timeout)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(timeout):
+                    code = await proc.wait()
+            except (TimeoutError, asyncio.CancelledError):
                 await _stop_group(proc, 0)
                 raise
             if code != 0:
@@ -170,8 +171,9 @@ async def _stop_group(proc: asyncio.subprocess.Process, grace: float) -> None:
     if proc.returncode is None:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(grace):
+                await proc.wait()
+        except TimeoutError:
             log.warning("process %s did not stop within %gs of SIGTERM; killing it", proc.pid, grace)
     # The leader may be gone while children it spawned still run: the group still exists then.
     _signal_group(proc.pid, signal.SIGKILL)

@@ -26,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,9 @@ from lb.registry import Endpoint, Registry
 from lb_operator.local_config import LocalConfig
 from lb_operator.local_engines import Launch, launch_hash, render_launch
 from lb_operator.local_processes import ReplicaProcess, free_port
+from lb_operator.plan import rollout_step
+from lb_operator.retry import Backoff
+from lb_operator.state_files import JsonFileStateStore
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,11 @@ def plan_replicas(desired: int, expected: str, replicas: Iterable[ReplicaProcess
                   surge: int = 1) -> tuple[list[ReplicaProcess], int]:
     """(replicas to stop, how many to start): plan.py's Pod rules applied to processes."""
     live = [r for r in replicas if not r.stopping and r.state != "exited"]
-    order = _deletion_order
-    current = order([r for r in live if r.launch_hash == expected])
-    outdated = order([r for r in live if r.launch_hash != expected])
-    to_stop = [r for r in outdated if not r.ready]
-    outdated = [r for r in outdated if r.ready]
-    excess = max(0, len(current) - desired)
-    to_stop += current[:excess]
-    current = current[excess:]
-    ready = sum(r.ready for r in current) + len(outdated)
-    removable = min(len(outdated), max(0, ready - desired))
-    to_stop += outdated[:removable]
-    remaining_old = len(outdated) - removable
-    create = min(desired - len(current), desired + surge - len(current) - remaining_old)
-    return to_stop, max(0, create)
+    current = _deletion_order([r for r in live if r.launch_hash == expected])
+    outdated = _deletion_order([r for r in live if r.launch_hash != expected])
+    excess, replaced, create = rollout_step(current, [r for r in outdated if r.ready], desired,
+                                            surge, lambda r: r.ready)
+    return [r for r in outdated if not r.ready] + excess + replaced, create
 
 
 def _deletion_order(replicas: list[ReplicaProcess]) -> list[ReplicaProcess]:
@@ -111,6 +103,7 @@ class ModelController:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # ends the crash backoff
         self._closed = False
 
     # -- desired state -------------------------------------------------------------------------
@@ -154,7 +147,7 @@ class ModelController:
             self._spawn(self._stop(replica))
         now = time.monotonic()
         if create and now < self.not_before:
-            self._spawn(self._wake_at(self.not_before))
+            self._kick_at(self.not_before)
             return
         for _ in range(create):
             self._spawn(self._run_replica(self._new_replica()))
@@ -173,9 +166,11 @@ class ModelController:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _wake_at(self, when: float) -> None:
-        await asyncio.sleep(max(0.0, when - time.monotonic()))
-        self.kick()
+    def _kick_at(self, when: float) -> None:
+        """Run the loop again once the backoff is over: one timer, however often it runs meanwhile."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, when - time.monotonic()), self.kick)
 
     # -- one replica's life --------------------------------------------------------------------
 
@@ -244,8 +239,9 @@ class ModelController:
         self.failures = 1 if stable else self.failures + 1
         self.restarts += 1
         config = self.runtime.config
-        delay = min(config.restart_backoff_seconds * 2 ** (self.failures - 1),
-                    config.max_restart_backoff_seconds)
+        backoff = Backoff(initial=config.restart_backoff_seconds,
+                          maximum=config.max_restart_backoff_seconds, jitter=False)
+        delay = backoff.delay(self.failures)
         self.not_before = time.monotonic() + delay
         log.warning("replica %s: exited with code %s; replacing it in %.1fs (log %s)",
                     replica.name, replica.exit_code, delay, replica.log_path)
@@ -262,6 +258,8 @@ class ModelController:
     async def close(self) -> None:
         """Stop every replica of this model and the controller itself."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
         for replica in self.replicas:
@@ -269,9 +267,10 @@ class ModelController:
         self.runtime.publish(self.model.name)
         grace = self.runtime.config.grace_period_seconds
         await asyncio.gather(*(r.stop(grace) for r in self.replicas), return_exceptions=True)
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def kill_now(self) -> None:
         for replica in self.replicas:
@@ -288,14 +287,15 @@ class ReplicaCounts:
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.file = JsonFileStateStore(path)
         self.saved: dict[str, dict[str, Any]] = {}
         self._lock = asyncio.Lock()  # saves in call order: a slow old write never lands last
 
     async def load(self) -> None:
         try:
-            data = json.loads(await asyncio.to_thread(self.path.read_text))
-        except (OSError, ValueError):
+            data = await self.file.load()
+        except (OSError, ValueError) as exc:
+            log.warning("replica counts not restored from %s: %s", self.file.path, exc)
             return
         models = data.get("models") if isinstance(data, dict) else None
         self.saved = {k: v for k, v in (models or {}).items() if isinstance(v, dict)}
@@ -310,18 +310,10 @@ class ReplicaCounts:
 
     async def save(self, snapshot: Callable[[], dict[str, dict[str, Any]]]) -> None:
         async with self._lock:
-            text = json.dumps({"models": snapshot()}, sort_keys=True)
             try:
-                await asyncio.to_thread(_write_atomic, self.path, text)
+                await self.file.save({"models": snapshot()})
             except OSError as exc:
-                log.warning("cannot save replica counts to %s: %s", self.path, exc)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+                log.warning("cannot save replica counts to %s: %s", self.file.path, exc)
 
 
 class LocalRuntime:
@@ -496,6 +488,7 @@ class LocalRuntime:
             self.registry.set_endpoints(name, [])
         for task in list(self._hook_tasks):
             task.cancel()
+        await asyncio.gather(*self._hook_tasks, return_exceptions=True)
         if self._session is not None:
             with contextlib.suppress(Exception):
                 await self._session.close()

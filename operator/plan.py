@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from lb.model import Model
 from lb.registry import Endpoint
@@ -32,6 +32,7 @@ POD_IP_ANNOTATION = "kvgate.dev/model-pod-ip"  # on a Model: send its traffic el
 POD_PORT_ANNOTATION = "kvgate.dev/model-pod-port"
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
 _FUTURE = datetime.max.replace(tzinfo=timezone.utc)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -130,25 +131,31 @@ def plan_pods(model: Model, config: SystemConfig, pods: Sequence[Pod], *, owner_
     not_ready_outdated = [p for p in outdated if not is_ready(p)]
     _delete(plan, not_ready_outdated, "outdated and not Ready")
     outdated = [p for p in outdated if is_ready(p)]
-    current = _scale_current(plan, deletion_order(current, expected))
-    ready = sum(is_ready(p) for p in current) + len(outdated)
-    removable = min(len(outdated), max(0, ready - plan.desired))
-    _delete(plan, outdated[:removable], "outdated, replaced by a Ready Pod")
-    remaining_old = len(outdated) - removable
-    surge = config.model_rollouts.surge
-    create = min(plan.desired - len(current), plan.desired + surge - len(current) - remaining_old)
-    for _ in range(max(0, create)):
-        plan.to_create.append(copy.deepcopy(template))
-    if create > 0:
+    excess, replaced, create = rollout_step(deletion_order(current, expected), outdated, plan.desired,
+                                            config.model_rollouts.surge, is_ready)
+    _delete(plan, excess, "scale down")
+    _delete(plan, replaced, "outdated, replaced by a Ready Pod")
+    plan.to_create += [copy.deepcopy(template) for _ in range(create)]
+    if create:
         plan.details.append(f"create {create} Pod(s) with hash {expected}")
     return plan
 
 
-def _scale_current(plan: PodPlan, current_in_order: list[Pod]) -> list[Pod]:
-    """Delete up-to-date Pods beyond `desired` (scale-down), cheapest first; return the kept ones."""
-    excess = max(0, len(current_in_order) - plan.desired)
-    _delete(plan, current_in_order[:excess], "scale down")
-    return current_in_order[excess:]
+def rollout_step(current: Sequence[T], outdated_ready: Sequence[T], desired: int, surge: int,
+                 ready: Callable[[T], bool]) -> tuple[list[T], list[T], int]:
+    """The scale and rollout rule, for Pods and local processes alike.
+
+    `current`: up-to-date replicas, cheapest to lose first; `outdated_ready`: the outdated Ready
+    ones (outdated not-Ready ones are deleted anyway). Returns (up-to-date replicas beyond
+    `desired`, outdated ones the Ready count can spare, how many to create within the surge).
+    """
+    excess = max(0, len(current) - desired)
+    kept = current[excess:]
+    ready_count = sum(1 for r in kept if ready(r)) + len(outdated_ready)
+    removable = min(len(outdated_ready), max(0, ready_count - desired))
+    remaining_old = len(outdated_ready) - removable
+    create = min(desired - len(kept), desired + surge - len(kept) - remaining_old)
+    return list(current[:excess]), list(outdated_ready[:removable]), max(0, create)
 
 
 def _delete(plan: PodPlan, pods: Sequence[Pod], reason: str) -> None:
@@ -183,16 +190,22 @@ def address_override(model: Model, config: SystemConfig) -> str | None:
     return f"{ip}:{model.annotations.get(POD_PORT_ANNOTATION) or MODEL_PORT}"
 
 
+def pod_endpoint(pod: Pod) -> tuple[str, str] | None:
+    """(key `namespace/pod`, address `podIP:port`) of a Ready Pod with an IP; None otherwise."""
+    meta = pod.get("metadata") or {}
+    ip = (pod.get("status") or {}).get("podIP")
+    if not is_ready(pod) or not ip:
+        return None
+    port = (meta.get("annotations") or {}).get(PORT_ANNOTATION) or str(MODEL_PORT)
+    return f"{meta.get('namespace', 'default')}/{meta.get('name', '')}", f"{ip}:{port}"
+
+
 def endpoints_from_pods(pods: Sequence[Pod], *, address_override: str | None = None) -> list[Endpoint]:
-    """Registry endpoints for the Ready Pods with an IP, keyed `namespace/pod`, sorted by key."""
+    """Registry endpoints for the Ready Pods with an IP, sorted by key."""
     endpoints = []
     for pod in pods:
-        meta = pod.get("metadata") or {}
-        ip = (pod.get("status") or {}).get("podIP")
-        if not is_ready(pod) or not ip:
-            continue
-        port = (meta.get("annotations") or {}).get(PORT_ANNOTATION) or str(MODEL_PORT)
-        address = address_override or f"{ip}:{port}"
-        key = f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"
-        endpoints.append(Endpoint(key, address, adapters_of(pod)))
+        found = pod_endpoint(pod)
+        if found is not None:
+            key, address = found
+            endpoints.append(Endpoint(key, address_override or address, adapters_of(pod)))
     return sorted(endpoints, key=lambda e: e.key)

@@ -111,6 +111,12 @@ def profile_resources(profile: ResourceProfile, count: int) -> dict[str, dict[st
     return resources
 
 
+def owner_reference(model_name: str, uid: str) -> dict[str, Any]:
+    """An ownerReference to a Model object: its dependents are garbage-collected with it."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": model_name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
 def _metadata(model: Model, owner_uid: str) -> dict[str, Any]:
     labels = {MODEL_LABEL: model.name, ENGINE_LABEL: model.spec.engine}
     labels.update({f"{FEATURE_LABEL_PREFIX}{feature}": "true" for feature in model.spec.features})
@@ -121,10 +127,7 @@ def _metadata(model: Model, owner_uid: str) -> dict[str, Any]:
         "annotations": {PORT_ANNOTATION: str(MODEL_PORT)},
     }
     if owner_uid:
-        metadata["ownerReferences"] = [{
-            "apiVersion": API_VERSION, "kind": KIND, "name": model.name, "uid": owner_uid,
-            "controller": True, "blockOwnerDeletion": True,
-        }]
+        metadata["ownerReferences"] = [owner_reference(model.name, owner_uid)]
     return metadata
 
 

@@ -37,15 +37,16 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from lb.model import API_VERSION, KIND, Model, ModelValidationError
+from lb.model import Model, ModelValidationError
 from lb_operator.apply import apply_plan, condition, ensure_files, pods_after, write_status
-from lb_operator.cache import CACHE_FINALIZER, JOB_KIND_LABEL, JOB_MODEL_LABEL, CacheState, ensure_cache
+from lb_operator.cache import CACHE_FINALIZER, JOB_KIND_LABEL, CacheState, ensure_cache
 from lb_operator.engines import PodSpecError
 from lb_operator.kube_client import KubeApi
 from lb_operator.plan import Pod, plan_pods, replica_status
-from lb_operator.podspec import ENGINE_LABEL, MODEL_LABEL
+from lb_operator.podspec import ENGINE_LABEL, MODEL_LABEL, owner_reference
 from lb_operator.system_config import SystemConfig
-from lb_operator.watch import TRANSIENT_ERRORS, Backoff, Informer, Obj
+from lb_operator.retry import Backoff
+from lb_operator.watch import TRANSIENT_ERRORS, Informer, Obj
 
 log = logging.getLogger(__name__)
 
@@ -153,24 +154,18 @@ class Reconciler:
     async def run(self) -> None:
         """Reconcile until cancelled (i.e. until leadership is lost)."""
         self.queue = WorkQueue()  # a new term starts clean: no key left "active" by the last one
-        for informer in self.model_informers:
-            informer.add_handler(self._on_model)
-        for informer in self.pod_informers:
-            informer.add_handler(self._on_pod)
-        for informer in self.job_informers:
-            informer.add_handler(self._on_job)
+        handlers = [(i, self._on_model) for i in self.model_informers] + [
+            (i, self._on_dependent) for i in self.pod_informers + self.job_informers]
+        for informer, handler in handlers:
+            informer.add_handler(handler)
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.workers):
                     group.create_task(self._worker())
                 group.create_task(self._resync())
         finally:
-            for informer in self.model_informers:
-                informer.remove_handler(self._on_model)
-            for informer in self.pod_informers:
-                informer.remove_handler(self._on_pod)
-            for informer in self.job_informers:
-                informer.remove_handler(self._on_job)
+            for informer, handler in handlers:
+                informer.remove_handler(handler)
             self.queue.close()
 
     def _on_model(self, etype: str, obj: Obj) -> None:
@@ -178,16 +173,11 @@ class Reconciler:
         if etype != "DELETED":  # Pods go with their owner (garbage collection)
             self.enqueue(meta.get("namespace", "default"), meta.get("name", ""))
 
-    def _on_pod(self, etype: str, obj: Obj) -> None:
+    def _on_dependent(self, etype: str, obj: Obj) -> None:
+        """A model Pod changed, or a cache Job (completed, failed, deleted): both carry their
+        Model's name in the `model` label, and the Model is reconciled again."""
         meta = obj.get("metadata") or {}
         model = (meta.get("labels") or {}).get(MODEL_LABEL)
-        if model:
-            self.enqueue(meta.get("namespace", "default"), model)
-
-    def _on_job(self, etype: str, obj: Obj) -> None:
-        """A cache Job changed (completed, failed, deleted): its Model's cache step runs again."""
-        meta = obj.get("metadata") or {}
-        model = (meta.get("labels") or {}).get(JOB_MODEL_LABEL)
         if model:
             self.enqueue(meta.get("namespace", "default"), model)
 
@@ -247,12 +237,12 @@ class Reconciler:
         except PodSpecError as exc:
             await self._invalid(obj, "PodSpecError", str(exc))
             return
-        await ensure_files(self.api, model, plan.config_map, owner_reference(obj))
+        await ensure_files(self.api, model, plan.config_map, _owner(obj))
         created = await apply_plan(self.api, model, plan)
         after = pods_after(pods, plan, created)
         conditions = [condition(VALID, True, "Valid", generation=_generation(obj))]
         if cache is not None:
-            conditions.append(_cache_condition(cache, obj))
+            conditions.append(cache.condition(_generation(obj)))
         await write_status(self.api, obj, replica_status(after), conditions)
         context = ReconcileContext(self.api, model, obj, after)
         for hook in self.hooks:
@@ -279,7 +269,7 @@ class Reconciler:
             self._cache_waits.pop(key, None)
             return obj, state
         await write_status(self.api, obj, conditions=[
-            condition(VALID, True, "Valid", generation=_generation(obj)), _cache_condition(state, obj)])
+            condition(VALID, True, "Valid", generation=_generation(obj)), state.condition(_generation(obj))])
         self._wait_for_cache(key)
         return obj, state
 
@@ -310,18 +300,9 @@ def _generation(obj: dict[str, Any]) -> int | None:
     return (obj.get("metadata") or {}).get("generation")
 
 
-def _cache_condition(state: CacheState, obj: dict[str, Any]) -> dict[str, Any]:
-    generation = _generation(obj)
-    return {**state.condition(), **({"observedGeneration": generation} if generation is not None else {})}
-
-
-def owner_reference(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """An ownerReference to a Model object, so its dependents are deleted with it."""
+def _owner(obj: dict[str, Any]) -> dict[str, Any] | None:
     meta = obj.get("metadata") or {}
-    if not meta.get("uid"):
-        return None
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
-            "controller": True, "blockOwnerDeletion": True}
+    return owner_reference(meta["name"], meta["uid"]) if meta.get("uid") else None
 
 
 def _describe(exc: BaseException) -> str:

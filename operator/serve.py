@@ -36,18 +36,20 @@ from lb.config import Config, ConfigError
 from lb.model import GROUP, PLURAL, VERSION
 from lb.registry import Registry
 from lb.server import bind, install_uvloop, serve
-from lb_operator.autoscaler import Autoscaler, ConfigMapStateStore
+from lb_operator.autoscaler import Autoscaler
 from lb_operator.cluster_adapters import ClusterAdapters
-from lb_operator.cluster_autoscaling import (DEFAULT_GATEWAY_SELECTOR, GatewayTargets, ScaleByName,
-                                             engine_addresses, watched_models)
+from lb_operator.cluster_autoscaling import (DEFAULT_GATEWAY_SELECTOR, ConfigMapStateStore,
+                                             GatewayTargets, ScaleByName, engine_addresses,
+                                             watched_models)
 from lb_operator.cluster_scaler import ClusterScaler
 from lb_operator.endpoints import EndpointSync
 from lb_operator.kube_client import KubeApi, default_namespace, load_api_client
 from lb_operator.leader import DEFAULT_LEASE_NAME, LeaderElector, LeaderTask
 from lb_operator.reconciler import JOB_SELECTOR, POD_SELECTOR, ReconcileHook, Reconciler
-from lb_operator.settings import Settings, load_settings
+from lb_operator.settings import Settings, load_settings, with_listen_args
 from lb_operator.system_config import SystemConfig
-from lb_operator.watch import Backoff, Informer
+from lb_operator.retry import Backoff
+from lb_operator.watch import Informer
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +100,11 @@ class ClusterOperator:
         self.job_informers = [self._job_informer(ns) for ns in options.namespaces]
         self.endpoints = EndpointSync(registry, system)
         self.endpoints.attach(self.model_informers, self.pod_informers)
-        self.adapters = ClusterAdapters(api.client) if options.adapters else None
+        self.adapters = (ClusterAdapters(api.client, self.model_informers) if options.adapters
+                         else None)
         self.autoscaler: Autoscaler | None = None  # built on first leadership (needs the session)
         self._session: aiohttp.ClientSession | None = None
-        builtin_hooks: list[ReconcileHook] = []
-        builtin_tasks: list[LeaderTask] = []
-        if self.adapters is not None:
-            builtin_hooks.append(self.adapters.hook)
-            builtin_tasks.append(self.adapters.run)
-        if options.autoscaler:
-            builtin_tasks.append(self._autoscale)
+        builtin_hooks, builtin_tasks = self._builtin_extensions()
         self.reconciler = Reconciler(api, system, model_informers=self.model_informers,
                                      pod_informers=self.pod_informers, workers=options.workers,
                                      resync_seconds=options.resync_seconds,
@@ -120,6 +117,17 @@ class ClusterOperator:
             retry_period=options.retry_period,
             leader_tasks=[self.reconciler.run, *builtin_tasks, *leader_tasks])
         self.scaler = ClusterScaler(api, registry, options.namespaces[0])
+
+    def _builtin_extensions(self) -> tuple[list[ReconcileHook], list[LeaderTask]]:
+        """The reconcile hooks and leader tasks of the features `options` turns on."""
+        hooks: list[ReconcileHook] = []
+        tasks: list[LeaderTask] = []
+        if self.adapters is not None:
+            hooks.append(self.adapters.hook)
+            tasks.append(self.adapters.run)
+        if self.options.autoscaler:
+            tasks.append(self._autoscale)
+        return hooks, tasks
 
     def _model_informer(self, namespace: str) -> Informer:
         call = functools.partial(self.api.custom.list_namespaced_custom_object, GROUP, VERSION,
@@ -220,13 +228,10 @@ def _namespaces(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _gateway_config(config: Config, args: argparse.Namespace) -> Config:
-    changes = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port}
-    server = dataclasses.replace(config.server,
-                                 **{k: v for k, v in changes.items() if v is not None})
     if config.models:
         log.warning("serve: the %d models of the config file are ignored; Models come from the "
                     "cluster", len(config.models))
-    return dataclasses.replace(config, server=server, models=(), endpoints={})
+    return dataclasses.replace(with_listen_args(config, args), models=(), endpoints={})
 
 
 async def run_serve(settings: Settings, options: ClusterOptions, args: argparse.Namespace,

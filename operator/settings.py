@@ -9,6 +9,7 @@ runtime's settings (state directory, engine command lines); a cluster ignores it
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,13 @@ class Settings:
 def load_settings(path: str | Path | None) -> Settings:
     """Read one YAML file into both planes' configs; None gives the defaults."""
     return settings_from_dict({}) if path is None else read_yaml_config(path, settings_from_dict)
+
+
+def with_listen_args(config: Config, args: argparse.Namespace) -> Config:
+    """The gateway config with `--host`, `--port` and `--metrics-port` (when given) over the file's."""
+    changes = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port}
+    server = dataclasses.replace(config.server, **{k: v for k, v in changes.items() if v is not None})
+    return dataclasses.replace(config, server=server)
 
 
 def settings_from_dict(data: Any) -> Settings:

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from types import NoneType, UnionType
 from typing import Any, Mapping
 
-
-from lb.config import ConfigError, _camel, _show, read_yaml_config
+from lb.config import ConfigError, _build, _camel, read_yaml_config
 from lb.model import ENGINES
 
 DEFAULT_IMAGE_KEY = "default"
@@ -235,63 +232,6 @@ def _merge_servers(given: Mapping[str, ModelServer]) -> dict[str, ModelServer]:
         base = merged.get(engine, ModelServer())
         merged[engine] = ModelServer({**base.images, **server.images})
     return merged
-
-
-# The loader of lb/config.py, extended with what Kubernetes-shaped values need: `Any`
-# (pass-through objects like affinity), optional fields and unions (quantities are str or number).
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {_camel(f.name): f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
-    return cls(**{fields[key].name: _convert(hints[fields[key].name], value, _at(path, key))
-                  for key, value in data.items()})
-
-
-def _at(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _convert(hint: Any, value: Any, path: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, UnionType):
-        return _convert_union(args, value, path)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
-        return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
-        item = args[1] if args else Any
-        return {str(k): _convert(item, v, _at(path, k)) for k, v in value.items()}
-    if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
-        raise ConfigError(f"{path}: expected {hint.__name__}, got {_show(value)}")
-    return value
-
-
-def _convert_union(args: tuple[Any, ...], value: Any, path: str) -> Any:
-    if value is None and NoneType in args:
-        return None
-    options = [a for a in args if a is not NoneType]
-    for option in options:
-        try:
-            return _convert(option, value, path)
-        except ConfigError:
-            if len(options) == 1:
-                raise
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{path}: expected {names}, got {_show(value)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import aiohttp
 from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from lb_operator.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +39,6 @@ Lister = Callable[..., Awaitable[Any]]
 # What a watch can fail with besides an ApiException: the connection (refused, reset, cut mid
 # chunk), a client-side timeout, or a line that is not JSON.
 TRANSIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with full jitter in [delay/2, delay]: replicas restarting together
-    after an outage do not hammer the API server in lockstep."""
-
-    initial: float = 0.2
-    maximum: float = 30.0
-    factor: float = 2.0
-
-    def delay(self, failures: int) -> float:
-        delay = min(self.maximum, self.initial * self.factor ** max(0, failures - 1))
-        return random.uniform(delay / 2, delay)
 
 
 def object_key(obj: Obj) -> str:

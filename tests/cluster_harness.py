@@ -35,7 +35,7 @@ from lb_operator.loader import LOADER_PORT_ANNOTATION, AdapterStore, loader_app
 from lb_operator.podspec import MODEL_LABEL, PORT_ANNOTATION, POD_HASH_LABEL
 from lb_operator.serve import ClusterOperator, ClusterOptions
 from lb_operator.system_config import SystemConfig, system_config_from_dict
-from lb_operator.watch import Backoff
+from lb_operator.retry import Backoff
 from tests.kube_fake import FakeKube
 
 NS = "default"

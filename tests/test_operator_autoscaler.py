@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
+from kubernetes_asyncio.client import CustomObjectsApi
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from bench.sim.cluster import Replica as SimReplica
 from lb.metrics import GatewayMetrics
-from lb_operator.autoscaler import (STATE_KEY, Autoscaler, ConfigMapStateStore, JsonFileStateStore, ScaleWriter,
-                                    kube_models)
+from lb.model import GROUP, PLURAL, VERSION, Model
+from lb_operator.autoscaler import Autoscaler
+from lb_operator.cluster_autoscaling import STATE_KEY, ConfigMapStateStore, ScaleWriter
+from lb_operator.state_files import JsonFileStateStore
 from lb_operator.system_config import ModelAutoscaling
 from tests.kube_fake import FakeKube
 
@@ -63,6 +66,17 @@ def model_body(name: str = "m1", **spec: Any) -> dict[str, Any]:
     spec = {"url": "hf://org/base", "engine": "VLLM", "features": ["TextGeneration"], "targetRequests": 1,
             "minReplicas": 0, "maxReplicas": 10, "scaleDownDelaySeconds": 0, "replicas": 0, **spec}
     return {"apiVersion": "kvgate.dev/v1", "kind": "Model", "metadata": {"name": name}, "spec": spec}
+
+
+def kube_models(api: Any, namespace: str) -> Callable[[], Awaitable[list[Model]]]:
+    """A `models` source listing the namespace's Models through the API on every tick."""
+    custom = CustomObjectsApi(api)
+
+    async def models() -> list[Model]:
+        listed = await custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        return [Model.from_dict(item) for item in listed.get("items", ())]
+
+    return models
 
 
 class Env:
@@ -205,8 +219,6 @@ async def test_engine_waiting_requests_are_added_when_enabled(env: Env) -> None:
 
 async def test_run_loop_with_the_local_runtime_seams(tmp_path: Path) -> None:
     """Local wiring: models from memory, replicas into memory, state in a JSON file; the real loop."""
-    from lb.model import Model
-
     gateway = await MetricsServer.gateway().start()
     replicas: dict[str, int] = {}
 
@@ -245,8 +257,6 @@ async def test_run_loop_with_the_local_runtime_seams(tmp_path: Path) -> None:
 async def test_in_process_gateway_metrics_need_no_port() -> None:
     """`kvgate up` with its metrics port disabled: the gateway's own registry is read directly,
     and a source that breaks is a failed scrape like an unreachable replica."""
-    from lb.model import Model
-
     metrics = GatewayMetrics()
     metrics.active_gauge("m1").value = 2
     replicas: dict[str, int] = {}

@@ -14,10 +14,11 @@ from typing import Any, AsyncIterator
 import openai
 import pytest
 
+from lb.model import GROUP, PLURAL, VERSION
 from lb_operator.cache import CACHE_FINALIZER
 from lb_operator.engines import CACHE_MOUNT
 from lb_operator.system_config import system_config_from_dict
-from lb_operator.watch import Backoff
+from lb_operator.retry import Backoff
 from tests.cluster_harness import (FAST, GatewayReplica, Kubelet, chat, create_model, eventually,
                                    model_body, patch_model, sdk)
 from tests.kube_fake import FakeKube, ResourceType
@@ -90,6 +91,29 @@ async def test_adapters_follow_the_spec_on_every_ready_replica(kube: FakeKube, k
             with pytest.raises(openai.NotFoundError):
                 await chat(client, "m_a2")
             assert await chat(client, "m_a1")
+    finally:
+        await node.stop()
+
+
+async def test_a_deleted_models_failing_adapter_worker_stops(kube: FakeKube, kubelet: Kubelet,
+                                                             tmp_path: Path) -> None:
+    """A pass that keeps failing is retried while the Model exists, and no longer once it is gone."""
+    node = await GatewayReplica(kube).start()
+    try:
+        missing = [{"name": "a1", "url": f"file://{tmp_path / 'missing'}"}]  # every fetch fails
+        await create_model(node.api, model_body("m", replicas=1, adapters=missing))
+        adapters = node.operator.adapters
+        assert adapters is not None
+        await eventually(lambda: len(node.endpoints("m")) == 1, what="a ready replica")
+        passes = adapters.passes
+        await eventually(lambda: adapters.passes >= passes + 2, what="a failed pass retried")
+        assert ("default", "m") in adapters.workers.active
+
+        await node.api.custom.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "m")
+        await eventually(lambda: not adapters.workers.active, timeout=2, what="the worker ended")
+        passes = adapters.passes
+        await asyncio.sleep(1.5)  # longer than the next retry's delay would have been
+        assert adapters.passes == passes and not adapters.workers.active
     finally:
         await node.stop()
 
