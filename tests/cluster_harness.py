@@ -76,7 +76,11 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
 class Kubelet:
     """Starts a simulator for each new model Pod and makes the Pod Ready; stops it when the Pod
     is gone. A Pod with the adapter-loader sidecar also gets a real loader (`loader_app` over a
-    per-Pod directory) on its own port. ``ready_delay`` is the time a server takes to start."""
+    per-Pod directory) on its own port. ``ready_delay`` is the time a server takes to start.
+
+    Every Pod gets its own IP in 127.0.0.0/8 (all of it is loopback on Linux), as a cluster gives
+    each Pod its own address: a new Pod's server can never answer on a port a deleted Pod's
+    server just freed, while a gateway may still hold the old endpoint for a moment."""
 
     def __init__(self, kube: FakeKube, *, ready_delay: float = 0.05, namespace: str = NS) -> None:
         self.kube = kube
@@ -87,6 +91,7 @@ class Kubelet:
         self.paused = False
         self._task: asyncio.Task[None] | None = None
         self._root = ""
+        self._pods_started = 0
 
     async def __aenter__(self) -> "Kubelet":
         self._root = tempfile.mkdtemp(prefix="kubelet-")
@@ -128,18 +133,20 @@ class Kubelet:
 
     async def _start(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
-        replica = await Replica("fast", meta["labels"][MODEL_LABEL]).start()
+        self._pods_started += 1
+        ip = f"127.1.{self._pods_started // 250}.{self._pods_started % 250 + 1}"
+        replica = await Replica("fast", meta["labels"][MODEL_LABEL], host=ip).start()
         self.replicas[meta["uid"]] = replica
         annotations = {PORT_ANNOTATION: str(replica.port)}
         if LOADER_PORT_ANNOTATION in (meta.get("annotations") or {}):
-            annotations[LOADER_PORT_ANNOTATION] = str(await self._start_loader(meta["uid"]))
+            annotations[LOADER_PORT_ANNOTATION] = str(await self._start_loader(meta["uid"], ip))
         self.kube.patch("pods", meta["name"], {"metadata": {"annotations": annotations}}, self.namespace)
-        self.kube.set_pod_ready(meta["name"], self.namespace, ip="127.0.0.1")
+        self.kube.set_pod_ready(meta["name"], self.namespace, ip=ip)
 
-    async def _start_loader(self, uid: str) -> int:
+    async def _start_loader(self, uid: str, ip: str) -> int:
         runner = web.AppRunner(loader_app(AdapterStore(os.path.join(self._root, uid))), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await web.TCPSite(runner, ip, 0).start()
         self.loaders[uid] = runner
         return int(runner.addresses[0][1])
 
