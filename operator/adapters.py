@@ -131,9 +131,11 @@ class AdapterSync:
         except (aiohttp.ClientError, asyncio.TimeoutError, AdapterError) as exc:
             return SyncResult(replica, dict(replica.loaded), [f"listing adapters failed: {exc!r}"])
         wanted = {a.name: a for a in model.spec.adapters}
-        # Trusted as loaded: on the server now, and recorded with the URL the spec still has.
-        loaded = {name: url for name, url in replica.loaded.items()
-                  if name in present and name in wanted and wanted[name].url == url}
+        # Trusted as loaded: on the server now, wanted, and not recorded with another URL. A
+        # missing record is trusted too: the Pod this pass sees may predate the last pass's label
+        # patch, and unloading then would fail requests the gateway already routes there.
+        loaded = {name: wanted[name].url for name in present & wanted.keys()
+                  if replica.loaded.get(name, wanted[name].url) == wanted[name].url}
         result = SyncResult(replica, loaded)
         for name in sorted(present - loaded.keys()):
             await self._step(result, f"unloading {name}", self.unload(replica.address, name))
