@@ -48,7 +48,7 @@ import orjson
 
 from bench.procs import (free_port, pinned, spawn, stop, tree, tree_cpu_seconds, tree_rss_bytes,
                          wait_for_port)
-from bench.proxy_bench import _CHAT, _hey, _wrk
+from bench.proxy_bench import CHAT_BODY, run_hey, run_wrk
 
 MASTER_KEY = "sk-kvgate-bench"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}  # LiteLLM wants it; the others ignore it
@@ -167,7 +167,7 @@ def _check(path: Route) -> None:
     so a misconfigured one fails here and not as a wrk error."""
     for shape, extra in SHAPES.items():
         deadline = time.monotonic() + 120
-        while _wrk(path.port, _CHAT % ("m", extra), 2, 1, AUTH, timeout=30)["requests"] == 0:
+        while run_wrk(path.port, CHAT_BODY % ("m", extra), 2, 1, AUTH, timeout=30)["requests"] == 0:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{path.name} answered no {shape} request")
             time.sleep(1)
@@ -266,16 +266,16 @@ def _saturation(paths: list[Route], duration: int, connections: int) -> list[Row
     rows: list[Row] = []
     direct = paths[0]
     for shape, extra in SHAPES.items():
-        body = _CHAT % ("m", extra)
+        body = CHAT_BODY % ("m", extra)
         for path in paths:
             # Direct: the backend has CPU 1 to itself; proxied, it moves to CPU 0 with wrk.
             for pid in tree(direct.proc.pid):
                 pinned(pid, 1 if path is direct else 0)
             # A slow proxy's streams outlast wrk's default 2 s timeout; give every path 60 s.
-            _wrk(path.port, body, 1, connections, AUTH, timeout=60)  # warm-up
+            run_wrk(path.port, body, 1, connections, AUTH, timeout=60)  # warm-up
             before = tree_cpu_seconds(path.proc.pid)
             counter = _Instructions(tree(path.proc.pid), duration)
-            result = _wrk(path.port, body, duration, connections, AUTH, timeout=60)
+            result = run_wrk(path.port, body, duration, connections, AUTH, timeout=60)
             cpu = tree_cpu_seconds(path.proc.pid) - before
             instructions = counter.result()
             row = Row(path.name, shape, result["rps"], result["p50"], result["p99"],
@@ -329,13 +329,13 @@ def _latency_at_rate(paths: list[Route], rate: int, duration: int) -> list[dict[
     """hey at a fixed offered rate, JSON responses; three rounds with the paths alternating so
     drift hits all alike; medians. LiteLLM cannot sustain it, so it is offered 20 req/s (for
     12 s, so hey has enough answers for a p99)."""
-    body = _CHAT % ("m", "")
+    body = CHAT_BODY % ("m", "")
     runs: dict[str, list[tuple[float, float]]] = {p.name: [] for p in paths}
     rates = {p.name: 20 if p.name == "litellm" else rate for p in paths}
     for _ in range(3):
         for path in paths:
             seconds = max(12, duration) if path.name == "litellm" else max(2, duration // 2)
-            runs[path.name].append(_hey(path.port, body, rates[path.name], seconds, AUTH))
+            runs[path.name].append(run_hey(path.port, body, rates[path.name], seconds, AUTH))
     direct = (statistics.median(r[0] for r in runs["direct"]),
               statistics.median(r[1] for r in runs["direct"]))
     out = []
@@ -363,14 +363,14 @@ def _workers_scaling(duration: int, connections: int) -> dict[str, object]:
         wait_for_port(backend_port)
         for port, _ in gateways.values():
             wait_for_port(port)
-        body = _CHAT % ("m", "")
+        body = CHAT_BODY % ("m", "")
         rps: dict[int, list[float]] = {1: [], 2: []}
         cpu: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(3):
             for workers, (port, proc) in gateways.items():
-                _wrk(port, body, 1, connections)
+                run_wrk(port, body, 1, connections)
                 before = tree_cpu_seconds(proc.pid)
-                result = _wrk(port, body, duration, connections)
+                result = run_wrk(port, body, duration, connections)
                 cpu[workers].append((tree_cpu_seconds(proc.pid) - before) / duration)
                 rps[workers].append(result["rps"])
                 print(f"  kvgate {workers} worker(s): {result['rps']:9.0f} req/s", flush=True)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bench.procs import cpu_seconds, free_port, pinned, spawn, stop, wait_for_port
-from bench.proxy_bench import _CHAT, _gateway_config, _wrk
+from bench.proxy_bench import CHAT_BODY, gateway_config, run_wrk
 
 # (group, pattern on the leaf frame or on any frame, where) in priority order
 _GROUPS = [
@@ -69,22 +69,22 @@ def _record(pyspy: str, shape: str, duration: int, rate: int, raw: Path,
             tmp: Path) -> tuple[float, float]:
     backend_port, port = free_port(), free_port()
     config = tmp / "gateway.yaml"
-    config.write_text(_gateway_config({"m": backend_port}, port))
+    config.write_text(gateway_config({"m": backend_port}, port))
     backend = spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(backend_port),
                      "--chunks", "20", "--chunk-gap-ms", "0"], cpu=0)
     gateway = spawn([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config)], cpu=1)
     try:
         wait_for_port(backend_port)
         wait_for_port(port)
-        body = _CHAT % ("m", ',"stream":true' if shape == "sse-20" else "")
-        _wrk(port, body, 2, 64)
+        body = CHAT_BODY % ("m", ',"stream":true' if shape == "sse-20" else "")
+        run_wrk(port, body, 2, 64)
         recorder = subprocess.Popen([pyspy, "record", "--native", "-r", str(rate), "-d",
                                      str(duration), "-f", "raw", "-o", str(raw), "--pid",
                                      str(gateway.pid)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
         pinned(recorder.pid, 0)
         before = cpu_seconds(gateway.pid)
-        result = _wrk(port, body, duration, 64)
+        result = run_wrk(port, body, duration, 64)
         cpu = cpu_seconds(gateway.pid) - before
         recorder.wait(duration + 60)
     finally:

@@ -32,7 +32,7 @@ import orjson
 
 from bench.procs import cpu_seconds, free_port, pinned, spawn, stop, wait_for_port
 
-_CHAT = ('{"model":"%s","messages":[{"role":"system","content":"You are a helpful assistant."},'
+CHAT_BODY = ('{"model":"%s","messages":[{"role":"system","content":"You are a helpful assistant."},'
          '{"role":"user","content":"Tell me about consistent hashing with bounded loads."}]%s}')
 _TARGETS = {"cpu_us_request": 100.0, "cpu_us_stream": 150.0, "added_p50_ms": 0.5,
             "added_p99_ms": 3.0}
@@ -79,7 +79,7 @@ def _stack() -> Iterator[tuple[dict[str, int], int, dict[str, subprocess.Popen[b
     gateway_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gateway.yaml"
-        config.write_text(_gateway_config(ports, gateway_port))
+        config.write_text(gateway_config(ports, gateway_port))
         procs = {model: spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(port),
                                "--chunks", "20", "--chunk-gap-ms", "1" if "paced" in model
                                else "0"], cpu=1)
@@ -95,7 +95,8 @@ def _stack() -> Iterator[tuple[dict[str, int], int, dict[str, subprocess.Popen[b
                 stop(proc)
 
 
-def _gateway_config(ports: dict[str, int], port: int) -> str:
+def gateway_config(ports: dict[str, int], port: int, metrics_port: int = 0) -> str:
+    """A static-endpoints gateway config: one PrefixHash model per backend port."""
     models = "".join(f"""
 - apiVersion: kvgate.dev/v1
   kind: Model
@@ -106,7 +107,8 @@ def _gateway_config(ports: dict[str, int], port: int) -> str:
     features: [TextGeneration]
     loadBalancing: {{strategy: PrefixHash}}""" for model in ports)
     endpoints = "".join(f'\n  {model}: [{{address: "127.0.0.1:{p}"}}]' for model, p in ports.items())
-    return (f"server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}\n"
+    return (f"server: {{host: 127.0.0.1, port: {port}, metricsPort: {metrics_port}, "
+            f"logLevel: warning}}\n"
             f"models:{models}\nendpoints:{endpoints}\n")
 
 
@@ -119,16 +121,16 @@ def _saturation(ports: dict[str, int], gateway_port: int,
                 connections: int) -> list[Row]:
     rows = []
     for shape, model, extra in _SHAPES:
-        body = _CHAT % (model, extra)
+        body = CHAT_BODY % (model, extra)
         backend = procs[model]
         for path, port, proc in (("direct", ports[model], backend),
                                  ("kvgate", gateway_port, procs["gateway"])):
             # In the direct run the backend has CPU 1 to itself; when proxied, it moves to CPU 0
             # with the load generator so the gateway has CPU 1 alone.
             pinned(backend.pid, 1 if path == "direct" else 0)
-            _wrk(port, body, 1, connections)  # warm-up: connections, caches, JIT-free paths
+            run_wrk(port, body, 1, connections)  # warm-up: connections, caches, JIT-free paths
             before = cpu_seconds(proc.pid)
-            result = _wrk(port, body, duration, connections)
+            result = run_wrk(port, body, duration, connections)
             cpu = cpu_seconds(proc.pid) - before
             cpu_us = cpu / result["requests"] * 1e6 if path == "kvgate" else None
             rows.append(Row(path, shape, result["rps"], result["p50"], result["p99"], cpu_us))
@@ -142,7 +144,7 @@ def _latency_at_rate(backend_port: int, gateway_port: int, rate: int,
     samples: dict[str, list[tuple[float, float]]] = {"direct": [], "kvgate": []}
     for _ in range(3):
         for path, port in (("direct", backend_port), ("kvgate", gateway_port)):
-            samples[path].append(_hey(port, _CHAT % ("m", ""), rate, max(2, duration // 2)))
+            samples[path].append(run_hey(port, CHAT_BODY % ("m", ""), rate, max(2, duration // 2)))
     med = {path: (statistics.median(s[0] for s in runs), statistics.median(s[1] for s in runs))
            for path, runs in samples.items()}
     return {"rate": rate,
@@ -157,7 +159,7 @@ def _latency_at_rate(backend_port: int, gateway_port: int, rate: int,
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def _wrk(port: int, body: str, duration: int, connections: int,
+def run_wrk(port: int, body: str, duration: int, connections: int,
          headers: dict[str, str] | None = None, timeout: int = 2) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
@@ -181,7 +183,7 @@ def _wrk(port: int, body: str, duration: int, connections: int,
             "p50": _ms(latency["50"]), "p99": _ms(latency["99"])}
 
 
-def _hey(port: int, body: str, rate: int, duration: int,
+def run_hey(port: int, body: str, rate: int, duration: int,
          headers: dict[str, str] | None = None) -> tuple[float, float]:
     workers = 10
     extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]

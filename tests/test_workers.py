@@ -19,26 +19,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import free_port, wait_for_port
+from bench.proxy_bench import gateway_config
 
 REPO = Path(__file__).resolve().parent.parent
 BODY = (b'{"model":"%s","messages":[{"role":"user","content":"Hello there"}]%s}')
 
 
 def _config(tmp: Path, port: int, metrics_port: int, backends: dict[str, int]) -> Path:
-    models = "".join(f"""
-- apiVersion: kvgate.dev/v1
-  kind: Model
-  metadata: {{name: {name}}}
-  spec:
-    url: hf://test/{name}
-    engine: VLLM
-    features: [TextGeneration]
-    loadBalancing: {{strategy: PrefixHash}}""" for name in backends)
-    endpoints = "".join(f'\n  {name}: [{{address: "127.0.0.1:{p}"}}]'
-                        for name, p in backends.items())
     path = tmp / "gateway.yaml"
-    path.write_text(f"server: {{host: 127.0.0.1, port: {port}, metricsPort: {metrics_port}, "
-                    f"logLevel: warning}}\nmodels:{models}\nendpoints:{endpoints}\n")
+    path.write_text(gateway_config(backends, port, metrics_port))
     return path
 
 
