@@ -38,7 +38,7 @@ import aiohttp
 
 from bench import report
 from bench.loadgen import LoadConfig, LoadGenerator, LoadResult, ThreadPool
-from bench.procs import cpu_seconds, free_port, stop, wait_for_port
+from bench.procs import cpu_seconds, free_port, gateway_config, stop, wait_for_port
 from bench.sim.metrics import parse_metrics
 from bench.sim.profiles import get_profile, scale_profile
 
@@ -230,27 +230,6 @@ def consecutive_free_ports(n: int) -> int:
     raise RuntimeError(f"no run of {n} free ports found")
 
 
-def gateway_yaml(model: str, strategy: str, port: int, addresses: list[str],
-                 load_factor: int) -> str:
-    eps = "\n".join(f'  - {{address: "{a}"}}' for a in addresses)
-    return f"""server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}
-models:
-- apiVersion: kvgate.dev/v1
-  kind: Model
-  metadata: {{name: {model}}}
-  spec:
-    url: hf://bench/{model}
-    engine: VLLM
-    features: [TextGeneration]
-    loadBalancing:
-      strategy: {strategy}
-      prefixHash: {{meanLoadFactor: {load_factor}}}
-endpoints:
-  {model}:
-{eps}
-"""
-
-
 class Stack:
     """Simulator + gateway for one run; `async with Stack(...)` starts and stops both."""
 
@@ -288,8 +267,8 @@ class Stack:
     async def __aenter__(self) -> "Stack":
         sim_cpu, gw_cpu = self._cpus()
         config = self.workdir / f"gateway-{self.strategy}.yaml"
-        config.write_text(gateway_yaml(self.s.model, self.strategy, self.gateway_port,
-                                       self.addresses, self.s.load_factor))
+        config.write_text(gateway_config({self.s.model: self.addresses}, self.gateway_port,
+                                         strategy=self.strategy, load_factor=self.s.load_factor))
         try:
             if not self.s.endpoints:
                 self.sim = launch(self._sim_cmd(), self.workdir / "sim.log", sim_cpu)

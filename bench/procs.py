@@ -1,4 +1,4 @@
-"""Process plumbing shared by the benchmarks: start, pin, wait for, measure and stop."""
+"""Process plumbing shared by the benchmarks: configure, start, pin, wait for, measure and stop."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+import yaml
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _REPO = Path(__file__).resolve().parent.parent
@@ -106,3 +108,21 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+def gateway_config(endpoints: dict[str, list[str]], port: int, *, metrics_port: int = 0,
+                   strategy: str = "PrefixHash", load_factor: int = 125) -> str:
+    """A static-endpoints `kvgate gateway` config: one model per entry, with its addresses."""
+    models = [{"apiVersion": "kvgate.dev/v1", "kind": "Model", "metadata": {"name": name},
+               "spec": {"url": f"hf://bench/{name}", "engine": "VLLM",
+                        "features": ["TextGeneration"],
+                        "loadBalancing": {"strategy": strategy,
+                                          "prefixHash": {"meanLoadFactor": load_factor}}}}
+              for name in endpoints]
+    return yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": port, "metricsPort": metrics_port,
+                   "logLevel": "warning"},
+        "models": models,
+        "endpoints": {name: [{"address": a} for a in addresses]
+                      for name, addresses in endpoints.items()},
+    }, sort_keys=False)

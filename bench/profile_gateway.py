@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.procs import cpu_seconds, free_port, pinned, spawn, stop, wait_for_port
-from bench.proxy_bench import CHAT_BODY, gateway_config, run_wrk
+from bench.procs import cpu_seconds, free_port, gateway_config, pinned, spawn, stop, wait_for_port
+from bench.proxy_bench import CHAT_BODY, run_wrk
 
 # (group, pattern on the leaf frame or on any frame, where) in priority order
 _GROUPS = [
@@ -69,7 +69,7 @@ def _record(pyspy: str, shape: str, duration: int, rate: int, raw: Path,
             tmp: Path) -> tuple[float, float]:
     backend_port, port = free_port(), free_port()
     config = tmp / "gateway.yaml"
-    config.write_text(gateway_config({"m": backend_port}, port))
+    config.write_text(gateway_config({"m": [f"127.0.0.1:{backend_port}"]}, port))
     backend = spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(backend_port),
                      "--chunks", "20", "--chunk-gap-ms", "0"], cpu=0)
     gateway = spawn([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config)], cpu=1)

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import orjson
 
-from bench.procs import cpu_seconds, free_port, pinned, spawn, stop, wait_for_port
+from bench.procs import cpu_seconds, free_port, gateway_config, pinned, spawn, stop, wait_for_port
 
 CHAT_BODY = ('{"model":"%s","messages":[{"role":"system","content":"You are a helpful assistant."},'
          '{"role":"user","content":"Tell me about consistent hashing with bounded loads."}]%s}')
@@ -79,7 +79,8 @@ def _stack() -> Iterator[tuple[dict[str, int], int, dict[str, subprocess.Popen[b
     gateway_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gateway.yaml"
-        config.write_text(gateway_config(ports, gateway_port))
+        config.write_text(gateway_config({m: [f"127.0.0.1:{p}"] for m, p in ports.items()},
+                                         gateway_port))
         procs = {model: spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(port),
                                "--chunks", "20", "--chunk-gap-ms", "1" if "paced" in model
                                else "0"], cpu=1)
@@ -93,23 +94,6 @@ def _stack() -> Iterator[tuple[dict[str, int], int, dict[str, subprocess.Popen[b
         finally:
             for proc in procs.values():
                 stop(proc)
-
-
-def gateway_config(ports: dict[str, int], port: int, metrics_port: int = 0) -> str:
-    """A static-endpoints gateway config: one PrefixHash model per backend port."""
-    models = "".join(f"""
-- apiVersion: kvgate.dev/v1
-  kind: Model
-  metadata: {{name: {model}}}
-  spec:
-    url: hf://bench/{model}
-    engine: VLLM
-    features: [TextGeneration]
-    loadBalancing: {{strategy: PrefixHash}}""" for model in ports)
-    endpoints = "".join(f'\n  {model}: [{{address: "127.0.0.1:{p}"}}]' for model, p in ports.items())
-    return (f"server: {{host: 127.0.0.1, port: {port}, metricsPort: {metrics_port}, "
-            f"logLevel: warning}}\n"
-            f"models:{models}\nendpoints:{endpoints}\n")
 
 
 _SHAPES = (("json", "m", ""), ("sse-20", "m", ',"stream":true'),

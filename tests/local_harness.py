@@ -20,6 +20,9 @@ from typing import Any, Callable
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# Short reload, restart and stop timings, so live edits and crashes play out within a test.
+FAST_LOCAL: dict[str, Any] = {"gracePeriodSeconds": 5, "reloadIntervalSeconds": 0.2,
+                              "restartBackoffSeconds": 0.2}
 
 
 def free_port() -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from bench import report
-from bench.harness import build_parser, gateway_yaml, settings_from_args
+from bench.harness import build_parser, settings_from_args
+from bench.procs import gateway_config
 from bench.loadgen import LoadResult, RequestRecord, ThreadPool, join_mid_thread
 from lb.config import config_from_dict
 
@@ -55,7 +56,7 @@ def test_harness_end_to_end_writes_sane_results(tmp_path: Path) -> None:
 
 
 def test_generated_gateway_config_is_valid() -> None:
-    text = gateway_yaml("m", "PrefixHash", 8123, ["127.0.0.1:9001", "127.0.0.1:9002"], 150)
+    text = gateway_config({"m": ["127.0.0.1:9001", "127.0.0.1:9002"]}, 8123, load_factor=150)
     config = config_from_dict(yaml.safe_load(text))
     model = config.models[0]
     assert model.spec.load_balancing.strategy == "PrefixHash"

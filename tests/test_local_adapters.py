@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import openai
 import pytest
 
-from tests.local_harness import UpProcess, kvgate, pid_alive, sim_model, wait_for, write_models
+from tests.local_harness import (FAST_LOCAL, UpProcess, kvgate, pid_alive, sim_model, wait_for,
+                                 write_models)
 
 # Loading an adapter takes the simulator 1.5 s: long enough to see requests wait for it.
 LORA = ("--lora-load-latency", "1.5")
@@ -32,8 +33,7 @@ def up(tmp_path: Path) -> Iterator[UpProcess]:
     for name in ("sql", "sql-v2"):
         (tmp_path / "adapters" / name).mkdir(parents=True)
     process = UpProcess(tmp_path, [lora_model()],
-                        config={"local": {"gracePeriodSeconds": 5, "reloadIntervalSeconds": 0.2,
-                                          "restartBackoffSeconds": 0.2}})
+                        config={"local": FAST_LOCAL})
     try:
         process.wait_output("kvgate: ready:")
         wait_for(lambda: len(process.ready_pids("base")) == 2, 10, "two ready replicas")

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.local_harness import (
-    UpProcess, free_port, kvgate, pid_alive, sim_model, wait_for, write_models,
+    FAST_LOCAL, UpProcess, free_port, kvgate, pid_alive, sim_model, wait_for, write_models,
 )
 
 CHAT = sim_model("chat", min_replicas=2, strategy="PrefixHash")
@@ -27,8 +27,7 @@ ZERO = sim_model("zero", min_replicas=0, max_replicas=1)
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     process = UpProcess(tmp_path_factory.mktemp("up"), [CHAT, ZERO],
-                        config={"local": {"restartBackoffSeconds": 0.2, "gracePeriodSeconds": 5,
-                                          "reloadIntervalSeconds": 0.2}})
+                        config={"local": FAST_LOCAL})
     try:
         process.wait_output("kvgate: ready:")
         wait_for(lambda: len(process.ready_pids("chat")) == 2, 10, "the status file")

@@ -18,8 +18,7 @@ from typing import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import free_port, wait_for_port
-from bench.proxy_bench import gateway_config
+from bench.procs import free_port, gateway_config, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 BODY = (b'{"model":"%s","messages":[{"role":"user","content":"Hello there"}]%s}')
@@ -27,7 +26,8 @@ BODY = (b'{"model":"%s","messages":[{"role":"user","content":"Hello there"}]%s}'
 
 def _config(tmp: Path, port: int, metrics_port: int, backends: dict[str, int]) -> Path:
     path = tmp / "gateway.yaml"
-    path.write_text(gateway_config(backends, port, metrics_port))
+    path.write_text(gateway_config({m: [f"127.0.0.1:{p}"] for m, p in backends.items()}, port,
+                                   metrics_port=metrics_port))
     return path
 
 
