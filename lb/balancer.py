@@ -82,6 +82,7 @@ class Balancer:
                                "a ready replica; retry later.", code="waiting_room_full",
                                headers={"retry-after": retry_after})
         self._enter(name)
+        loop = asyncio.get_running_loop()
         started = time.monotonic()
         deadline = started + self._config.timeout_seconds
         try:
@@ -97,13 +98,19 @@ class Balancer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise _no_replica(name, adapter, self._config.timeout_seconds)
+                # A bare future and one timer per waiter, not asyncio.timeout around
+                # Event.wait (a Timeout object, a coroutine and two running-loop lookups
+                # more): thousands of waiters wake together when a replica appears. The timer
+                # resolves the future with False; a cancelled task (client gone) raises here.
+                waiter = changed.wait(loop)
+                timer = loop.call_later(remaining, _expire, waiter)
                 try:
-                    # asyncio.timeout, not wait_for: no extra task per waiter, which counts when
-                    # thousands of waiters wake together as a replica appears.
-                    async with asyncio.timeout(remaining):
-                        await changed.wait()
-                except TimeoutError:
-                    raise _no_replica(name, adapter, self._config.timeout_seconds) from None
+                    fired = await waiter
+                finally:
+                    timer.cancel()
+                    changed.discard(waiter)
+                if not fired:
+                    raise _no_replica(name, adapter, self._config.timeout_seconds)
         finally:
             self._leave(name, time.monotonic() - started)
 
@@ -138,6 +145,12 @@ def _pick(group: EndpointGroup, model: Model, adapter: str, prefix: str,
     if strategy == "Random":
         return group.ring.pick_random(adapter, exclude)
     return group.ring.pick_least_load(adapter, exclude)
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    """A waiter's deadline passed: wake it with False (unless the change came first)."""
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 def _no_replica(name: str, adapter: str, timeout: float) -> GatewayError:

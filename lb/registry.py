@@ -31,6 +31,45 @@ class Endpoint:
     adapters: frozenset[str] = field(default_factory=frozenset)
 
 
+class Change:
+    """The next change of a group's endpoints, as a one-shot signal for the waiting room.
+
+    Like an ``asyncio.Event`` that is set once, but a waiter is a bare future: ``Event.wait``
+    adds a coroutine per waiter and a running-loop lookup (a ``getpid()`` in CPython 3.11),
+    and when a replica appears thousands of waiters wake together. Waiting on a change that
+    has already fired gives a resolved future, so a waiter that took the change before
+    checking never misses it.
+    """
+
+    __slots__ = ("fired", "_waiters")
+
+    def __init__(self) -> None:
+        self.fired = False
+        # a dict, not a deque: a waiter that leaves early (timeout, client gone) is removed in
+        # O(1) wherever it is
+        self._waiters: dict[asyncio.Future[bool], None] = {}
+
+    def wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bool]:
+        """A future that becomes True when this change fires (at once if it has)."""
+        waiter: asyncio.Future[bool] = loop.create_future()
+        if self.fired:
+            waiter.set_result(True)
+        else:
+            self._waiters[waiter] = None
+        return waiter
+
+    def discard(self, waiter: asyncio.Future[bool]) -> None:
+        """Forget a waiter that stopped waiting (no-op once the change has fired)."""
+        self._waiters.pop(waiter, None)
+
+    def fire(self) -> None:
+        self.fired = True
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(True)
+
+
 class EndpointGroup:
     """A model's endpoints and the ring that balances them."""
 
@@ -38,10 +77,10 @@ class EndpointGroup:
                  loads: LoadTable | None = None, namespace: str = "") -> None:
         self.ring = Ring(replication, mean_load_factor, loads=loads, namespace=namespace)
         self.endpoints: dict[str, Endpoint] = {}
-        self._changed = asyncio.Event()
+        self._changed = Change()
 
-    def changed(self) -> asyncio.Event:
-        """The event the next endpoint change sets; take it before checking, then wait."""
+    def changed(self) -> Change:
+        """The next endpoint change; take it before checking, then wait on it."""
         return self._changed
 
     def update(self, endpoints: Iterable[Endpoint]) -> None:
@@ -65,8 +104,8 @@ class EndpointGroup:
         self.ring.mean_load_factor = factor
 
     def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        changed, self._changed = self._changed, Change()
+        changed.fire()
 
 
 class Registry:
