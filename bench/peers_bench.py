@@ -38,15 +38,16 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import orjson
 
@@ -281,12 +282,13 @@ def _saturation(paths: list[Route], duration: int, connections: int) -> list[Row
             for pid in tree(direct.proc.pid):
                 pinned(pid, 1 if path is direct else 0)
             # A slow proxy's streams outlast wrk's default 2 s timeout; give every path 60 s.
-            run_wrk(path.port, body, 1, connections, AUTH, timeout=60)  # warm-up
-            before = tree_cpu_seconds(path.proc.pid)
-            counter = _Instructions(tree(path.proc.pid), duration)
-            result = run_wrk(path.port, body, duration, connections, AUTH, timeout=60)
-            cpu = tree_cpu_seconds(path.proc.pid) - before
-            instructions = counter.result()
+            with _alone(paths, path):
+                run_wrk(path.port, body, 1, connections, AUTH, timeout=60)  # warm-up
+                before = tree_cpu_seconds(path.proc.pid)
+                counter = _Instructions(tree(path.proc.pid), duration)
+                result = run_wrk(path.port, body, duration, connections, AUTH, timeout=60)
+                cpu = tree_cpu_seconds(path.proc.pid) - before
+                instructions = counter.result()
             row = Row(path.name, shape, result["rps"], result["p50"], result["p99"],
                       cpu_us=cpu / max(1, result["requests"]) * 1e6,
                       rss_mib=tree_rss_bytes(path.proc.pid) / 2**20,
@@ -305,6 +307,21 @@ def _saturation(paths: list[Route], duration: int, connections: int) -> list[Row
     for pid in tree(direct.proc.pid):
         pinned(pid, 0)
     return rows
+
+
+@contextmanager
+def _alone(paths: list[Route], measured: Route) -> Iterator[None]:
+    """Pause every other proxy (SIGSTOP) while ``measured`` is measured. They share CPU 1 with
+    it, and one still working off a backlog (LiteLLM finishes the requests wrk abandoned, for
+    seconds) would slow the next path down. The backend (``direct``) always runs."""
+    others = [pid for path in paths[1:] if path is not measured for pid in tree(path.proc.pid)]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
 
 
 class _Instructions:
@@ -346,8 +363,11 @@ def _latency_at_rate(paths: list[Route], rate: int, duration: int) -> list[dict[
     for _ in range(3):
         for path in paths:
             seconds = max(12, duration) if path.name == "litellm" else max(2, duration // 2)
-            paced[path.name].append(run_paced(path.port, body, rates[path.name], seconds, AUTH))
-            burst[path.name].append(run_hey(path.port, body, rates[path.name], seconds, AUTH))
+            with _alone(paths, path):
+                paced[path.name].append(run_paced(path.port, body, rates[path.name], seconds,
+                                                  AUTH))
+                burst[path.name].append(run_hey(path.port, body, rates[path.name], seconds,
+                                                AUTH))
     med = {name: {"rps": statistics.median(r["rps"] for r in runs),
                   "p50_ms": statistics.median(r["p50"] for r in runs),
                   "p99_ms": statistics.median(r["p99"] for r in runs),
