@@ -51,8 +51,8 @@ from typing import Callable, Iterator
 
 import orjson
 
-from bench.procs import (free_port, pinned, spawn, stop, tree, tree_cpu_seconds, tree_rss_bytes,
-                         wait_for_port)
+from bench.procs import (free_port, pinned, spawn, steal_seconds, stop, tree, tree_cpu_seconds,
+                         tree_rss_bytes, wait_for_port)
 from bench.proxy_bench import BARE_REFERENCE_US, CHAT_BODY, run_hey, run_paced, run_wrk
 
 MASTER_KEY = "sk-kvgate-bench"
@@ -364,15 +364,18 @@ def _latency_at_rate(paths: list[Route], rate: int, duration: int) -> list[dict[
         for path in paths:
             seconds = max(12, duration) if path.name == "litellm" else max(2, duration // 2)
             with _alone(paths, path):
+                stolen = steal_seconds()
                 paced[path.name].append(run_paced(path.port, body, rates[path.name], seconds,
                                                   AUTH))
+                paced[path.name][-1]["steal"] = (steal_seconds() - stolen) / seconds
                 burst[path.name].append(run_hey(path.port, body, rates[path.name], seconds,
                                                 AUTH))
     med = {name: {"rps": statistics.median(r["rps"] for r in runs),
                   "p50_ms": statistics.median(r["p50"] for r in runs),
                   "p99_ms": statistics.median(r["p99"] for r in runs),
                   "burst_p50_ms": statistics.median(b[0] for b in burst[name]),
-                  "burst_p99_ms": statistics.median(b[1] for b in burst[name])}
+                  "burst_p99_ms": statistics.median(b[1] for b in burst[name]),
+                  "steal_cores": statistics.median(r["steal"] for r in runs)}
            for name, runs in paced.items()}
     direct = med["direct"]
     out = []
@@ -501,14 +504,16 @@ def _markdown(result: dict) -> str:  # type: ignore[type-arg]
               "At a fixed offered rate, JSON, medians of 3 alternating runs. Poisson: "
               "50 wrk connections with exponential think times (independent clients; the "
               "achieved rate is shown). Bursts: hey, whose 10 workers tick together, so "
-              "requests come 10 at a time:", "",
+              "requests come 10 at a time. Stolen: CPU the hypervisor gave other guests during "
+              "the Poisson runs (cores; on a quiet host ~0):", "",
               "| path | offered req/s | achieved req/s | p50 ms | p99 ms | added p50 ms "
-              "| added p99 ms | bursts: added p50 ms | bursts: added p99 ms |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| added p99 ms | bursts: added p50 ms | bursts: added p99 ms | stolen |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["latency_at_rate"]:
         lines.append(f"| {r['path']} | {r['rate']:.0f} | {r['rps']:,.0f} | {r['p50_ms']:.2f} "
                      f"| {r['p99_ms']:.2f} | {r['added_p50_ms']:.2f} | {r['added_p99_ms']:.2f} "
-                     f"| {r['added_burst_p50_ms']:.2f} | {r['added_burst_p99_ms']:.2f} |")
+                     f"| {r['added_burst_p50_ms']:.2f} | {r['added_burst_p99_ms']:.2f} "
+                     f"| {r['steal_cores']:.2f} |")
     w = result["workers"]
     if w:
         lines += ["", "kvgate workers, unpinned (JSON, medians of 3 alternating runs):", "",

@@ -53,6 +53,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this VM's CPUs wanted to run (all
+    CPUs, from ``/proc/stat``): on a shared VM it swells CPU times and latencies, so the
+    benches report it beside them. 0 where the kernel does not count it."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 import orjson
 
-from bench.procs import free_port, stop, tree, tree_cpu_seconds, tree_rss_bytes, wait_for_port
+from bench.procs import (free_port, steal_seconds, stop, tree, tree_cpu_seconds, tree_rss_bytes,
+                         wait_for_port)
 
 _REPO = Path(__file__).resolve().parent.parent
 _BODY = (b'{"model":"m","messages":[{"role":"user","content":"Tell me a long story."}]%s}')
@@ -338,7 +339,7 @@ async def _waiting_room(count: int, workers: int) -> dict[str, float]:
         transports = await sending
         pids = [p for p in tree(gateway.pid) if p != gateway.pid]
         cpu_before = _cpu(gateway, backend)
-        steal_before = _steal_seconds()
+        steal_before = steal_seconds()
         for pid in pids:
             os.kill(pid, signal.SIGUSR1)  # "a replica appeared": each worker sets endpoints
         try:
@@ -347,7 +348,7 @@ async def _waiting_room(count: int, workers: int) -> dict[str, float]:
             raise TimeoutError(f"{answers.due} of {count} requests unanswered after 120 s") \
                 from None
         cpu = {k: v - cpu_before[k] for k, v in _cpu(gateway, backend).items()}
-        steal = _steal_seconds() - steal_before
+        steal = steal_seconds() - steal_before
         upstream = _connections_to(backend_port)
         assert gateway.stdout is not None  # each worker's line is in the pipe by now
         appeared = [float(gateway.stdout.readline()) for _ in pids]
@@ -383,15 +384,6 @@ def _cpu(gateway: subprocess.Popen[bytes], backend: subprocess.Popen[bytes]) -> 
     clients = os.times()
     return {"gateway": tree_cpu_seconds(gateway.pid), "backend": tree_cpu_seconds(backend.pid),
             "clients": clients.user + clients.system}
-
-
-def _steal_seconds() -> float:
-    """CPU time the hypervisor gave other guests while this VM's CPUs wanted to run (all
-    CPUs, from ``/proc/stat``): on a shared VM it swells a CPU-bound drain, so it is
-    reported beside it. 0 where the kernel does not count it."""
-    with open("/proc/stat") as stat:
-        fields = stat.readline().split()
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def _connections_to(port: int) -> int:
