@@ -60,7 +60,8 @@ def counts(up: UpProcess) -> tuple[int, int] | None:
 
 
 def test_load_scales_from_zero_up_to_max_then_back_to_zero(up: UpProcess) -> None:
-    assert counts(up) == (0, 0)
+    # status.json is written beside the "ready" line, not before it
+    wait_for(lambda: counts(up) == (0, 0), 10, "the model at zero in the status file")
     errors: list[str] = []
     threads = [threading.Thread(target=stream, args=(up, 120, errors)) for _ in range(4)]
     for thread in threads:
