@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -85,21 +86,20 @@ def tree(pid: int) -> list[int]:
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of a process and its descendants alive now (each read from /proc)."""
-    total = 0.0
-    for child in tree(pid):
-        try:
-            total += cpu_seconds(child)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
+    return _tree_sum(pid, cpu_seconds)
 
 
 def tree_rss_bytes(pid: int) -> int:
     """Summed RSS of a process and its descendants (shared pages count once per process)."""
-    total = 0
+    return int(_tree_sum(pid, rss_bytes))
+
+
+def _tree_sum(pid: int, read: Callable[[int], float]) -> float:
+    """``read`` summed over a process tree; a process that exits meanwhile counts 0."""
+    total = 0.0
     for child in tree(pid):
         try:
-            total += rss_bytes(child)
+            total += read(child)
         except (FileNotFoundError, ProcessLookupError):
             pass
     return total

@@ -125,11 +125,11 @@ def _backend(port: int, gap_ms: float) -> subprocess.Popen[bytes]:
 # -- HTTP clients (raw sockets: 10,000 of them must fit in one process) ---------------------------
 
 
-def _request(stream: bool, close: bool = False) -> bytes:
+def _request(stream: bool) -> bytes:
     body = _BODY % (b',"stream":true' if stream else b"")
     return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
-            % (len(body), b"connection: close\r\n" if close else b"", body))
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body))
 
 
 async def _open_stream(port: int, gate: asyncio.Semaphore) -> asyncio.StreamWriter:
@@ -250,7 +250,7 @@ async def _send_requests(port: int, count: int, answers: _Answers) -> list[async
     """Open ``count`` connections, each sending one request as it opens (256 connects at a
     time, so the gateway's accept backlog never overflows)."""
     loop = asyncio.get_running_loop()
-    request = _request(stream=False, close=False)
+    request = _request(stream=False)
     gate = asyncio.Semaphore(256)
 
     async def one() -> asyncio.BaseTransport:
