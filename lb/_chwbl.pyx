@@ -49,7 +49,7 @@ cdef extern from "_atomic.h":
     int64_t kv_atomic_add(int64_t *counter, int64_t delta) noexcept nogil
     int64_t kv_atomic_load(const int64_t *counter) noexcept nogil
 
-from lb.chwbl import LoadTable
+from lb.loads import LoadTable
 
 cdef extern from "Python.h":
     # Declared here without Cython's ``except NULL``: a lone surrogate is not an error for

@@ -47,7 +47,7 @@ class ClientGone(Exception):
 class _Exchange:
     """Per-request state shared by the handler and its disconnect watcher."""
 
-    __slots__ = ("started", "finishing", "disconnected", "status", "model", "streamed")
+    __slots__ = ("started", "finishing", "disconnected", "status", "model")
 
     def __init__(self) -> None:
         self.started = False  # response headers sent
@@ -55,7 +55,6 @@ class _Exchange:
         self.disconnected = False
         self.status = 0
         self.model = "-"
-        self.streamed = False
 
 
 class Proxy:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
-from lb.chwbl import MAX_ENDPOINTS, LoadTable
+from lb.chwbl import MAX_ENDPOINTS
+from lb.loads import LoadTable
 
 __all__ = ["Ring", "LoadTable", "SharedCount", "IMPLEMENTATION", "MAX_ENDPOINTS", "hash64"]
 
