@@ -19,7 +19,7 @@ on every request's path:
   entry and a cache line of hashes instead of ~log2(vnodes) scattered ones.
 * Adapter membership is one byte per slot per adapter, found with a single dict lookup per
   pick, instead of a set lookup per visited vnode.
-* When every eligible endpoint is over the bound, the twin walks the whole ring before falling
+* When every eligible endpoint is at capacity, the twin walks the whole ring before falling
   back; here the walk stops once each eligible endpoint has been seen, and ``stats()`` still
   counts the full walk, so the observable results are identical.
 * ``add`` merges the new endpoint's sorted vnodes into the arrays with ``memmove`` runs and
@@ -61,13 +61,14 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     """
-    /* KubeAI's bound, load + 1 <= (total + 1) / n * factor / 100, in integers so both twins
-     * agree to the last request; 128-bit where available so no count can overflow it. */
+    /* The paper's bound, load < ceil(factor / 100 * (total + 1) / n), as load * n * 100 <
+     * (total + 1) * factor (see lb/chwbl.py), in integers so both twins agree to the last
+     * request; 128-bit where available so no count can overflow it. */
     static inline int kv_load_ok(int64_t load, int64_t n, int64_t total, int64_t factor) {
     #ifdef __SIZEOF_INT128__
-        return (__int128)(load + 1) * n * 100 <= (__int128)(total + 1) * factor;
+        return (__int128)load * n * 100 < (__int128)(total + 1) * factor;
     #else
-        return (long double)(load + 1) * n * 100 <= (long double)(total + 1) * factor;
+        return (long double)load * n * 100 < (long double)(total + 1) * factor;
     #endif
     }
     static int kv_cmp_u64(const void *a, const void *b) {
@@ -562,28 +563,21 @@ cdef class Ring:
     cdef Py_ssize_t _walk(self, Py_ssize_t i, const uint8_t *member, bint use_excl,
                           Py_ssize_t eligible) noexcept nogil:
         """Clockwise from vnode ``i``: the first eligible slot within the bound, else the
-        first eligible one. The twin finds "else" by walking the whole ring; two shortcuts
-        reach the same answer sooner, and ``stats()`` still counts the full walk:
-
-        * ``eligible`` (> 0) distinct slots exist, so once each has failed the bound the rest
-          of the ring cannot change the answer;
-        * when even an idle endpoint fails the bound (little traffic over many endpoints:
-          ``n * 100 > (total + 1) * factor``), every endpoint fails, so the first eligible
-          slot is the answer. This is the common light-load case, where a full walk would
-          visit ``n * replication`` vnodes per pick."""
+        first eligible one. The twin finds "else" by walking the whole ring; here the walk
+        stops once each of the ``eligible`` (> 0) distinct slots has failed the bound, since
+        the rest of the ring cannot change the answer, and ``stats()`` still counts the full
+        walk. (Capacities sum to at least total + 1, so "else" needs an adapter or exclusion
+        that leaves only full endpoints eligible.)"""
         cdef Py_ssize_t n_vnodes = self._n_vnodes, step, rejected = 0, default = -1
         cdef int32_t slot
         cdef int64_t n = self._n_live, total = self._total_now(), factor = self._factor
         cdef bint seen_ready = False
-        cdef bint hopeless = total != 0 and not kv_load_ok(0, n, total, factor)
         for step in range(n_vnodes):
             slot = self._owners[i]
             if self._eligible(slot, member, use_excl):
                 if default < 0:
                     default = slot
-                if hopeless:
-                    break
-                if total == 0 or kv_load_ok(self._load_at(slot), n, total, factor):
+                if kv_load_ok(self._load_at(slot), n, total, factor):
                     self._iterations += <uint64_t>(step + 1)
                     return slot
                 if not seen_ready:

@@ -14,8 +14,14 @@ Semantics follow KubeAI's ring with its rough edges fixed:
 * A lookup bisects to the first vnode at or after ``mmh3_64(hash_key)`` (wrapping) and walks
   clockwise, skipping excluded endpoints and those without the requested adapter. The first
   endpoint that passes the load bound wins; if none does, the first adapter-matching one.
-* Bound (KubeAI's exact check): ``total == 0`` or ``load + 1 <= (total + 1) / n * factor / 100``,
-  evaluated in integers so both twins agree to the last request.
+* Bound (the paper's: Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded
+  Loads"): with ``m = total + 1`` counting the request being placed, every endpoint has capacity
+  ``ceil(factor / 100 * m / n)`` and the request goes to the first endpoint below it:
+  ``load < ceil(c)`` is ``load < c`` for an integer load, i.e. ``load * n * 100 < m * factor``,
+  evaluated in integers so both twins agree to the last request. Capacities sum to at least
+  ``m``, so some endpoint always has room. (KubeAI checks ``load <= m / n * factor / 100``; the
+  rule here before was ``load + 1 <= ...``, under which nothing passed while ``m < n / f``: at
+  light load a hot key fell back to its own endpoint for every request.)
 * Loads are this process's in-flight requests. ``acquire`` returns a ticket carrying the
   endpoint's generation, so releasing after the endpoint was removed (or removed and re-added)
   never touches the new counters: ``total`` stays exact whatever the endpoints do.
@@ -247,12 +253,9 @@ class Ring:
                 if self._load_ok(slot):
                     self._iterations += step + 1
                     return self._keys[slot]
-                # Shortcuts to the full walk's answer (stats still count the full walk): if
-                # even an idle endpoint fails the bound (light load), every one does; and once
+                # Shortcut to the full walk's answer (stats still count the full walk): once
                 # each matching endpoint has failed, the rest of the ring cannot change it.
                 if rejected is None:
-                    if len(self._slot_of) * 100 > (self._total_now() + 1) * self._factor:
-                        break
                     rejected = set()
                     n_matching = sum(1 for s, k in enumerate(self._keys) if k is not None
                                      and s not in excluded and self._serves(s, adapter))
@@ -349,11 +352,8 @@ class Ring:
         return not adapter or adapter in self._adapters[slot]
 
     def _load_ok(self, slot: int) -> bool:
-        total = self._total_now()
-        if total == 0:
-            return True
-        n = len(self._slot_of)
-        return (self._load_at(slot) + 1) * n * 100 <= (total + 1) * self._factor
+        """Below the paper's capacity ``ceil(factor/100 * (total + 1) / n)``."""
+        return self._load_at(slot) * len(self._slot_of) * 100 < (self._total_now() + 1) * self._factor
 
     def _load_at(self, slot: int) -> int:
         if self._table is None:

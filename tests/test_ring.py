@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from fractions import Fraction
 from types import ModuleType
 from typing import Any
 
@@ -55,10 +56,14 @@ def ring_of(impl: ModuleType, keys: list[str], **kwargs: Any) -> Any:
     return ring
 
 
+def capacity(ring: Any) -> int:
+    """The paper's capacity for the next request, ceil(f * m / n) with m = total + 1, written
+    out independently of the ring's own check (exact, in fractions)."""
+    return math.ceil(Fraction(ring.mean_load_factor, 100) * (ring.total + 1) / len(ring))
+
+
 def within_bound(ring: Any, key: str) -> bool:
-    """KubeAI's bound, written out independently of the ring's own check."""
-    total, n = ring.total, len(ring)
-    return total == 0 or (ring.load(key) + 1) <= (total + 1) / n * ring.mean_load_factor / 100
+    return ring.load(key) < capacity(ring)
 
 
 def snapshot(ring: Any) -> tuple:
@@ -109,19 +114,56 @@ def test_bounded_loads_spill_in_ring_order(impl) -> None:
     assert max(loads) <= math.ceil(1.25 * 400 / 4) + 1
 
 
-def test_light_load_is_plain_consistent_hashing(impl) -> None:
-    """With KubeAI's "+1" even an idle endpoint fails the bound while (total + 1) * factor <
-    n * 100: every pick then falls back to the key's owner (and counts as a full walk), until
-    enough requests are in flight for the bound to mean something."""
-    ring = ring_of(impl, [f"pod-{i}" for i in range(8)], replication=32)
-    owner = ring.pick("k")
-    for _ in range(5):  # 8 endpoints at 125%: idle ones pass from total = 6
-        ring.acquire(owner)
-        lookups, visited, fallbacks = ring.stats()
-        assert ring.pick("k") == owner
-        assert ring.stats() == (lookups + 1, visited + 8 * 32, fallbacks + 1)
-    ring.acquire(owner)
-    assert ring.pick("k") != owner
+def test_some_endpoint_always_has_room(impl) -> None:
+    """Capacities add up to at least total + 1, so a pick over the whole group never falls
+    back, however skewed the keys (the fallback only exists for adapters and exclusions)."""
+    ring = ring_of(impl, [f"pod-{i}" for i in range(7)], replication=8, mean_load_factor=100)
+    for i in range(sample_size(impl, 3_000)):
+        picked = ring.pick(f"hot-{i % 3}")
+        assert within_bound(ring, picked)
+        ring.acquire(picked)
+    assert ring.stats()[2] == 0
+    assert max(ring.load(k) for k in ring.keys()) == math.ceil(ring.total / 7)
+
+
+def hot_key_loads(impl: ModuleType, n: int, requests: int, factor: int = 125) -> list[int]:
+    """Loads after `requests` picks of one hot key over `n` endpoints, each kept in flight,
+    listed in the order the endpoints first received a request (their order on the key's walk),
+    then the idle ones."""
+    ring = ring_of(impl, [f"pod-{i}" for i in range(n)], replication=64, mean_load_factor=factor)
+    first_seen: list[str] = []
+    for _ in range(requests):
+        picked = ring.pick("the same long system prompt")
+        ring.acquire(picked)
+        if picked not in first_seen:
+            first_seen.append(picked)
+    return [ring.load(k) for k in first_seen] + [0] * (n - len(first_seen))
+
+
+# Worked by hand from the paper's rule: request m (1-based) goes to the first endpoint on the
+# walk whose load is below ceil(1.25 * m / n).
+HOT_KEY_GOLDEN = [
+    # n = 4: capacity 1 for m <= 3, 2 for m <= 6, 3 for m <= 9, 4 for m <= 12, 5 for m <= 16;
+    # three endpoints always have room first, the fourth only once all three hold 5 (m = 16).
+    (4, 1, [1, 0, 0, 0]),
+    (4, 3, [1, 1, 1, 0]),
+    (4, 4, [2, 1, 1, 0]),
+    (4, 8, [3, 3, 2, 0]),
+    (4, 12, [4, 4, 4, 0]),
+    (4, 15, [5, 5, 5, 0]),
+    (4, 16, [5, 5, 5, 1]),
+    # n = 16: capacity stays 1 up to m = 12 (1.25 * 12 / 16 = 0.94): 12 requests, 12 replicas.
+    (16, 12, [1] * 12 + [0] * 4),
+    (16, 13, [2] + [1] * 11 + [0] * 4),
+    # n = 64: capacity 1 up to m = 51 (63.75 / 64); the 52nd request is the first to share.
+    (64, 51, [1] * 51 + [0] * 13),
+    (64, 52, [2] + [1] * 50 + [0] * 13),
+]
+
+
+@pytest.mark.parametrize(("n", "requests", "expected"), HOT_KEY_GOLDEN)
+def test_one_hot_key_fills_the_walk_to_the_papers_capacity(impl, n, requests, expected) -> None:
+    assert hot_key_loads(impl, n, requests) == expected
 
 
 # -- minimal disruption ---------------------------------------------------------------------------
@@ -246,16 +288,14 @@ TO_A1, TO_A2 = "pod-a-1#0", "pod-a-2#0"
 
 def test_kubeai_golden_scenario(impl) -> None:
     model_a, model_b = golden_rings(impl)
-    # (load_a1 + 1) * 2 * 100 <= (total + 1) * 150 holds while a1 <= 29 (29 -> 30 <= 30.0):
-    # 20 requests take it from 10 to 30.
+    # The j-th request (j = 0, 1, ...) stays on pod-a-1 while 10 + j < ceil(1.5 * (21 + j) / 2),
+    # i.e. 10 + j < 0.75 * (21 + j), i.e. j < 23: all 20 requests take it from 10 to 30.
     assert send(model_a, TO_A1, 20) == {"pod-a-1": 20}
-    # 30/10: 31 > 30.75 -> pod-a-2; then 30/11, 31/11, 32/11 pass (31 <= 31.5, 32 <= 32.25,
-    # 33 <= 33): 3 to pod-a-1, 1 to pod-a-2.
+    # j = 20, 21, 22 still fit; j = 23 finds pod-a-1 at 33 = ceil(0.75 * 44): pod-a-2.
     assert send(model_a, TO_A1, 4) == {"pod-a-1": 3, "pod-a-2": 1}
     assert (model_a.load("pod-a-1"), model_a.load("pod-a-2"), model_a.total) == (33, 11, 44)
-    # The last step does hold under the exact bound with the loads as they stand: pod-a-2 is
-    # first on its key's walk, and its j-th extra request (j = 0..19) needs
-    # (11 + j + 1) * 2 * 100 <= (44 + j + 1) * 150, i.e. j <= 87. All 20 go to pod-a-2.
+    # pod-a-2 is first on its key's walk, and its j-th extra request needs
+    # 11 + j < 0.75 * (45 + j), i.e. j < 91. All 20 go to pod-a-2.
     assert send(model_a, TO_A2, 20) == {"pod-a-2": 20}
     assert (model_a.load("pod-a-1"), model_a.load("pod-a-2")) == (33, 31)
     # A second model's ring is independent: pod-a-2's prefix, 100k requests, one endpoint.
@@ -265,9 +305,12 @@ def test_kubeai_golden_scenario(impl) -> None:
 
 
 def test_kubeai_golden_scenario_in_kubeais_own_steps(impl) -> None:
-    """KubeAI's test cuts the same traffic as 1, 20 (19/1), 4 (3/1), then 20 to pod-a-2."""
+    """KubeAI's test cuts the traffic as 1, 20, 4, then 20 to pod-a-2. Its own check
+    (load <= m / n * f) expects 19/1 for the 20 and 3/1 for the 4; the paper's capacity keeps
+    pod-a-1 for j < 23 (21 requests), then the 4 go 2, pod-a-2 (33 = ceil(0.75 * 44)), 1
+    (33 < ceil(0.75 * 45) = 34)."""
     model_a, _ = golden_rings(impl)
-    steps = [(TO_A1, 1, {"pod-a-1": 1}), (TO_A1, 20, {"pod-a-1": 19, "pod-a-2": 1}),
+    steps = [(TO_A1, 1, {"pod-a-1": 1}), (TO_A1, 20, {"pod-a-1": 20}),
              (TO_A1, 4, {"pod-a-1": 3, "pod-a-2": 1}), (TO_A2, 20, {"pod-a-2": 20})]
     for key, count, expected in steps:
         assert send(model_a, key, count) == expected
