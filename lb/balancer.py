@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 
 from lb.config import WaitingRoomConfig
+from lb.ejection import EjectionConfig, Outliers
 from lb.errors import GatewayError, model_not_found
 from lb.metrics import GatewayMetrics
 from lb.model import Model
 from lb.registry import EndpointGroup, Registry
-from lb.ring import Ring
 from lb.scaler import Scaler
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Lease:
     """One attempt's hold on an endpoint. ``release`` is idempotent so every exit path may
-    call it."""
+    call it; ``succeeded``/``failed`` tell the endpoint's health record how the attempt went."""
 
-    ring: Ring
+    group: EndpointGroup  # the group the ticket was counted in (a rebuilt model has a new one)
     key: str
     address: str
     ticket: int
@@ -39,7 +39,21 @@ class Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.ring.release(self.ticket)
+            self.group.ring.release(self.ticket)
+
+    def succeeded(self) -> None:
+        outliers = self.group.outliers
+        if outliers is not None:
+            outliers.succeeded(self.key)
+
+    def failed(self, config: EjectionConfig) -> None:
+        """A connect error, timeout or 5xx: may eject the endpoint (see ``lb.ejection``)."""
+        group = self.group
+        if group.outliers is None:
+            group.outliers = Outliers(config)
+        if group.outliers.failed(self.key, len(group.endpoints)):
+            log.warning("replica %s ejected after %d failed attempts in a row", self.key,
+                        config.consecutive_failures)
 
 
 class Balancer:
@@ -62,15 +76,18 @@ class Balancer:
         Synchronous so the common case costs no coroutine; ``wait`` is the slow path.
         """
         group = self._registry.group(model.name)
-        key = _pick(group, model, adapter, prefix, exclude)
-        if key is None and exclude:
-            # Every replica that could serve was tried already: a retry may go back to one
+        ejected = group.outliers.current() if group.outliers is not None else None
+        skip = [*exclude, *ejected] if ejected else exclude
+        key = _pick(group, model, adapter, prefix, skip)
+        if key is None and ejected and exclude:
+            key = _pick(group, model, adapter, prefix, exclude)
+        if key is None and skip:
+            # Every replica that could serve was tried already or is ejected: go back to one
             # rather than wait for a replica that may never come.
             key = _pick(group, model, adapter, prefix, ())
         if key is None:
             return None
-        ring = group.ring
-        return Lease(ring, key, group.endpoints[key].address, ring.acquire(key))
+        return Lease(group, key, group.endpoints[key].address, group.ring.acquire(key))
 
     async def wait(self, model: Model, adapter: str, prefix: str, exclude: list[str]) -> Lease:
         """Wait in the model's waiting room for an endpoint, then lease it."""

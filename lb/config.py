@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
+from lb.ejection import EjectionConfig
 from lb.model import Model, ModelValidationError
 from lb.registry import Endpoint
 
@@ -78,6 +79,7 @@ class Config:
     retries: RetryConfig = field(default_factory=RetryConfig)
     waiting_room: WaitingRoomConfig = field(default_factory=WaitingRoomConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    ejection: EjectionConfig = field(default_factory=EjectionConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 
@@ -143,6 +145,12 @@ def _validate(config: Config) -> None:
         (config.upstream.read_timeout_seconds > 0, "upstream.readTimeoutSeconds: must be > 0"),
         (config.upstream.max_idle_per_host >= 0, "upstream.maxIdlePerHost: must be >= 0"),
         (config.upstream.keepalive_seconds > 0, "upstream.keepaliveSeconds: must be > 0"),
+        (config.ejection.consecutive_failures >= 0,
+         "ejection.consecutiveFailures: must be >= 0 (0 turns ejection off)"),
+        (0 < config.ejection.base_seconds <= config.ejection.max_seconds,
+         "ejection.baseSeconds: must be > 0 and <= ejection.maxSeconds"),
+        (0 <= config.ejection.max_ejected_percent <= 100,
+         "ejection.maxEjectedPercent: must be in 0..100"),
     ]
     for ok, message in checks:
         if not ok:

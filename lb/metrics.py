@@ -199,6 +199,12 @@ class _RingCollector(Collector):
                                       labels=["model", "endpoint"])
         endpoints = GaugeMetricFamily("kvgate_endpoints", "Ready endpoints per model.",
                                       labels=["model"])
+        ejected = GaugeMetricFamily("kvgate_endpoint_ejected",
+                                    "1 while an endpoint is ejected after failing in a row.",
+                                    labels=["model", "endpoint"])
+        ejections = CounterMetricFamily("kvgate_endpoint_ejections",
+                                        "Endpoints ejected after failing in a row.",
+                                        labels=["model"])
         for model, group in self._groups().items():
             ring = group.ring
             n_lookups, n_steps, n_fallbacks = ring.stats()
@@ -206,6 +212,9 @@ class _RingCollector(Collector):
             steps.add_metric([model], n_steps)
             fallbacks.add_metric([model], n_fallbacks)
             endpoints.add_metric([model], len(ring))
+            out = group.outliers.current() if group.outliers is not None else {}
             for key in ring.keys():
                 in_flight.add_metric([model, key], ring.load(key))
-        yield from (lookups, steps, fallbacks, in_flight, endpoints)
+                ejected.add_metric([model, key], 1 if key in out else 0)
+            ejections.add_metric([model], group.outliers.ejections_total if group.outliers else 0)
+        yield from (lookups, steps, fallbacks, in_flight, endpoints, ejected, ejections)

@@ -35,6 +35,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _JSON = [(b"content-type", b"application/json")]
+# Statuses that count against a replica's health (``lb.ejection``), as Envoy's gateway failures.
+_REPLICA_FAILURES = frozenset((500, 502, 503, 504))
 _STREAM_ERROR = (b'data: {"error": {"message": "The model server closed the stream before it '
                  b'finished.", "type": "server_error", "param": null, "code": "upstream_closed"}}'
                  b'\n\n')
@@ -66,6 +68,7 @@ class Proxy:
         self._metrics = metrics
         self._pool = pool
         self._retry_statuses = frozenset(config.retries.retry_statuses)
+        self._ejection = config.ejection
 
     async def handle(self, kind: str, path: bytes, scope: Scope, receive: Receive,
                      send: Send) -> None:
@@ -164,15 +167,22 @@ class Proxy:
             response = await self._pool().request(lease.address, b"POST", path, headers, body)
         except ConnectFailed as exc:
             log.debug("upstream %s unreachable: %s", lease.key, exc)
+            lease.failed(self._ejection)
             return False
         except ResponseTimeout:
+            lease.failed(self._ejection)
             raise GatewayError(504, "The model server did not answer in time.",
                                code="upstream_timeout") from None
         except BodyError as exc:
             log.warning("upstream %s sent a broken response: %s", lease.key, exc)
+            lease.failed(self._ejection)
             raise GatewayError(502, "The model server sent a malformed response.",
                                code="upstream_error") from None
         try:
+            if response.status in _REPLICA_FAILURES:
+                lease.failed(self._ejection)
+            else:
+                lease.succeeded()
             if response.status in self._retry_statuses and not last:
                 exchange.status = response.status
                 return False

@@ -17,6 +17,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from lb.ejection import Outliers
 from lb.model import Model
 from lb.ring import LoadTable, Ring
 
@@ -71,12 +72,14 @@ class Change:
 
 
 class EndpointGroup:
-    """A model's endpoints and the ring that balances them."""
+    """A model's endpoints, the ring that balances them, and (once an attempt on one has
+    failed) their health record, which the gateway keeps and this group prunes."""
 
     def __init__(self, replication: int, mean_load_factor: int,
                  loads: LoadTable | None = None, namespace: str = "") -> None:
         self.ring = Ring(replication, mean_load_factor, loads=loads, namespace=namespace)
         self.endpoints: dict[str, Endpoint] = {}
+        self.outliers: Outliers | None = None
         self._changed = Change()
 
     def changed(self) -> Change:
@@ -87,10 +90,13 @@ class EndpointGroup:
         """Apply the new endpoint set as a diff, so requests in flight keep their accounting
         and untouched endpoints keep their place on the ring."""
         new = {e.key: e for e in endpoints}
-        for key in [k for k, old in self.endpoints.items() if new.get(k, None) is None
-                    or new[k].address != old.address]:
+        gone = [k for k, old in self.endpoints.items() if new.get(k, None) is None
+                or new[k].address != old.address]
+        for key in gone:
             self.ring.remove(key)
             del self.endpoints[key]
+        if gone and self.outliers is not None:
+            self.outliers.forget(gone)  # a replica that comes back starts with a clean record
         for key, endpoint in new.items():
             old = self.endpoints.get(key)
             if old is None:
@@ -165,4 +171,5 @@ class Registry:
         into the old ring they were counted in, so neither ring's totals drift."""
         group = self._groups[model] = self._new_group(model)
         group._changed = old._changed
+        group.outliers = old.outliers
         group.update(old.endpoints.values())
