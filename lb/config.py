@@ -66,6 +66,14 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    # A request carrying this header is routed by its value instead of its prompt (PrefixHash):
+    # a conversation or session stays on one replica while that replica is under the bound.
+    # "" turns it off.
+    session_header: str = "X-Session-ID"
+
+
+@dataclass(frozen=True, slots=True)
 class StaticEndpoint:
     address: str
     key: str = ""
@@ -80,6 +88,7 @@ class Config:
     waiting_room: WaitingRoomConfig = field(default_factory=WaitingRoomConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     ejection: EjectionConfig = field(default_factory=EjectionConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 

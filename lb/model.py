@@ -33,6 +33,7 @@ PLURAL = "models"
 Engine = Literal["OLlama", "VLLM", "FasterWhisper", "Infinity", "Sim", "LlamaCpp"]
 Feature = Literal["TextGeneration", "TextEmbedding", "SpeechToText", "Reranking"]
 Strategy = Literal["LeastLoad", "PrefixHash", "Random"]
+PrefixSource = Literal["FirstUserMessage", "Conversation"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 FEATURES: tuple[str, ...] = get_args(Feature)
@@ -446,6 +447,12 @@ class PrefixHash(_Resource):
         immutable=True,
     )
     prefix_char_length: int = _field(100, doc="Characters of the prompt that are hashed.", minimum=0)
+    prefix_from: PrefixSource = _field(
+        "FirstUserMessage",
+        doc="What the hashed characters are taken from: the first user message (KubeAI's key), or the "
+        "whole conversation as rendered from its start (tools, system prompt, every message), so requests "
+        "that share a long system prompt or document meet on one replica.",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -77,13 +77,16 @@ def with_model(parsed: ParsedRequest, model: str) -> bytes:
 
 # -- prefixes for the ring ---------------------------------------------------------------------
 
-def prefix_of(parsed: ParsedRequest, length: int) -> str:
-    """KubeAI's prefix: the first user message (chat) or the prompt (completions), cut to
-    ``length`` code points; other kinds share no prompt cache worth routing on."""
+def prefix_of(parsed: ParsedRequest, length: int, source: str = "FirstUserMessage") -> str:
+    """The ring key's text, cut to ``length`` code points: KubeAI's (the first user message of
+    a chat), or with ``source="Conversation"`` the conversation rendered from its start; the
+    prompt for completions. Other kinds share no prompt cache worth routing on."""
     payload = parsed.payload
     if payload is None or length <= 0:
         return ""
     if parsed.kind == "chat":
+        if source == "Conversation":
+            return _conversation_text(payload, length)
         return _first_user_text(payload["messages"])[:length]
     if parsed.kind == "completions":
         prompt = payload.get("prompt")
@@ -93,16 +96,41 @@ def prefix_of(parsed: ParsedRequest, length: int) -> str:
     return ""
 
 
+def _conversation_text(payload: dict[str, Any], length: int) -> str:
+    """The first ``length`` code points of the conversation as the engine sees it, roughly:
+    the tools, then each message's role and text, in order. Requests that share a long
+    system prompt or document share this prefix even when their questions differ; rendering
+    stops as soon as enough text is there."""
+    pieces: list[str] = []
+    size = 0
+    tools = payload.get("tools")
+    if tools:
+        text = orjson.dumps(tools).decode()
+        pieces.append(text)
+        size += len(text)
+    for message in payload["messages"]:
+        if size >= length:
+            break
+        text = f"<{message['role']}>{_content_text(message.get('content'))}"
+        pieces.append(text)
+        size += len(text)
+    return "".join(pieces)[:length]
+
+
 def _first_user_text(messages: list[Any]) -> str:
     for message in messages:
         if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return "".join(part["text"] for part in content if isinstance(part, dict)
-                               and part.get("type") == "text" and isinstance(part.get("text"), str))
-            return ""
+            return _content_text(message.get("content"))
+    return ""
+
+
+def _content_text(content: Any) -> str:
+    """A message's text: the string, or the text parts joined (``null`` and images give "")."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content if isinstance(part, dict)
+                       and part.get("type") == "text" and isinstance(part.get("text"), str))
     return ""
 
 

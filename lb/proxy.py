@@ -69,6 +69,7 @@ class Proxy:
         self._pool = pool
         self._retry_statuses = frozenset(config.retries.retry_statuses)
         self._ejection = config.ejection
+        self._session_header = config.routing.session_header.lower().encode()
 
     async def handle(self, kind: str, path: bytes, scope: Scope, receive: Receive,
                      send: Send) -> None:
@@ -76,10 +77,11 @@ class Proxy:
         began = time.perf_counter()
         exchange = _Exchange()
         try:
-            content_length, content_type = _content_headers(scope["headers"])
+            content_length, content_type, session = _request_headers(scope["headers"],
+                                                                     self._session_header)
             body = await self._read_body(content_length, receive)
-            await self._serve(kind, path, scope, body, content_type, receive, send, exchange,
-                              began)
+            await self._serve(kind, path, scope, body, content_type, session, receive, send,
+                              exchange, began)
         except GatewayError as exc:
             exchange.status = exc.status
             if not exchange.started:
@@ -96,8 +98,8 @@ class Proxy:
                                    time.perf_counter() - began)
 
     async def _serve(self, kind: str, path: bytes, scope: Scope, body: bytes,
-                     content_type: bytes, receive: Receive, send: Send, exchange: _Exchange,
-                     began: float) -> None:
+                     content_type: bytes, session: bytes, receive: Receive, send: Send,
+                     exchange: _Exchange, began: float) -> None:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
@@ -107,7 +109,8 @@ class Proxy:
         active = self._metrics.active_gauge(model.name)
         active.inc()
         try:
-            await self._forward(model, adapter, parsed, path, scope, send, exchange, began)
+            key = _routing_key(parsed, model, session)
+            await self._forward(model, adapter, parsed, key, path, scope, send, exchange, began)
         finally:
             active.dec()
             watcher.cancel()
@@ -133,9 +136,9 @@ class Proxy:
                     return False
         return True
 
-    async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, path: bytes,
-                       scope: Scope, send: Send, exchange: _Exchange, began: float) -> None:
-        prefix = prefix_of(parsed, model.spec.load_balancing.prefix_hash.prefix_char_length)
+    async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, prefix: str,
+                       path: bytes, scope: Scope, send: Send, exchange: _Exchange,
+                       began: float) -> None:
         body = with_model(parsed, adapter or model.name) if adapter else parsed.body
         headers = request_headers(scope["headers"], parsed.content_type)
         tried: list[str] = []
@@ -293,15 +296,30 @@ _WATCH_AFTER = 0.02
 DISCONNECT_HOOK = "kvgate.on_disconnect"
 
 
-def _content_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
-    """(content-length, content-type) in one pass over the headers; b"" when absent."""
-    length = ctype = b""
+def _request_headers(headers: list[tuple[bytes, bytes]],
+                     session_header: bytes) -> tuple[bytes, bytes, bytes]:
+    """(content-length, content-type, session id) in one pass over the headers; b"" when
+    absent (ASGI servers give header names in lower case)."""
+    length = ctype = session = b""
     for key, value in headers:
         if key == b"content-length":
             length = value
         elif key == b"content-type":
             ctype = value
-    return length, ctype
+        elif key == session_header:
+            session = value
+    return length, ctype, session
+
+
+def _routing_key(parsed: ParsedRequest, model: Model, session: bytes) -> str:
+    """What the ring hashes (besides the adapter): the client's session id when it sent one,
+    else the prompt's prefix; only PrefixHash reads it."""
+    prefix_hash = model.spec.load_balancing.prefix_hash
+    if model.spec.load_balancing.strategy != "PrefixHash":
+        return ""
+    if session:
+        return "\x1esession:" + session.decode("latin-1")  # apart from every prompt's text
+    return prefix_of(parsed, prefix_hash.prefix_char_length, prefix_hash.prefix_from)
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -430,7 +430,8 @@ def model_manifest(name: str, *, engine: str = "VLLM",
                    features: Iterable[str] = ("TextGeneration",), strategy: str = "LeastLoad",
                    adapters: Iterable[str] = (), labels: dict[str, str] | None = None,
                    mean_load_factor: int = 125, replication: int = 256,
-                   prefix_char_length: int = 100) -> dict[str, Any]:
+                   prefix_char_length: int = 100,
+                   prefix_from: str = "FirstUserMessage") -> dict[str, Any]:
     return {
         "apiVersion": "kvgate.dev/v1", "kind": "Model",
         "metadata": {"name": name, "labels": dict(labels or {})},
@@ -439,7 +440,7 @@ def model_manifest(name: str, *, engine: str = "VLLM",
             "adapters": [{"name": a, "url": f"hf://test/{a}"} for a in adapters],
             "loadBalancing": {"strategy": strategy, "prefixHash": {
                 "meanLoadFactor": mean_load_factor, "replication": replication,
-                "prefixCharLength": prefix_char_length}},
+                "prefixCharLength": prefix_char_length, "prefixFrom": prefix_from}},
         },
     }
 

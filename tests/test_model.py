@@ -631,7 +631,8 @@ def test_to_dict_includes_defaults(text: str) -> None:
     spec = written["spec"]
     for key in ("minReplicas", "targetRequests", "scaleDownDelaySeconds", "autoscalingDisabled", "loadBalancing"):
         assert key in spec
-    assert set(spec["loadBalancing"]["prefixHash"]) == {"meanLoadFactor", "replication", "prefixCharLength"}
+    assert set(spec["loadBalancing"]["prefixHash"]) == {"meanLoadFactor", "replication", "prefixCharLength",
+                                                        "prefixFrom"}
     if text is not LLAMA_VLLM:
         # Unset optionals stay absent, so CEL's has() and the Python side agree on them.
         assert not {"replicas", "maxReplicas", "cacheProfile", "adapters", "files", "image"} & set(spec)
