@@ -61,14 +61,14 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     """
-    /* The paper's bound, load < ceil(factor / 100 * (total + 1) / n), as load * n * 100 <
-     * (total + 1) * factor (see lb/chwbl.py), in integers so both twins agree to the last
-     * request; 128-bit where available so no count can overflow it. */
-    static inline int kv_load_ok(int64_t load, int64_t n, int64_t total, int64_t factor) {
+    /* The paper's bound, load < ceil(factor / 100 * m / n) with m = total + the request's
+     * weight, as load * n * 100 < m * factor (see lb/chwbl.py), in integers so both twins
+     * agree to the last request; 128-bit where available so no count can overflow it. */
+    static inline int kv_load_ok(int64_t load, int64_t n, int64_t m, int64_t factor) {
     #ifdef __SIZEOF_INT128__
-        return (__int128)load * n * 100 < (__int128)(total + 1) * factor;
+        return (__int128)load * n * 100 < (__int128)m * factor;
     #else
-        return (long double)load * n * 100 < (long double)(total + 1) * factor;
+        return (long double)load * n * 100 < (long double)m * factor;
     #endif
     }
     static int kv_cmp_u64(const void *a, const void *b) {
@@ -76,13 +76,14 @@ cdef extern from *:
         return (x > y) - (x < y);
     }
     """
-    bint kv_load_ok(int64_t load, int64_t n, int64_t total, int64_t factor) noexcept nogil
+    bint kv_load_ok(int64_t load, int64_t n, int64_t m, int64_t factor) noexcept nogil
     int kv_cmp_u64(const void *a, const void *b) noexcept nogil
 
-__all__ = ["Ring", "LoadTable", "SharedCount", "hash64", "MAX_ENDPOINTS", "SLOT_BITS"]
+__all__ = ["Ring", "LoadTable", "SharedCount", "hash64", "MAX_ENDPOINTS", "SLOT_BITS", "MAX_WEIGHT"]
 
 SLOT_BITS = 20
 MAX_ENDPOINTS = 1 << SLOT_BITS
+MAX_WEIGHT = 1 << 32
 cdef enum:
     _C_SLOT_BITS = 20
 cdef int64_t _SLOT_MASK = (1 << _C_SLOT_BITS) - 1
@@ -134,6 +135,18 @@ cdef inline int _check_str(object value, str what) except -1:
     if not PyUnicode_Check(value):
         raise _not_str(what, value)
     return 0
+
+
+cdef inline int64_t _weight(object weight) except -1:
+    """A request's weight, checked exactly like the twin (same exception types)."""
+    cdef int overflow = 0
+    cdef long long value
+    if not PyLong_Check(weight) or PyBool_Check(weight):
+        raise TypeError(f"weight must be int, not {type(weight).__name__}")
+    value = PyLong_AsLongLongAndOverflow(weight, &overflow)
+    if overflow != 0 or not 1 <= value <= (<long long>1 << 32):
+        raise ValueError(f"weight must be in [1, {MAX_WEIGHT}]")
+    return value
 
 
 cdef inline bint _is_empty(object collection) noexcept:
@@ -436,21 +449,25 @@ cdef class Ring:
     def load(self, key: str) -> int:
         return self._load_at(self._slot(key))
 
-    def acquire(self, key: str) -> int:
-        """Count one more in-flight request on ``key``; returns the ticket for ``release``."""
+    def acquire(self, key: str, weight=1) -> int:
+        """Count one more in-flight request of ``weight`` on ``key``; returns the ticket for
+        ``release`` (which takes the same weight)."""
         cdef Py_ssize_t slot = self._slot(key)
-        self._loads[slot] += 1
-        self._total += 1
-        self._share(slot, 1)
+        cdef int64_t w = 1 if weight is 1 else _weight(weight)
+        self._loads[slot] += w
+        self._total += w
+        self._share(slot, w)
         return (self._gens[slot] << _C_SLOT_BITS) | slot
 
-    def release(self, ticket) -> bool:
-        """End one in-flight request. False when its endpoint has gone since (nothing to do)."""
+    def release(self, ticket, weight=1) -> bool:
+        """End one in-flight request of ``weight``. False when its endpoint has gone since
+        (nothing to do)."""
         cdef int overflow = 0
         cdef long long value
-        cdef int64_t gen, slot
+        cdef int64_t gen, slot, w
         if not PyLong_Check(ticket) or PyBool_Check(ticket):
             raise TypeError(f"ticket must be int, not {type(ticket).__name__}")
+        w = 1 if weight is 1 else _weight(weight)
         value = PyLong_AsLongLongAndOverflow(ticket, &overflow)
         # Out of 64-bit range means negative or a generation never issued: both unknown.
         if overflow != 0 or value < 0:
@@ -461,18 +478,19 @@ cdef class Ring:
             raise ValueError(f"unknown ticket {ticket}")
         if self._gens[slot] != gen:
             return False
-        if self._loads[slot] == 0:
+        if self._loads[slot] < w:
             raise ValueError(f"ticket {ticket} released more often than acquired")
-        self._loads[slot] -= 1
-        self._total -= 1
-        self._share(slot, -1)
+        self._loads[slot] -= w
+        self._total -= w
+        self._share(slot, -w)
         return True
 
     # -- picks -----------------------------------------------------------------------------
 
-    def pick(self, hash_key: str, adapter: str = "", exclude=()):
-        """CHWBL: the endpoint for ``hash_key`` within the load bound, or None if no endpoint
-        (outside ``exclude``) serves ``adapter``. Does not acquire."""
+    def pick(self, hash_key: str, adapter: str = "", exclude=(), weight=1):
+        """CHWBL: the endpoint for ``hash_key`` within the load bound for a request of
+        ``weight``, or None if no endpoint (outside ``exclude``) serves ``adapter``. Does not
+        acquire."""
         cdef const uint8_t *member = NULL
         cdef bint use_excl = False
         cdef Py_ssize_t eligible, start
@@ -482,6 +500,7 @@ cdef class Ring:
             raise _not_str("hash key", hash_key)
         if not PyUnicode_Check(adapter):
             raise _not_str("adapter", adapter)
+        cdef int64_t w = 1 if weight is 1 else _weight(weight)
         if self._n_vnodes == 0:
             return None
         if not _is_empty(exclude):
@@ -503,7 +522,7 @@ cdef class Ring:
             self._iterations += <uint64_t>self._n_vnodes
             return None
         start = self._find(h)
-        return self._keys[self._walk(start, member, use_excl, eligible)]
+        return self._keys[self._walk(start, member, use_excl, eligible, w)]
 
     def pick_least_load(self, adapter: str = "", exclude=()):
         """The matching endpoint with the fewest in-flight requests; ties rotate so idle
@@ -561,7 +580,7 @@ cdef class Ring:
 
     @cython.final
     cdef Py_ssize_t _walk(self, Py_ssize_t i, const uint8_t *member, bint use_excl,
-                          Py_ssize_t eligible) noexcept nogil:
+                          Py_ssize_t eligible, int64_t weight) noexcept nogil:
         """Clockwise from vnode ``i``: the first eligible slot within the bound, else the
         first eligible one. The twin finds "else" by walking the whole ring; here the walk
         stops once each of the ``eligible`` (> 0) distinct slots has failed the bound, since
@@ -570,14 +589,14 @@ cdef class Ring:
         that leaves only full endpoints eligible.)"""
         cdef Py_ssize_t n_vnodes = self._n_vnodes, step, rejected = 0, default = -1
         cdef int32_t slot
-        cdef int64_t n = self._n_live, total = self._total_now(), factor = self._factor
+        cdef int64_t n = self._n_live, m = self._total_now() + weight, factor = self._factor
         cdef bint seen_ready = False
         for step in range(n_vnodes):
             slot = self._owners[i]
             if self._eligible(slot, member, use_excl):
                 if default < 0:
                     default = slot
-                if kv_load_ok(self._load_at(slot), n, total, factor):
+                if kv_load_ok(self._load_at(slot), n, m, factor):
                     self._iterations += <uint64_t>(step + 1)
                     return slot
                 if not seen_ready:

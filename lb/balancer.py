@@ -34,12 +34,13 @@ class Lease:
     key: str
     address: str
     ticket: int
+    weight: int
     released: bool = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.group.ring.release(self.ticket)
+            self.group.ring.release(self.ticket, self.weight)
 
     def succeeded(self) -> None:
         outliers = self.group.outliers
@@ -69,27 +70,30 @@ class Balancer:
     def waiting(self, model: str) -> int:
         return self._waiting.get(model, 0)
 
-    def try_acquire(self, model: Model, adapter: str, prefix: str,
-                    exclude: list[str]) -> Lease | None:
-        """A lease on the best endpoint for this request, or None if there is none now.
+    def try_acquire(self, model: Model, adapter: str, prefix: str, exclude: list[str],
+                    weight: int = 1) -> Lease | None:
+        """A lease on the best endpoint for this request (of ``weight``: 1, or its estimated
+        tokens), or None if there is none now.
 
         Synchronous so the common case costs no coroutine; ``wait`` is the slow path.
         """
         group = self._registry.group(model.name)
         ejected = group.outliers.current() if group.outliers is not None else None
         skip = [*exclude, *ejected] if ejected else exclude
-        key = _pick(group, model, adapter, prefix, skip)
+        key = _pick(group, model, adapter, prefix, skip, weight)
         if key is None and ejected and exclude:
-            key = _pick(group, model, adapter, prefix, exclude)
+            key = _pick(group, model, adapter, prefix, exclude, weight)
         if key is None and skip:
             # Every replica that could serve was tried already or is ejected: go back to one
             # rather than wait for a replica that may never come.
-            key = _pick(group, model, adapter, prefix, ())
+            key = _pick(group, model, adapter, prefix, (), weight)
         if key is None:
             return None
-        return Lease(group, key, group.endpoints[key].address, group.ring.acquire(key))
+        ticket = group.ring.acquire(key, weight)
+        return Lease(group, key, group.endpoints[key].address, ticket, weight)
 
-    async def wait(self, model: Model, adapter: str, prefix: str, exclude: list[str]) -> Lease:
+    async def wait(self, model: Model, adapter: str, prefix: str, exclude: list[str],
+                   weight: int = 1) -> Lease:
         """Wait in the model's waiting room for an endpoint, then lease it."""
         name = model.name
         if self.waiting(name) >= self._config.max_waiting_per_model:
@@ -109,7 +113,7 @@ class Balancer:
                 current = self._registry.get_model(name)
                 if current is None:
                     raise model_not_found(name)
-                lease = self.try_acquire(current, adapter, prefix, exclude)
+                lease = self.try_acquire(current, adapter, prefix, exclude, weight)
                 if lease is not None:
                     return lease
                 remaining = deadline - time.monotonic()
@@ -155,10 +159,10 @@ class Balancer:
 
 
 def _pick(group: EndpointGroup, model: Model, adapter: str, prefix: str,
-          exclude: list[str] | tuple[()]) -> str | None:
+          exclude: list[str] | tuple[()], weight: int) -> str | None:
     strategy = model.spec.load_balancing.strategy
     if strategy == "PrefixHash":
-        return group.ring.pick(adapter + prefix, adapter, exclude)
+        return group.ring.pick(adapter + prefix, adapter, exclude, weight)
     if strategy == "Random":
         return group.ring.pick_random(adapter, exclude)
     return group.ring.pick_least_load(adapter, exclude)

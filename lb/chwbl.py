@@ -22,7 +22,10 @@ Semantics follow KubeAI's ring with its rough edges fixed:
   ``m``, so some endpoint always has room. (KubeAI checks ``load <= m / n * factor / 100``; the
   rule here before was ``load + 1 <= ...``, under which nothing passed while ``m < n / f``: at
   light load a hot key fell back to its own endpoint for every request.)
-* Loads are this process's in-flight requests. ``acquire`` returns a ticket carrying the
+* Loads are this process's in-flight requests, each counted with its weight: 1, or (per
+  Model) its estimated tokens, so a long prompt weighs what it costs. The bound then reads
+  ``m = total + weight``; with unit weights it is the paper's rule exactly.
+* Loads are per process. ``acquire`` returns a ticket carrying the
   endpoint's generation, so releasing after the endpoint was removed (or removed and re-added)
   never touches the new counters: ``total`` stays exact whatever the endpoints do.
 * With a ``LoadTable`` (``Ring(..., loads=table, namespace=model)``), loads and ``total`` are
@@ -41,13 +44,14 @@ import mmh3
 
 from lb.loads import LoadTable
 
-__all__ = ["Ring", "SharedCount", "hash64", "MAX_ENDPOINTS", "SLOT_BITS"]
+__all__ = ["Ring", "SharedCount", "hash64", "MAX_ENDPOINTS", "SLOT_BITS", "MAX_WEIGHT"]
 
 SLOT_BITS = 20
 MAX_ENDPOINTS = 1 << SLOT_BITS
 _SLOT_MASK = MAX_ENDPOINTS - 1
 _U64 = (1 << 64) - 1
 _DEFAULT_SEED = 0x9E3779B97F4A7C15
+MAX_WEIGHT = 1 << 32  # a request's weight: 1, or its estimated tokens
 
 
 def hash64(key: str) -> int:
@@ -90,6 +94,13 @@ class SharedCount:
 def _check_str(value: object, what: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be str, not {type(value).__name__}")
+
+
+def _check_weight(weight: object) -> None:
+    if not isinstance(weight, int) or isinstance(weight, bool):
+        raise TypeError(f"weight must be int, not {type(weight).__name__}")
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be in [1, {MAX_WEIGHT}]")
 
 
 class Ring:
@@ -203,37 +214,44 @@ class Ring:
     def load(self, key: str) -> int:
         return self._load_at(self._slot(key))
 
-    def acquire(self, key: str) -> int:
-        """Count one more in-flight request on ``key``; returns the ticket for ``release``."""
+    def acquire(self, key: str, weight: int = 1) -> int:
+        """Count one more in-flight request of ``weight`` on ``key``; returns the ticket for
+        ``release`` (which takes the same weight)."""
         slot = self._slot(key)
-        self._loads[slot] += 1
-        self._total += 1
-        self._share(slot, 1)
+        _check_weight(weight)
+        self._loads[slot] += weight
+        self._total += weight
+        self._share(slot, weight)
         return (self._gens[slot] << SLOT_BITS) | slot
 
-    def release(self, ticket: int) -> bool:
-        """End one in-flight request. False when its endpoint has gone since (nothing to do)."""
+    def release(self, ticket: int, weight: int = 1) -> bool:
+        """End one in-flight request of ``weight``. False when its endpoint has gone since
+        (nothing to do)."""
         if not isinstance(ticket, int) or isinstance(ticket, bool):
             raise TypeError(f"ticket must be int, not {type(ticket).__name__}")
+        _check_weight(weight)
         gen, slot = ticket >> SLOT_BITS, ticket & _SLOT_MASK
         if ticket < 0 or gen == 0 or gen > self._last_gen or slot >= len(self._keys):
             raise ValueError(f"unknown ticket {ticket}")
         if self._gens[slot] != gen:
             return False
-        if self._loads[slot] == 0:
+        if self._loads[slot] < weight:
             raise ValueError(f"ticket {ticket} released more often than acquired")
-        self._loads[slot] -= 1
-        self._total -= 1
-        self._share(slot, -1)
+        self._loads[slot] -= weight
+        self._total -= weight
+        self._share(slot, -weight)
         return True
 
     # -- picks -----------------------------------------------------------------------------
 
-    def pick(self, hash_key: str, adapter: str = "", exclude: Collection[str] = ()) -> str | None:
-        """CHWBL: the endpoint for ``hash_key`` within the load bound, or None if no endpoint
-        (outside ``exclude``) serves ``adapter``. Does not acquire."""
+    def pick(self, hash_key: str, adapter: str = "", exclude: Collection[str] = (),
+             weight: int = 1) -> str | None:
+        """CHWBL: the endpoint for ``hash_key`` within the load bound for a request of
+        ``weight``, or None if no endpoint (outside ``exclude``) serves ``adapter``. Does not
+        acquire."""
         _check_str(hash_key, "hash key")
         _check_str(adapter, "adapter")
+        _check_weight(weight)
         if not self._hashes:
             return None
         excluded = self._excluded_slots(exclude)
@@ -250,7 +268,7 @@ class Ring:
             if slot not in excluded and self._serves(slot, adapter):
                 if default < 0:
                     default = slot
-                if self._load_ok(slot):
+                if self._load_ok(slot, weight):
                     self._iterations += step + 1
                     return self._keys[slot]
                 # Shortcut to the full walk's answer (stats still count the full walk): once
@@ -351,9 +369,10 @@ class Ring:
     def _serves(self, slot: int, adapter: str) -> bool:
         return not adapter or adapter in self._adapters[slot]
 
-    def _load_ok(self, slot: int) -> bool:
-        """Below the paper's capacity ``ceil(factor/100 * (total + 1) / n)``."""
-        return self._load_at(slot) * len(self._slot_of) * 100 < (self._total_now() + 1) * self._factor
+    def _load_ok(self, slot: int, weight: int) -> bool:
+        """Below the paper's capacity ``ceil(factor/100 * (total + weight) / n)``."""
+        return (self._load_at(slot) * len(self._slot_of) * 100
+                < (self._total_now() + weight) * self._factor)
 
     def _load_at(self, slot: int) -> int:
         if self._table is None:

@@ -34,6 +34,7 @@ Engine = Literal["OLlama", "VLLM", "FasterWhisper", "Infinity", "Sim", "LlamaCpp
 Feature = Literal["TextGeneration", "TextEmbedding", "SpeechToText", "Reranking"]
 Strategy = Literal["LeastLoad", "PrefixHash", "Random"]
 PrefixSource = Literal["FirstUserMessage", "Conversation"]
+LoadUnit = Literal["Requests", "Tokens"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 FEATURES: tuple[str, ...] = get_args(Feature)
@@ -459,6 +460,11 @@ class PrefixHash(_Resource):
 class LoadBalancing(_Resource):
     strategy: Strategy = _field("LeastLoad", doc="How a replica is picked for each request.")
     prefix_hash: PrefixHash = _field(factory=PrefixHash, doc="Settings of the PrefixHash strategy.")
+    load_unit: LoadUnit = _field(
+        "Requests",
+        doc="What a replica's load counts, for PrefixHash's bound and LeastLoad: in-flight requests, or "
+        "their estimated tokens (prompt bytes / 4 + max_tokens), so a long prompt weighs what it costs.",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,6 +16,7 @@ import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lb.errors import GatewayError, bad_request
+from lb.ring import MAX_WEIGHT
 
 # A malformed form is the client's problem and gets a 400; it must not fill the server's logs.
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
@@ -73,6 +74,23 @@ def with_model(parsed: ParsedRequest, model: str) -> bytes:
     if parsed.payload is None or parsed.payload.get("model") == model:
         return parsed.body
     return orjson.dumps({**parsed.payload, "model": model})
+
+
+# -- a request's weight for token-weighted loads -------------------------------------------------
+
+# Output tokens assumed when the request sets no limit (the engine's own default is the rest of
+# the context, which says nothing about what a reply will really cost).
+DEFAULT_OUTPUT_TOKENS = 256
+
+
+def estimated_tokens(parsed: ParsedRequest) -> int:
+    """Prompt tokens estimated from the body (~4 bytes a token) plus the output allowed:
+    cheap, and proportional enough to spread long prompts apart."""
+    payload = parsed.payload or {}
+    limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        limit = DEFAULT_OUTPUT_TOKENS
+    return min(len(parsed.body) // 4 + limit, MAX_WEIGHT) or 1
 
 
 # -- prefixes for the ring ---------------------------------------------------------------------

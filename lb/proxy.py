@@ -23,7 +23,7 @@ from lb.errors import GatewayError, bad_request, model_not_found
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
 from lb.metrics import GatewayMetrics
 from lb.model import Model, split_model_adapter
-from lb.parse import ParsedRequest, parse_request, prefix_of, with_model
+from lb.parse import ParsedRequest, estimated_tokens, parse_request, prefix_of, with_model
 from lb.registry import Registry
 from lb.selectors import matches, parse_selector
 from lb.upstream import request_headers, response_headers
@@ -141,11 +141,12 @@ class Proxy:
                        began: float) -> None:
         body = with_model(parsed, adapter or model.name) if adapter else parsed.body
         headers = request_headers(scope["headers"], parsed.content_type)
+        weight = estimated_tokens(parsed) if model.spec.load_balancing.load_unit == "Tokens" else 1
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1
         for attempt in range(attempts):
-            lease = (self._balancer.try_acquire(model, adapter, prefix, tried)
-                     or await self._balancer.wait(model, adapter, prefix, tried))
+            lease = (self._balancer.try_acquire(model, adapter, prefix, tried, weight)
+                     or await self._balancer.wait(model, adapter, prefix, tried, weight))
             tried.append(lease.key)
             last = attempt == attempts - 1
             try:

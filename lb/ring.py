@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import os
 
-from lb.chwbl import MAX_ENDPOINTS
+from lb.chwbl import MAX_ENDPOINTS, MAX_WEIGHT
 from lb.loads import LoadTable
 
-__all__ = ["Ring", "LoadTable", "SharedCount", "IMPLEMENTATION", "MAX_ENDPOINTS", "hash64"]
+__all__ = ["Ring", "LoadTable", "SharedCount", "IMPLEMENTATION", "MAX_ENDPOINTS", "MAX_WEIGHT",
+           "hash64"]
 
 if os.environ.get("KVGATE_PURE_RING") == "1":
     from lb.chwbl import Ring, SharedCount, hash64

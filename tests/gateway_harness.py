@@ -431,14 +431,15 @@ def model_manifest(name: str, *, engine: str = "VLLM",
                    adapters: Iterable[str] = (), labels: dict[str, str] | None = None,
                    mean_load_factor: int = 125, replication: int = 256,
                    prefix_char_length: int = 100,
-                   prefix_from: str = "FirstUserMessage") -> dict[str, Any]:
+                   prefix_from: str = "FirstUserMessage",
+                   load_unit: str = "Requests") -> dict[str, Any]:
     return {
         "apiVersion": "kvgate.dev/v1", "kind": "Model",
         "metadata": {"name": name, "labels": dict(labels or {})},
         "spec": {
             "url": f"hf://test/{name}", "engine": engine, "features": list(features),
             "adapters": [{"name": a, "url": f"hf://test/{a}"} for a in adapters],
-            "loadBalancing": {"strategy": strategy, "prefixHash": {
+            "loadBalancing": {"strategy": strategy, "loadUnit": load_unit, "prefixHash": {
                 "meanLoadFactor": mean_load_factor, "replication": replication,
                 "prefixCharLength": prefix_char_length, "prefixFrom": prefix_from}},
         },

@@ -93,7 +93,9 @@ async def test_counters_return_to_zero_after_chaos(make_gateway):
     gw.allow_errors("ASGI callable returned without completing response")
     backends = [gw.backend(f"r{i}") for i in range(4)]
     refused = gw.refusing_endpoint("refused", "lora")
-    gw.add_model("m", strategy="PrefixHash", adapters=["lora"], mean_load_factor=125)
+    # "m" counts tokens (weights of a few hundred each), "ll" requests: both must end at 0.
+    gw.add_model("m", strategy="PrefixHash", adapters=["lora"], mean_load_factor=125,
+                 load_unit="Tokens")
     full = [backends[0].endpoint("lora"), backends[1].endpoint(), backends[2].endpoint("lora"),
             refused]
     partial = [backends[0].endpoint(), backends[1].endpoint("lora"), refused]

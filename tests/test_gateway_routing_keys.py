@@ -110,3 +110,57 @@ def test_the_conversation_key_is_stable_as_the_conversation_grows() -> None:
     longer = turn + [{"role": "assistant", "content": "answer"}, {"role": "user", "content": "2"}]
     assert (prefix_of(chat_request(messages=turn), 500, "Conversation")
             == prefix_of(chat_request(messages=longer), 500, "Conversation"))
+
+
+# -- token-weighted loads --------------------------------------------------------------------
+
+BIG = "Summarise this contract. " + "The party of the first part shall " * 1200  # ~10k tokens
+
+
+async def hold_in_flight(gw: GatewayHarness, backends: list, prompts: list[str]) -> list[str]:
+    """Send the prompts one after another, each held in flight on its replica, and return
+    where each landed; then let them all finish."""
+    for backend in backends:
+        await gw.loop.acall(backend.hold)
+    landed, tasks = [], []
+    async with gw.async_client() as client:
+        for i, prompt in enumerate(prompts):
+            before = {b.name: b.total_calls for b in backends}
+            tasks.append(asyncio.ensure_future(client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": prompt}], max_tokens=16)))
+            await gw.await_for(lambda: sum(b.in_flight for b in backends) == i + 1,
+                               what=f"request {i} to be held")
+            landed.append(next(b.name for b in backends if b.total_calls > before[b.name]))
+        for backend in backends:
+            await gw.loop.acall(backend.release)
+        await asyncio.gather(*tasks)
+    await gw.asettle()
+    return landed
+
+
+@pytest.mark.parametrize("unit", ["Requests", "Tokens"])
+async def test_least_load_in_tokens_keeps_small_requests_off_a_long_prompt(gw, unit) -> None:
+    backends = [gw.backend("r0"), gw.backend("r1")]
+    gw.model_with("m", backends, strategy="LeastLoad", load_unit=unit)
+    landed = await hold_in_flight(gw, backends, [BIG] + [f"short {i}" for i in range(5)])
+    others = landed[1:]
+    if unit == "Tokens":  # one 10k-token prompt outweighs five short requests
+        assert others == [b for b in ["r0", "r1"] if b != landed[0]] * 5
+    else:  # counts alternate
+        assert others.count(landed[0]) == 2
+
+
+@pytest.mark.parametrize("unit", ["Requests", "Tokens"])
+async def test_the_bound_in_tokens_counts_a_long_prompt_for_what_it_costs(gw, unit) -> None:
+    """4 replicas at 125%: counting requests, the 4th request of a hot prefix finds room at
+    home again (capacity ceil(1.25 * 4 / 4) = 2); counting tokens, the 10k-token request
+    held there keeps the short ones away."""
+    backends = [gw.backend(f"r{i}") for i in range(4)]
+    gw.model_with("m", backends, strategy="PrefixHash", load_unit=unit, prefix_char_length=10)
+    landed = await hold_in_flight(gw, backends, [BIG] + [BIG[:10] + f" short {i}"
+                                                         for i in range(5)])
+    home = landed[0]
+    if unit == "Tokens":
+        assert home not in landed[1:]
+    else:
+        assert landed[3] == home

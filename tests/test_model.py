@@ -631,6 +631,7 @@ def test_to_dict_includes_defaults(text: str) -> None:
     spec = written["spec"]
     for key in ("minReplicas", "targetRequests", "scaleDownDelaySeconds", "autoscalingDisabled", "loadBalancing"):
         assert key in spec
+    assert spec["loadBalancing"]["loadUnit"] == "Requests"
     assert set(spec["loadBalancing"]["prefixHash"]) == {"meanLoadFactor", "replication", "prefixCharLength",
                                                         "prefixFrom"}
     if text is not LLAMA_VLLM:

@@ -120,6 +120,11 @@ def test_read_only_properties_agree() -> None:
 # -- random operation sequences -----------------------------------------------------------------
 
 
+WEIGHTS = st.one_of(st.just(1), st.integers(1, 40), st.just(2**32))
+# Not weights: zero, negative, over the maximum, and not ints (both twins raise the same way).
+BAD_WEIGHTS = [0, -3, 2**32 + 1, 2**70, True, 1.5, None, "2"]
+
+
 class Twins(RuleBasedStateMachine):
     """Both rings driven through the same random history, compared after every step.
 
@@ -156,10 +161,10 @@ class Twins(RuleBasedStateMachine):
             return data.draw(st.sampled_from(keys))
         return data.draw(st.sampled_from(ENDPOINTS))
 
-    def _acquired(self, result: tuple[str, Any], take: bool):
+    def _acquired(self, result: tuple[str, Any], take: bool, weight: int = 1):
         if take and result[0] == "ok" and result[1] is not None:
-            status, ticket = self.both(lambda r: r.acquire(result[1]))
-            return multiple(ticket) if status == "ok" else multiple()
+            status, ticket = self.both(lambda r: r.acquire(result[1], weight))
+            return multiple((ticket, weight)) if status == "ok" else multiple()
         return multiple()
 
     # endpoints
@@ -180,19 +185,20 @@ class Twins(RuleBasedStateMachine):
 
     # loads
 
-    @rule(target=tickets, data=st.data(), count=st.integers(1, 25))
-    def acquire(self, data: st.DataObject, count: int):
+    @rule(target=tickets, data=st.data(), count=st.integers(1, 25), weight=WEIGHTS)
+    def acquire(self, data: st.DataObject, count: int, weight: int):
         key = self.present(data)
         issued = []
         for _ in range(count):
-            status, value = self.both(lambda r: r.acquire(key))
+            status, value = self.both(lambda r: r.acquire(key, weight))
             if status == "ok":
-                issued.append(value)
+                issued.append((value, weight))
         return multiple(*issued)
 
-    @rule(ticket=tickets)
-    def release(self, ticket: int) -> None:
-        self.both(lambda r: r.release(ticket))  # valid, stale (endpoint gone), or spent
+    @rule(held=tickets, heavier=st.booleans())
+    def release(self, held: tuple[int, int], heavier: bool) -> None:
+        ticket, weight = held  # valid, stale (endpoint gone), or spent; or more than it held
+        self.both(lambda r: r.release(ticket, weight + 7 if heavier else weight))
 
     @rule(factor=st.integers(90, 400))
     def set_factor(self, factor: int) -> None:
@@ -202,14 +208,17 @@ class Twins(RuleBasedStateMachine):
 
     @rule(target=tickets, key=TEXT, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
           exclude=st.one_of(st.just(()), st.lists(st.sampled_from(ENDPOINTS + ["unknown"]),
-                                                  max_size=4)))
-    def pick(self, key: str, adapter: str, exclude: Any, take: bool):
-        return self._acquired(self.both(lambda r: r.pick(key, adapter, exclude)), take)
+                                                  max_size=4)), weight=WEIGHTS)
+    def pick(self, key: str, adapter: str, exclude: Any, take: bool, weight: int):
+        return self._acquired(self.both(lambda r: r.pick(key, adapter, exclude, weight)), take,
+                              weight)
 
     @rule(target=tickets, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
-          exclude=st.one_of(st.just(()), st.lists(st.sampled_from(ENDPOINTS), max_size=3)))
-    def pick_least_load(self, adapter: str, exclude: Any, take: bool):
-        return self._acquired(self.both(lambda r: r.pick_least_load(adapter, exclude)), take)
+          exclude=st.one_of(st.just(()), st.lists(st.sampled_from(ENDPOINTS), max_size=3)),
+          weight=WEIGHTS)
+    def pick_least_load(self, adapter: str, exclude: Any, take: bool, weight: int):
+        return self._acquired(self.both(lambda r: r.pick_least_load(adapter, exclude)), take,
+                              weight)
 
     @rule(target=tickets, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
           exclude=st.one_of(st.just(()), st.frozensets(st.sampled_from(ENDPOINTS))))
@@ -224,6 +233,8 @@ class Twins(RuleBasedStateMachine):
     def pick_odd(self, key: Any, adapter: Any, exclude: Any) -> None:
         fresh = exclude.fresh if isinstance(exclude, Gen) else (lambda: exclude)
         self.both(lambda r: r.pick(key, adapter, fresh()))
+        for weight in BAD_WEIGHTS:
+            self.both(lambda r: r.pick(key, adapter, fresh(), weight))
         self.both(lambda r: r.pick_least_load(adapter, fresh()))
         self.both(lambda r: r.pick_random(adapter, fresh()))
 
@@ -242,6 +253,13 @@ class Twins(RuleBasedStateMachine):
                            st.sampled_from([True, False, 1.0, None, "1", 2**64, -1])))
     def release_odd(self, ticket: Any) -> None:
         self.both(lambda r: r.release(ticket))
+        for weight in BAD_WEIGHTS:
+            self.both(lambda r: r.release(ticket, weight))
+
+    @rule(data=st.data(), weight=st.sampled_from(BAD_WEIGHTS))
+    def acquire_odd(self, data: st.DataObject, weight: Any) -> None:
+        key = self.present(data)
+        self.both(lambda r: r.acquire(key, weight))
 
     @rule(factor=st.sampled_from([99, 1_000_001, 1.5, True, 10**7, "125", None]))
     def set_factor_odd(self, factor: Any) -> None:
@@ -300,21 +318,22 @@ def _random_history(seed: int, steps: int) -> None:
             adapters = ADAPTERS[rng.randrange(4):]
             both(lambda r: r.set_adapters(key, adapters))
         elif op < 0.45 and tickets:
-            ticket = tickets.pop(rng.randrange(len(tickets)))
-            both(lambda r: r.release(ticket))
+            ticket, weight = tickets.pop(rng.randrange(len(tickets)))
+            both(lambda r: r.release(ticket, weight))
         else:
             prefix = f"user-{rng.randrange(200)}"
             adapter = rng.choice(ADAPTERS + ["nope"])
             exclude = rng.sample(pool, rng.randrange(3)) if rng.random() < 0.2 else ()
             kind = rng.random()
+            weight = rng.randrange(1, 2000) if rng.random() < 0.3 else 1
             if kind < 0.8:
-                status, picked = both(lambda r: r.pick(prefix, adapter, exclude))
+                status, picked = both(lambda r: r.pick(prefix, adapter, exclude, weight))
             elif kind < 0.9:
                 status, picked = both(lambda r: r.pick_least_load(adapter, exclude))
             else:
                 status, picked = both(lambda r: r.pick_random(adapter, exclude))
             if picked is not None:
-                tickets.append(both(lambda r: r.acquire(picked))[1])
+                tickets.append((both(lambda r: r.acquire(picked, weight))[1], weight))
         assert py.total == cy.total and py.stats() == cy.stats()
     assert py.keys() == cy.keys()
     assert [py.load(k) for k in py.keys()] == [cy.load(k) for k in cy.keys()]
