@@ -7,6 +7,7 @@ request pays for one dict lookup rather than Starlette's route matching.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any, AsyncIterator
@@ -21,6 +22,7 @@ from starlette.routing import Route
 
 from lb.balancer import Balancer
 from lb.config import Config
+from lb.engine_metrics import EngineScraper
 from lb.errors import GatewayError, error_body
 from lb.metrics import GatewayMetrics
 from lb.model import join_model_adapter
@@ -45,7 +47,9 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics.watch_rings(self.registry.groups)
         self.balancer = Balancer(self.registry, scaler or StaticScaler(), config.waiting_room,
-                                 self.metrics)
+                                 self.metrics, config.engine_metrics.stale_after_seconds)
+        self.engine_scraper = EngineScraper(self.registry, config.engine_metrics)
+        self.metrics.watch_engines(self.registry.groups, self.engine_scraper)
         self._pool: UpstreamPool | None = None
         self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool)
         self.ready = False
@@ -73,11 +77,16 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
         self._pool = create_pool(self.config.upstream)
+        scraping = (asyncio.get_running_loop().create_task(self.engine_scraper.run())
+                    if self.config.engine_metrics.interval_seconds > 0 else None)
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
+            if scraping is not None:
+                scraping.cancel()
+                await asyncio.gather(scraping, return_exceptions=True)
             await self._pool.close()
             self._pool = None
 

@@ -59,11 +59,12 @@ class Lease:
 
 class Balancer:
     def __init__(self, registry: Registry, scaler: Scaler, config: WaitingRoomConfig,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, engine_stale_after: float = 10.0) -> None:
         self._registry = registry
         self._scaler = scaler
         self._config = config
         self._metrics = metrics
+        self._stale_after = engine_stale_after
         self._waiting: dict[str, int] = {}
         self._scaling: dict[str, asyncio.Task[None]] = {}
 
@@ -80,13 +81,13 @@ class Balancer:
         group = self._registry.group(model.name)
         ejected = group.outliers.current() if group.outliers is not None else None
         skip = [*exclude, *ejected] if ejected else exclude
-        key = _pick(group, model, adapter, prefix, skip, weight)
+        key = self._pick(group, model, adapter, prefix, skip, weight)
         if key is None and ejected and exclude:
-            key = _pick(group, model, adapter, prefix, exclude, weight)
+            key = self._pick(group, model, adapter, prefix, exclude, weight)
         if key is None and skip:
             # Every replica that could serve was tried already or is ejected: go back to one
             # rather than wait for a replica that may never come.
-            key = _pick(group, model, adapter, prefix, (), weight)
+            key = self._pick(group, model, adapter, prefix, (), weight)
         if key is None:
             return None
         ticket = group.ring.acquire(key, weight)
@@ -158,14 +159,43 @@ class Balancer:
             log.error("scaling model %s from zero failed: %s", name, task.exception())
 
 
-def _pick(group: EndpointGroup, model: Model, adapter: str, prefix: str,
-          exclude: list[str] | tuple[()], weight: int) -> str | None:
-    strategy = model.spec.load_balancing.strategy
-    if strategy == "PrefixHash":
-        return group.ring.pick(adapter + prefix, adapter, exclude, weight)
-    if strategy == "Random":
-        return group.ring.pick_random(adapter, exclude)
-    return group.ring.pick_least_load(adapter, exclude)
+    def _pick(self, group: EndpointGroup, model: Model, adapter: str, prefix: str,
+              exclude: list[str] | tuple[()], weight: int) -> str | None:
+        strategy = model.spec.load_balancing.strategy
+        if strategy == "PrefixHash":
+            return group.ring.pick(adapter + prefix, adapter, exclude, weight)
+        if strategy == "Random":
+            return group.ring.pick_random(adapter, exclude)
+        if strategy == "LeastQueue" and group.engine:
+            return _least_queue(group, adapter, exclude, time.monotonic() - self._stale_after)
+        return group.ring.pick_least_load(adapter, exclude)
+
+
+# A full KV cache counts like this many queued requests: the engine is about to preempt.
+KV_FULL_AS_QUEUED = 4.0
+
+
+def _least_queue(group: EndpointGroup, adapter: str, exclude: list[str] | tuple[()],
+                 fresh_after: float) -> str | None:
+    """LeastQueue: the fewest of (this gateway's in-flight requests + the engine's waiting
+    queue + its KV usage as queued requests). The in-flight part is live, so requests between
+    two scrapes do not all herd to the replica that looked emptiest; the engine's part sees
+    load this gateway did not send. A replica without a fresh reading counts in-flight only.
+    Ties go round-robin (the ring's cursor-free order rotates with the total)."""
+    ring, readings = group.ring, group.engine
+    keys = list(group.endpoints)
+    start = ring.total % len(keys) if keys else 0
+    best, best_score = None, 0.0
+    for key in keys[start:] + keys[:start]:
+        if key in exclude or (adapter and adapter not in group.endpoints[key].adapters):
+            continue
+        score = float(ring.load(key))
+        reading = readings.get(key)
+        if reading is not None and reading.read_at >= fresh_after:
+            score += reading.waiting + KV_FULL_AS_QUEUED * reading.kv_usage
+        if best is None or score < best_score:
+            best, best_score = key, score
+    return best
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 import yaml
 
 from lb.ejection import EjectionConfig
+from lb.engine_metrics import EngineMetricsConfig
 from lb.model import Model, ModelValidationError
 from lb.registry import Endpoint
 
@@ -89,6 +90,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     ejection: EjectionConfig = field(default_factory=EjectionConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    engine_metrics: EngineMetricsConfig = field(default_factory=EngineMetricsConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 
@@ -160,6 +162,12 @@ def _validate(config: Config) -> None:
          "ejection.baseSeconds: must be > 0 and <= ejection.maxSeconds"),
         (0 <= config.ejection.max_ejected_percent <= 100,
          "ejection.maxEjectedPercent: must be in 0..100"),
+        (config.engine_metrics.interval_seconds >= 0,
+         "engineMetrics.intervalSeconds: must be >= 0 (0 turns scraping off)"),
+        (config.engine_metrics.timeout_seconds > 0, "engineMetrics.timeoutSeconds: must be > 0"),
+        (config.engine_metrics.stale_after_seconds > 0,
+         "engineMetrics.staleAfterSeconds: must be > 0"),
+        (config.engine_metrics.path.startswith("/"), "engineMetrics.path: must start with /"),
     ]
     for ok, message in checks:
         if not ok:

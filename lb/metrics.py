@@ -30,6 +30,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from lb.engine_metrics import EngineScraper
     from lb.registry import EndpointGroup
     from lb.ring import LoadTable, SharedCount
 
@@ -93,6 +94,10 @@ class GatewayMetrics:
 
     def watch_rings(self, groups: Callable[[], dict[str, EndpointGroup]]) -> None:
         self.registry.register(_RingCollector(groups))
+
+    def watch_engines(self, groups: Callable[[], dict[str, EndpointGroup]],
+                      scraper: EngineScraper) -> None:
+        self.registry.register(_EngineCollector(groups, scraper))
 
     def share_active(self, loads: LoadTable) -> None:
         """Count active requests in ``loads``, across the processes sharing it. Call before
@@ -218,3 +223,38 @@ class _RingCollector(Collector):
                 ejected.add_metric([model, key], 1 if key in out else 0)
             ejections.add_metric([model], group.outliers.ejections_total if group.outliers else 0)
         yield from (lookups, steps, fallbacks, in_flight, endpoints, ejected, ejections)
+
+
+class _EngineCollector(Collector):
+    """The replicas' own load as last scraped (fresh readings only: a stale one is absent)."""
+
+    def __init__(self, groups: Callable[[], dict[str, EndpointGroup]],
+                 scraper: EngineScraper) -> None:
+        self._groups = groups
+        self._scraper = scraper
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "endpoint"]
+        waiting = GaugeMetricFamily("kvgate_engine_requests_waiting",
+                                    "Requests queued in the replica's scheduler (its /metrics).",
+                                    labels=labels)
+        running = GaugeMetricFamily("kvgate_engine_requests_running",
+                                    "Requests running on the replica (its /metrics).",
+                                    labels=labels)
+        kv = GaugeMetricFamily("kvgate_engine_kv_cache_usage",
+                               "Share of the replica's KV-cache blocks in use, 0..1.", labels=labels)
+        hit_rate = GaugeMetricFamily("kvgate_engine_prefix_cache_hit_rate",
+                                     "Prefix-cache hits per query since the scrape before.",
+                                     labels=labels)
+        failures = CounterMetricFamily("kvgate_engine_scrape_failures",
+                                       "Replica /metrics scrapes that failed.", labels=["model"])
+        for model, group in self._groups().items():
+            for key, reading in self._scraper.fresh(group).items():
+                waiting.add_metric([model, key], reading.waiting)
+                running.add_metric([model, key], reading.running)
+                kv.add_metric([model, key], reading.kv_usage)
+                if reading.prefix_hit_rate is not None:
+                    hit_rate.add_metric([model, key], reading.prefix_hit_rate)
+        for model, n in self._scraper.failures.items():
+            failures.add_metric([model], n)
+        yield from (waiting, running, kv, hit_rate, failures)

@@ -32,7 +32,7 @@ PLURAL = "models"
 
 Engine = Literal["OLlama", "VLLM", "FasterWhisper", "Infinity", "Sim", "LlamaCpp"]
 Feature = Literal["TextGeneration", "TextEmbedding", "SpeechToText", "Reranking"]
-Strategy = Literal["LeastLoad", "PrefixHash", "Random"]
+Strategy = Literal["LeastLoad", "PrefixHash", "Random", "LeastQueue"]
 PrefixSource = Literal["FirstUserMessage", "Conversation"]
 LoadUnit = Literal["Requests", "Tokens"]
 ConditionStatus = Literal["True", "False", "Unknown"]

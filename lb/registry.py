@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from lb.ejection import Outliers
 from lb.model import Model
 from lb.ring import LoadTable, Ring
+
+if TYPE_CHECKING:
+    from lb.engine_metrics import EngineReading
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class EndpointGroup:
         self.ring = Ring(replication, mean_load_factor, loads=loads, namespace=namespace)
         self.endpoints: dict[str, Endpoint] = {}
         self.outliers: Outliers | None = None
+        self.engine: dict[str, EngineReading] = {}  # the replicas' own metrics, when scraped
         self._changed = Change()
 
     def changed(self) -> Change:
@@ -172,4 +176,5 @@ class Registry:
         group = self._groups[model] = self._new_group(model)
         group._changed = old._changed
         group.outliers = old.outliers
+        group.engine = old.engine
         group.update(old.endpoints.values())

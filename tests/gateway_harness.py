@@ -188,6 +188,9 @@ class Backend:
         self.cancel_times: list[float] = []
         self.chunk_times: list[float] = []  # monotonic time each SSE chunk was written
         self.completed = 0  # responses fully written
+        self.scrapes = 0  # GET /metrics (the gateway's engine scraper), not counted in calls
+        self.engine_waiting = 0
+        self.engine_kv = 0.0
         self._attempts = attempts
         self._fail_next: collections.deque[int] = collections.deque()
         self._gate: asyncio.Event | None = None
@@ -243,6 +246,8 @@ class Backend:
     # serving -----------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and request.path == "/metrics":
+            return self._metrics()
         self.calls[request.path] += 1
         self.in_flight += 1
         try:
@@ -304,6 +309,20 @@ class Backend:
         await asyncio.sleep(0.05)
         request.transport.abort()
         return response
+
+    def _metrics(self) -> web.Response:
+        """vLLM's scheduler gauges, as the gateway's engine scraper reads them: running is what
+        this server holds; waiting and KV usage are what a test says (``engine_waiting``,
+        ``engine_kv``)."""
+        self.scrapes += 1
+        labels = '{engine="0",model_name="test"}'
+        text = (f"# TYPE vllm:num_requests_running gauge\n"
+                f"vllm:num_requests_running{labels} {self.in_flight}\n"
+                f"# TYPE vllm:num_requests_waiting gauge\n"
+                f"vllm:num_requests_waiting{labels} {self.engine_waiting}\n"
+                f"# TYPE vllm:kv_cache_usage_perc gauge\n"
+                f"vllm:kv_cache_usage_perc{labels} {self.engine_kv}\n")
+        return web.Response(text=text, content_type="text/plain")
 
     def _plan(self, request: web.Request) -> Plan:
         header = request.headers.get("x-test-plan")
