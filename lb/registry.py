@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from lb.model import Model
 from lb.ring import LoadTable, Ring
+
+if TYPE_CHECKING:  # lb.config reads Endpoint from here
+    from lb.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,3 +169,12 @@ class Registry:
         group = self._groups[model] = self._new_group(model)
         group._changed = old._changed
         group.update(old.endpoints.values())
+
+
+def static_registry(config: Config, loads: LoadTable | None = None) -> Registry:
+    """A registry holding a static config's models and endpoints (`kvgate gateway`: no operator)."""
+    registry = Registry(loads)
+    for model in config.models:
+        registry.set_model(model)
+        registry.set_endpoints(model.name, config.static_endpoints(model.name))
+    return registry

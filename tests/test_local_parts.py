@@ -10,12 +10,12 @@ import pytest
 
 from lb.config import ConfigError
 from lb.model import Model
-from lb_operator.local_config import LocalConfig, LocalEngine
-from lb_operator.local_engines import EngineUnavailable, check_engine, launch_hash, render_launch
-from lb_operator.local_manifests import ManifestError, parse_models, read_models_file
-from lb_operator.local_processes import ReplicaProcess
-from lb_operator.local_runtime import plan_replicas
-from lb_operator.settings import settings_from_dict
+from lb_operator.local.config import LocalConfig, LocalEngine
+from lb_operator.local.engines import EngineUnavailable, check_engine, launch_hash, render_launch
+from lb_operator.local.manifests import ManifestError, parse_models, read_models_file
+from lb_operator.local.processes import ReplicaProcess
+from lb_operator.local.runtime import plan_replicas
+from kvgate.settings import settings_from_dict
 
 DOC = """\
 apiVersion: kvgate.dev/v1

@@ -16,9 +16,9 @@ from lb.model import Model
 from lb.registry import Registry
 from lb_operator.loader import LOADER_CONTAINER, LOADER_PORT_ANNOTATION, AdapterStore, loader_app
 from lb_operator.adapters import AdapterSync, MemoryRecorder, Replica, StoreFetcher
-from lb_operator.cluster_adapters import PodRecorder, SidecarFetcher, recorded_adapters, replicas_from_pods
-from lb_operator.plan import endpoints_from_pods
-from lb_operator.podspec import ADAPTER_LABEL_PREFIX, PORT_ANNOTATION, POD_HASH_LABEL, pod_for_model
+from lb_operator.kube.adapters import PodRecorder, SidecarFetcher, recorded_adapters, replicas_from_pods
+from lb_operator.kube.endpoints import endpoints_from_pods
+from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX, PORT_ANNOTATION, POD_HASH_LABEL, pod_for_model
 from lb_operator.system_config import system_config_from_dict
 from tests.kube_fake import FakeKube
 

@@ -18,7 +18,7 @@ from bench.sim.cluster import Replica as SimReplica
 from lb.metrics import GatewayMetrics
 from lb.model import GROUP, PLURAL, VERSION, Model
 from lb_operator.autoscaler import Autoscaler
-from lb_operator.cluster_autoscaling import STATE_KEY, ConfigMapStateStore, ScaleWriter
+from lb_operator.kube.autoscaling import STATE_KEY, ConfigMapStateStore, ScaleWriter
 from lb_operator.state_files import JsonFileStateStore
 from lb_operator.system_config import ModelAutoscaling
 from tests.kube_fake import FakeKube

@@ -12,11 +12,11 @@ from typing import Any, AsyncIterator
 import pytest
 
 from lb.model import Model
-from lb_operator.cache import (CACHE_FINALIZER, LOADED_ANNOTATION_PREFIX, ensure_cache, eviction_job_name,
+from lb_operator.kube.cache import (CACHE_FINALIZER, LOADED_ANNOTATION_PREFIX, ensure_cache, eviction_job_name,
                                loader_job, loader_job_name)
-from lb_operator.engines import cache_dir
+from lb_operator.kube.engines import cache_dir
 from lb_operator.loader import FetchError, fetch_to
-from lb_operator.podspec import pod_for_model
+from lb_operator.kube.pods import pod_for_model
 from lb_operator.system_config import system_config_from_dict
 from tests.kube_fake import FakeKube, ResourceType
 

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from bench.sim.cluster import Replica
-from lb_operator.engines import files_config_map_name
-from lb_operator.kube_client import KubeApi
-from lb_operator.plan import POD_IP_ANNOTATION, POD_PORT_ANNOTATION
-from lb_operator.podspec import MODEL_LABEL
+from lb_operator.kube.engines import files_config_map_name
+from lb_operator.kube.client import KubeApi
+from lb_operator.kube.endpoints import POD_IP_ANNOTATION, POD_PORT_ANNOTATION
+from lb_operator.kube.pods import MODEL_LABEL
 from lb_operator.system_config import system_config_from_dict
 from tests.cluster_harness import (NS, GatewayReplica, Kubelet, chat, create_model, eventually,
                                    model_body, patch_model, pod_hashes, ready_pods)
@@ -273,7 +273,7 @@ async def test_kvgate_serve_command(kube: FakeKube, api: KubeApi, kubelet: Kubel
         port = probe.getsockname()[1]
     env = dict(os.environ, KUBERNETES_SERVICE_HOST="")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lb.cli", "serve", "-c", str(config), "--kubeconfig", kubeconfig,
+        sys.executable, "-m", "kvgate", "serve", "-c", str(config), "--kubeconfig", kubeconfig,
         "--namespace", NS, "--port", str(port), "--metrics-port", "0", "--identity", "proc",
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:

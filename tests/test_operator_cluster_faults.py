@@ -8,8 +8,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from lb_operator.kube_client import KubeApi
-from lb_operator.leader import LeaderElector
+from lb_operator.kube.client import KubeApi
+from lb_operator.kube.leader import LeaderElector
 from tests.cluster_harness import (NS, GatewayReplica, Kubelet, create_model, eventually,
                                    model_body, ready_pods)
 from tests.kube_fake import FakeKube

@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from lb.model import GROUP, PLURAL, VERSION
-from lb_operator.cache import CACHE_FINALIZER
-from lb_operator.engines import CACHE_MOUNT
+from lb_operator.kube.cache import CACHE_FINALIZER
+from lb_operator.kube.engines import CACHE_MOUNT
 from lb_operator.system_config import system_config_from_dict
 from lb_operator.retry import Backoff
 from tests.cluster_harness import (FAST, GatewayReplica, Kubelet, chat, create_model, eventually,

@@ -7,15 +7,9 @@ import pytest
 
 from lb.model import Model
 from lb.registry import Endpoint
-from lb_operator.plan import (
-    address_override,
-    deletion_order,
-    desired_replicas,
-    endpoints_from_pods,
-    plan_pods,
-    replica_status,
-)
-from lb_operator.podspec import pod_for_model
+from lb_operator.kube.endpoints import address_override, endpoints_from_pods
+from lb_operator.kube.pods import plan_pods, pod_for_model, replica_state, replica_status
+from lb_operator.replicas import deletion_order, desired_replicas
 from lb_operator.system_config import system_config_from_dict
 
 CONFIG = system_config_from_dict({})
@@ -142,7 +136,7 @@ def test_scale_down_follows_kubeai_deletion_order():
         pod("not-ready", hash_=h, ready=False, scheduled=True, created="2024-01-01T00:00:00Z"),
         pod("middle", hash_=h, created="2024-01-02T00:00:00Z"),
     ]
-    order = names(deletion_order(pods, h))
+    order = names(deletion_order(pods, lambda p: replica_state(p, h)))
     assert order == ["unscheduled", "not-ready", "old-ready", "young", "middle", "oldest"]
 
 
@@ -157,7 +151,8 @@ def test_scale_down_deletes_cheapest_first_and_keeps_oldest_ready():
 
 def test_pod_without_timestamp_counts_as_youngest():
     h = "h"
-    order = deletion_order([pod("old", created="2024-01-01T00:00:00Z"), pod("new", created=None)], h)
+    order = deletion_order([pod("old", created="2024-01-01T00:00:00Z"), pod("new", created=None)],
+                           lambda p: replica_state(p, h))
     assert names(order) == ["new", "old"]
 
 

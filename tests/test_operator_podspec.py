@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from lb.model import Model
-from lb_operator.engines import PodSpecError, cache_dir, file_key, files_config_map
+from lb_operator.kube.engines import PodSpecError, cache_dir, file_key, files_config_map
 from lb_operator.json_patch import JsonPatchError, apply_patch
-from lb_operator.podspec import multiply_quantity, pod_for_model, pod_hash
+from lb_operator.kube.pods import multiply_quantity, pod_for_model, pod_hash
 from lb_operator.system_config import system_config_from_dict
 
 CONFIG = system_config_from_dict({})
@@ -325,7 +325,7 @@ def test_json_patch_rfc6902_operations():
 # -- hash -----------------------------------------------------------------------------------------
 
 def test_pod_hash_is_stable_across_processes_and_sensitive_to_spec():
-    code = ("from lb.model import Model; from lb_operator.podspec import pod_for_model;"
+    code = ("from lb.model import Model; from lb_operator.kube.pods import pod_for_model;"
             "from lb_operator.system_config import system_config_from_dict as s;"
             "m = Model.from_dict({'apiVersion': 'kubeai.org/v1', 'kind': 'Model', 'metadata': {'name': 'm1',"
             "'namespace': 'ns'}, 'spec': {'url': 'hf://org/repo', 'engine': 'VLLM', 'features': ['TextGeneration'],"

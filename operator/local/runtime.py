@@ -2,8 +2,8 @@
 
 One controller per Model keeps `desired` up-to-date, ready processes, level-triggered like the
 cluster reconciler: every event (a replica ready, a crash, a new desired count, a new spec) just
-wakes the controller, which compares what runs with what should and acts. The planning rules are
-plan.py's, applied to processes instead of Pods:
+wakes the controller, which compares what runs with what should and acts. The replica rules are
+the cluster's (`lb_operator.replicas`), applied to processes instead of Pods:
 - desired = the replica count set at runtime (autoscaler, scale from zero), else spec.replicas,
   else minReplicas, clamped to [minReplicas, maxReplicas];
 - a spec change rolls replicas with a surge of 1: a new replica starts, and an old ready one is
@@ -37,10 +37,10 @@ import aiohttp
 from lb.model import Model
 from lb.registry import Endpoint, Registry
 
-from lb_operator.local_config import LocalConfig
-from lb_operator.local_engines import Launch, launch_hash, render_launch
-from lb_operator.local_processes import ReplicaProcess, free_port
-from lb_operator.plan import rollout_step
+from lb_operator.local.config import LocalConfig
+from lb_operator.local.engines import Launch, launch_hash, render_launch
+from lb_operator.local.processes import ReplicaProcess, free_port
+from lb_operator.replicas import ReplicaState, desired_replicas, replica_step
 from lb_operator.retry import Backoff
 from lb_operator.state_files import JsonFileStateStore
 
@@ -73,18 +73,17 @@ ExitHook = Callable[[ReplicaView], None]
 
 def plan_replicas(desired: int, expected: str, replicas: Iterable[ReplicaProcess],
                   surge: int = 1) -> tuple[list[ReplicaProcess], int]:
-    """(replicas to stop, how many to start): plan.py's Pod rules applied to processes."""
+    """(replicas to stop, how many to start): the shared replica step on the live processes."""
     live = [r for r in replicas if not r.stopping and r.state != "exited"]
-    current = _deletion_order([r for r in live if r.launch_hash == expected])
-    outdated = _deletion_order([r for r in live if r.launch_hash != expected])
-    excess, replaced, create = rollout_step(current, [r for r in outdated if r.ready], desired,
-                                            surge, lambda r: r.ready)
-    return [r for r in outdated if not r.ready] + excess + replaced, create
+    step = replica_step(live, lambda r: _replica_state(r, expected), desired, surge)
+    return [r for r, _ in step.to_delete], step.create
 
 
-def _deletion_order(replicas: list[ReplicaProcess]) -> list[ReplicaProcess]:
-    """Cheapest to lose first: not ready, then the youngest."""
-    return sorted(replicas, key=lambda r: (r.ready, -r.created))
+def _replica_state(replica: ReplicaProcess, expected: str) -> ReplicaState:
+    """A process as the shared replica rules see it: always scheduled, never "failed" (an exited
+    process has already left the live set and is replaced through the crash backoff)."""
+    return ReplicaState(ready=replica.ready, current=replica.launch_hash == expected,
+                        created=replica.created)
 
 
 class ModelController:
@@ -110,9 +109,7 @@ class ModelController:
 
     @property
     def desired(self) -> int:
-        spec = self.model.spec
-        wanted = self.override if self.override is not None else spec.replicas
-        return spec.clamp_replicas(spec.min_replicas if wanted is None else wanted)
+        return desired_replicas(self.model, self.override)
 
     def update(self, model: Model, base_dir: Path) -> None:
         if model.spec.replicas != self.model.spec.replicas and self.override is not None:

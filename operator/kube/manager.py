@@ -1,29 +1,22 @@
-"""``kvgate serve``: the gateway and the Kubernetes operator in one process.
+"""The cluster operator of one gateway replica: informers, leader election, reconciler, extensions.
 
-Every replica of the deployment runs the same thing: Model and Pod informers per managed
-namespace feeding its own gateway's registry (`lb_operator.endpoints`), a `ClusterScaler` for
-scale-from-zero, and a Lease campaign (`lb_operator.leader`); the replica holding the Lease also
-runs the reconciler (with each Model's cache step, `lb_operator.cache`, and cache-Job informers
-to notice loads finishing), LoRA adapter loading (`lb_operator.cluster_adapters`) and the
-autoscaler (`lb_operator.cluster_autoscaling`: it scrapes the Pods ``--gateway-selector`` matches
+Every replica of the deployment runs the same thing (`kvgate serve` puts it beside the gateway):
+Model and Pod informers per managed namespace feeding its own gateway's registry
+(`lb_operator.kube.endpoints`), a `ClusterScaler` for scale-from-zero, and a Lease campaign
+(`lb_operator.kube.leader`); the replica holding the Lease also runs the reconciler (with each Model's cache step, `lb_operator.kube.cache`, and cache-Job informers
+to notice loads finishing), LoRA adapter loading (`lb_operator.kube.adapters`) and the
+autoscaler (`lb_operator.kube.autoscaling`: it scrapes the Pods ``--gateway-selector`` matches
 in the first namespace, and keeps its state in a ConfigMap there).
 
 ``ClusterOperator`` is that composition, usable on its own (the tests run two of them against
-one API server); ``main`` is the command line. Namespace-scoped like KubeAI: by default the
-Pod's own namespace (or the kubeconfig context's); ``--namespace a,b`` (or repeated) manages
-several, with the Lease in the first.
+one API server). Namespace-scoped like KubeAI: ``ClusterOptions.namespaces``, with the Lease in
+the first.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
 import functools
-import logging
-import signal
-import socket
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -31,27 +24,21 @@ import aiohttp
 from kubernetes_asyncio.client import BatchV1Api
 from prometheus_client import CollectorRegistry
 
-from lb.app import Gateway
-from lb.config import Config, ConfigError
 from lb.model import GROUP, PLURAL, VERSION
 from lb.registry import Registry
-from lb.server import bind, install_uvloop, serve
 from lb_operator.autoscaler import Autoscaler
-from lb_operator.cluster_adapters import ClusterAdapters
-from lb_operator.cluster_autoscaling import (DEFAULT_GATEWAY_SELECTOR, ConfigMapStateStore,
-                                             GatewayTargets, ScaleByName, engine_addresses,
-                                             watched_models)
-from lb_operator.cluster_scaler import ClusterScaler
-from lb_operator.endpoints import EndpointSync
-from lb_operator.kube_client import KubeApi, default_namespace, load_api_client
-from lb_operator.leader import DEFAULT_LEASE_NAME, LeaderElector, LeaderTask
-from lb_operator.reconciler import JOB_SELECTOR, POD_SELECTOR, ReconcileHook, Reconciler
-from lb_operator.settings import Settings, load_settings, with_listen_args
-from lb_operator.system_config import SystemConfig
+from lb_operator.kube.adapters import ClusterAdapters
+from lb_operator.kube.autoscaling import (DEFAULT_GATEWAY_SELECTOR, ConfigMapStateStore,
+                                          GatewayTargets, ScaleByName, engine_addresses,
+                                          watched_models)
+from lb_operator.kube.client import KubeApi
+from lb_operator.kube.endpoints import EndpointSync
+from lb_operator.kube.leader import DEFAULT_LEASE_NAME, LeaderElector, LeaderTask
+from lb_operator.kube.reconciler import JOB_SELECTOR, POD_SELECTOR, ReconcileHook, Reconciler
+from lb_operator.kube.scaler import ClusterScaler
+from lb_operator.kube.watch import Informer
 from lb_operator.retry import Backoff
-from lb_operator.watch import Informer
-
-log = logging.getLogger(__name__)
+from lb_operator.system_config import SystemConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +54,7 @@ class ClusterOptions:
     workers: int = 2
     backoff: Backoff = Backoff()  # after API errors, for the watches and for failed reconciles
     cache_backoff: Backoff = Backoff(initial=2.0, maximum=60.0)  # re-checks of a cache not ready
-    adapters: bool = True  # LoRA adapters on ready replicas (lb_operator.cluster_adapters)
+    adapters: bool = True  # LoRA adapters on ready replicas (lb_operator.kube.adapters)
     autoscaler: bool = True  # request-based autoscaling on the leader
     gateway_selector: str = DEFAULT_GATEWAY_SELECTOR  # this deployment's Pods, to scrape metrics
     metrics_port: int | None = None  # gateway Pods' metrics port when their spec names none
@@ -76,8 +63,8 @@ class ClusterOptions:
 class ClusterOperator:
     """The operator side of one gateway replica. ``run()`` until cancelled.
 
-    ``leader_tasks`` and ``hooks`` extend it (see `lb_operator.leader` and
-    `lb_operator.reconciler`); ``scaler`` is what the replica's Gateway should be given. Built in:
+    ``leader_tasks`` and ``hooks`` extend it (see `lb_operator.kube.leader` and
+    `lb_operator.kube.reconciler`); ``scaler`` is what the replica's Gateway should be given. Built in:
     the cache step of each reconcile (with Job informers), LoRA adapters (a reconcile hook and a
     leader task) and the autoscaler (a leader task). ``metrics`` is the prometheus registry the
     autoscaler's metrics join: set it to the Gateway's (``gateway.metrics.registry``) before ``run``.
@@ -191,96 +178,3 @@ class ClusterOperator:
         """Campaign only with a synced cache: a fresh leader's first resync must see every Model."""
         await self.wait_synced()
         await self.elector.run()
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="kvgate serve", description="Run the gateway and the Kubernetes operator in one "
-        "process (in-cluster service account, or a kubeconfig outside a cluster).")
-    parser.add_argument("-c", "--config", help="config YAML (gateway keys and system config keys)")
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then "
-                                             "$KUBECONFIG or ~/.kube/config)")
-    parser.add_argument("--context", help="kubeconfig context")
-    parser.add_argument("-n", "--namespace", action="append", default=[],
-                        help="namespace to manage; repeat or comma-separate for several "
-                             "(default: the Pod's or the context's namespace)")
-    parser.add_argument("--lease-name", default=DEFAULT_LEASE_NAME, help="leader election Lease")
-    parser.add_argument("--identity", help="leader election identity (default: host name + suffix)")
-    parser.add_argument("--host", help="listen address (overrides server.host)")
-    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    parser.add_argument("--metrics-port", type=int,
-                        help="metrics port (overrides server.metricsPort; 0 disables)")
-    parser.add_argument("--gateway-selector", default=DEFAULT_GATEWAY_SELECTOR,
-                        help="label selector of this deployment's Pods, whose metrics ports the "
-                             "autoscaler scrapes (default: %(default)s)")
-    return parser.parse_args(argv)
-
-
-def _namespaces(args: argparse.Namespace) -> tuple[str, ...]:
-    names = [n.strip() for value in args.namespace for n in value.split(",") if n.strip()]
-    if not names:
-        names = [default_namespace(args.kubeconfig, args.context)]
-    return tuple(dict.fromkeys(names))
-
-
-def _gateway_config(config: Config, args: argparse.Namespace) -> Config:
-    if config.models:
-        log.warning("serve: the %d models of the config file are ignored; Models come from the "
-                    "cluster", len(config.models))
-    return dataclasses.replace(with_listen_args(config, args), models=(), endpoints={})
-
-
-async def run_serve(settings: Settings, options: ClusterOptions, args: argparse.Namespace,
-                    sock: socket.socket, metrics_sock: socket.socket | None) -> None:
-    client = await load_api_client(args.kubeconfig, args.context)
-    async with client:
-        registry = Registry()
-        operator = ClusterOperator(KubeApi(client), registry, settings.system, options)
-        gateway = Gateway(settings.gateway, registry, operator.scaler)
-        operator.metrics = gateway.metrics.registry  # the autoscaler's metrics on /metrics too
-        task = asyncio.create_task(operator.run())
-        serving = asyncio.create_task(serve(gateway, sock, metrics_sock))
-        _stop_on_signals(serving)
-        try:
-            await asyncio.gather(serving, return_exceptions=True)
-        finally:
-            task.cancel()  # the elector releases the Lease on its way out
-            await asyncio.gather(task, return_exceptions=True)
-
-
-def _stop_on_signals(serving: asyncio.Task[None]) -> None:
-    """SIGTERM/SIGINT stop the server gracefully, then the operator (which releases the Lease).
-
-    uvicorn handles the signal while it serves but raises it again once it has shut down; with a
-    loop handler installed that second delivery lands here instead of killing the process before
-    the Lease is released.
-    """
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, serving.cancel)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        loaded = load_settings(args.config)
-        settings = dataclasses.replace(loaded, gateway=_gateway_config(loaded.gateway, args))
-        server = settings.gateway.server
-        options = ClusterOptions(namespaces=_namespaces(args), lease_name=args.lease_name,
-                                 identity=args.identity, gateway_selector=args.gateway_selector,
-                                 metrics_port=server.metrics_port or None)
-        sock = bind(server.host, server.port)
-        metrics_sock = bind(server.host, server.metrics_port) if server.metrics_port else None
-    except (ConfigError, OSError) as exc:
-        print(f"kvgate: {exc}", file=sys.stderr)
-        return 2
-    install_uvloop()
-    print(f"kvgate: serving the OpenAI API on http://{server.host}:{server.port}/v1, "
-          f"managing Models in {', '.join(options.namespaces)}", flush=True)
-    asyncio.run(run_serve(settings, options, args, sock, metrics_sock))
-    return 0

@@ -16,8 +16,8 @@ import logging
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb.registry import Registry
-from lb_operator.apply import CONFLICT_RETRIES
-from lb_operator.kube_client import KubeApi
+from lb_operator.kube.apply import CONFLICT_RETRIES
+from lb_operator.kube.client import KubeApi
 
 log = logging.getLogger(__name__)
 

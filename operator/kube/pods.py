@@ -1,4 +1,6 @@
-"""The Pod manifest of one replica of a Model: engine container + resource profile + cluster settings.
+"""Pods: the manifest of one replica of a Model, a Pod's observed state, and the reconcile plan.
+
+The manifest is engine container + resource profile + cluster settings.
 
 The result is a plain dict in Kubernetes JSON shape, deterministic in its inputs. Its `pod-hash`
 label is a hash of the finished `spec`, so any change that would change the running Pod (image,
@@ -12,17 +14,21 @@ import base64
 import copy
 import hashlib
 import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from lb.model import API_VERSION, KIND, Model
 
 from lb_operator.loader import LOADER_PORT, LOADER_PORT_ANNOTATION
-from lb_operator.engines import (MODEL_PORT, PodSpecError, adapter_loader_container, adapter_loader_volumes,
-                                 server_container)
 from lb_operator.json_patch import JsonPatchError, apply_patch
+from lb_operator.kube.engines import (MODEL_PORT, PodSpecError, adapter_loader_container,
+                                      adapter_loader_volumes, files_config_map, server_container)
+from lb_operator.replicas import JUST_CREATED, ReplicaState, desired_replicas, replica_step
 from lb_operator.system_config import Quantity, ResourceProfile, SystemConfig, parse_quantity
 
+Pod = Mapping[str, Any]
 MODEL_LABEL = "model"
 POD_HASH_LABEL = "pod-hash"
 ENGINE_LABEL = "kvgate.dev/engine"
@@ -163,3 +169,101 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError(f"cannot hash {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A Pod's observed state
+
+
+def _conditions(pod: Pod) -> dict[str, str]:
+    return {c.get("type"): c.get("status") for c in (pod.get("status") or {}).get("conditions") or ()}
+
+
+def is_terminating(pod: Pod) -> bool:
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def is_failed(pod: Pod) -> bool:
+    """Failed or Succeeded: a server Pod that stopped will not serve again (restartPolicy aside)."""
+    return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+
+
+def is_ready(pod: Pod) -> bool:
+    return not is_terminating(pod) and not is_failed(pod) and _conditions(pod).get("Ready") == "True"
+
+
+def is_scheduled(pod: Pod) -> bool:
+    return _conditions(pod).get("PodScheduled") == "True" or bool((pod.get("spec") or {}).get("nodeName"))
+
+
+def pod_name(pod: Pod) -> str:
+    return (pod.get("metadata") or {}).get("name", "")
+
+
+def _hash(pod: Pod) -> str:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(POD_HASH_LABEL, "")
+
+
+def _created(pod: Pod) -> float:
+    """Seconds since the epoch; a Pod without a timestamp was only just created (the youngest)."""
+    stamp = (pod.get("metadata") or {}).get("creationTimestamp")
+    if not stamp:
+        return JUST_CREATED
+    if isinstance(stamp, datetime):
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("-inf")  # unreadable: the oldest, the last a scale-down picks
+
+
+def replica_state(pod: Pod, expected_hash: str) -> ReplicaState:
+    """A Pod as the shared replica rules see it."""
+    return ReplicaState(ready=is_ready(pod), current=_hash(pod) == expected_hash,
+                        created=_created(pod), scheduled=is_scheduled(pod), failed=is_failed(pod))
+
+
+def replica_status(pods: Sequence[Pod]) -> dict[str, int]:
+    """Model.status.replicas: Pods that exist (not being deleted, not failed) and those Ready."""
+    live = [p for p in pods if not is_terminating(p) and not is_failed(p)]
+    return {"all": len(live), "ready": sum(is_ready(p) for p in live)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The reconcile plan
+
+
+@dataclass(slots=True)
+class PodPlan:
+    """Delete first, then create (KubeAI's order: freed nodes are reused instead of scaled up)."""
+
+    expected_hash: str
+    desired: int
+    to_delete: list[Pod] = field(default_factory=list)
+    to_create: list[dict[str, Any]] = field(default_factory=list)
+    config_map: dict[str, Any] | None = None  # the files ConfigMap to ensure; None means none needed
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.to_delete and not self.to_create
+
+
+def plan_pods(model: Model, config: SystemConfig, pods: Sequence[Pod], *, owner_uid: str = "") -> PodPlan:
+    """The shared replica step (`lb_operator.replicas`) on the Pods that are not being deleted.
+
+    A pure function of what is observed: applying it (API calls) is `apply.py`'s business.
+    """
+    template = pod_for_model(model, config, owner_uid=owner_uid)
+    expected = template["metadata"]["labels"][POD_HASH_LABEL]
+    plan = PodPlan(expected, desired_replicas(model), config_map=files_config_map(model))
+    live = [p for p in pods if not is_terminating(p)]
+    step = replica_step(live, lambda p: replica_state(p, expected), plan.desired,
+                        config.model_rollouts.surge)
+    for pod, reason in step.to_delete:
+        plan.to_delete.append(pod)
+        plan.details.append(f"delete {pod_name(pod) or '?'}: {reason}")
+    plan.to_create += [copy.deepcopy(template) for _ in range(step.create)]
+    if step.create:
+        plan.details.append(f"create {step.create} Pod(s) with hash {expected}")
+    return plan

@@ -4,7 +4,7 @@ Config: inside a Pod the service account is used (``KUBERNETES_SERVICE_HOST`` is
 elsewhere a kubeconfig file (``$KUBECONFIG`` or ``~/.kube/config``) and its context.
 
 ``KubeApi`` wraps ``kubernetes_asyncio`` for the operator and returns plain dicts in the
-API's own JSON shape (camelCase), which is what the planning code (`lb_operator.plan`) reads:
+API's own JSON shape (camelCase), which is what the planning code (`lb_operator.kube.pods`) reads:
 pods are fetched with ``_preload_content=False`` and parsed once, instead of being deserialized
 into ``V1Pod`` models and serialized back. Custom-object patches carry an explicit
 merge-patch content type (kubernetes_asyncio would send a dict as a JSON patch, which the API

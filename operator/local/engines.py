@@ -22,7 +22,7 @@ from typing import Mapping
 
 from lb.model import Model, ModelURL, parse_model_url
 
-from lb_operator.local_config import LocalConfig, LocalEngine
+from lb_operator.local.config import LocalConfig, LocalEngine
 
 
 class EngineUnavailable(RuntimeError):

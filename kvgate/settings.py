@@ -17,7 +17,7 @@ from typing import Any
 
 
 from lb.config import Config, ConfigError, _camel, config_from_dict, read_yaml_config
-from lb_operator.local_config import LocalConfig, local_config_from_dict
+from lb_operator.local.config import LocalConfig, local_config_from_dict
 from lb_operator.system_config import SystemConfig, system_config_from_dict
 
 GATEWAY_KEYS = frozenset(_camel(f.name) for f in dataclasses.fields(Config))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
+import importlib
 import logging
 import socket
 import sys
@@ -19,14 +19,51 @@ from typing import Sequence
 
 from lb.app import Gateway
 from lb.config import Config, ConfigError, load_config
-from lb.registry import Registry
+from lb.registry import static_registry
 from lb.ring import LoadTable
 from lb.server import bind, install_uvloop, run_workers, serve, tune_gc
 
+from kvgate.settings import with_listen_args
+
+# The control plane's commands: (module with `add_parser(commands, name, help)`, help). A module
+# is imported only when its command runs: `kvgate gateway` loads neither runtime.
+OPERATOR_COMMANDS = {
+    "serve": ("kvgate.serve", "gateway + Kubernetes operator in one process"),
+    "up": ("kvgate.up", "gateway + local model servers from a models file"),
+    "status": ("kvgate.up", "models, replicas, endpoints and load of the running `kvgate up`"),
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        return _sim(argv[1:])
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    return args.run(args)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the full sub-parser of an operator command only when `command` is it."""
     parser = argparse.ArgumentParser(prog="kvgate", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_gateway(commands)
+    commands.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
+    for name, (module, help_text) in OPERATOR_COMMANDS.items():
+        if name == command:
+            importlib.import_module(module).add_parser(commands, name, help_text)
+        else:
+            commands.add_parser(name, help=help_text)
+    return parser
+
+
+def _sim(argv: list[str]) -> int:
+    """The simulator parses its own arguments (`kvgate sim --help`)."""
+    from bench.sim.cli import main as sim_main
+
+    return sim_main(argv)
+
+
+def _add_gateway(commands: argparse._SubParsersAction) -> None:
     gateway = commands.add_parser(
         "gateway", help="run the gateway in front of static endpoints (no operator)",
         description="Run the OpenAI-compatible gateway with models and endpoints from a config "
@@ -39,40 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway.add_argument("--workers", type=_positive, default=1,
                          help="worker processes sharing the port and the ring's load table "
                               "(default 1)")
-    commands.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
-    commands.add_parser("serve", help="gateway + Kubernetes operator in one process",
-                        add_help=False)
-    commands.add_parser("up", help="gateway + local model servers from a models file",
-                        add_help=False)
-    commands.add_parser("status", help="what the running `kvgate up` serves", add_help=False)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        from lb_operator.serve import main as serve_main  # the control plane, loaded lazily
+    gateway.set_defaults(run=_main_gateway)
 
-        return serve_main(argv[1:])
-    if argv[:1] in (["up"], ["status"]):
-        from lb_operator.local_cli import main as local_main  # the control plane, loaded lazily
 
-        return local_main(argv)
-    if argv[:1] == ["sim"]:
-        from bench.sim.cli import main as sim_main  # the simulator is a bench tool, loaded lazily
-
-        return sim_main(argv[1:])
-    args = parser.parse_args(argv)
+def _main_gateway(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = _with_overrides(load_config(args.config), args)
+        config = with_listen_args(load_config(args.config), args)
         return run_gateway(config, args.workers)
     except (ConfigError, OSError) as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 2
-
-
-def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
-    server = config.server
-    changes = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port}
-    server = dataclasses.replace(server, **{k: v for k, v in changes.items() if v is not None})
-    return dataclasses.replace(config, server=server)
 
 
 def _positive(text: str) -> int:
@@ -80,14 +94,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
-
-
-def static_registry(config: Config, loads: LoadTable | None = None) -> Registry:
-    registry = Registry(loads)
-    for model in config.models:
-        registry.set_model(model)
-        registry.set_endpoints(model.name, config.static_endpoints(model.name))
-    return registry
 
 
 def run_gateway(config: Config, workers: int = 1) -> int:
@@ -120,7 +126,3 @@ def _run_workers(config: Config, workers: int) -> int:
     print(f"kvgate: serving the OpenAI API on http://{server.host}:{server.port}/v1 "
           f"({len(config.models)} models, {workers} workers)", flush=True)
     return run_workers(workers, server.host, server.port, server.metrics_port, worker)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

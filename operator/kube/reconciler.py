@@ -2,7 +2,7 @@
 
 Level-triggered: an event only says *which* Model to look at. Each reconcile reads the Model
 and its Pods fresh from the API server (a quorum read, not the watch cache), plans with
-`lb_operator.plan.plan_pods`, applies the plan, and writes ``status.replicas``. Reading fresh
+`lb_operator.kube.pods.plan_pods`, applies the plan, and writes ``status.replicas``. Reading fresh
 is what makes a reconcile safe to repeat: a Pod created a moment ago is always counted, so a
 burst of events, a replayed watch or a relist can never create a Pod twice.
 
@@ -11,13 +11,13 @@ that changes while it is being reconciled runs once more afterwards. A failing k
 with exponential backoff and jitter; a Model that cannot be planned (invalid spec, unknown
 profile) gets a ``Valid=False`` condition and is left until it changes.
 
-Cache profiles (`lb_operator.cache`): before planning, ``ensure_cache`` takes one step (PVC,
+Cache profiles (`lb_operator.kube.cache`): before planning, ``ensure_cache`` takes one step (PVC,
 loader Job, finalizer); until the cache is loaded no Pod is planned, the ``CacheReady`` condition
 says why, and the key comes back after a growing delay or when a cache Job changes (the Job
 informers). A deleted Model holding the cache finalizer has its Pods deleted and its eviction
 Job run until the finalizer is dropped.
 
-Only the elected leader runs a ``Reconciler`` (see `lb_operator.leader`).
+Only the elected leader runs a ``Reconciler`` (see `lb_operator.kube.leader`).
 
 Hooks for other operator features (LoRA adapters, cache): ``Reconciler(hooks=[...])`` takes
 ``async def hook(ctx: ReconcileContext) -> None`` callables; each runs after every successful
@@ -38,15 +38,14 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb.model import Model, ModelValidationError
-from lb_operator.apply import apply_plan, condition, ensure_files, pods_after, write_status
-from lb_operator.cache import CACHE_FINALIZER, JOB_KIND_LABEL, CacheState, ensure_cache
-from lb_operator.engines import PodSpecError
-from lb_operator.kube_client import KubeApi
-from lb_operator.plan import Pod, plan_pods, replica_status
-from lb_operator.podspec import ENGINE_LABEL, MODEL_LABEL, owner_reference
+from lb_operator.kube.apply import apply_plan, condition, ensure_files, pods_after, write_status
+from lb_operator.kube.cache import CACHE_FINALIZER, JOB_KIND_LABEL, CacheState, ensure_cache
+from lb_operator.kube.engines import PodSpecError
+from lb_operator.kube.client import KubeApi
+from lb_operator.kube.pods import ENGINE_LABEL, MODEL_LABEL, Pod, owner_reference, plan_pods, replica_status
 from lb_operator.system_config import SystemConfig
 from lb_operator.retry import Backoff
-from lb_operator.watch import TRANSIENT_ERRORS, Informer, Obj
+from lb_operator.kube.watch import TRANSIENT_ERRORS, Informer, Obj
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Leader or not, each replica runs the Model and Pod informers and this sync: Models become
 ``registry.set_model`` / ``delete_model``; a model's Ready Pods with an IP become its endpoints
-(`lb_operator.plan.endpoints_from_pods`: key ``namespace/pod``, address ``podIP:port`` from the
+(`endpoints_from_pods`: key ``namespace/pod``, address ``podIP:port`` from the
 Pod's port annotation, adapters from its ``adapter.kvgate.dev/<name>`` labels). With
 ``allowPodAddressOverride`` in the system config, a Model's ``kvgate.dev/model-pod-ip`` (and
 ``-port``) annotation replaces every Pod's address (KubeAI's test hook).
@@ -15,18 +15,57 @@ managed, a Model name must be unique across them (the later one wins otherwise).
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from lb.model import Model, ModelValidationError
 from lb.registry import Endpoint, Registry
-from lb_operator.plan import Pod, address_override, endpoints_from_pods
-from lb_operator.podspec import MODEL_LABEL
+from lb_operator.kube.engines import MODEL_PORT
+from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX, MODEL_LABEL, PORT_ANNOTATION, Pod, is_ready
+from lb_operator.kube.watch import Informer, Obj
 from lb_operator.system_config import SystemConfig
-from lb_operator.watch import Informer, Obj
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, model name)
+POD_IP_ANNOTATION = "kvgate.dev/model-pod-ip"  # on a Model: send its traffic elsewhere (tests)
+POD_PORT_ANNOTATION = "kvgate.dev/model-pod-port"
+
+
+def adapters_of(pod: Pod) -> frozenset[str]:
+    """Adapters loaded on a Pod, recorded as `adapter.kvgate.dev/<name>` labels by the LoRA step."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return frozenset(key[len(ADAPTER_LABEL_PREFIX):] for key in labels if key.startswith(ADAPTER_LABEL_PREFIX))
+
+
+def address_override(model: Model, config: SystemConfig) -> str | None:
+    """KubeAI's test hook: with allowPodAddressOverride, a Model's annotations redirect its traffic."""
+    if not config.allow_pod_address_override:
+        return None
+    ip = model.annotations.get(POD_IP_ANNOTATION)
+    if not ip:
+        return None
+    return f"{ip}:{model.annotations.get(POD_PORT_ANNOTATION) or MODEL_PORT}"
+
+
+def pod_endpoint(pod: Pod) -> tuple[str, str] | None:
+    """(key `namespace/pod`, address `podIP:port`) of a Ready Pod with an IP; None otherwise."""
+    meta = pod.get("metadata") or {}
+    ip = (pod.get("status") or {}).get("podIP")
+    if not is_ready(pod) or not ip:
+        return None
+    port = (meta.get("annotations") or {}).get(PORT_ANNOTATION) or str(MODEL_PORT)
+    return f"{meta.get('namespace', 'default')}/{meta.get('name', '')}", f"{ip}:{port}"
+
+
+def endpoints_from_pods(pods: Sequence[Pod], *, address_override: str | None = None) -> list[Endpoint]:
+    """Registry endpoints for the Ready Pods with an IP, sorted by key."""
+    endpoints = []
+    for pod in pods:
+        found = pod_endpoint(pod)
+        if found is not None:
+            key, address = found
+            endpoints.append(Endpoint(key, address_override or address, adapters_of(pod)))
+    return sorted(endpoints, key=lambda e: e.key)
 
 
 class EndpointSync:

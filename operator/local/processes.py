@@ -24,7 +24,7 @@ from typing import Callable
 
 import aiohttp
 
-from lb_operator.local_engines import Launch
+from lb_operator.local.engines import Launch
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from lb.model import GROUP, PLURAL, VERSION, Model, ModelValidationError
 from lb.registry import Registry
 from lb_operator.autoscaler import Target
-from lb_operator.kube_client import MERGE_PATCH, KubeApi, or_none
-from lb_operator.plan import is_ready
-from lb_operator.watch import Informer
+from lb_operator.kube.client import MERGE_PATCH, KubeApi, or_none
+from lb_operator.kube.pods import is_ready
+from lb_operator.kube.watch import Informer
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from lb.model import Adapter, Model, parse_model_url
 
 from lb_operator.adapters import AdapterSync, MemoryRecorder, Replica, StoreFetcher, SyncResult, SyncWorkers
 from lb_operator.loader import AdapterStore, FetchError
-from lb_operator.local_engines import local_path
-from lb_operator.local_runtime import LocalRuntime, ReplicaView
+from lb_operator.local.engines import local_path
+from lb_operator.local.runtime import LocalRuntime, ReplicaView
 from lb_operator.retry import Backoff
 
 
