@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lb.app import Gateway
 from lb.config import ConfigError

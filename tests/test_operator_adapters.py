@@ -16,6 +16,7 @@ from lb.model import Model
 from lb.registry import Registry
 from lb_operator.loader import LOADER_CONTAINER, LOADER_PORT_ANNOTATION, AdapterStore, loader_app
 from lb_operator.adapters import AdapterSync, MemoryRecorder, Replica, StoreFetcher
+from lb_operator.kube.client import KubeApi
 from lb_operator.kube.adapters import PodRecorder, SidecarFetcher, recorded_adapters, replicas_from_pods
 from lb_operator.kube.endpoints import endpoints_from_pods
 from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX, PORT_ANNOTATION, POD_HASH_LABEL, pod_for_model
@@ -71,7 +72,7 @@ class Cluster:
     def __init__(self, kube: FakeKube, api: Any, session: aiohttp.ClientSession, root: Path) -> None:
         self.kube, self.root = kube, root
         self.nodes: dict[str, Node] = {}
-        self.sync = AdapterSync(session, SidecarFetcher(session), PodRecorder(api), timeout=5)
+        self.sync = AdapterSync(session, SidecarFetcher(session), PodRecorder(KubeApi(api)), timeout=5)
 
     async def add_pod(self, m: Model) -> str:
         node = await Node(self.root / f"node{len(self.nodes)}").start()

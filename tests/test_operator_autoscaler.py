@@ -19,6 +19,7 @@ from lb.metrics import GatewayMetrics
 from lb.model import GROUP, PLURAL, VERSION, Model
 from lb_operator.autoscaler import Autoscaler
 from lb_operator.kube.autoscaling import STATE_KEY, ConfigMapStateStore, ScaleWriter
+from lb_operator.kube.client import KubeApi
 from lb_operator.state_files import JsonFileStateStore
 from lb_operator.system_config import ModelAutoscaling
 from tests.kube_fake import FakeKube
@@ -91,8 +92,8 @@ class Env:
                                   **kwargs.pop("config", {}))
         return Autoscaler(config, models=kube_models(self.api, NS),
                           gateways=lambda: [g.address for g in self.gateways] + self.extra_targets,
-                          set_replicas=ScaleWriter(self.api, NS),
-                          store=kwargs.pop("store", None) or ConfigMapStateStore(self.api, NS, STATE_CM),
+                          set_replicas=ScaleWriter(KubeApi(self.api), NS),
+                          store=kwargs.pop("store", None) or ConfigMapStateStore(KubeApi(self.api), NS, STATE_CM),
                           session=self.session, **kwargs)
 
     def replicas(self, name: str = "m1") -> int:

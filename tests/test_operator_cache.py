@@ -14,6 +14,7 @@ import pytest
 from lb.model import Model
 from lb_operator.kube.cache import (CACHE_FINALIZER, LOADED_ANNOTATION_PREFIX, ensure_cache, eviction_job_name,
                                loader_job, loader_job_name)
+from lb_operator.kube.client import KubeApi
 from lb_operator.kube.engines import cache_dir
 from lb_operator.loader import FetchError, fetch_to
 from lb_operator.kube.pods import pod_for_model
@@ -41,7 +42,7 @@ class Env:
     async def ensure(self, name: str = "llama") -> Any:
         obj = self.kube.get("models", name)
         assert obj is not None
-        return await ensure_cache(self.api, obj, CONFIG)
+        return await ensure_cache(KubeApi(self.api), obj, CONFIG)
 
     def finish_job(self, name: str, ok: bool = True) -> None:
         condition = {"type": "Complete" if ok else "Failed", "status": "True",

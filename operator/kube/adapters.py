@@ -21,11 +21,10 @@ import logging
 from typing import Any, Iterable, Mapping, Sequence
 
 import aiohttp
-from kubernetes_asyncio.client import CoreV1Api
 
 from lb.model import Adapter, Model, parse_model_url
 from lb_operator.adapters import AdapterSync, Replica, SyncWorkers
-from lb_operator.kube.client import MERGE_PATCH
+from lb_operator.kube.client import MERGE_PATCH, KubeApi
 from lb_operator.loader import LOADER_PORT_ANNOTATION, FetchError
 from lb_operator.kube.endpoints import pod_endpoint
 from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX
@@ -44,9 +43,9 @@ class ClusterAdapters:
 
     `model_informers` tell whether a Model still exists; their DELETED events stop its worker."""
 
-    def __init__(self, api_client: Any, model_informers: Iterable[Informer], *,
+    def __init__(self, api: KubeApi, model_informers: Iterable[Informer], *,
                  retry: Backoff = Backoff(initial=1.0, maximum=30.0), timeout: float = 60.0) -> None:
-        self.api_client = api_client
+        self.api = api
         self.model_informers = list(model_informers)
         self.timeout = timeout
         self.passes = 0  # completed sync passes (tests and debugging)
@@ -69,7 +68,7 @@ class ClusterAdapters:
     async def run(self) -> None:
         """While leading: serve workers with one HTTP session; cancel them all on the way out."""
         async with aiohttp.ClientSession() as session:
-            self._sync = AdapterSync(session, SidecarFetcher(session), PodRecorder(self.api_client),
+            self._sync = AdapterSync(session, SidecarFetcher(session), PodRecorder(self.api),
                                      timeout=self.timeout)
             self.workers.start()
             try:
@@ -184,12 +183,12 @@ def replicas_from_pods(pods: Sequence[Mapping[str, Any]]) -> list[Replica]:
 class PodRecorder:
     """Cluster runtime: patch the Pod (labels for routing, annotation for URL changes).
 
-    `api` is a kubernetes_asyncio ApiClient; the patch triggers a Pod MODIFIED event, so the watch
+    The patch triggers a Pod MODIFIED event, so the watch
     loop rebuilds the model's endpoints with the new adapter set.
     """
 
-    def __init__(self, api: Any) -> None:
-        self.core = CoreV1Api(api)
+    def __init__(self, api: KubeApi) -> None:
+        self.core = api.core
 
     async def __call__(self, replica: Replica, loaded: dict[str, str]) -> None:
         namespace, _, name = replica.key.partition("/")

@@ -16,7 +16,6 @@ import json
 import logging
 from typing import Any, Callable, Iterable, Mapping
 
-from kubernetes_asyncio.client import CoreV1Api, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -96,8 +95,8 @@ class ScaleWriter:
     """`set_replicas` for one namespace: a merge patch of the Model's scale subresource, so it
     needs only `models/scale` rights and never races the rest of the spec."""
 
-    def __init__(self, api: Any, namespace: str) -> None:
-        self.custom = CustomObjectsApi(api)
+    def __init__(self, api: KubeApi, namespace: str) -> None:
+        self.custom = api.custom
         self.namespace = namespace
 
     async def __call__(self, name: str, replicas: int) -> None:
@@ -110,9 +109,9 @@ class ScaleByName:
     """`set_replicas(name, n)`: the scale subresource of the namespace the Model is watched in
     (Model names are unique across the managed namespaces, as for the gateway's registry)."""
 
-    def __init__(self, api_client: Any, informers: Mapping[str, Informer]) -> None:
+    def __init__(self, api: KubeApi, informers: Mapping[str, Informer]) -> None:
         self.informers = dict(informers)  # namespace -> its Model informer
-        self.writers = {ns: ScaleWriter(api_client, ns) for ns in self.informers}
+        self.writers = {ns: ScaleWriter(api, ns) for ns in self.informers}
 
     async def __call__(self, name: str, replicas: int) -> None:
         for namespace, informer in self.informers.items():
@@ -135,8 +134,8 @@ def engine_addresses(registry: Registry) -> Callable[[str], list[str]]:
 class ConfigMapStateStore:
     """The state in a ConfigMap (KubeAI keeps it the same way), created on first save."""
 
-    def __init__(self, api: Any, namespace: str, name: str) -> None:
-        self.core = CoreV1Api(api)
+    def __init__(self, api: KubeApi, namespace: str, name: str) -> None:
+        self.core = api.core
         self.namespace, self.name = namespace, name
 
     async def load(self) -> dict[str, Any] | None:

@@ -24,14 +24,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kubernetes_asyncio.client import BatchV1Api, CoreV1Api, CustomObjectsApi, StorageV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, Model, parse_model_url
 
 from lb_operator.kube.apply import condition, now_timestamp
 from lb_operator.kube.engines import CACHE_MOUNT, Credentials, cache_claim_name, cache_dir, credentials
-from lb_operator.kube.client import MERGE_PATCH, or_none
+from lb_operator.kube.client import MERGE_PATCH, KubeApi, or_none
 from lb_operator.kube.pods import MODEL_LABEL, owner_reference
 from lb_operator.system_config import CacheProfile, SystemConfig
 
@@ -143,14 +142,13 @@ def job_outcome(job: Mapping[str, Any]) -> tuple[str, str]:
 class _Kube:
     """The few API calls the cache needs, answering plain dicts (None for 404)."""
 
-    def __init__(self, api: Any) -> None:
+    def __init__(self, api: KubeApi) -> None:
         self.api = api
-        self.core, self.batch = CoreV1Api(api), BatchV1Api(api)
-        self.storage, self.custom = StorageV1Api(api), CustomObjectsApi(api)
+        self.core, self.batch, self.storage, self.custom = api.core, api.batch, api.storage, api.custom
 
     async def get(self, call: Any, *args: Any) -> dict[str, Any] | None:
         found = await or_none(call(*args))
-        return None if found is None else self.api.sanitize_for_serialization(found)
+        return None if found is None else self.api.plain(found)
 
     async def create(self, call: Any, namespace: str, body: dict[str, Any]) -> None:
         try:
@@ -190,7 +188,7 @@ class _Kube:
                                         "message": message}, _content_type=MERGE_PATCH)
 
 
-async def ensure_cache(api: Any, obj: Mapping[str, Any], config: SystemConfig) -> CacheState:
+async def ensure_cache(api: KubeApi, obj: Mapping[str, Any], config: SystemConfig) -> CacheState:
     """One level-triggered step of a Model's cache; call it on every reconcile before planning Pods.
 
     `obj` is the Model as the API returns it (metadata with uid, finalizers, deletionTimestamp).

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Awaitable, TypeVar
 
 from kubernetes_asyncio import config as kube_config
-from kubernetes_asyncio.client import (ApiClient, Configuration, CoordinationV1Api, CoreV1Api,
-                                       CustomObjectsApi)
+from kubernetes_asyncio.client import (ApiClient, BatchV1Api, Configuration, CoordinationV1Api,
+                                       CoreV1Api, CustomObjectsApi, StorageV1Api)
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.client.rest import RESTResponse
 
@@ -78,13 +78,24 @@ async def _raw_json(call: Awaitable[Any]) -> Any:
 
 
 class KubeApi:
-    """The operator's API calls, as plain dicts. One instance per ApiClient."""
+    """The operator's API calls, as plain dicts. One instance per ApiClient.
+
+    Every module of the operator reaches the API server through one of these: the calls below,
+    or for the cache, adapters and autoscaler, the group clients it holds (`core`, `custom`,
+    `coordination`, `batch`, `storage`), so credentials and clients are made in one place.
+    """
 
     def __init__(self, client: ApiClient) -> None:
         self.client = client
         self.core = CoreV1Api(client)
         self.custom = CustomObjectsApi(client)
         self.coordination = CoordinationV1Api(client)
+        self.batch = BatchV1Api(client)
+        self.storage = StorageV1Api(client)
+
+    def plain(self, obj: Any) -> Any:
+        """A kubernetes_asyncio model as the API's JSON (camelCase dicts)."""
+        return self.client.sanitize_for_serialization(obj)
 
     # -- Models --------------------------------------------------------------------------------
 

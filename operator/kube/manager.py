@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import aiohttp
-from kubernetes_asyncio.client import BatchV1Api
 from prometheus_client import CollectorRegistry
 
 from lb.model import GROUP, PLURAL, VERSION
@@ -87,7 +86,7 @@ class ClusterOperator:
         self.job_informers = [self._job_informer(ns) for ns in options.namespaces]
         self.endpoints = EndpointSync(registry, system)
         self.endpoints.attach(self.model_informers, self.pod_informers)
-        self.adapters = (ClusterAdapters(api.client, self.model_informers) if options.adapters
+        self.adapters = (ClusterAdapters(api, self.model_informers) if options.adapters
                          else None)
         self.autoscaler: Autoscaler | None = None  # built on first leadership (needs the session)
         self._session: aiohttp.ClientSession | None = None
@@ -130,11 +129,10 @@ class ClusterOperator:
 
     def _job_informer(self, namespace: str) -> Informer:
         """The cache's loader and eviction Jobs: their completion triggers the next cache step."""
-        batch = BatchV1Api(self.api.client)
+        batch = self.api.batch
 
         async def list_jobs(**params: Any) -> dict[str, Any]:
-            listed = await batch.list_namespaced_job(namespace, **params)
-            return self.api.client.sanitize_for_serialization(listed)
+            return self.api.plain(await batch.list_namespaced_job(namespace, **params))
 
         return Informer(f"jobs/{namespace}", functools.partial(batch.list_namespaced_job, namespace),
                         label_selector=JOB_SELECTOR, lister=list_jobs,
@@ -163,14 +161,14 @@ class ClusterOperator:
 
     def _build_autoscaler(self) -> Autoscaler:
         assert self._session is not None, "run() owns the session"
-        client, home = self.api.client, self.options.namespaces[0]
+        api, home = self.api, self.options.namespaces[0]
         config = self.system.model_autoscaling
         return Autoscaler(
             config, models=watched_models(self.model_informers),
-            gateways=GatewayTargets(self.api, home, self.options.gateway_selector,
+            gateways=GatewayTargets(api, home, self.options.gateway_selector,
                                     fallback_port=self.options.metrics_port, local=self.metrics),
-            set_replicas=ScaleByName(client, dict(zip(self.options.namespaces, self.model_informers))),
-            store=ConfigMapStateStore(client, home, config.state_config_map_name),
+            set_replicas=ScaleByName(api, dict(zip(self.options.namespaces, self.model_informers))),
+            store=ConfigMapStateStore(api, home, config.state_config_map_name),
             session=self._session, engine_replicas=engine_addresses(self.registry),
             registry=self.metrics)
 

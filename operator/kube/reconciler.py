@@ -262,7 +262,7 @@ class Reconciler:
         if not model.spec.cache_profile:
             return obj, None
         key = (model.namespace, model.name)
-        state = await ensure_cache(self.api.client, obj, self.config)
+        state = await ensure_cache(self.api, obj, self.config)
         obj = await self.api.get_model(*key) or obj  # ensure_cache patches finalizers and status
         if state.ready:
             self._cache_waits.pop(key, None)
@@ -287,7 +287,7 @@ class Reconciler:
         await asyncio.gather(*(self.api.delete_pod(namespace, p["metadata"]["name"], p["metadata"].get("uid"))
                                for p in listed.get("items") or () if not p["metadata"].get("deletionTimestamp")))
         try:
-            state = await ensure_cache(self.api.client, obj, self.config)
+            state = await ensure_cache(self.api, obj, self.config)
         except ModelValidationError as exc:
             log.warning("model %s/%s: cannot evict its cache: %s", namespace, name, exc)
             return
