@@ -1,5 +1,5 @@
-"""The local runtime's pure parts: models-file errors located by line, the replica plan (rollout
-and scale rules), engine command templates and the `local:` settings section."""
+"""The local runtime's pure parts: models-file errors located by line, engine command templates
+and the `local:` settings section (the replica rules are in test_replicas.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from lb.model import Model
 from lb_operator.local.config import LocalConfig, LocalEngine
 from lb_operator.local.engines import EngineUnavailable, check_engine, launch_hash, render_launch
 from lb_operator.local.manifests import ManifestError, parse_models, read_models_file
-from lb_operator.local.processes import ReplicaProcess
-from lb_operator.local.runtime import plan_replicas
 from kvgate.settings import settings_from_dict
 
 DOC = """\
@@ -58,45 +56,6 @@ def test_errors_name_line_and_field(text: str, where: str) -> None:
     with pytest.raises(ManifestError) as err:
         parse_models(text, "f.yaml")
     assert str(err.value).startswith(where)
-
-
-# -- the plan ------------------------------------------------------------------------------------
-
-
-def replica(i: int, hash_: str, state: str = "ready") -> ReplicaProcess:
-    r = ReplicaProcess(name=f"r{i}", model="m", host="127.0.0.1", port=1000 + i,
-                       launch_hash=hash_, log_path=Path("x"), state=state)
-    r.created = float(i)
-    return r
-
-
-def test_scale_up_and_down() -> None:
-    assert plan_replicas(3, "h", []) == ([], 3)
-    old, young = replica(1, "h"), replica(2, "h")
-    starting = replica(3, "h", "starting")
-    stop, create = plan_replicas(1, "h", [old, young, starting])
-    assert stop == [starting, young] and create == 0  # not ready first, then the youngest
-
-
-def test_rollout_surges_by_one_and_keeps_ready_capacity() -> None:
-    olds = [replica(i, "old") for i in range(3)]
-    assert plan_replicas(3, "new", olds) == ([], 1)  # one new replica, nothing stopped yet
-    new = replica(10, "new", "starting")
-    assert plan_replicas(3, "new", olds + [new]) == ([], 0)  # wait for it to be ready
-    new.state = "ready"
-    stop, create = plan_replicas(3, "new", olds + [new])
-    # One old replica goes now that a new one can take its place, and the next new one starts:
-    # never more than desired + 1 processes, never fewer than desired ready.
-    assert len(stop) == 1 and stop[0] in olds and create == 1
-    stop[0].stopping = True
-    new2 = replica(11, "new", "starting")
-    assert plan_replicas(3, "new", olds + [new, new2]) == ([], 0)
-
-
-def test_outdated_replicas_that_are_not_ready_go_at_once() -> None:
-    broken = replica(1, "old", "starting")
-    stop, create = plan_replicas(1, "new", [broken])
-    assert stop == [broken] and create == 1
 
 
 # -- engines ------------------------------------------------------------------------------------
