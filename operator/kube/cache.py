@@ -9,7 +9,7 @@ KubeAI's flow, with its stuck-reconcile bug (#286) fixed: every call returns at 
   the Model's own directory (`engines.cache_dir`);
 - when it succeeds, a PVC annotation `models.kvgate.dev/<model>: <dir>` records what is loaded,
   `status.cache.loaded` turns true and the Job is deleted; only then may Pods be created, and
-  they mount the PVC read-only (engines.py already builds that mount);
+  they mount the PVC read-only (`kube.engines` already builds that mount);
 - a finalizer on the Model runs an eviction Job (`evict <dir>`) on delete, then drops the
   annotation and the finalizer.
 

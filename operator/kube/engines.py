@@ -2,7 +2,7 @@
 
 Everything here is a plain dict in Kubernetes JSON shape, built from the Model and the system
 config only, so the same inputs always give the same container (the pod-hash depends on it).
-Image and resources are not chosen here: they come from the resource profile (see podspec).
+Image and resources are not chosen here: they come from the resource profile (see `kube.pods`).
 
 Facts (commands, probe timings, env names) follow KubeAI's engine_*.go and model_source.go.
 """

@@ -1,6 +1,6 @@
 """Engines as local processes: the command line, environment and health path of each replica.
 
-The cluster runtime builds containers (engines.py); on one machine the same Model runs as a
+The cluster runtime builds containers (`kube.engines`); on one machine the same Model runs as a
 plain process on a free port. Commands are templates so users can point an engine at another
 binary or add flags in the config file (`local.engines.<Engine>`), and the launch hash (what
 triggers a rolling restart) is computed from the rendered template minus the port, so only a
