@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import socket
 import sys
 from typing import Sequence
@@ -21,8 +20,9 @@ from lb.app import Gateway
 from lb.config import Config, ConfigError, load_config
 from lb.registry import static_registry
 from lb.ring import LoadTable
-from lb.server import bind, install_uvloop, run_workers, serve, tune_gc
+from lb.server import install_uvloop, run_workers, serve, tune_gc
 
+from kvgate.process import add_listen_args, bind_listeners, log_to_stderr
 from kvgate.settings import with_listen_args
 
 # The control plane's commands: (module with `add_parser(commands, name, help)`, help). A module
@@ -69,10 +69,7 @@ def _add_gateway(commands: argparse._SubParsersAction) -> None:
         description="Run the OpenAI-compatible gateway with models and endpoints from a config "
                     "file.")
     gateway.add_argument("-c", "--config", help="system config YAML (models, endpoints, limits)")
-    gateway.add_argument("--host", help="listen address (overrides server.host)")
-    gateway.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    gateway.add_argument("--metrics-port", type=int,
-                         help="metrics port (overrides server.metricsPort; 0 disables)")
+    add_listen_args(gateway)
     gateway.add_argument("--workers", type=_positive, default=1,
                          help="worker processes sharing the port and the ring's load table "
                               "(default 1)")
@@ -80,7 +77,7 @@ def _add_gateway(commands: argparse._SubParsersAction) -> None:
 
 
 def _main_gateway(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     try:
         config = with_listen_args(load_config(args.config), args)
         return run_gateway(config, args.workers)
@@ -100,8 +97,7 @@ def run_gateway(config: Config, workers: int = 1) -> int:
     if workers > 1:
         return _run_workers(config, workers)
     server = config.server
-    sock = bind(server.host, server.port)
-    metrics_sock = bind(server.host, server.metrics_port) if server.metrics_port else None
+    sock, metrics_sock = bind_listeners(server)
     install_uvloop()
     gateway = Gateway(config, static_registry(config))
     print(f"kvgate: serving the OpenAI API on http://{server.host}:{server.port}/v1 "

@@ -20,12 +20,13 @@ import sys
 from lb.app import Gateway
 from lb.config import Config, ConfigError
 from lb.registry import Registry
-from lb.server import bind, install_uvloop, serve
+from lb.server import install_uvloop, serve
 from lb_operator.kube.autoscaling import DEFAULT_GATEWAY_SELECTOR
 from lb_operator.kube.client import KubeApi, default_namespace, load_api_client
 from lb_operator.kube.leader import DEFAULT_LEASE_NAME
 from lb_operator.kube.manager import ClusterOperator, ClusterOptions
 
+from kvgate.process import add_listen_args, bind_listeners, log_to_stderr
 from kvgate.settings import Settings, load_settings, with_listen_args
 
 log = logging.getLogger("kvgate.serve")
@@ -46,10 +47,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str, help_text: str) 
                              "(default: the Pod's or the context's namespace)")
     parser.add_argument("--lease-name", default=DEFAULT_LEASE_NAME, help="leader election Lease")
     parser.add_argument("--identity", help="leader election identity (default: host name + suffix)")
-    parser.add_argument("--host", help="listen address (overrides server.host)")
-    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    parser.add_argument("--metrics-port", type=int,
-                        help="metrics port (overrides server.metricsPort; 0 disables)")
+    add_listen_args(parser)
     parser.add_argument("--gateway-selector", default=DEFAULT_GATEWAY_SELECTOR,
                         help="label selector of this deployment's Pods, whose metrics ports the "
                              "autoscaler scrapes (default: %(default)s)")
@@ -57,7 +55,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str, help_text: str) 
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     try:
         loaded = load_settings(args.config)
         settings = dataclasses.replace(loaded, gateway=_gateway_config(loaded.gateway, args))
@@ -65,8 +63,7 @@ def main(args: argparse.Namespace) -> int:
         options = ClusterOptions(namespaces=_namespaces(args), lease_name=args.lease_name,
                                  identity=args.identity, gateway_selector=args.gateway_selector,
                                  metrics_port=server.metrics_port or None)
-        sock = bind(server.host, server.port)
-        metrics_sock = bind(server.host, server.metrics_port) if server.metrics_port else None
+        sock, metrics_sock = bind_listeners(server)
     except (ConfigError, OSError) as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import signal
 import socket
@@ -23,12 +22,13 @@ from typing import Any
 from lb.app import Gateway
 from lb.config import ConfigError
 from lb.registry import Registry
-from lb.server import bind, install_uvloop, serve
+from lb.server import install_uvloop, serve
 from lb_operator.local.engines import EngineUnavailable, check_engine
 from lb_operator.local.manifests import ManifestError, ModelsFile, read_models_file
 from lb_operator.local.runtime import LocalRuntime
 from lb_operator.local.supervisor import STATUS_FILE, GatewayView, Supervisor, base_url
 
+from kvgate.process import add_listen_args, bind_listeners, log_to_stderr
 from kvgate.settings import Settings, load_settings, with_listen_args
 
 
@@ -46,9 +46,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str, help_text: str) 
                     help="Model manifests (kvgate.dev/v1 or kubeai.org/v1; several per file)")
     up.add_argument("-c", "--config", metavar="CONFIG_YAML",
                     help="settings: gateway keys (server, retries, ...), system keys, and `local:`")
-    up.add_argument("--host", help="gateway listen address (overrides server.host)")
-    up.add_argument("--port", type=int, help="gateway port (overrides server.port)")
-    up.add_argument("--metrics-port", type=int, help="metrics port (overrides server.metricsPort; 0 disables)")
+    add_listen_args(up)
     up.add_argument("--state-dir", help="status file and replica logs (overrides local.stateDir; default .kvgate)")
     up.set_defaults(run=main_up)
 
@@ -64,7 +62,7 @@ def _add_status(commands: argparse._SubParsersAction, help_text: str) -> None:
 
 
 def main_up(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     try:
         up = prepare(args)
     except (ConfigError, ManifestError, EngineUnavailable, OSError) as exc:
@@ -84,14 +82,7 @@ def prepare(args: argparse.Namespace) -> Up:
     models = read_models_file(args.file)
     for model in models.models:
         check_engine(model, settings.local, models.base_dir)
-    server = settings.gateway.server
-    sock = bind(server.host, server.port)
-    try:
-        metrics_sock = bind(server.host, server.metrics_port) if server.metrics_port else None
-    except OSError:
-        sock.close()
-        raise
-    return Up(settings, models, sock, metrics_sock)
+    return Up(settings, models, *bind_listeners(settings.gateway.server))
 
 
 def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
