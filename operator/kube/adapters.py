@@ -25,12 +25,12 @@ import aiohttp
 from lb.model import Adapter, Model, parse_model_url
 from lb_operator.adapters import AdapterSync, Replica, SyncWorkers
 from lb_operator.kube.client import MERGE_PATCH, KubeApi
-from lb_operator.loader import LOADER_PORT_ANNOTATION, FetchError
 from lb_operator.kube.endpoints import pod_endpoint
 from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX
 from lb_operator.kube.reconciler import ReconcileContext
-from lb_operator.retry import Backoff
 from lb_operator.kube.watch import Informer, Obj
+from lb_operator.loader import LOADER_PORT_ANNOTATION, FetchError
+from lb_operator.retry import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb.model import Model
-from lb_operator.kube.engines import files_config_map_name
 from lb_operator.kube.client import KubeApi
+from lb_operator.kube.engines import files_config_map_name
 from lb_operator.kube.pods import Pod, PodPlan, pod_name
 
 log = logging.getLogger(__name__)

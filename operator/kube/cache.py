@@ -29,8 +29,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from lb.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, Model, parse_model_url
 
 from lb_operator.kube.apply import condition, now_timestamp
-from lb_operator.kube.engines import CACHE_MOUNT, Credentials, cache_claim_name, cache_dir, credentials
 from lb_operator.kube.client import MERGE_PATCH, KubeApi, or_none
+from lb_operator.kube.engines import CACHE_MOUNT, Credentials, cache_claim_name, cache_dir, credentials
 from lb_operator.kube.pods import MODEL_LABEL, owner_reference
 from lb_operator.system_config import CacheProfile, SystemConfig
 

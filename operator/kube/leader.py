@@ -34,8 +34,8 @@ from typing import Any, Awaitable, Callable, Iterable
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb_operator.kube.client import KubeApi
-from lb_operator.retry import Backoff
 from lb_operator.kube.watch import TRANSIENT_ERRORS
+from lb_operator.retry import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from typing import Any, Mapping, Sequence
 
 from lb.model import API_VERSION, KIND, Model
 
-from lb_operator.loader import LOADER_PORT, LOADER_PORT_ANNOTATION
 from lb_operator.json_patch import JsonPatchError, apply_patch
 from lb_operator.kube.engines import (MODEL_PORT, PodSpecError, adapter_loader_container,
                                       adapter_loader_volumes, files_config_map, server_container)
+from lb_operator.loader import LOADER_PORT, LOADER_PORT_ANNOTATION
 from lb_operator.replicas import JUST_CREATED, ReplicaState, desired_replicas, replica_step
 from lb_operator.system_config import Quantity, ResourceProfile, SystemConfig, parse_quantity
 

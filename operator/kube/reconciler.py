@@ -40,12 +40,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from lb.model import Model, ModelValidationError
 from lb_operator.kube.apply import apply_plan, condition, ensure_files, pods_after, write_status
 from lb_operator.kube.cache import CACHE_FINALIZER, JOB_KIND_LABEL, CacheState, ensure_cache
-from lb_operator.kube.engines import PodSpecError
 from lb_operator.kube.client import KubeApi
+from lb_operator.kube.engines import PodSpecError
 from lb_operator.kube.pods import ENGINE_LABEL, MODEL_LABEL, Pod, owner_reference, plan_pods, replica_status
-from lb_operator.system_config import SystemConfig
-from lb_operator.retry import Backoff
 from lb_operator.kube.watch import TRANSIENT_ERRORS, Informer, Obj
+from lb_operator.retry import Backoff
+from lb_operator.system_config import SystemConfig
 
 log = logging.getLogger(__name__)
 
