@@ -1,4 +1,5 @@
-"""Replica planning: scaling, KubeAI's deletion order, recreation, clamping, rollouts, endpoints."""
+"""Pod planning (`kube.pods.plan_pods`, the shared replica rules on Pods): scaling, KubeAI's
+deletion order, recreation, clamping, rollouts, endpoints."""
 
 import copy
 import itertools

@@ -3,10 +3,11 @@
 Every replica of the deployment runs the same thing (`kvgate serve` puts it beside the gateway):
 Model and Pod informers per managed namespace feeding its own gateway's registry
 (`lb_operator.kube.endpoints`), a `ClusterScaler` for scale-from-zero, and a Lease campaign
-(`lb_operator.kube.leader`); the replica holding the Lease also runs the reconciler (with each Model's cache step, `lb_operator.kube.cache`, and cache-Job informers
-to notice loads finishing), LoRA adapter loading (`lb_operator.kube.adapters`) and the
-autoscaler (`lb_operator.kube.autoscaling`: it scrapes the Pods ``--gateway-selector`` matches
-in the first namespace, and keeps its state in a ConfigMap there).
+(`lb_operator.kube.leader`); the replica holding the Lease also runs the reconciler (with each
+Model's cache step, `lb_operator.kube.cache`, and cache-Job informers to notice loads
+finishing), LoRA adapter loading (`lb_operator.kube.adapters`) and the autoscaler
+(`lb_operator.kube.autoscaling`: it scrapes the Pods ``--gateway-selector`` matches in the first
+namespace, and keeps its state in a ConfigMap there).
 
 ``ClusterOperator`` is that composition, usable on its own (the tests run two of them against
 one API server). Namespace-scoped like KubeAI: ``ClusterOptions.namespaces``, with the Lease in
