@@ -14,6 +14,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY lb ./lb
 COPY operator ./operator
+COPY kvgate ./kvgate
 COPY bench ./bench
 RUN python -m venv /opt/kvgate \
  && /opt/kvgate/bin/pip install --upgrade pip \

@@ -272,7 +272,7 @@ class Stack:
         try:
             if not self.s.endpoints:
                 self.sim = launch(self._sim_cmd(), self.workdir / "sim.log", sim_cpu)
-            self.gateway = launch([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config)],
+            self.gateway = launch([sys.executable, "-m", "kvgate", "gateway", "-c", str(config)],
                                   self.workdir / "gateway.log", gw_cpu)
             await self._ready()
         except BaseException:

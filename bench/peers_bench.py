@@ -191,7 +191,7 @@ def _kvgate_config(tmp: Path, backend_port: int, port: int) -> Path:
 def _start_kvgate(tmp: Path, backend_port: int, port: int, workers: int = 1,
                   cpu: int | None = 1) -> subprocess.Popen[bytes]:
     config = _kvgate_config(tmp, backend_port, port)
-    return spawn([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config),
+    return spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
                   "--workers", str(workers)], cpu=cpu)
 
 

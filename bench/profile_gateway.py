@@ -72,7 +72,7 @@ def _record(pyspy: str, shape: str, duration: int, rate: int, raw: Path,
     config.write_text(gateway_config({"m": [f"127.0.0.1:{backend_port}"]}, port))
     backend = spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(backend_port),
                      "--chunks", "20", "--chunk-gap-ms", "0"], cpu=0)
-    gateway = spawn([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config)], cpu=1)
+    gateway = spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config)], cpu=1)
     try:
         wait_for_port(backend_port)
         wait_for_port(port)

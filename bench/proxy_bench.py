@@ -93,7 +93,7 @@ def _stack() -> Iterator[tuple[dict[str, int], int, dict[str, subprocess.Popen[b
                                "--chunks", "20", "--chunk-gap-ms", "1" if "paced" in model
                                else "0"], cpu=1)
                  for model, port in ports.items()}
-        procs["gateway"] = spawn([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config)],
+        procs["gateway"] = spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config)],
                                  cpu=1)
         for model, port in list(ports.items()):
             ports["bare-" + model] = free_port()

@@ -271,7 +271,7 @@ async def _streams(count: int, workers: int) -> dict[str, float]:
         config = Path(tmp) / "gateway.yaml"
         config.write_text(_config(port, 0, backend_port, static=True))
         backend = _backend(backend_port, gap_ms=600_000)  # one chunk, then a long silence
-        gateway = _popen([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config),
+        gateway = _popen([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
                           "--workers", str(workers)])
         try:
             wait_for_port(backend_port)
@@ -443,7 +443,7 @@ def _waiting_gateway(port: int, backend_port: int, metrics_ports: list[int]) -> 
     the replica in each worker and prints the time (CLOCK_MONOTONIC, shared by processes).
     Worker ``i`` serves its metrics on ``metrics_ports[i]`` so the bench sees every room."""
     from lb.app import Gateway
-    from lb.cli import static_registry
+    from lb.registry import static_registry
     from lb.config import load_config
     from lb.registry import Endpoint
     from lb.ring import LoadTable

@@ -21,7 +21,8 @@ from lb.ejection import Outliers
 from lb.model import Model
 from lb.ring import LoadTable, Ring
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # both import from here
+    from lb.config import Config
     from lb.engine_metrics import EngineReading
 
 
@@ -178,3 +179,12 @@ class Registry:
         group.outliers = old.outliers
         group.engine = old.engine
         group.update(old.endpoints.values())
+
+
+def static_registry(config: Config, loads: LoadTable | None = None) -> Registry:
+    """A registry holding a static config's models and endpoints (`kvgate gateway`: no operator)."""
+    registry = Registry(loads)
+    for model in config.models:
+        registry.set_model(model)
+        registry.set_endpoints(model.name, config.static_endpoints(model.name))
+    return registry

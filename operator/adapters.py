@@ -2,7 +2,7 @@
 
 Runtime-agnostic: a replica is a key and an address, fetching adapter files is a `Fetcher`, and
 the loaded set is handed to a `Recorder`. The cluster runtime records it on Pods
-(`cluster_adapters.PodRecorder`); the local runtime keeps it in memory (`MemoryRecorder`). Both
+(`kube.adapters.PodRecorder`); the local runtime keeps it in memory (`MemoryRecorder`). Both
 drive the sync with `SyncWorkers`, one worker per model.
 
 One pass over a replica (`AdapterSync.sync_replica`):
@@ -75,7 +75,7 @@ class AdapterError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fetchers (the cluster's SidecarFetcher is in cluster_adapters)
+# Fetchers (the cluster's SidecarFetcher is in kube.adapters)
 
 
 class StoreFetcher:
@@ -185,7 +185,7 @@ class AdapterSync:
 
 
 # ---------------------------------------------------------------------------------------------
-# Recording in memory (the local runtime; the cluster's PodRecorder is in cluster_adapters)
+# Recording in memory (the local runtime; the cluster's PodRecorder is in kube.adapters)
 
 
 class MemoryRecorder:

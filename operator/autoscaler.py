@@ -17,7 +17,7 @@ cancels it when it loses). Every `interval`:
    a `StateStore`, so a restarted or newly elected autoscaler continues where the last one was.
 
 Everything outside is a callable or a small protocol, so both runtimes wire it the same way:
-`lb_operator.cluster_autoscaling` holds the Kubernetes pieces (the scale subresource, the state
+`lb_operator.kube.autoscaling` holds the Kubernetes pieces (the scale subresource, the state
 ConfigMap), `lb_operator.state_files` the local state file.
 """
 

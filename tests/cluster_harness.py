@@ -1,7 +1,7 @@
 """Harness for the cluster-mode tests: FakeKube + gateway replicas + a kubelet stand-in.
 
 Everything runs on the test's event loop over real HTTP: the fake API server
-(tests/kube_fake.py), each gateway replica (`lb_operator.serve.ClusterOperator` feeding a real
+(tests/kube_fake.py), each gateway replica (`lb_operator.kube.manager.ClusterOperator` feeding a real
 `lb.app.Gateway` served by `lb.server.serve`), and simulated vLLM replicas (bench.sim) that the
 ``Kubelet`` starts for Pods the operator creates. The Kubelet plays the node: it gives a new Pod a
 simulator on 127.0.0.1, records the port in the Pod's port annotation (what the operator reads
@@ -30,10 +30,10 @@ from lb.app import Gateway
 from lb.model import GROUP, PLURAL, VERSION
 from lb.registry import Registry
 from lb.server import bind, serve
-from lb_operator.kube_client import KubeApi
+from lb_operator.kube.client import KubeApi
 from lb_operator.loader import LOADER_PORT_ANNOTATION, AdapterStore, loader_app
-from lb_operator.podspec import MODEL_LABEL, PORT_ANNOTATION, POD_HASH_LABEL
-from lb_operator.serve import ClusterOperator, ClusterOptions
+from lb_operator.kube.pods import MODEL_LABEL, PORT_ANNOTATION, POD_HASH_LABEL
+from lb_operator.kube.manager import ClusterOperator, ClusterOptions
 from lb_operator.system_config import SystemConfig, system_config_from_dict
 from lb_operator.retry import Backoff
 from tests.kube_fake import FakeKube

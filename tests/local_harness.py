@@ -53,7 +53,7 @@ def write_models(path: Path, models: list[dict[str, Any]]) -> None:
 
 
 def kvgate(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lb.cli", *args], cwd=cwd or REPO, text=True,
+    return subprocess.run([sys.executable, "-m", "kvgate", *args], cwd=cwd or REPO, text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -84,7 +84,7 @@ class UpProcess:
             args += ["-c", str(config_path)]
         self.lines: list[str] = []
         self.seen_pids: set[int] = set()
-        self.proc = subprocess.Popen([sys.executable, "-m", "lb.cli", *args], cwd=workdir,
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvgate", *args], cwd=workdir,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -365,7 +365,7 @@ def _config(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def test_the_rendered_config_loads_with_the_gateways_own_loader(kvgate_default: list[dict[str, Any]]) -> None:
     from lb.model import ENGINES
-    from lb_operator.settings import settings_from_dict
+    from kvgate.settings import settings_from_dict
 
     data = _config(kvgate_default)
     settings = settings_from_dict(data)
@@ -402,7 +402,7 @@ def test_the_rendered_config_loads_with_the_gateways_own_loader(kvgate_default: 
 
 
 def test_non_default_values_reach_the_config(kvgate_full: list[dict[str, Any]]) -> None:
-    from lb_operator.settings import settings_from_dict
+    from kvgate.settings import settings_from_dict
 
     data = _config(kvgate_full)
     settings = settings_from_dict(data)
@@ -423,7 +423,7 @@ def test_non_default_values_reach_the_config(kvgate_full: list[dict[str, Any]]) 
 
 @pytest.mark.parametrize("values_file", ["values-gke.yaml", "values-eks.yaml"])
 def test_cloud_values_files_render_and_load(helm: Any, values_file: str) -> None:
-    from lb_operator.settings import settings_from_dict
+    from kvgate.settings import settings_from_dict
 
     docs = render_chart(helm, KVGATE, "-f", str(KVGATE / values_file))
     for doc in docs:
@@ -437,8 +437,8 @@ def test_cloud_values_files_render_and_load(helm: Any, values_file: str) -> None
 def test_catalog_models_become_valid_pods_with_the_charts_system_config(
         kvgate_default: list[dict[str, Any]], all_models: list[dict[str, Any]]) -> None:
     from lb.model import Model
-    from lb_operator.podspec import pod_for_model
-    from lb_operator.settings import settings_from_dict
+    from lb_operator.kube.pods import pod_for_model
+    from kvgate.settings import settings_from_dict
 
     system = settings_from_dict(_config(kvgate_default)).system
     for doc in all_models:
@@ -766,7 +766,7 @@ _CLUSTER_METHOD = re.compile(r"\b(read|list)_(" + "|".join(_CLUSTER_RESOURCES) +
 
 
 def _operator_sources() -> list[str]:
-    return [path.read_text() for path in sorted((ROOT / "operator").glob("*.py"))]
+    return [path.read_text() for path in sorted((ROOT / "operator").rglob("*.py"))]
 
 
 def _api_calls_in_code() -> set[tuple[str, str, str]]:
@@ -790,7 +790,7 @@ def _admission_needs() -> set[tuple[str, str, str]]:
     """Permissions checked by admission rather than by an API call: an ownerReference with
     blockOwnerDeletion needs `update` on the owner's finalizers (OwnerReferencesPermissionEnforcement)."""
     from lb.model import Model
-    from lb_operator.podspec import pod_for_model
+    from lb_operator.kube.pods import pod_for_model
     from lb_operator.system_config import system_config_from_dict
 
     model = Model.from_dict({"apiVersion": "kvgate.dev/v1", "kind": "Model", "metadata": {"name": "m"},

@@ -105,7 +105,7 @@ def free_port() -> int:
 
 def kvgate_command() -> list[str]:
     script = Path(sys.executable).parent / "kvgate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lb.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kvgate"]
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 20) -> None:

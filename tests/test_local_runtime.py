@@ -9,8 +9,8 @@ from pathlib import Path
 
 from lb.model import Model
 from lb.registry import Registry
-from lb_operator.local_config import LocalConfig
-from lb_operator.local_runtime import LocalRuntime, ReplicaView
+from lb_operator.local.config import LocalConfig
+from lb_operator.local.runtime import LocalRuntime, ReplicaView
 from tests.local_harness import pid_alive, sim_model
 
 

@@ -76,7 +76,7 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
              for name, port in backends.items()]
     port, metrics_port = free_port(), free_port()
     config = _config(tmp_path, port, metrics_port, backends)
-    gateway = subprocess.Popen([sys.executable, "-m", "lb.cli", "gateway", "-c", str(config),
+    gateway = subprocess.Popen([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
                                 "--workers", "2"], cwd=REPO)
     try:
         for p in (*backends.values(), port, metrics_port):

@@ -57,7 +57,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 config.yaml: the gateway's keys and the operator's keys in one file, read by `kvgate serve`
-(lb_operator.settings.load_settings).
+(kvgate.settings.load_settings).
 */}}
 {{- define "kvgate.config" -}}
 {{- $v := .Values }}

@@ -1,0 +1,212 @@
+"""`kvgate up` and `kvgate status`: the whole system on one machine, no cluster.
+
+`kvgate up -f models.yaml` runs the gateway and the local runtime in one process: this module
+binds the sockets, builds the `Gateway` and the operator's `Supervisor` (models file, status
+file, autoscaler, adapters), and owns signals and banners. Ctrl-C stops every replica before
+exiting. `kvgate status` reads the status file the running `kvgate up` keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from lb.app import Gateway
+from lb.config import ConfigError
+from lb.registry import Registry
+from lb.server import install_uvloop, serve
+from lb_operator.local.engines import EngineUnavailable, check_engine
+from lb_operator.local.manifests import ManifestError, ModelsFile, read_models_file
+from lb_operator.local.runtime import LocalRuntime
+from lb_operator.local.supervisor import STATUS_FILE, GatewayView, Supervisor, base_url
+
+from kvgate.process import add_listen_args, bind_listeners, log_to_stderr
+from kvgate.settings import Settings, load_settings, with_listen_args
+
+
+def add_parser(commands: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """The `up` or `status` subcommand of the `kvgate` parser."""
+    if name == "status":
+        _add_status(commands, help_text)
+        return
+    up = commands.add_parser(
+        name, help=help_text,
+        description="Start the OpenAI-compatible gateway and run each Model in the models file "
+                    "as local model-server processes. The file is re-read when it changes; "
+                    "Ctrl-C stops every replica.")
+    up.add_argument("-f", "--file", required=True, metavar="MODELS_YAML",
+                    help="Model manifests (kvgate.dev/v1 or kubeai.org/v1; several per file)")
+    up.add_argument("-c", "--config", metavar="CONFIG_YAML",
+                    help="settings: gateway keys (server, retries, ...), system keys, and `local:`")
+    add_listen_args(up)
+    up.add_argument("--state-dir", help="status file and replica logs (overrides local.stateDir; default .kvgate)")
+    up.set_defaults(run=main_up)
+
+
+def _add_status(commands: argparse._SubParsersAction, help_text: str) -> None:
+    status = commands.add_parser(
+        "status", help=help_text,
+        description="Show what the `kvgate up` using this state directory is running.")
+    status.add_argument("--state-dir", default=os.environ.get("KVGATE_STATE_DIR", ".kvgate"),
+                        help="the state directory of `kvgate up` (default .kvgate)")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.set_defaults(run=lambda args: show_status(Path(args.state_dir), as_json=args.json))
+
+
+def main_up(args: argparse.Namespace) -> int:
+    log_to_stderr()
+    try:
+        up = prepare(args)
+    except (ConfigError, ManifestError, EngineUnavailable, OSError) as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return 2
+    install_uvloop()
+    return asyncio.run(up.run())
+
+
+def prepare(args: argparse.Namespace) -> Up:
+    """Everything that can fail fast, before any process starts: config, models, engines, ports."""
+    settings = load_settings(args.config)
+    if settings.gateway.models or settings.gateway.endpoints:
+        raise ConfigError(f"{args.config}: `models`/`endpoints` are for `kvgate gateway`; "
+                          "with `kvgate up`, Models come from the -f file")
+    settings = _with_overrides(settings, args)
+    models = read_models_file(args.file)
+    for model in models.models:
+        check_engine(model, settings.local, models.base_dir)
+    return Up(settings, models, *bind_listeners(settings.gateway.server))
+
+
+def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    gateway = with_listen_args(settings.gateway, args)
+    local = settings.local
+    if args.state_dir:
+        local = dataclasses.replace(local, state_dir=args.state_dir)
+    return dataclasses.replace(settings, gateway=gateway, local=local)
+
+
+class Up:
+    """One `kvgate up` process: the gateway and the supervisor, on sockets already bound."""
+
+    def __init__(self, settings: Settings, models: ModelsFile, sock: socket.socket,
+                 metrics_sock: socket.socket | None) -> None:
+        self.settings = settings
+        self.models = models
+        self.sock, self.metrics_sock = sock, metrics_sock
+        self.signals = 0
+        self.runtime: LocalRuntime | None = None
+
+    async def run(self) -> int:
+        settings = self.settings
+        registry = Registry()
+        self.runtime = runtime = LocalRuntime(registry, settings.local,
+                                              surge=settings.system.model_rollouts.surge)
+        gateway = Gateway(settings.gateway, registry, runtime)
+        view = GatewayView(settings.gateway.server, gateway.metrics.registry,
+                           gateway.balancer.waiting)
+        supervisor = Supervisor(runtime, self.models, settings.local,
+                                settings.system.model_autoscaling, view)
+        self._catch_signals()
+        await supervisor.start()
+        _banner(supervisor)
+        serving = asyncio.Event()
+        tasks = [asyncio.create_task(supervisor.run(serving)),
+                 asyncio.create_task(_announce_ready(supervisor))]
+        try:
+            await serve(gateway, self.sock, self.metrics_sock, started=serving)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            print("kvgate: stopping replicas ...", file=sys.stderr, flush=True)
+            await supervisor.close()
+        return 0
+
+    def _catch_signals(self) -> None:
+        """uvicorn handles the first SIGINT/SIGTERM (graceful HTTP shutdown) and re-raises it
+        once done; these handlers then let the replicas be stopped in order. A further signal
+        while they stop kills them at once."""
+        def handler(signum: int, frame: Any) -> None:
+            self.signals += 1
+            if self.signals > 1 and self.runtime is not None:
+                self.runtime.kill_now()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+
+def _banner(supervisor: Supervisor) -> None:
+    runtime = supervisor.runtime
+    lines = [f"kvgate: serving the OpenAI API on {base_url(supervisor.gateway.server)}",
+             f"kvgate: models from {supervisor.models_file.path} (re-read on change); "
+             f"logs in {supervisor.state_dir / 'logs'}; `kvgate status` for details"]
+    for model in runtime.models():
+        desired = runtime.desired(model.name)
+        lines.append(f"  {model.name:<24} {model.spec.engine:<13} "
+                     f"{model.spec.load_balancing.strategy:<10} replicas {desired} "
+                     f"(min {model.spec.min_replicas}, max {model.spec.max_replicas or '-'})")
+    print("\n".join(lines), flush=True)
+
+
+async def _announce_ready(supervisor: Supervisor) -> None:
+    """Print once when every model has its initial replicas ready."""
+    counts = await supervisor.wait_ready()
+    summary = ", ".join(f"{name} {ready}/{desired}" for name, (ready, desired) in counts.items())
+    print(f"kvgate: ready: {summary}", flush=True)
+
+
+def show_status(state_dir: Path, *, as_json: bool = False) -> int:
+    path = state_dir / STATUS_FILE
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"kvgate: no `kvgate up` is running with state directory {state_dir} "
+              f"(no readable {path}); pass --state-dir if it uses another", file=sys.stderr)
+        return 1
+    if not _alive(int(status.get("pid", 0))):
+        print(f"kvgate: the `kvgate up` that wrote {path} (pid {status.get('pid')}) is not running",
+              file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"kvgate up (pid {status['pid']}): {status['baseUrl']}",
+             f"models file: {status['modelsFile']}"]
+    if status.get("metricsUrl"):
+        lines.append(f"metrics: {status['metricsUrl']}")
+    header = f"{'MODEL':<24} {'ENGINE':<13} {'STRATEGY':<10} {'READY':>7} {'IN-FLIGHT':>9} {'WAITING':>7}  ADAPTERS"
+    lines += ["", header]
+    for m in status["models"]:
+        adapters = ", ".join(f"{m['name']}_{a}" for a in m["adapters"]) or "-"
+        lines.append(f"{m['name']:<24} {m['engine']:<13} {m['strategy']:<10} "
+                     f"{str(m['ready']) + '/' + str(m['desired']):>7} {m['inFlight']:>9} "
+                     f"{m['waiting']:>7}  {adapters}")
+        for r in m["replicas"]:
+            loaded = f" adapters={','.join(r['adapters'])}" if r["adapters"] else ""
+            lines.append(f"  {r['name']:<22} {r['state']:<9} {r['address']:<21} pid {r['pid']} "
+                         f"in-flight {r['inFlight']}{loaded}")
+    return "\n".join(lines)

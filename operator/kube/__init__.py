@@ -1,0 +1,1 @@
+"""The Kubernetes runtime: Models become Pods through the API server, one module per concern."""

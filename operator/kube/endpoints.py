@@ -1,0 +1,129 @@
+"""From watched Models and Pods to the gateway's registry, on every gateway replica.
+
+Leader or not, each replica runs the Model and Pod informers and this sync: Models become
+``registry.set_model`` / ``delete_model``; a model's Ready Pods with an IP become its endpoints
+(`endpoints_from_pods`: key ``namespace/pod``, address ``podIP:port`` from the
+Pod's port annotation, adapters from its ``adapter.kvgate.dev/<name>`` labels). With
+``allowPodAddressOverride`` in the system config, a Model's ``kvgate.dev/model-pod-ip`` (and
+``-port``) annotation replaces every Pod's address (KubeAI's test hook).
+
+Two replicas fed by the same API server therefore hold the same endpoints, and so pick the same
+replica for the same prefix. The registry is keyed by model name: when several namespaces are
+managed, a Model name must be unique across them (the later one wins otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+from lb.model import Model, ModelValidationError
+from lb.registry import Endpoint, Registry
+from lb_operator.kube.engines import MODEL_PORT
+from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX, MODEL_LABEL, PORT_ANNOTATION, Pod, is_ready
+from lb_operator.kube.watch import Informer, Obj
+from lb_operator.system_config import SystemConfig
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, model name)
+POD_IP_ANNOTATION = "kvgate.dev/model-pod-ip"  # on a Model: send its traffic elsewhere (tests)
+POD_PORT_ANNOTATION = "kvgate.dev/model-pod-port"
+
+
+def adapters_of(pod: Pod) -> frozenset[str]:
+    """Adapters loaded on a Pod, recorded as `adapter.kvgate.dev/<name>` labels by the LoRA step."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return frozenset(key[len(ADAPTER_LABEL_PREFIX):] for key in labels if key.startswith(ADAPTER_LABEL_PREFIX))
+
+
+def address_override(model: Model, config: SystemConfig) -> str | None:
+    """KubeAI's test hook: with allowPodAddressOverride, a Model's annotations redirect its traffic."""
+    if not config.allow_pod_address_override:
+        return None
+    ip = model.annotations.get(POD_IP_ANNOTATION)
+    if not ip:
+        return None
+    return f"{ip}:{model.annotations.get(POD_PORT_ANNOTATION) or MODEL_PORT}"
+
+
+def pod_endpoint(pod: Pod) -> tuple[str, str] | None:
+    """(key `namespace/pod`, address `podIP:port`) of a Ready Pod with an IP; None otherwise."""
+    meta = pod.get("metadata") or {}
+    ip = (pod.get("status") or {}).get("podIP")
+    if not is_ready(pod) or not ip:
+        return None
+    port = (meta.get("annotations") or {}).get(PORT_ANNOTATION) or str(MODEL_PORT)
+    return f"{meta.get('namespace', 'default')}/{meta.get('name', '')}", f"{ip}:{port}"
+
+
+def endpoints_from_pods(pods: Sequence[Pod], *, address_override: str | None = None) -> list[Endpoint]:
+    """Registry endpoints for the Ready Pods with an IP, sorted by key."""
+    endpoints = []
+    for pod in pods:
+        found = pod_endpoint(pod)
+        if found is not None:
+            key, address = found
+            endpoints.append(Endpoint(key, address_override or address, adapters_of(pod)))
+    return sorted(endpoints, key=lambda e: e.key)
+
+
+class EndpointSync:
+    def __init__(self, registry: Registry, config: SystemConfig) -> None:
+        self.registry = registry
+        self.config = config
+        self._models: dict[Key, Model] = {}
+        self._pods: dict[Key, dict[str, Pod]] = {}  # model -> pod name -> pod
+        self._published: dict[Key, list[Endpoint]] = {}
+
+    def attach(self, model_informers: Iterable[Informer], pod_informers: Iterable[Informer]) -> None:
+        for informer in model_informers:
+            informer.add_handler(self.on_model)
+        for informer in pod_informers:
+            informer.add_handler(self.on_pod)
+
+    def on_model(self, etype: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", "default"), meta.get("name", ""))
+        if etype == "DELETED":
+            self._forget(key)
+            return
+        try:
+            model = Model.from_dict(obj)
+        except ModelValidationError as exc:
+            log.warning("model %s/%s: invalid, not served: %s", *key, exc)
+            self._forget(key)
+            return
+        self._models[key] = model
+        self.registry.set_model(model)
+        self._publish(key)
+
+    def on_pod(self, etype: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        model = (meta.get("labels") or {}).get(MODEL_LABEL)
+        if not model:
+            return
+        key = (meta.get("namespace", "default"), model)
+        pods = self._pods.setdefault(key, {})
+        if etype == "DELETED":
+            pods.pop(meta.get("name", ""), None)
+        else:
+            pods[meta.get("name", "")] = obj
+        if key in self._models:
+            self._publish(key)
+
+    def _forget(self, key: Key) -> None:
+        if self._models.pop(key, None) is None:
+            return
+        self._published.pop(key, None)
+        self.registry.set_endpoints(key[1], [])
+        self.registry.delete_model(key[1])
+
+    def _publish(self, key: Key) -> None:
+        model = self._models[key]
+        pods = list(self._pods.get(key, {}).values())
+        endpoints = endpoints_from_pods(pods, address_override=address_override(model, self.config))
+        if self._published.get(key) == endpoints:
+            return
+        self._published[key] = endpoints
+        self.registry.set_endpoints(model.name, endpoints)

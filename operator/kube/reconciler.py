@@ -1,0 +1,310 @@
+"""Reconciling Models into Pods: a coalescing work queue and the reconcile of one Model.
+
+Level-triggered: an event only says *which* Model to look at. Each reconcile reads the Model
+and its Pods fresh from the API server (a quorum read, not the watch cache), plans with
+`lb_operator.kube.pods.plan_pods`, applies the plan, and writes ``status.replicas``. Reading fresh
+is what makes a reconcile safe to repeat: a Pod created a moment ago is always counted, so a
+burst of events, a replayed watch or a relist can never create a Pod twice.
+
+The queue holds each key at most once, never hands one key to two workers at once, and a key
+that changes while it is being reconciled runs once more afterwards. A failing key is retried
+with exponential backoff and jitter; a Model that cannot be planned (invalid spec, unknown
+profile) gets a ``Valid=False`` condition and is left until it changes.
+
+Cache profiles (`lb_operator.kube.cache`): before planning, ``ensure_cache`` takes one step (PVC,
+loader Job, finalizer); until the cache is loaded no Pod is planned, the ``CacheReady`` condition
+says why, and the key comes back after a growing delay or when a cache Job changes (the Job
+informers). A deleted Model holding the cache finalizer has its Pods deleted and its eviction
+Job run until the finalizer is dropped.
+
+Only the elected leader runs a ``Reconciler`` (see `lb_operator.kube.leader`).
+
+Hooks for other operator features (LoRA adapters, cache): ``Reconciler(hooks=[...])`` takes
+``async def hook(ctx: ReconcileContext) -> None`` callables; each runs after every successful
+reconcile of a Model with the Model, its API object and the Pods that exist after the plan was
+applied (fresh, so Ready flags and labels are current as of this reconcile). A hook that raises
+makes the key retry with backoff. ``Reconciler.enqueue(namespace, name)`` asks for a reconcile
+from outside (e.g. after loading an adapter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable, Sequence
+
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from lb.model import Model, ModelValidationError
+from lb_operator.kube.apply import apply_plan, condition, ensure_files, pods_after, write_status
+from lb_operator.kube.cache import CACHE_FINALIZER, JOB_KIND_LABEL, CacheState, ensure_cache
+from lb_operator.kube.client import KubeApi
+from lb_operator.kube.engines import PodSpecError
+from lb_operator.kube.pods import ENGINE_LABEL, MODEL_LABEL, Pod, owner_reference, plan_pods, replica_status
+from lb_operator.kube.watch import TRANSIENT_ERRORS, Informer, Obj
+from lb_operator.retry import Backoff
+from lb_operator.system_config import SystemConfig
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, Model name)
+POD_SELECTOR = f"{MODEL_LABEL},{ENGINE_LABEL}"  # Pods this operator made (both labels set)
+JOB_SELECTOR = JOB_KIND_LABEL  # the cache's loader and eviction Jobs
+VALID = "Valid"  # condition: the spec and the profiles it names can be planned into Pods
+
+
+def model_pod_selector(name: str) -> str:
+    return f"{MODEL_LABEL}={name},{ENGINE_LABEL}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileContext:
+    api: KubeApi
+    model: Model
+    obj: dict[str, Any]  # the Model as read from the API server at the start of the reconcile
+    pods: Sequence[Pod]  # the model's Pods once the plan was applied
+
+
+ReconcileHook = Callable[[ReconcileContext], Awaitable[None]]
+
+
+class WorkQueue:
+    """Keys to process: deduplicated, one worker per key, changes during processing re-queued."""
+
+    def __init__(self) -> None:
+        self._order: deque[Key] = deque()
+        self._queued: set[Key] = set()
+        self._active: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._wakeup = asyncio.Event()
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    def add(self, key: Key) -> None:
+        if key in self._active:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._order.append(key)
+            self._wakeup.set()
+
+    def add_after(self, key: Key, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.add(key)
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    async def get(self) -> Key:
+        while not self._order:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        key = self._order.popleft()
+        self._queued.discard(key)
+        self._active.add(key)
+        return key
+
+    def done(self, key: Key) -> None:
+        self._active.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def close(self) -> None:
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+
+
+class Reconciler:
+    """Reconciles every Model the informers know of, and again whenever it or its Pods change."""
+
+    def __init__(self, api: KubeApi, config: SystemConfig, *, model_informers: Iterable[Informer],
+                 pod_informers: Iterable[Informer], workers: int = 2, resync_seconds: float = 60.0,
+                 backoff: Backoff = Backoff(initial=0.1, maximum=10.0),
+                 hooks: Sequence[ReconcileHook] = (), job_informers: Iterable[Informer] = (),
+                 cache_backoff: Backoff = Backoff(initial=2.0, maximum=60.0)) -> None:
+        self.api = api
+        self.config = config
+        self.model_informers = list(model_informers)
+        self.pod_informers = list(pod_informers)
+        self.workers = workers
+        self.resync_seconds = resync_seconds
+        self.backoff = backoff
+        self.hooks = list(hooks)
+        self.job_informers = list(job_informers)
+        self.cache_backoff = cache_backoff
+        self.queue = WorkQueue()
+        self.reconciles = 0  # completed reconciles (tests and debugging)
+        self._failures: dict[Key, int] = {}
+        self._cache_waits: dict[Key, int] = {}  # consecutive passes that found the cache not ready
+
+    def enqueue(self, namespace: str, name: str) -> None:
+        self.queue.add((namespace, name))
+
+    async def run(self) -> None:
+        """Reconcile until cancelled (i.e. until leadership is lost)."""
+        self.queue = WorkQueue()  # a new term starts clean: no key left "active" by the last one
+        handlers = [(i, self._on_model) for i in self.model_informers] + [
+            (i, self._on_dependent) for i in self.pod_informers + self.job_informers]
+        for informer, handler in handlers:
+            informer.add_handler(handler)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.workers):
+                    group.create_task(self._worker())
+                group.create_task(self._resync())
+        finally:
+            for informer, handler in handlers:
+                informer.remove_handler(handler)
+            self.queue.close()
+
+    def _on_model(self, etype: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        if etype != "DELETED":  # Pods go with their owner (garbage collection)
+            self.enqueue(meta.get("namespace", "default"), meta.get("name", ""))
+
+    def _on_dependent(self, etype: str, obj: Obj) -> None:
+        """A model Pod changed, or a cache Job (completed, failed, deleted): both carry their
+        Model's name in the `model` label, and the Model is reconciled again."""
+        meta = obj.get("metadata") or {}
+        model = (meta.get("labels") or {}).get(MODEL_LABEL)
+        if model:
+            self.enqueue(meta.get("namespace", "default"), model)
+
+    async def _resync(self) -> None:
+        """Every Model now (taking over from another leader), then periodically: the safety net
+        for anything an event did not cover."""
+        await asyncio.gather(*(i.synced.wait() for i in self.model_informers))
+        while True:
+            for informer in self.model_informers:
+                for obj in list(informer.items.values()):
+                    self._on_model("SYNC", obj)
+            await asyncio.sleep(self.resync_seconds)
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                await self.reconcile(*key)
+            except (ApiException, RuntimeError, *TRANSIENT_ERRORS) as exc:
+                self._retry_later(key, exc)
+            except Exception as exc:  # a bug must not kill the worker; keep retrying the key
+                log.exception("model %s/%s: reconcile failed", *key)
+                self._retry_later(key, exc)
+            else:
+                self._failures.pop(key, None)
+                self.reconciles += 1
+            finally:
+                self.queue.done(key)
+
+    def _retry_later(self, key: Key, exc: BaseException) -> None:
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        delay = self.backoff.delay(failures)
+        log.warning("model %s/%s: reconcile failed (%s); retrying in %.2fs", *key,
+                    _describe(exc), delay)
+        self.queue.add_after(key, delay)
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        """Bring one Model's cache, Pods, files and status one step closer to its spec."""
+        obj = await self.api.get_model(namespace, name)
+        if obj is None:
+            return
+        if (obj.get("metadata") or {}).get("deletionTimestamp"):
+            await self._finalize(obj)
+            return
+        try:
+            model = Model.from_dict(obj)
+        except ModelValidationError as exc:
+            await self._invalid(obj, "InvalidSpec", str(exc))
+            return
+        obj, cache = await self._cache(model, obj)
+        if cache is not None and not cache.ready:
+            return
+        listed = await self.api.list_pods(namespace, label_selector=model_pod_selector(name))
+        pods = listed.get("items") or []
+        try:
+            plan = plan_pods(model, self.config, pods, owner_uid=obj["metadata"].get("uid", ""))
+        except PodSpecError as exc:
+            await self._invalid(obj, "PodSpecError", str(exc))
+            return
+        await ensure_files(self.api, model, plan.config_map, _owner(obj))
+        created = await apply_plan(self.api, model, plan)
+        after = pods_after(pods, plan, created)
+        conditions = [condition(VALID, True, "Valid", generation=_generation(obj))]
+        if cache is not None:
+            conditions.append(cache.condition(_generation(obj)))
+        await write_status(self.api, obj, replica_status(after), conditions)
+        context = ReconcileContext(self.api, model, obj, after)
+        for hook in self.hooks:
+            await hook(context)
+
+    async def _invalid(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        """A Model that cannot be planned is left until it changes; the reason goes to its status."""
+        meta = obj["metadata"]
+        log.warning("model %s/%s: not reconciled: %s", meta["namespace"], meta["name"], message)
+        await write_status(self.api, obj, conditions=[
+            condition(VALID, False, reason, message, _generation(obj))])
+
+    async def _cache(self, model: Model, obj: dict[str, Any]
+                     ) -> tuple[dict[str, Any], CacheState | None]:
+        """One step of the Model's cache (no-op without a cacheProfile). While it is not ready no
+        Pod is planned: the status says why, and the key comes back after a growing delay (a
+        loader Job's completion brings it back sooner, through the Job informer)."""
+        if not model.spec.cache_profile:
+            return obj, None
+        key = (model.namespace, model.name)
+        state = await ensure_cache(self.api, obj, self.config)
+        obj = await self.api.get_model(*key) or obj  # ensure_cache patches finalizers and status
+        if state.ready:
+            self._cache_waits.pop(key, None)
+            return obj, state
+        await write_status(self.api, obj, conditions=[
+            condition(VALID, True, "Valid", generation=_generation(obj)), state.condition(_generation(obj))])
+        self._wait_for_cache(key)
+        return obj, state
+
+    def _wait_for_cache(self, key: Key) -> None:
+        waits = self._cache_waits[key] = self._cache_waits.get(key, 0) + 1
+        self.queue.add_after(key, self.cache_backoff.delay(waits))
+
+    async def _finalize(self, obj: dict[str, Any]) -> None:
+        """A deleted Model holding the cache finalizer: stop its Pods (they mount the files about
+        to be evicted), then run the eviction until `ensure_cache` drops the finalizer."""
+        meta = obj["metadata"]
+        if CACHE_FINALIZER not in (meta.get("finalizers") or ()):
+            return  # Pods go with their owner (garbage collection)
+        namespace, name = meta["namespace"], meta["name"]
+        listed = await self.api.list_pods(namespace, label_selector=model_pod_selector(name))
+        await asyncio.gather(*(self.api.delete_pod(namespace, p["metadata"]["name"], p["metadata"].get("uid"))
+                               for p in listed.get("items") or () if not p["metadata"].get("deletionTimestamp")))
+        try:
+            state = await ensure_cache(self.api, obj, self.config)
+        except ModelValidationError as exc:
+            log.warning("model %s/%s: cannot evict its cache: %s", namespace, name, exc)
+            return
+        if not state.finalized:
+            self._wait_for_cache((namespace, name))
+
+
+def _generation(obj: dict[str, Any]) -> int | None:
+    return (obj.get("metadata") or {}).get("generation")
+
+
+def _owner(obj: dict[str, Any]) -> dict[str, Any] | None:
+    meta = obj.get("metadata") or {}
+    return owner_reference(meta["name"], meta["uid"]) if meta.get("uid") else None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"API error {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"

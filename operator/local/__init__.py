@@ -1,0 +1,1 @@
+"""The local runtime: Models become model-server processes on this machine (`kvgate up`)."""
