@@ -65,6 +65,7 @@ class Balancer:
         self._config = config
         self._metrics = metrics
         self._stale_after = engine_stale_after
+        self._turn = 0  # LeastQueue's tie-break rotation
         self._waiting: dict[str, int] = {}
         self._scaling: dict[str, asyncio.Task[None]] = {}
 
@@ -167,7 +168,9 @@ class Balancer:
         if strategy == "Random":
             return group.ring.pick_random(adapter, exclude)
         if strategy == "LeastQueue" and group.engine:
-            return _least_queue(group, adapter, exclude, time.monotonic() - self._stale_after)
+            self._turn += 1
+            return _least_queue(group, adapter, exclude, time.monotonic() - self._stale_after,
+                                self._turn)
         return group.ring.pick_least_load(adapter, exclude)
 
 
@@ -176,15 +179,15 @@ KV_FULL_AS_QUEUED = 4.0
 
 
 def _least_queue(group: EndpointGroup, adapter: str, exclude: list[str] | tuple[()],
-                 fresh_after: float) -> str | None:
+                 fresh_after: float, turn: int) -> str | None:
     """LeastQueue: the fewest of (this gateway's in-flight requests + the engine's waiting
     queue + its KV usage as queued requests). The in-flight part is live, so requests between
     two scrapes do not all herd to the replica that looked emptiest; the engine's part sees
     load this gateway did not send. A replica without a fresh reading counts in-flight only.
-    Ties go round-robin (the ring's cursor-free order rotates with the total)."""
+    Ties go round-robin: the scan starts one replica further on each pick."""
     ring, readings = group.ring, group.engine
     keys = list(group.endpoints)
-    start = ring.total % len(keys) if keys else 0
+    start = turn % len(keys) if keys else 0
     best, best_score = None, 0.0
     for key in keys[start:] + keys[:start]:
         if key in exclude or (adapter and adapter not in group.endpoints[key].adapters):

@@ -191,6 +191,7 @@ class Backend:
         self.scrapes = 0  # GET /metrics (the gateway's engine scraper), not counted in calls
         self.engine_waiting = 0
         self.engine_kv = 0.0
+        self.engine_metrics_broken = False
         self._attempts = attempts
         self._fail_next: collections.deque[int] = collections.deque()
         self._gate: asyncio.Event | None = None
@@ -315,6 +316,8 @@ class Backend:
         this server holds; waiting and KV usage are what a test says (``engine_waiting``,
         ``engine_kv``)."""
         self.scrapes += 1
+        if self.engine_metrics_broken:
+            return web.Response(status=500, text="metrics broke")
         labels = '{engine="0",model_name="test"}'
         text = (f"# TYPE vllm:num_requests_running gauge\n"
                 f"vllm:num_requests_running{labels} {self.in_flight}\n"
