@@ -639,13 +639,18 @@ def _exposed_metric_names() -> set[str]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
+    from lb.engine_metrics import EngineMetricsConfig, EngineReading, EngineScraper
     from lb.metrics import GatewayMetrics
     from lb.registry import Endpoint, Registry
 
     metrics = GatewayMetrics()
     registry = Registry()
     metrics.watch_rings(registry.groups)
+    scraper = EngineScraper(registry, EngineMetricsConfig(), clock=lambda: 0.0)
+    metrics.watch_engines(registry.groups, scraper)
     registry.group("m").update([Endpoint("ns/p", "10.0.0.1:8000", frozenset())])
+    registry.group("m").engine["ns/p"] = EngineReading(1, 2, 0.5, 10, 20, 0.5, read_at=0.0)
+    scraper.failures["m"] = 1
     metrics.active_gauge("m").inc()
     metrics.finished("m", "chat", 200, 0.2)
     metrics.first_byte_after("m", "chat", 0.05)
