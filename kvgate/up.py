@@ -193,6 +193,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _replica_notes(replica: dict[str, Any]) -> str:
+    notes = ""
+    if replica["adapters"]:
+        notes += f" adapters={','.join(replica['adapters'])}"
+    engine = replica.get("engine")
+    if engine:
+        notes += f" queue {engine['waiting']:g} kv {engine['kvUsage']:.0%}"
+    if replica.get("ejectedSeconds") is not None:
+        notes += f" EJECTED ({replica['ejectedSeconds']:g}s left)"
+    return notes
+
+
 def format_status(status: dict[str, Any]) -> str:
     lines = [f"kvgate up (pid {status['pid']}): {status['baseUrl']}",
              f"models file: {status['modelsFile']}"]
@@ -206,7 +218,6 @@ def format_status(status: dict[str, Any]) -> str:
                      f"{str(m['ready']) + '/' + str(m['desired']):>7} {m['inFlight']:>9} "
                      f"{m['waiting']:>7}  {adapters}")
         for r in m["replicas"]:
-            loaded = f" adapters={','.join(r['adapters'])}" if r["adapters"] else ""
             lines.append(f"  {r['name']:<22} {r['state']:<9} {r['address']:<21} pid {r['pid']} "
-                         f"in-flight {r['inFlight']}{loaded}")
+                         f"in-flight {r['inFlight']}{_replica_notes(r)}")
     return "\n".join(lines)

@@ -248,3 +248,32 @@ def test_help_and_status_without_a_running_up(tmp_path: Path) -> None:
     assert "kvgate up" in kvgate("--help").stdout or "up" in kvgate("--help").stdout
     result = kvgate("status", "--state-dir", str(tmp_path))
     assert result.returncode == 1 and "no `kvgate up` is running" in result.stderr
+
+
+def test_status_shows_what_each_replica_reports_of_its_own_load(up: UpProcess) -> None:
+    """The gateway scrapes the simulated vLLM replicas' /metrics; `kvgate status` shows it."""
+    def readings() -> list:
+        status = json.loads(kvgate("status", "--state-dir", str(up.state_dir), "--json").stdout)
+        chat = next(m for m in status["models"] if m["name"] == "chat")
+        return [r["engine"] for r in chat["replicas"]]
+
+    wait_for(lambda: all(readings()), 15, "engine readings in the status file")
+    for reading in readings():
+        assert reading["waiting"] >= 0 and 0 <= reading["kvUsage"] <= 1
+        assert reading["ageSeconds"] < 10
+    text = kvgate("status", "--state-dir", str(up.state_dir)).stdout
+    assert text.count(" queue ") >= 2 and " kv " in text
+    assert "EJECTED" not in text
+
+
+def test_status_marks_an_ejected_replica() -> None:
+    from kvgate.up import format_status
+
+    replica = {"name": "chat-1", "state": "ready", "address": "127.0.0.1:9", "pid": 7,
+               "inFlight": 0, "adapters": [], "ejectedSeconds": 4.5,
+               "engine": {"waiting": 3.0, "running": 1.0, "kvUsage": 0.5, "ageSeconds": 0.2}}
+    status = {"pid": 1, "baseUrl": "http://x/v1", "modelsFile": "m.yaml", "models": [
+        {"name": "chat", "engine": "Sim", "strategy": "LeastQueue", "ready": 1, "desired": 1,
+         "inFlight": 0, "waiting": 0, "adapters": [], "replicas": [replica]}]}
+    line = format_status(status).splitlines()[-1]
+    assert line.endswith("in-flight 0 queue 3 kv 50% EJECTED (4.5s left)")

@@ -204,13 +204,16 @@ class Supervisor:
         }
 
     def _model_status(self, model: Model) -> dict[str, Any]:
-        ring = self.runtime.registry.group(model.name).ring
+        group = self.runtime.registry.group(model.name)
+        ring, now = group.ring, time.monotonic()
+        ejected = group.outliers.current() if group.outliers is not None else {}
         replicas = []
         for r in self.runtime.replicas(model.name):
             inflight = ring.load(r.key) if r.key in ring else 0
             replicas.append({"name": r.name, "pid": r.pid, "address": r.address, "state": r.state,
                              "ready": r.ready, "adapters": sorted(r.adapters), "inFlight": inflight,
-                             "log": r.log})
+                             "ejectedSeconds": round(ejected[r.key] - now, 1) if r.key in ejected else None,
+                             "engine": _engine_status(group.engine.get(r.key), now), "log": r.log})
         return {
             "name": model.name, "engine": model.spec.engine, "features": list(model.spec.features),
             "strategy": model.spec.load_balancing.strategy,
@@ -222,6 +225,14 @@ class Supervisor:
             "waiting": self.gateway.waiting(model.name),
             "replicas": replicas,
         }
+
+
+def _engine_status(reading: Any, now: float) -> dict[str, float] | None:
+    """The replica's own load as the gateway last scraped it, with the reading's age."""
+    if reading is None:
+        return None
+    return {"waiting": reading.waiting, "running": reading.running,
+            "kvUsage": round(reading.kv_usage, 3), "ageSeconds": round(now - reading.read_at, 1)}
 
 
 def _loopback(host: str) -> str:
