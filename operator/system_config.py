@@ -16,8 +16,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Mapping
 
-from lb.config import ConfigError, _build, _camel, read_yaml_config
+from lb.config import ConfigError
 from lb.model import ENGINES
+from lb.schema import decode_object, fields_of, read_yaml
 
 DEFAULT_IMAGE_KEY = "default"
 Quantity = str | int | float  # Kubernetes resource quantity as YAML gives it: "24Gi", 1, 0.5
@@ -210,12 +211,12 @@ DEFAULT_RESOURCE_PROFILES: dict[str, ResourceProfile] = {
 
 def load_system_config(path: str | Path | None) -> SystemConfig:
     """Read a YAML system config; None gives the defaults."""
-    return system_config_from_dict({}) if path is None else read_yaml_config(path, system_config_from_dict)
+    return system_config_from_dict({}) if path is None else read_yaml(path, system_config_from_dict)
 
 
 def system_config_from_dict(data: Any) -> SystemConfig:
     """Build, merge over the defaults and validate; ConfigError names the first bad key."""
-    config = _build(SystemConfig, data, "")
+    config = decode_object(SystemConfig, data)
     config = dataclasses.replace(
         config,
         model_servers=_merge_servers(config.model_servers),
@@ -265,13 +266,13 @@ def _validate(config: SystemConfig) -> None:
         _validate_cache(name, cache)
     _validate_pods(config.model_server_pods)
     if config.model_rollouts.surge < 1:
-        raise ConfigError("modelRollouts.surge: must be >= 1 (a rollout without surge drops capacity)")
+        raise ConfigError("modelRollouts.surge", "must be >= 1 (a rollout without surge drops capacity)")
     _validate_autoscaling(config.model_autoscaling)
     if not config.model_loading.image:
-        raise ConfigError("modelLoading.image: must not be empty")
-    for f in dataclasses.fields(SecretNames):
-        if not getattr(config.secret_names, f.name):
-            raise ConfigError(f"secretNames.{_camel(f.name)}: must not be empty")
+        raise ConfigError("modelLoading.image", "must not be empty")
+    for spec in fields_of(SecretNames):
+        if not getattr(config.secret_names, spec.name):
+            raise ConfigError(("secretNames", spec.key), "must not be empty")
 
 
 def _validate_autoscaling(autoscaling: ModelAutoscaling) -> None:
@@ -279,62 +280,62 @@ def _validate_autoscaling(autoscaling: ModelAutoscaling) -> None:
         try:
             seconds = parse_duration(value)
         except ValueError as exc:
-            raise ConfigError(f"modelAutoscaling.{key}: {exc}") from None
+            raise ConfigError(("modelAutoscaling", key), str(exc)) from None
         if seconds <= 0:
-            raise ConfigError(f"modelAutoscaling.{key}: must be > 0, got {value!r}")
+            raise ConfigError(("modelAutoscaling", key), f"must be > 0, got {value!r}")
     if autoscaling.time_window_seconds < autoscaling.interval_seconds:
-        raise ConfigError("modelAutoscaling.timeWindow: must be >= interval")
+        raise ConfigError("modelAutoscaling.timeWindow", "must be >= interval")
     if not autoscaling.state_config_map_name:
-        raise ConfigError("modelAutoscaling.stateConfigMapName: must not be empty")
+        raise ConfigError("modelAutoscaling.stateConfigMapName", "must not be empty")
 
 
 def _validate_servers(servers: Mapping[str, ModelServer]) -> None:
     for engine, server in servers.items():
-        where = f"modelServers.{engine}"
+        where = ("modelServers", engine)
         if engine not in ENGINES:
-            raise ConfigError(f"{where}: unknown engine (known: {', '.join(ENGINES)})")
+            raise ConfigError(where, f"unknown engine (known: {', '.join(ENGINES)})")
         if not server.images.get(DEFAULT_IMAGE_KEY):
-            raise ConfigError(f"{where}.images.{DEFAULT_IMAGE_KEY}: required, the fallback image")
+            raise ConfigError(where + ("images", DEFAULT_IMAGE_KEY), "required, the fallback image")
         for key, image in server.images.items():
             if not image or any(c.isspace() for c in image):
-                raise ConfigError(f"{where}.images.{key}: not an image reference: {image!r}")
+                raise ConfigError(where + ("images", key), f"not an image reference: {image!r}")
 
 
 def _validate_profile(name: str, profile: ResourceProfile) -> None:
-    where = f"resourceProfiles.{name}"
+    where = ("resourceProfiles", name)
     if not name or ":" in name:
-        raise ConfigError(f"{where}: profile names cannot be empty or contain ':'")
+        raise ConfigError(where, "profile names cannot be empty or contain ':'")
     for kind in ("requests", "limits"):
         for resource, quantity in getattr(profile, kind).items():
             try:
                 parse_quantity(quantity)
             except ValueError as exc:
-                raise ConfigError(f"{where}.{kind}.{resource}: {exc}") from None
+                raise ConfigError(where + (kind, resource), str(exc)) from None
     for i, toleration in enumerate(profile.tolerations):
         if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
-            raise ConfigError(f"{where}.tolerations[{i}].operator: must be Equal or Exists")
+            raise ConfigError(where + ("tolerations", i, "operator"), "must be Equal or Exists")
 
 
 def _validate_cache(name: str, cache: CacheProfile) -> None:
-    where = f"cacheProfiles.{name}"
+    where = ("cacheProfiles", name, "sharedFilesystem")
     fs = cache.shared_filesystem
     if fs is None:
-        raise ConfigError(f"{where}.sharedFilesystem: required (the only cache kind)")
+        raise ConfigError(where, "required (the only cache kind)")
     if bool(fs.storage_class_name) == bool(fs.persistent_volume_name):
-        raise ConfigError(f"{where}.sharedFilesystem: set exactly one of storageClassName, persistentVolumeName")
+        raise ConfigError(where, "set exactly one of storageClassName, persistentVolumeName")
 
 
 def _validate_pods(pods: ModelServerPods) -> None:
     for i, patch in enumerate(pods.json_patches):
-        where = f"modelServerPods.jsonPatches[{i}]"
+        where = ("modelServerPods", "jsonPatches", i)
         if patch.get("op") not in _PATCH_OPS:
-            raise ConfigError(f"{where}.op: must be one of {', '.join(sorted(_PATCH_OPS))}")
+            raise ConfigError(where + ("op",), f"must be one of {', '.join(sorted(_PATCH_OPS))}")
         if not isinstance(patch.get("path"), str) or not (patch["path"] == "" or patch["path"].startswith("/")):
-            raise ConfigError(f"{where}.path: must be a JSON pointer starting with '/'")
+            raise ConfigError(where + ("path",), "must be a JSON pointer starting with '/'")
         if patch["op"] in ("add", "replace", "test") and "value" not in patch:
-            raise ConfigError(f"{where}.value: required for op {patch['op']}")
+            raise ConfigError(where + ("value",), f"required for op {patch['op']}")
         if patch["op"] in ("move", "copy") and not isinstance(patch.get("from"), str):
-            raise ConfigError(f"{where}.from: required for op {patch['op']}")
+            raise ConfigError(where + ("from",), f"required for op {patch['op']}")
     for i, secret in enumerate(pods.image_pull_secrets):
         if not secret.get("name"):
-            raise ConfigError(f"modelServerPods.imagePullSecrets[{i}].name: required")
+            raise ConfigError(("modelServerPods", "imagePullSecrets", i, "name"), "required")

@@ -49,7 +49,7 @@ def test_several_documents_and_empty_ones() -> None:
 @pytest.mark.parametrize("text, where", [
     (doc("a") + "---\n" + doc("a"), "f.yaml:14: metadata.name: model a is defined twice (first at line 4)"),
     (doc().replace("engine: Sim", "engine: Sims"), "f.yaml:7: model m: spec.engine"),
-    (doc().replace('args: ["--flag"]', "replicaz: 2"), "f.yaml:9: model m: spec.replicaz: unknown field"),
+    (doc().replace('args: ["--flag"]', "replicaz: 2"), "f.yaml:9: model m: spec.replicaz: unknown key"),
     (doc().replace("url: hf://org/repo", "url: ftp://x"), "f.yaml:6: model m: spec.url"),
     (doc().replace("kind: Model", "kind: Pod"), "f.yaml:2: model m: kind"),
     ("a: b: c\n", "f.yaml:1: not valid YAML"),
