@@ -44,7 +44,7 @@ class RetryConfig:
     max_retries: int = setting(3, doc="Further attempts on other replicas after a failed one.", minimum=0, maximum=20)
     retry_statuses: tuple[int, ...] = setting(
         (500, 502, 503, 504), doc="Upstream statuses retried before the first byte reaches the client (5xx only).",
-        json={"items": {"minimum": 500, "maximum": 599}, "uniqueItems": True})
+        json={"items": {"type": "integer", "minimum": 500, "maximum": 599}, "uniqueItems": True})
 
 
 @dataclass(frozen=True, slots=True)

@@ -279,6 +279,8 @@ def check_bounds(meta: Meta, value: Any, path: str | Path_) -> None:
         (meta.max_items, lambda m: len(value) <= m, "must have at most {} items"),
         (meta.pattern, lambda p: re.fullmatch(p, value) is not None, "must match {}"),
     )
+    if meta.min_length == 1 and not value:
+        raise SchemaError(path, "must not be empty")
     for bound, ok, message in checks:
         if bound is not None and not ok(bound):
             got = len(value) if message.startswith(("must be at", "must have")) else show(value)

@@ -11,82 +11,124 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Mapping
 
 from lb.config import ConfigError
 from lb.model import ENGINES
-from lb.schema import decode_object, fields_of, read_yaml
+from lb.schema import decode_object, read_yaml, setting
 
 DEFAULT_IMAGE_KEY = "default"
 Quantity = str | int | float  # Kubernetes resource quantity as YAML gives it: "24Gi", 1, 0.5
+
+# What the chart's values schema says of shapes Python checks with its own code (parse_quantity,
+# parse_duration, _validate_pods, ...): the Kubernetes objects and string formats inside the config.
+_DNS_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_IMAGE = r"^[^\s]*$"
+_QUANTITY_JSON = {"oneOf": [
+    {"type": "string", "pattern": r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?$"},
+    {"type": "number", "minimum": 0},
+]}
+_DURATION_JSON = [{"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"},
+                  {"type": "number", "exclusiveMinimum": 0}]
+_TOLERATION_JSON = {"type": "object", "additionalProperties": False, "properties": {
+    "key": {"type": "string"},
+    "operator": {"type": "string", "enum": ["Equal", "Exists"]},
+    "value": {"type": "string"},
+    "effect": {"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute", ""]},
+    "tolerationSeconds": {"type": "integer"},
+}}
+_JSON_PATCH_JSON = {"type": "object", "additionalProperties": False, "required": ["op", "path"], "properties": {
+    "op": {"type": "string", "enum": ["add", "remove", "replace", "move", "copy", "test"]},
+    "path": {"type": "string", "pattern": "^(/.*)?$"},
+    "from": {"type": "string"},
+    "value": {},
+}}
+_NAME_REF_JSON = {"type": "object", "additionalProperties": False, "required": ["name"],
+                  "properties": {"name": {"type": "string", "minLength": 1}}}
 
 
 @dataclass(frozen=True, slots=True)
 class ModelServer:
     """Images of one engine, keyed by a resource profile's `imageName` ("default" is the fallback)."""
 
-    images: dict[str, str] = field(default_factory=dict)
+    images: dict[str, str] = setting(
+        factory=dict, doc="Images keyed by a resource profile's imageName; 'default' is the fallback.",
+        json={"additionalProperties": {"type": "string", "pattern": _IMAGE}})
 
 
 @dataclass(frozen=True, slots=True)
 class ResourceProfile:
     """Per-replica resources for one unit of an accelerator; a Model's "name:count" multiplies them."""
 
-    image_name: str = ""
-    requests: dict[str, Quantity] = field(default_factory=dict)
-    limits: dict[str, Quantity] = field(default_factory=dict)
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: tuple[dict[str, Any], ...] = ()
-    affinity: dict[str, Any] | None = None
-    runtime_class_name: str = ""
-    scheduler_name: str = ""
+    image_name: str = setting("", doc="Which of an engine's images this profile runs (modelServers.*.images).")
+    requests: dict[str, Quantity] = setting(factory=dict, doc="Resource requests per unit.",
+                                            json={"additionalProperties": _QUANTITY_JSON})
+    limits: dict[str, Quantity] = setting(factory=dict, doc="Resource limits per unit.",
+                                          json={"additionalProperties": _QUANTITY_JSON})
+    node_selector: dict[str, str] = setting(factory=dict, doc="Node labels the model Pods require.")
+    tolerations: tuple[dict[str, Any], ...] = setting((), doc="Tolerations of the model Pods.",
+                                                      json={"items": _TOLERATION_JSON})
+    affinity: dict[str, Any] | None = setting(None, doc="Affinity of the model Pods (Kubernetes Affinity).")
+    runtime_class_name: str = setting("", doc="RuntimeClass of the model Pods.")
+    scheduler_name: str = setting("", doc="Scheduler of the model Pods.")
 
 
 @dataclass(frozen=True, slots=True)
 class SharedFilesystem:
     """A ReadWriteMany volume holding downloaded models: from a StorageClass or a pre-made PersistentVolume."""
 
-    storage_class_name: str = ""
-    persistent_volume_name: str = ""
+    storage_class_name: str = setting("", doc="StorageClass of a ReadWriteMany volume created for the cache.")
+    persistent_volume_name: str = setting("", doc="A pre-made PersistentVolume to use instead.")
 
 
 @dataclass(frozen=True, slots=True)
 class CacheProfile:
-    shared_filesystem: SharedFilesystem | None = None
+    shared_filesystem: SharedFilesystem = setting(
+        doc="Exactly one of storageClassName (ReadWriteMany) or persistentVolumeName.",
+        json={"oneOf": [{"required": [a], "not": {"required": [b]}} for a, b in
+                        (("storageClassName", "persistentVolumeName"), ("persistentVolumeName", "storageClassName"))]})
 
 
 @dataclass(frozen=True, slots=True)
 class ModelServerPods:
     """Settings every model Pod gets, whatever its engine (clusters differ: OpenShift, private registries)."""
 
-    pod_security_context: dict[str, Any] | None = None
-    security_context: dict[str, Any] | None = None  # of the server container
-    json_patches: tuple[dict[str, Any], ...] = ()  # RFC 6902, applied to the finished Pod
-    image_pull_secrets: tuple[dict[str, str], ...] = ()
-    service_account_name: str = ""
+    pod_security_context: dict[str, Any] | None = setting(None, doc="securityContext of the model Pods.")
+    security_context: dict[str, Any] | None = setting(None, doc="securityContext of the server container.")
+    json_patches: tuple[dict[str, Any], ...] = setting(
+        (), doc="RFC 6902 patches applied to the finished Pod.", json={"items": _JSON_PATCH_JSON})
+    image_pull_secrets: tuple[dict[str, str], ...] = setting(
+        (), doc="Pull secrets of the model Pods.", json={"items": _NAME_REF_JSON})
+    service_account_name: str = setting("", doc="ServiceAccount of the model Pods.")
 
 
 @dataclass(frozen=True, slots=True)
 class ModelLoading:
-    image: str = "ghcr.io/kvgate/kvgate-model-loader:0.1.0"
+    image: str = setting("ghcr.io/kvgate/kvgate-model-loader:0.1.0", doc="Image of the cache-loading Job.",
+                         pattern=_IMAGE)
+
+
+def _secret_name(default: str) -> Any:
+    return setting(default, doc="Secret name (optional in the Pod).", min_length=1, pattern=f"^{_DNS_NAME}$")
 
 
 @dataclass(frozen=True, slots=True)
 class SecretNames:
     """Secrets model Pods read credentials from; all optional in the Pod, so a missing one is not fatal."""
 
-    huggingface: str = "kvgate-huggingface"
-    aws: str = "kvgate-aws"
-    gcp: str = "kvgate-gcp"
-    alibaba: str = "kvgate-alibaba"
+    huggingface: str = _secret_name("kvgate-huggingface")
+    aws: str = _secret_name("kvgate-aws")
+    gcp: str = _secret_name("kvgate-gcp")
+    alibaba: str = _secret_name("kvgate-alibaba")
 
 
 @dataclass(frozen=True, slots=True)
 class ModelRollouts:
-    surge: int = 1  # extra Pods during a rollout; >= 1 is what keeps capacity up while replacing
+    surge: int = setting(1, doc="Extra Pods during a rollout; at least 1, which keeps capacity up while "
+                         "replacing.", minimum=1)
 
 
 Duration = str | int | float  # "10s", "10m", "1m30s", "500ms" (Go style, as KubeAI's config) or seconds
@@ -116,10 +158,13 @@ class ModelAutoscaling:
     (`vllm:num_requests_waiting`) to the signal, for traffic queued beyond what the gateways see.
     """
 
-    interval: Duration = "10s"
-    time_window: Duration = "10m"
-    state_config_map_name: str = "kvgate-autoscaler-state"
-    include_engine_waiting: bool = False
+    interval: Duration = setting("10s", doc="How often active requests are read (Go-style duration or seconds).",
+                                 json={"anyOf": _DURATION_JSON})
+    time_window: Duration = setting("10m", doc="Window of the moving average that drives replicas.",
+                                    json={"anyOf": _DURATION_JSON})
+    state_config_map_name: str = setting("kvgate-autoscaler-state", doc="ConfigMap keeping the averages across "
+                                         "restarts.", max_length=253, pattern=f"^({_DNS_NAME})?$")
+    include_engine_waiting: bool = setting(False, doc="Add the model servers' own queue to the signal.")
 
     @property
     def interval_seconds(self) -> float:
@@ -132,16 +177,22 @@ class ModelAutoscaling:
 
 @dataclass(frozen=True, slots=True)
 class SystemConfig:
-    model_servers: dict[str, ModelServer] = field(default_factory=dict)
-    resource_profiles: dict[str, ResourceProfile] = field(default_factory=dict)
-    cache_profiles: dict[str, CacheProfile] = field(default_factory=dict)
-    model_server_pods: ModelServerPods = field(default_factory=ModelServerPods)
-    model_loading: ModelLoading = field(default_factory=ModelLoading)
-    secret_names: SecretNames = field(default_factory=SecretNames)
-    model_rollouts: ModelRollouts = field(default_factory=ModelRollouts)
-    model_autoscaling: ModelAutoscaling = field(default_factory=ModelAutoscaling)
-    # KubeAI's test hook: a Model annotation may redirect traffic to another address.
-    allow_pod_address_override: bool = False
+    model_servers: dict[str, ModelServer] = setting(
+        factory=dict, doc="Images per engine, merged over the built-in ones.",
+        json={"propertyNames": {"enum": list(ENGINES)}})
+    resource_profiles: dict[str, ResourceProfile] = setting(
+        factory=dict, doc="Resources per replica, by name; merged over the built-in profiles.",
+        json={"propertyNames": {"pattern": "^[^:]+$", "minLength": 1}})
+    cache_profiles: dict[str, CacheProfile] = setting(
+        factory=dict, doc="Where cacheProfile Models keep their files, by name.",
+        json={"propertyNames": {"pattern": f"^{_DNS_NAME}$", "maxLength": 40}})
+    model_server_pods: ModelServerPods = setting(factory=ModelServerPods, doc="Settings every model Pod gets.")
+    model_loading: ModelLoading = setting(factory=ModelLoading, doc="The Job that fills a cache profile.")
+    secret_names: SecretNames = setting(factory=SecretNames, doc="Secrets model Pods read credentials from.")
+    model_rollouts: ModelRollouts = setting(factory=ModelRollouts, doc="How a Model's Pods are replaced.")
+    model_autoscaling: ModelAutoscaling = setting(factory=ModelAutoscaling, doc="The autoscaler's cadence.")
+    allow_pod_address_override: bool = setting(
+        False, doc="KubeAI's test hook: a Model annotation may redirect traffic to another address.")
 
     def image_for(self, engine: str, image_name: str) -> str:
         """The engine's image for a profile's imageName, falling back to its "default" like KubeAI."""
@@ -265,14 +316,9 @@ def _validate(config: SystemConfig) -> None:
     for name, cache in config.cache_profiles.items():
         _validate_cache(name, cache)
     _validate_pods(config.model_server_pods)
-    if config.model_rollouts.surge < 1:
-        raise ConfigError("modelRollouts.surge", "must be >= 1 (a rollout without surge drops capacity)")
     _validate_autoscaling(config.model_autoscaling)
     if not config.model_loading.image:
         raise ConfigError("modelLoading.image", "must not be empty")
-    for spec in fields_of(SecretNames):
-        if not getattr(config.secret_names, spec.name):
-            raise ConfigError(("secretNames", spec.key), "must not be empty")
 
 
 def _validate_autoscaling(autoscaling: ModelAutoscaling) -> None:
@@ -319,8 +365,6 @@ def _validate_profile(name: str, profile: ResourceProfile) -> None:
 def _validate_cache(name: str, cache: CacheProfile) -> None:
     where = ("cacheProfiles", name, "sharedFilesystem")
     fs = cache.shared_filesystem
-    if fs is None:
-        raise ConfigError(where, "required (the only cache kind)")
     if bool(fs.storage_class_name) == bool(fs.persistent_volume_name):
         raise ConfigError(where, "set exactly one of storageClassName, persistentVolumeName")
 
