@@ -206,7 +206,7 @@ def _strip_optional(tp: Any) -> Any:
 
 
 def _check_value(tp: Any, meta: _Meta, value: Any, path: str) -> None:
-    """The checks decoding does not do for a directly constructed value, then the Model's own rules."""
+    """One field's checks, on every construction (decoded or built in code): enum, bounds, list keys, rules."""
     tp = _strip_optional(tp)
     if get_origin(tp) is Literal and value not in get_args(tp):
         raise ModelValidationError(path, f"must be one of {', '.join(get_args(tp))}, got {value!r}")

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, TypeVar, Union, ge
 import yaml
 
 T = TypeVar("T")
-Path_ = tuple[str | int, ...]  # a location in the data: mapping keys and list indexes
+KeyPath = tuple[str | int, ...]  # a location in the data: mapping keys and list indexes
 
 META_KEY = "kvgate"
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -34,9 +34,9 @@ _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 class SchemaError(ValueError):
     """Data that does not fit its schema, located by key path and, when known, file and line."""
 
-    def __init__(self, path: str | Path_, message: str, *, file: str | None = None,
+    def __init__(self, path: str | KeyPath, message: str, *, file: str | None = None,
                  line: int | None = None, subject: str = "") -> None:
-        self.path: Path_ = parse_path(path) if isinstance(path, str) else tuple(path)
+        self.path: KeyPath = parse_path(path) if isinstance(path, str) else tuple(path)
         self.message = message
         self.file = file
         self.line = line
@@ -52,7 +52,7 @@ class SchemaError(ValueError):
         """The dotted key path, list indexes in brackets: `spec.adapters[0].name`."""
         return format_path(self.path)
 
-    def under(self, parent: str | Path_) -> SchemaError:
+    def under(self, parent: str | KeyPath) -> SchemaError:
         """The same error seen from a container of the data (its path prefixed)."""
         prefix = parse_path(parent) if isinstance(parent, str) else tuple(parent)
         return self._copy(path=prefix + self.path)
@@ -67,12 +67,12 @@ class SchemaError(ValueError):
         return type(self)(path, self.message, **kwargs)
 
 
-def parse_path(text: str) -> Path_:
+def parse_path(text: str) -> KeyPath:
     """`a.b[0].c` -> ("a", "b", 0, "c"); keys containing dots need the tuple form instead."""
     return tuple(int(index) if index else key for key, index in _TOKEN.findall(text))
 
 
-def format_path(path: Path_) -> str:
+def format_path(path: KeyPath) -> str:
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -153,17 +153,17 @@ def show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def expected(kind: Any, value: Any, path: Path_) -> SchemaError:
+def expected(kind: Any, value: Any, path: KeyPath) -> SchemaError:
     name = _NAMES.get(kind) or getattr(kind, "__name__", str(kind))
     return SchemaError(path, f"expected {name}, got {show(value)}")
 
 
-def decode(tp: Any, data: Any, path: str | Path_ = ()) -> Any:
+def decode(tp: Any, data: Any, path: str | KeyPath = ()) -> Any:
     """Build a value of type `tp` from plain data (what YAML or JSON gives); SchemaError otherwise."""
     return _decode(tp, data, parse_path(path) if isinstance(path, str) else tuple(path))
 
 
-def _decode(tp: Any, value: Any, path: Path_) -> Any:
+def _decode(tp: Any, value: Any, path: KeyPath) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
         return value  # passed through as given (e.g. Kubernetes objects inside a config)
@@ -186,7 +186,7 @@ def _decode(tp: Any, value: Any, path: Path_) -> Any:
     return _decode_scalar(tp, value, path)
 
 
-def _decode_scalar(tp: type, value: Any, path: Path_) -> Any:
+def _decode_scalar(tp: type, value: Any, path: KeyPath) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
@@ -194,7 +194,7 @@ def _decode_scalar(tp: type, value: Any, path: Path_) -> Any:
     return value
 
 
-def _decode_enum(tp: type[enum.Enum], value: Any, path: Path_) -> Any:
+def _decode_enum(tp: type[enum.Enum], value: Any, path: KeyPath) -> Any:
     try:
         return tp(value)
     except ValueError:
@@ -202,13 +202,13 @@ def _decode_enum(tp: type[enum.Enum], value: Any, path: Path_) -> Any:
         raise SchemaError(path, f"must be one of {known}, got {show(value)}") from None
 
 
-def _decode_list(item: Any, value: Any, path: Path_) -> list[Any]:
+def _decode_list(item: Any, value: Any, path: KeyPath) -> list[Any]:
     if not isinstance(value, (list, tuple)):
         raise expected(list, value, path)
     return [_decode(item, v, path + (i,)) for i, v in enumerate(value)]
 
 
-def _decode_dict(item: Any, value: Any, path: Path_) -> dict[str, Any]:
+def _decode_dict(item: Any, value: Any, path: KeyPath) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise expected(dict, value, path)
     out = {}
@@ -219,7 +219,7 @@ def _decode_dict(item: Any, value: Any, path: Path_) -> dict[str, Any]:
     return out
 
 
-def _decode_union(args: tuple[Any, ...], value: Any, path: Path_) -> Any:
+def _decode_union(args: tuple[Any, ...], value: Any, path: KeyPath) -> Any:
     """The first option the value decodes to, in declaration order (`str | int | float`)."""
     if value is None and NoneType in args:
         return None
@@ -235,7 +235,7 @@ def _decode_union(args: tuple[Any, ...], value: Any, path: Path_) -> Any:
     raise SchemaError(path, f"expected {names}, got {show(value)}")
 
 
-def decode_object(cls: type[T], data: Any, path: str | Path_ = ()) -> T:
+def decode_object(cls: type[T], data: Any, path: str | KeyPath = ()) -> T:
     """A dataclass from a mapping of its keys; a null value means the key is absent."""
     path = parse_path(path) if isinstance(path, str) else tuple(path)
     if not isinstance(data, Mapping):
@@ -266,7 +266,7 @@ def _unknown(key: str, known: list[str]) -> str:
     return f"unknown key{hint} (known: {', '.join(sorted(known))})"
 
 
-def check_bounds(meta: Meta, value: Any, path: str | Path_) -> None:
+def check_bounds(meta: Meta, value: Any, path: str | KeyPath) -> None:
     """The bounds a `Meta` states, on a decoded value (None, an unset optional, passes)."""
     if value is None:
         return
@@ -298,7 +298,7 @@ class Lines:
         self._root = root
         self._marks = marks  # id(mapping) -> {key: line}; id(list) -> [line per item]
 
-    def of(self, path: Path_) -> int | None:
+    def of(self, path: KeyPath) -> int | None:
         """The line of the deepest key on `path` that is in the document; the first key's if none."""
         node, line = self._root, self._first()
         for part in path:
