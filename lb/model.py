@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 import yaml
 
 from lb.schema import (FieldSpec, JsonSchema, Meta, SchemaError, camel, check_bounds, decode, decode_object,
-                       fields_of, setting)
+                       fields_of, load_yaml_documents, setting, unknown_key)
 
 GROUP = "kvgate.dev"
 VERSION = "v1"
@@ -502,7 +502,7 @@ class Model:
         obj = decode(dict[str, Any], obj)
         for key in obj:
             if key not in _ENVELOPE:
-                raise ModelValidationError((key,), f"unknown key (known: {', '.join(_ENVELOPE)})")
+                raise unknown_key((key,), _ENVELOPE)
         if obj.get("apiVersion") not in (API_VERSION, KUBEAI_API_VERSION):
             raise ModelValidationError(
                 "apiVersion", f"expected {API_VERSION} or {KUBEAI_API_VERSION}, got {obj.get('apiVersion')!r}"
@@ -632,8 +632,14 @@ def crd_manifest() -> dict[str, Any]:
 
 
 def _validate_stream(label: str, text: str) -> int:
+    """Check every Model in a YAML stream; a bad one is reported as `file:line: model name: key: problem`."""
     failures = 0
-    for doc in yaml.safe_load_all(text):
+    try:
+        docs = load_yaml_documents(text, label)
+    except SchemaError as err:
+        print(err, file=sys.stderr)
+        return 1
+    for doc, lines in docs:
         if not isinstance(doc, dict) or doc.get("kind") != KIND:
             continue
         try:
@@ -641,7 +647,7 @@ def _validate_stream(label: str, text: str) -> int:
         except ModelValidationError as err:
             failures += 1
             name = (doc.get("metadata") or {}).get("name", "?")
-            print(f"{label}: {name}: {err}", file=sys.stderr)
+            print(err.at(label, lines.of(err.path), f"model {name}"), file=sys.stderr)
         else:
             print(f"{label}: {model.name}: ok")
     return failures

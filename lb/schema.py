@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field
 from functools import cache
 from pathlib import Path
 from types import NoneType, UnionType
-from typing import Any, Callable, Iterator, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -244,7 +244,7 @@ def decode_object(cls: type[T], data: Any, path: str | KeyPath = ()) -> T:
     known = [spec.key for spec in specs]
     for key in data:
         if key not in known:
-            raise SchemaError(path + (str(key),), _unknown(str(key), known))
+            raise unknown_key(path + (str(key),), known)
     values = {}
     for spec in specs:
         raw = data.get(spec.key)
@@ -260,10 +260,12 @@ def decode_object(cls: type[T], data: Any, path: str | KeyPath = ()) -> T:
         raise err.under(path) from None
 
 
-def _unknown(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
+def unknown_key(path: KeyPath, known: Iterable[str]) -> SchemaError:
+    """The error for a key not in `known` (the last part of `path`), with the closest known key."""
+    known = sorted(known)
+    close = difflib.get_close_matches(str(path[-1]), known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown key{hint} (known: {', '.join(sorted(known))})"
+    return SchemaError(path, f"unknown key{hint} (known: {', '.join(known)})")
 
 
 def check_bounds(meta: Meta, value: Any, path: str | KeyPath) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from lb.config import Config, ConfigError, config_from_dict
 from lb_operator.local_config import LocalConfig, local_config_from_dict
-from lb.schema import keys_of, read_yaml
+from lb.schema import keys_of, read_yaml, unknown_key
 from lb_operator.system_config import SystemConfig, system_config_from_dict
 
 GATEWAY_KEYS = keys_of(Config)
@@ -50,8 +50,7 @@ def settings_from_dict(data: Any) -> Settings:
         raise ConfigError((), "the config must be a mapping")
     unknown = sorted(set(data) - GATEWAY_KEYS - SYSTEM_KEYS - {LOCAL_KEY})
     if unknown:
-        known = ", ".join(sorted(GATEWAY_KEYS | SYSTEM_KEYS | {LOCAL_KEY}))
-        raise ConfigError((unknown[0],), f"unknown key (known: {known})")
+        raise unknown_key((unknown[0],), GATEWAY_KEYS | SYSTEM_KEYS | {LOCAL_KEY})
     return Settings(
         gateway=config_from_dict({k: v for k, v in data.items() if k in GATEWAY_KEYS}),
         system=system_config_from_dict({k: v for k, v in data.items() if k in SYSTEM_KEYS}),
