@@ -3,7 +3,7 @@
 The dataclasses are the schema: field names give the keys (snake_case -> camelCase, one rule, a
 per-field `key` override where a name needs it), type hints give the shapes, field metadata
 (`setting(...)`) gives documentation and constraints. The same description feeds the JSON schemas
-of the chart (`json_schema`), so a field added to a dataclass shows up everywhere at once.
+of the chart (`JsonSchema`), so a field added to a dataclass shows up everywhere at once.
 
 Every problem is a `SchemaError` that names the dotted key path (`server.port`); when the data came
 from a YAML file read here, also the file and the line of that key (`config.yaml:12: server.port:
@@ -20,14 +20,15 @@ from dataclasses import MISSING, dataclass, field
 from functools import cache
 from pathlib import Path
 from types import NoneType, UnionType
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import (Any, Callable, Iterable, Iterator, Literal, Mapping, TypeVar, Union, get_args, get_origin,
+                    get_type_hints)
 
 import yaml
 
 T = TypeVar("T")
 KeyPath = tuple[str | int, ...]  # a location in the data: mapping keys and list indexes
 
-META_KEY = "kvgate"
+_META_KEY = "kvgate"
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
@@ -73,6 +74,7 @@ def parse_path(text: str) -> KeyPath:
 
 
 def format_path(path: KeyPath) -> str:
+    """("a", "b", 0, "c") -> `a.b[0].c`, the form errors show."""
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -99,13 +101,13 @@ class Meta:
     min_length: int | None = None
     max_length: int | None = None
     max_items: int | None = None
-    pattern: str | None = None  # anchored with ^...$ in the schema; fullmatch in Python
+    pattern: str | None = None  # written with ^...$: JSON schema patterns search, Python fullmatches
     json: Mapping[str, Any] = field(default_factory=dict)
 
 
 def setting(default: Any = MISSING, *, factory: Any = MISSING, meta: type[Meta] = Meta, **kwargs: Any) -> Any:
     """A dataclass field with `Meta` (or a subclass of it, given as `meta`) in its metadata."""
-    return field(default=default, default_factory=factory, metadata={META_KEY: meta(**kwargs)})
+    return field(default=default, default_factory=factory, metadata={_META_KEY: meta(**kwargs)})
 
 
 def camel(name: str) -> str:
@@ -130,7 +132,7 @@ def fields_of(cls: type) -> tuple[FieldSpec, ...]:
     hints = get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
-        meta = f.metadata.get(META_KEY) or Meta()
+        meta = f.metadata.get(_META_KEY) or Meta()
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         specs.append(FieldSpec(f.name, meta.key or camel(f.name), hints[f.name], default is MISSING, default, meta))
     return tuple(specs)
@@ -147,15 +149,15 @@ _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolea
           dict: "a mapping"}
 
 
-def show(value: Any) -> str:
+def _show(value: Any) -> str:
     """A value as an error message quotes it: repr, cut short."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def expected(kind: Any, value: Any, path: KeyPath) -> SchemaError:
+def _expected(kind: Any, value: Any, path: KeyPath) -> SchemaError:
     name = _NAMES.get(kind) or getattr(kind, "__name__", str(kind))
-    return SchemaError(path, f"expected {name}, got {show(value)}")
+    return SchemaError(path, f"expected {name}, got {_show(value)}")
 
 
 def decode(tp: Any, data: Any, path: str | KeyPath = ()) -> Any:
@@ -174,7 +176,7 @@ def _decode(tp: Any, value: Any, path: KeyPath) -> Any:
     if origin is Literal:
         _decode_scalar(type(args[0]), value, path)
         if value not in args:
-            raise SchemaError(path, f"must be one of {', '.join(map(str, args))}, got {show(value)}")
+            raise SchemaError(path, f"must be one of {', '.join(map(str, args))}, got {_show(value)}")
         return value
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return _decode_enum(tp, value, path)
@@ -190,7 +192,7 @@ def _decode_scalar(tp: type, value: Any, path: KeyPath) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is not bool and isinstance(value, bool)):
-        raise expected(tp, value, path)
+        raise _expected(tp, value, path)
     return value
 
 
@@ -199,22 +201,22 @@ def _decode_enum(tp: type[enum.Enum], value: Any, path: KeyPath) -> Any:
         return tp(value)
     except ValueError:
         known = ", ".join(str(member.value) for member in tp)
-        raise SchemaError(path, f"must be one of {known}, got {show(value)}") from None
+        raise SchemaError(path, f"must be one of {known}, got {_show(value)}") from None
 
 
 def _decode_list(item: Any, value: Any, path: KeyPath) -> list[Any]:
     if not isinstance(value, (list, tuple)):
-        raise expected(list, value, path)
+        raise _expected(list, value, path)
     return [_decode(item, v, path + (i,)) for i, v in enumerate(value)]
 
 
 def _decode_dict(item: Any, value: Any, path: KeyPath) -> dict[str, Any]:
     if not isinstance(value, Mapping):
-        raise expected(dict, value, path)
+        raise _expected(dict, value, path)
     out = {}
     for key, v in value.items():
         if not isinstance(key, str):
-            raise SchemaError(path, f"keys must be strings, got {show(key)}")
+            raise SchemaError(path, f"keys must be strings, got {_show(key)}")
         out[key] = _decode(item, v, path + (key,))
     return out
 
@@ -232,14 +234,14 @@ def _decode_union(args: tuple[Any, ...], value: Any, path: KeyPath) -> Any:
         except SchemaError:
             continue
     names = " or ".join(_NAMES.get(o) or getattr(o, "__name__", str(o)) for o in options)
-    raise SchemaError(path, f"expected {names}, got {show(value)}")
+    raise SchemaError(path, f"expected {names}, got {_show(value)}")
 
 
 def decode_object(cls: type[T], data: Any, path: str | KeyPath = ()) -> T:
     """A dataclass from a mapping of its keys; a null value means the key is absent."""
     path = parse_path(path) if isinstance(path, str) else tuple(path)
     if not isinstance(data, Mapping):
-        raise expected(dict, data, path)
+        raise _expected(dict, data, path)
     specs = fields_of(cls)
     known = [spec.key for spec in specs]
     for key in data:
@@ -272,21 +274,21 @@ def check_bounds(meta: Meta, value: Any, path: str | KeyPath) -> None:
     """The bounds a `Meta` states, on a decoded value (None, an unset optional, passes)."""
     if value is None:
         return
-    checks = (
-        (meta.minimum, lambda m: value >= m, "must be >= {}"),
-        (meta.maximum, lambda m: value <= m, "must be <= {}"),
-        (meta.exclusive_minimum, lambda m: value > m, "must be > {}"),
-        (meta.min_length, lambda m: len(value) >= m, "must be at least {} characters"),
-        (meta.max_length, lambda m: len(value) <= m, "must be at most {} characters"),
-        (meta.max_items, lambda m: len(value) <= m, "must have at most {} items"),
-        (meta.pattern, lambda p: re.fullmatch(p, value) is not None, "must match {}"),
-    )
     if meta.min_length == 1 and not value:
         raise SchemaError(path, "must not be empty")
-    for bound, ok, message in checks:
-        if bound is not None and not ok(bound):
-            got = len(value) if message.startswith(("must be at", "must have")) else show(value)
-            raise SchemaError(path, f"{message.format(bound)}, got {got}")
+    size = len(value) if isinstance(value, (str, tuple, list, dict)) else None
+    checks = (  # (bound, holds, message, what the message quotes)
+        (meta.minimum, lambda m: value >= m, "must be >= {}", value),
+        (meta.maximum, lambda m: value <= m, "must be <= {}", value),
+        (meta.exclusive_minimum, lambda m: value > m, "must be > {}", value),
+        (meta.min_length, lambda m: size >= m, "must be at least {} characters", size),
+        (meta.max_length, lambda m: size <= m, "must be at most {} characters", size),
+        (meta.max_items, lambda m: size <= m, "must have at most {} items", size),
+        (meta.pattern, lambda p: re.fullmatch(p, value) is not None, "must match {}", value),
+    )
+    for bound, holds, message, got in checks:
+        if bound is not None and not holds(bound):
+            raise SchemaError(path, f"{message.format(bound)}, got {_show(got)}")
 
 
 # ---------------------------------------------------------------------------------------------
