@@ -15,7 +15,7 @@ from lb_operator.local_engines import EngineUnavailable, check_engine, launch_ha
 from lb_operator.local_manifests import ManifestError, parse_models, read_models_file
 from lb_operator.local_processes import ReplicaProcess
 from lb_operator.local_runtime import plan_replicas
-from lb_operator.settings import settings_from_dict
+from lb_operator.settings import load_settings, settings_from_dict
 
 DOC = """\
 apiVersion: kvgate.dev/v1
@@ -171,3 +171,17 @@ def test_local_section_in_the_settings_file() -> None:
         settings_from_dict({"local": {"engines": {"Nope": {}}}})
     with pytest.raises(ConfigError, match="local.graceSeconds: unknown key"):
         settings_from_dict({"local": {"graceSeconds": 1}})
+
+
+@pytest.mark.parametrize("text, where", [
+    ("server:\n  port: 8100\nmodelRollouts:\n  surge: 0\n", "4: modelRollouts.surge: must be >= 1, got 0"),
+    ("server:\n  port: 8100\nlocal:\n  engines:\n    Nope: {}\n", "5: local.engines.Nope: unknown engine"),
+    ("server:\n  port: 8100\nlocall: {}\n", "3: locall: unknown key; did you mean 'local'?"),
+    ("local:\n  stateDir: ''\n", "2: local.stateDir: must not be empty"),
+])
+def test_settings_file_errors_name_the_line_of_the_key(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "kvgate.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value).startswith(f"{path}:{where}")
