@@ -25,6 +25,8 @@ Quantity = str | int | float  # Kubernetes resource quantity as YAML gives it: "
 
 # What the chart's values schema says of shapes Python checks with its own code (parse_quantity,
 # parse_duration, _validate_pods, ...): the Kubernetes objects and string formats inside the config.
+_TOLERATION_OPERATORS = ("Equal", "Exists")
+_PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
 _DNS_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 _IMAGE = r"^[^\s]*$"
 _QUANTITY_JSON = {"oneOf": [
@@ -35,13 +37,13 @@ _DURATION_JSON = [{"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))
                   {"type": "number", "exclusiveMinimum": 0}]
 _TOLERATION_JSON = {"type": "object", "additionalProperties": False, "properties": {
     "key": {"type": "string"},
-    "operator": {"type": "string", "enum": ["Equal", "Exists"]},
+    "operator": {"type": "string", "enum": list(_TOLERATION_OPERATORS)},
     "value": {"type": "string"},
     "effect": {"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute", ""]},
     "tolerationSeconds": {"type": "integer"},
 }}
 _JSON_PATCH_JSON = {"type": "object", "additionalProperties": False, "required": ["op", "path"], "properties": {
-    "op": {"type": "string", "enum": ["add", "remove", "replace", "move", "copy", "test"]},
+    "op": {"type": "string", "enum": list(_PATCH_OPS)},
     "path": {"type": "string", "pattern": "^(/.*)?$"},
     "from": {"type": "string"},
     "value": {},
@@ -290,7 +292,6 @@ def _merge_servers(given: Mapping[str, ModelServer]) -> dict[str, ModelServer]:
 # Validation
 
 _QUANTITY_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?")
-_PATCH_OPS = {"add", "remove", "replace", "move", "copy", "test"}
 
 
 def parse_quantity(value: Quantity) -> tuple[Decimal, str]:
@@ -358,8 +359,8 @@ def _validate_profile(name: str, profile: ResourceProfile) -> None:
             except ValueError as exc:
                 raise ConfigError(where + (kind, resource), str(exc)) from None
     for i, toleration in enumerate(profile.tolerations):
-        if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
-            raise ConfigError(where + ("tolerations", i, "operator"), "must be Equal or Exists")
+        if toleration.get("operator", "Equal") not in _TOLERATION_OPERATORS:
+            raise ConfigError(where + ("tolerations", i, "operator"), f"must be {' or '.join(_TOLERATION_OPERATORS)}")
 
 
 def _validate_cache(name: str, cache: CacheProfile) -> None:
@@ -373,7 +374,7 @@ def _validate_pods(pods: ModelServerPods) -> None:
     for i, patch in enumerate(pods.json_patches):
         where = ("modelServerPods", "jsonPatches", i)
         if patch.get("op") not in _PATCH_OPS:
-            raise ConfigError(where + ("op",), f"must be one of {', '.join(sorted(_PATCH_OPS))}")
+            raise ConfigError(where + ("op",), f"must be one of {', '.join(_PATCH_OPS)}")
         if not isinstance(patch.get("path"), str) or not (patch["path"] == "" or patch["path"].startswith("/")):
             raise ConfigError(where + ("path",), "must be a JSON pointer starting with '/'")
         if patch["op"] in ("add", "replace", "test") and "value" not in patch:
