@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 
-from lb.config import Config, ConfigError, _camel, config_from_dict, read_yaml_config
+from lb.config import Config, ConfigError, config_from_dict
+from lb.schema import keys_of, read_yaml, unknown_key
 from lb_operator.local.config import LocalConfig, local_config_from_dict
 from lb_operator.system_config import SystemConfig, system_config_from_dict
 
-GATEWAY_KEYS = frozenset(_camel(f.name) for f in dataclasses.fields(Config))
-SYSTEM_KEYS = frozenset(_camel(f.name) for f in dataclasses.fields(SystemConfig))
+GATEWAY_KEYS = keys_of(Config)
+SYSTEM_KEYS = keys_of(SystemConfig)
 LOCAL_KEY = "local"
 
 
@@ -34,7 +35,7 @@ class Settings:
 
 def load_settings(path: str | Path | None) -> Settings:
     """Read one YAML file into both planes' configs; None gives the defaults."""
-    return settings_from_dict({}) if path is None else read_yaml_config(path, settings_from_dict)
+    return settings_from_dict({}) if path is None else read_yaml(path, settings_from_dict)
 
 
 def with_listen_args(config: Config, args: argparse.Namespace) -> Config:
@@ -46,11 +47,10 @@ def with_listen_args(config: Config, args: argparse.Namespace) -> Config:
 
 def settings_from_dict(data: Any) -> Settings:
     if not isinstance(data, dict):
-        raise ConfigError("the config must be a mapping")
+        raise ConfigError((), "the config must be a mapping")
     unknown = sorted(set(data) - GATEWAY_KEYS - SYSTEM_KEYS - {LOCAL_KEY})
     if unknown:
-        known = ", ".join(sorted(GATEWAY_KEYS | SYSTEM_KEYS | {LOCAL_KEY}))
-        raise ConfigError(f"{unknown[0]}: unknown key (known: {known})")
+        raise unknown_key((unknown[0],), GATEWAY_KEYS | SYSTEM_KEYS | {LOCAL_KEY})
     return Settings(
         gateway=config_from_dict({k: v for k, v in data.items() if k in GATEWAY_KEYS}),
         system=system_config_from_dict({k: v for k, v in data.items() if k in SYSTEM_KEYS}),

@@ -76,8 +76,8 @@ def prepare(args: argparse.Namespace) -> Up:
     """Everything that can fail fast, before any process starts: config, models, engines, ports."""
     settings = load_settings(args.config)
     if settings.gateway.models or settings.gateway.endpoints:
-        raise ConfigError(f"{args.config}: `models`/`endpoints` are for `kvgate gateway`; "
-                          "with `kvgate up`, Models come from the -f file")
+        raise ConfigError((), "`models`/`endpoints` are for `kvgate gateway`; "
+                          "with `kvgate up`, Models come from the -f file", file=str(args.config))
     settings = _with_overrides(settings, args)
     models = read_models_file(args.file)
     for model in models.models:

@@ -1,7 +1,8 @@
 """The gateway's system config: one YAML file, every key optional, every value checked.
 
 Keys are camelCase like the Model resource's. A bad file fails at start-up with the path of
-the offending key (``retries.maxRetries: expected int, got 'x'``), never later on a request.
+the offending key and its line
+(``kvgate.yaml:3: retries.maxRetries: expected an integer, got 'x'``), never later on a request.
 The static-endpoints mode also lives here: ``models`` (Model manifests) and ``endpoints`` let
 the gateway front any OpenAI-compatible servers without an operator.
 """
@@ -10,68 +11,69 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import NoneType, UnionType
-from typing import Any, Callable, TypeVar
-
-import yaml
+from typing import Any, Literal
 
 from lb.ejection import EjectionConfig
 from lb.engine_metrics import EngineMetricsConfig
-from lb.model import Model, ModelValidationError
+from lb.model import Model
 from lb.registry import Endpoint
+from lb.schema import SchemaError, decode_object, read_yaml, setting
 
-T = TypeVar("T")
+ConfigError = SchemaError  # the name callers of the config loaders know
 
 
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key."""
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    metrics_port: int = 9090  # 0 turns the metrics listener off
-    log_level: str = "info"
+    host: str = setting("127.0.0.1", doc="Address the gateway listens on.")
+    port: int = setting(8000, doc="Port of the OpenAI API.", minimum=1, maximum=65535)
+    metrics_port: int = setting(9090, doc="Port of /metrics; 0 turns the listener off.", minimum=0, maximum=65535)
+    log_level: LogLevel = setting("info", doc="Log level of the gateway and its HTTP server.")
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    max_body_bytes: int = 32 * 1024 * 1024  # audio uploads are the big ones
+    max_body_bytes: int = setting(32 * 1024 * 1024, doc="Largest request body accepted (audio uploads are the "
+                                  "big ones).", minimum=1)
 
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
-    max_retries: int = 3
-    retry_statuses: tuple[int, ...] = (500, 502, 503, 504)
+    max_retries: int = setting(3, doc="Further attempts on other replicas after a failed one.", minimum=0, maximum=20)
+    retry_statuses: tuple[int, ...] = setting(
+        (500, 502, 503, 504), doc="Upstream statuses retried before the first byte reaches the client (5xx only).",
+        json={"items": {"type": "integer", "minimum": 500, "maximum": 599}, "uniqueItems": True})
 
 
 @dataclass(frozen=True, slots=True)
 class WaitingRoomConfig:
-    max_waiting_per_model: int = 10_000
-    timeout_seconds: float = 600.0  # a cold model server can take minutes to load weights
-    retry_after_seconds: int = 5
+    max_waiting_per_model: int = setting(10_000, doc="Requests queued per model before 429s.", minimum=0)
+    timeout_seconds: float = setting(600.0, doc="How long a request may wait for a replica (a cold model server "
+                                     "can take minutes to load weights).", exclusive_minimum=0)
+    retry_after_seconds: int = setting(5, doc="Retry-After of the 429 sent when the queue is full.", minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    connect_timeout_seconds: float = 10.0
-    read_timeout_seconds: float = 600.0  # longest silence allowed from a model server
-    max_idle_per_host: int = 256  # idle keep-alive connections kept per replica
+    connect_timeout_seconds: float = setting(10.0, doc="Connect timeout to a replica.", exclusive_minimum=0)
+    read_timeout_seconds: float = setting(600.0, doc="Longest silence allowed from a model server.",
+                                          exclusive_minimum=0)
+    max_idle_per_host: int = setting(256, doc="Idle keep-alive connections kept per replica.", minimum=0)
     # Below the model servers' own idle timeout (vLLM's uvicorn closes after 5 s), so the pool
     # drops a connection before the server does and rarely races it.
-    keepalive_seconds: float = 4.0
+    keepalive_seconds: float = setting(4.0, doc="How long an idle upstream connection is kept.", exclusive_minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    # A request carrying this header is routed by its value instead of its prompt (PrefixHash):
-    # a conversation or session stays on one replica while that replica is under the bound.
-    # "" turns it off.
-    session_header: str = "X-Session-ID"
+    session_header: str = setting(
+        "X-Session-ID", doc="A request carrying this header is routed by its value instead of its prompt "
+        "(PrefixHash): a conversation stays on one replica while that replica is under the bound. Empty "
+        "turns it off.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,28 +103,15 @@ class Config:
 
 def load_config(path: str | Path | None) -> Config:
     """Read and validate a YAML config file; None gives the defaults."""
-    return Config() if path is None else read_yaml_config(path, config_from_dict)
-
-
-def read_yaml_config(path: str | Path, build: Callable[[Any], T]) -> T:
-    """Read a YAML file and build a config from it; every error names the file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return build(data or {})
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return Config() if path is None else read_yaml(path, config_from_dict)
 
 
 def config_from_dict(data: Any) -> Config:
+    """Decode and validate; `models` are Model manifests, decoded by the Model's own envelope rules."""
     if not isinstance(data, dict):
-        raise ConfigError("the config must be a mapping")
-    models = _models(data.get("models", []))
-    config = _build(Config, {k: v for k, v in data.items() if k != "models"}, "")
+        raise ConfigError((), "the config must be a mapping")
+    models = _models([] if data.get("models") is None else data["models"])
+    config = decode_object(Config, {k: v for k, v in data.items() if k != "models"})
     config = dataclasses.replace(config, models=models)
     _validate(config)
     return config
@@ -130,120 +119,26 @@ def config_from_dict(data: Any) -> Config:
 
 def _models(items: Any) -> tuple[Model, ...]:
     if not isinstance(items, list):
-        raise ConfigError("models: expected a list of Model manifests")
+        raise ConfigError("models", "expected a list of Model manifests")
     models = []
     for i, item in enumerate(items):
         try:
             models.append(Model.from_dict(item))
-        except ModelValidationError as exc:
-            raise ConfigError(f"models[{i}]: {exc}") from None
+        except SchemaError as err:
+            raise err.under(("models", i)) from None
     return tuple(models)
 
 
 def _validate(config: Config) -> None:
-    checks = [
-        (0 < config.server.port < 65536, "server.port: must be in 1..65535"),
-        (0 <= config.server.metrics_port < 65536, "server.metricsPort: must be in 0..65535"),
-        (config.limits.max_body_bytes > 0, "limits.maxBodyBytes: must be > 0"),
-        (0 <= config.retries.max_retries <= 20, "retries.maxRetries: must be in 0..20"),
-        (all(500 <= s <= 599 for s in config.retries.retry_statuses),
-         "retries.retryStatuses: only 5xx statuses can be retried"),
-        (config.waiting_room.max_waiting_per_model >= 0,
-         "waitingRoom.maxWaitingPerModel: must be >= 0"),
-        (config.waiting_room.timeout_seconds > 0, "waitingRoom.timeoutSeconds: must be > 0"),
-        (config.upstream.connect_timeout_seconds > 0,
-         "upstream.connectTimeoutSeconds: must be > 0"),
-        (config.upstream.read_timeout_seconds > 0, "upstream.readTimeoutSeconds: must be > 0"),
-        (config.upstream.max_idle_per_host >= 0, "upstream.maxIdlePerHost: must be >= 0"),
-        (config.upstream.keepalive_seconds > 0, "upstream.keepaliveSeconds: must be > 0"),
-        (config.ejection.consecutive_failures >= 0,
-         "ejection.consecutiveFailures: must be >= 0 (0 turns ejection off)"),
-        (0 < config.ejection.base_seconds <= config.ejection.max_seconds,
-         "ejection.baseSeconds: must be > 0 and <= ejection.maxSeconds"),
-        (0 <= config.ejection.max_ejected_percent <= 100,
-         "ejection.maxEjectedPercent: must be in 0..100"),
-        (config.engine_metrics.interval_seconds >= 0,
-         "engineMetrics.intervalSeconds: must be >= 0 (0 turns scraping off)"),
-        (config.engine_metrics.timeout_seconds > 0, "engineMetrics.timeoutSeconds: must be > 0"),
-        (config.engine_metrics.stale_after_seconds > 0,
-         "engineMetrics.staleAfterSeconds: must be > 0"),
-        (config.engine_metrics.path.startswith("/"), "engineMetrics.path: must start with /"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    if any(not 500 <= s <= 599 for s in config.retries.retry_statuses):
+        raise ConfigError("retries.retryStatuses", "only 5xx statuses can be retried")
+    if config.ejection.base_seconds > config.ejection.max_seconds:
+        raise ConfigError("ejection.baseSeconds", "must be at most ejection.maxSeconds")
     names = {m.name for m in config.models}
     for model, endpoints in config.endpoints.items():
         if model not in names:
-            raise ConfigError(f"endpoints.{model}: no model of that name under `models`")
+            raise ConfigError(("endpoints", model), "no model of that name under `models`")
         for i, endpoint in enumerate(endpoints):
             if not re.fullmatch(r"[^\s:/]+:\d{1,5}", endpoint.address):
-                raise ConfigError(f"endpoints.{model}[{i}].address: expected host:port, "
+                raise ConfigError(("endpoints", model, i, "address"), "expected host:port, "
                                   f"got {endpoint.address!r}")
-
-
-# -- a small typed loader: dataclass fields from camelCase keys ------------------------------
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {_camel(f.name): f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
-    values = {}
-    for key, value in data.items():
-        f = fields[key]
-        values[f.name] = _convert(hints[f.name], value, f"{path}.{key}" if path else key)
-    return cls(**values)
-
-
-def _convert(hint: Any, value: Any, path: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:  # passed through as YAML gave it (e.g. the operator's Kubernetes objects)
-        return value
-    if origin in (typing.Union, UnionType):
-        return _convert_union(args, value, path)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
-        return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
-        item = args[1] if args else Any
-        return {str(k): _convert(item, v, f"{path}.{k}") for k, v in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{path}: expected {hint.__name__}, got {_show(value)}")
-    return value
-
-
-def _convert_union(args: tuple[Any, ...], value: Any, path: str) -> Any:
-    """The first option the value converts to, in declaration order (`str | int | float`)."""
-    if value is None and NoneType in args:
-        return None
-    options = [a for a in args if a is not NoneType]
-    for option in options:
-        try:
-            return _convert(option, value, path)
-        except ConfigError:
-            if len(options) == 1:
-                raise
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{path}: expected {names}, got {_show(value)}")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -25,13 +25,19 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from lb.schema import setting
+
 
 @dataclass(frozen=True, slots=True)
 class EjectionConfig:
-    consecutive_failures: int = 3  # 0 turns ejection off
-    base_seconds: float = 5.0
-    max_seconds: float = 300.0
-    max_ejected_percent: int = 50
+    consecutive_failures: int = setting(
+        3, doc="Failed attempts in a row (connect errors, timeouts, 500/502/503/504) that eject a replica; "
+        "0 turns ejection off.", minimum=0)
+    base_seconds: float = setting(5.0, doc="First ejection's length; each ejection in a row doubles it.",
+                                  exclusive_minimum=0)
+    max_seconds: float = setting(300.0, doc="Longest ejection.", exclusive_minimum=0)
+    max_ejected_percent: int = setting(50, doc="Most replicas of a model ejected at once, in percent (at least "
+                                       "one of two or more may be).", minimum=0, maximum=100)
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb.registry import EndpointGroup, Registry
+from lb.schema import setting
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,12 @@ _WANTED_LINES = tuple(f"{p}{name}" for name in _WANTED for p in ("", "# TYPE ", 
 
 @dataclass(frozen=True, slots=True)
 class EngineMetricsConfig:
-    interval_seconds: float = 2.0  # 0 turns scraping off
-    timeout_seconds: float = 1.0
-    stale_after_seconds: float = 10.0
-    path: str = "/metrics"
+    interval_seconds: float = setting(2.0, doc="How often every ready replica's metrics are read; 0 turns "
+                                      "scraping off.", minimum=0)
+    timeout_seconds: float = setting(1.0, doc="Timeout of one scrape.", exclusive_minimum=0)
+    stale_after_seconds: float = setting(10.0, doc="Age after which a replica's last reading is ignored.",
+                                         exclusive_minimum=0)
+    path: str = setting("/metrics", doc="Path of the replicas' Prometheus metrics.", pattern="^/")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,17 +11,17 @@ A KubeAI manifest is accepted unchanged.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import re
 import sys
 from dataclasses import MISSING, dataclass, field
-from functools import cache
 from types import NoneType, UnionType
-from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, Union, get_args, get_origin
 from urllib.parse import parse_qsl
 
 import yaml
+
+from lb.schema import (FieldSpec, JsonSchema, Meta, SchemaError, camel, check_bounds, decode, decode_object,
+                       fields_of, load_yaml_documents, setting, unknown_key)
 
 GROUP = "kvgate.dev"
 VERSION = "v1"
@@ -50,7 +50,6 @@ CACHEABLE_SCHEMES = ("hf", "s3", "gs", "oss")
 CACHE_ONLY_SCHEMES = ("gs", "oss")
 MAX_NAME_LENGTH = 40
 
-_META_KEY = "kvgate"
 # DNS-1123 subdomain, what Kubernetes enforces for object names: dots are allowed because
 # KubeAI's own catalog uses them ("qwen2.5-7b-cpu"); '_' never is, which keeps "<model>_<adapter>" unambiguous.
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -58,22 +57,7 @@ _URL_RE = re.compile(r"([a-z0-9]+)://(\S+)")
 _URL_PARAMS = {"model": "a model name", "insecure": "true or false", "pull": "true or false"}
 
 
-class ModelValidationError(ValueError):
-    """A manifest problem, located by its wire path (`spec.adapters[0].name`) so it can be found in YAML."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
-        self.message = message
-
-    def under(self, parent: str) -> ModelValidationError:
-        return ModelValidationError(_join(parent, self.field), self.message)
-
-
-def _join(parent: str, child: str) -> str:
-    if not parent or not child:
-        return parent or child
-    return parent + child if child.startswith("[") else f"{parent}.{child}"
+ModelValidationError = SchemaError  # the name the planes' callers know; located by wire path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,12 +79,9 @@ class _Rule:
 
 
 @dataclass(frozen=True, slots=True)
-class _Meta:
-    doc: str
-    minimum: int | None = None
-    max_length: int | None = None
-    max_items: int | None = None
-    pattern: str | None = None  # anchored; empty strings must match when the field is optional
+class _Meta(Meta):
+    """`Meta` plus what only the Model has: CEL rules beside their Python twins, list keys, immutability."""
+
     list_key: str | None = None  # items are unique by this key (a list-type map in Kubernetes)
     rules: tuple[_Rule, ...] = ()
     check: Callable[[Any], object] | None = None  # Python-only extra check; raises ValueError
@@ -108,7 +89,7 @@ class _Meta:
 
 
 def _field(default: Any = MISSING, *, factory: Any = MISSING, doc: str, **meta: Any) -> Any:
-    return field(default=default, default_factory=factory, metadata={_META_KEY: _Meta(doc, **meta)})
+    return setting(default, factory=factory, meta=_Meta, doc=doc, **meta)
 
 
 def _cel_strings(values: Sequence[str]) -> str:
@@ -217,34 +198,7 @@ def join_model_adapter(model: str, adapter: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generic machinery over the dataclasses: field table, decoding, checking, encoding
-
-
-@dataclass(frozen=True, slots=True)
-class _FieldInfo:
-    name: str
-    wire: str
-    tp: Any
-    meta: _Meta
-    required: bool
-    default: Any
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part[:1].upper() + part[1:] for part in rest)
-
-
-@cache
-def _fields_of(cls: type) -> tuple[_FieldInfo, ...]:
-    hints = get_type_hints(cls)
-    infos = []
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        infos.append(
-            _FieldInfo(f.name, _camel(f.name), hints[f.name], f.metadata[_META_KEY], default is MISSING, default)
-        )
-    return tuple(infos)
+# Checking and encoding over the dataclasses (decoding is lb.schema's)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -253,77 +207,14 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
-_KINDS: dict[Any, tuple[type | tuple[type, ...], str]] = {
-    str: (str, "string"),
-    bool: (bool, "boolean"),
-    int: (int, "integer"),
-    tuple: ((list, tuple), "array"),
-    dict: (Mapping, "object"),
-}
-
-
-def _expect(kind: Any, value: Any, path: str) -> Any:
-    types, name = _KINDS[kind]
-    if not isinstance(value, types) or (kind is int and isinstance(value, bool)):
-        raise ModelValidationError(path, f"expected {name}, got {value!r}")
-    return value
-
-
-def _decode(tp: Any, value: Any, path: str) -> Any:
-    """Check the JSON shape of a value and build the Python value; semantic checks come later."""
-    tp = _strip_optional(tp)
-    origin, args = get_origin(tp), get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _from_wire(tp, value, path)
-    if origin is Literal:
-        return _expect(str, value, path)
-    if origin is tuple:
-        return tuple(_decode(args[0], item, f"{path}[{i}]") for i, item in enumerate(_expect(tuple, value, path)))
-    if origin is dict:
-        return {
-            _expect(str, key, path): _decode(args[1], item, _join(path, str(key)))
-            for key, item in _expect(dict, value, path).items()
-        }
-    return _expect(tp, value, path)
-
-
-def _from_wire(cls: type, obj: Any, path: str) -> Any:
-    mapping = _expect(dict, obj, path)
-    infos = _fields_of(cls)
-    known = [info.wire for info in infos]
-    for key in mapping:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ModelValidationError(_join(path, str(key)), f"unknown field{hint}")
-    kwargs = {}
-    for info in infos:
-        raw = mapping.get(info.wire)  # null means absent, as in Kubernetes
-        if raw is None:
-            if info.required:
-                raise ModelValidationError(_join(path, info.wire), "required field is missing")
-            continue
-        kwargs[info.name] = _decode(info.tp, raw, _join(path, info.wire))
-    try:
-        return cls(**kwargs)
-    except ModelValidationError as err:
-        raise err.under(path) from None
-
-
 def _check_value(tp: Any, meta: _Meta, value: Any, path: str) -> None:
+    """One field's checks, on every construction (decoded or built in code): enum, bounds, list keys, rules."""
     tp = _strip_optional(tp)
     if get_origin(tp) is Literal and value not in get_args(tp):
         raise ModelValidationError(path, f"must be one of {', '.join(get_args(tp))}, got {value!r}")
     if get_origin(tp) is tuple:
         _check_items(get_args(tp)[0], meta, value, path)
-    if meta.minimum is not None and value < meta.minimum:
-        raise ModelValidationError(path, f"must be >= {meta.minimum}, got {value}")
-    if meta.max_length is not None and len(value) > meta.max_length:
-        raise ModelValidationError(path, f"must be at most {meta.max_length} characters, got {len(value)}")
-    if meta.pattern is not None and not re.fullmatch(meta.pattern, value):
-        raise ModelValidationError(path, f"must match {meta.pattern}, got {value!r}")
+    check_bounds(meta, value, path)
     for rule in meta.rules:
         if not rule.ok(value):
             raise ModelValidationError(path, f"{rule.message}, got {value!r}")
@@ -335,16 +226,14 @@ def _check_value(tp: Any, meta: _Meta, value: Any, path: str) -> None:
 
 
 def _check_items(item_tp: Any, meta: _Meta, items: tuple[Any, ...], path: str) -> None:
-    if meta.max_items is not None and len(items) > meta.max_items:
-        raise ModelValidationError(path, f"must have at most {meta.max_items} items, got {len(items)}")
     seen: set[Any] = set()
     for i, item in enumerate(items):
         if get_origin(item_tp) is Literal:
-            _check_value(item_tp, _Meta(""), item, f"{path}[{i}]")
+            _check_value(item_tp, _Meta(), item, f"{path}[{i}]")
         if meta.list_key is not None:
             key = getattr(item, meta.list_key)
             if key in seen:
-                raise ModelValidationError(f"{path}[{i}].{_camel(meta.list_key)}", f"duplicate value {key!r}")
+                raise ModelValidationError(f"{path}[{i}].{camel(meta.list_key)}", f"duplicate value {key!r}")
             seen.add(key)
 
 
@@ -356,17 +245,17 @@ class _Resource:
     _UPDATE_RULES: ClassVar[tuple[_Rule, ...]] = ()
 
     def __post_init__(self) -> None:
-        for info in _fields_of(type(self)):
-            value = getattr(self, info.name)
+        for spec in fields_of(type(self)):
+            value = getattr(self, spec.name)
             if value is not None:
-                _check_value(info.tp, info.meta, value, info.wire)
+                _check_value(spec.type, spec.meta, value, spec.key)
         for rule in self._RULES:
             if not rule.ok(self):
                 raise ModelValidationError(rule.field, rule.message)
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Any:
-        return _from_wire(cls, obj, "")
+        return decode_object(cls, obj)
 
     def to_dict(self) -> dict[str, Any]:
         return _encode(self)
@@ -375,10 +264,10 @@ class _Resource:
 def _encode(value: Any) -> Any:
     if isinstance(value, _Resource):
         out = {}
-        for info in _fields_of(type(value)):
-            item = getattr(value, info.name)
-            if info.required or _is_set(item):
-                out[info.wire] = _encode(item)
+        for spec in fields_of(type(value)):
+            item = getattr(value, spec.name)
+            if spec.required or _is_set(item):
+                out[spec.key] = _encode(item)
         return out
     if isinstance(value, (tuple, list)):
         return [_encode(item) for item in value]
@@ -387,17 +276,17 @@ def _encode(value: Any) -> Any:
     return value
 
 
-def _check_update(old: _Resource, new: _Resource, path: str) -> None:
-    for info in _fields_of(type(old)):
-        before, after = getattr(old, info.name), getattr(new, info.name)
-        where = _join(path, info.wire)
-        if info.meta.immutable and _is_set(before) and _is_set(after) and before != after:
+def _check_update(old: _Resource, new: _Resource, path: tuple[str, ...]) -> None:
+    for spec in fields_of(type(old)):
+        before, after = getattr(old, spec.name), getattr(new, spec.name)
+        where = path + (spec.key,)
+        if spec.meta.immutable and _is_set(before) and _is_set(after) and before != after:
             raise ModelValidationError(where, f"is immutable (was {before!r}, now {after!r})")
         if isinstance(before, _Resource) and isinstance(after, _Resource):
             _check_update(before, after, where)
     for rule in type(old)._UPDATE_RULES:
         if not rule.ok(old, new):
-            raise ModelValidationError(_join(path, rule.field), rule.message)
+            raise ModelValidationError(rule.field, rule.message).under(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,6 +485,9 @@ _NAME_RULE = _Rule(
 )
 
 
+_ENVELOPE = ("apiVersion", "kind", "metadata", "spec", "status")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Model:
     """A Model manifest. Only the metadata the planes use is kept; server-set metadata is dropped."""
@@ -619,27 +511,28 @@ class Model:
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Model:
-        _expect(dict, obj, "")
+        """Decode a manifest; metadata keys other than ours (uid, resourceVersion, ...) are dropped."""
+        obj = decode(dict[str, Any], obj)
         for key in obj:
-            if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
-                raise ModelValidationError(str(key), "unknown field")
+            if key not in _ENVELOPE:
+                raise unknown_key((key,), _ENVELOPE)
         if obj.get("apiVersion") not in (API_VERSION, KUBEAI_API_VERSION):
             raise ModelValidationError(
                 "apiVersion", f"expected {API_VERSION} or {KUBEAI_API_VERSION}, got {obj.get('apiVersion')!r}"
             )
         if obj.get("kind") != KIND:
             raise ModelValidationError("kind", f"expected {KIND}, got {obj.get('kind')!r}")
-        meta = _expect(dict, obj.get("metadata"), "metadata")
+        meta = decode(dict[str, Any], obj.get("metadata"), "metadata")
         for key, where in (("name", meta), ("spec", obj)):
             if where.get(key) is None:
-                raise ModelValidationError("metadata.name" if key == "name" else key, "required field is missing")
+                raise ModelValidationError("metadata.name" if key == "name" else key, "required key is missing")
         return cls(
-            name=_expect(str, meta["name"], "metadata.name"),
-            namespace=_expect(str, meta.get("namespace") or "default", "metadata.namespace"),
-            labels=_decode(dict[str, str], meta.get("labels") or {}, "metadata.labels"),
-            annotations=_decode(dict[str, str], meta.get("annotations") or {}, "metadata.annotations"),
-            spec=_from_wire(ModelSpec, obj["spec"], "spec"),
-            status=None if obj.get("status") is None else _from_wire(ModelStatus, obj["status"], "status"),
+            name=decode(str, meta["name"], "metadata.name"),
+            namespace=decode(str, meta.get("namespace") or "default", "metadata.namespace"),
+            labels=decode(dict[str, str], meta.get("labels") or {}, "metadata.labels"),
+            annotations=decode(dict[str, str], meta.get("annotations") or {}, "metadata.annotations"),
+            spec=decode_object(ModelSpec, obj["spec"], "spec"),
+            status=decode(ModelStatus | None, obj.get("status"), "status"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -656,27 +549,11 @@ class Model:
 
 def validate_update(old: Model, new: Model) -> None:
     """Reject changes the API server would refuse (transition rules), for local mode's file reloads."""
-    _check_update(old.spec, new.spec, "spec")
+    _check_update(old.spec, new.spec, ("spec",))
 
 
 # ---------------------------------------------------------------------------------------------
 # CustomResourceDefinition, generated from the dataclasses above
-
-
-def _type_schema(tp: Any) -> dict[str, Any]:
-    tp = _strip_optional(tp)
-    origin, args = get_origin(tp), get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _object_schema(tp)
-    if origin is Literal:
-        return {"type": "string", "enum": list(args)}
-    if origin is tuple:
-        return {"type": "array", "items": _type_schema(args[0])}
-    if origin is dict and args[1] is Any:
-        return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-    if origin is dict:
-        return {"type": "object", "additionalProperties": _type_schema(args[1])}
-    return {"type": _KINDS[tp][1]}
 
 
 def _cel(rules: Sequence[_Rule]) -> list[dict[str, str]]:
@@ -684,35 +561,33 @@ def _cel(rules: Sequence[_Rule]) -> list[dict[str, str]]:
             for rule in rules]
 
 
-def _field_schema(info: _FieldInfo) -> dict[str, Any]:
-    meta = info.meta
-    schema: dict[str, Any] = {"description": meta.doc, **_type_schema(info.tp)}
-    if not info.required and _is_set(info.default):
-        schema["default"] = {} if isinstance(info.default, _Resource) else info.default
-    constraints = {"minimum": meta.minimum, "maxLength": meta.max_length, "maxItems": meta.max_items,
-                   "pattern": meta.pattern}
-    schema.update({key: value for key, value in constraints.items() if value is not None})
-    if meta.list_key:
-        schema["x-kubernetes-list-type"] = "map"
-        schema["x-kubernetes-list-map-keys"] = [_camel(meta.list_key)]
-    validations = _cel(meta.rules)
-    if meta.immutable:
-        validations.append({"rule": "self == oldSelf", "message": "is immutable"})
-    if validations:
-        schema["x-kubernetes-validations"] = validations
-    return schema
+class _CrdSchema(JsonSchema):
+    """lb.schema's JSON schema with the Kubernetes extensions: list maps, CEL rules, open objects."""
 
+    def open_object(self) -> dict[str, Any]:
+        return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
-def _object_schema(cls: type) -> dict[str, Any]:
-    infos = _fields_of(cls)
-    schema: dict[str, Any] = {"type": "object", "properties": {info.wire: _field_schema(info) for info in infos}}
-    required = [info.wire for info in infos if info.required]
-    if required:
-        schema["required"] = required
-    rules = cls._RULES + cls._UPDATE_RULES
-    if rules:
-        schema["x-kubernetes-validations"] = _cel(rules)
-    return schema
+    def field(self, spec: FieldSpec) -> dict[str, Any]:
+        schema = super().field(spec)
+        meta = spec.meta
+        if not isinstance(meta, _Meta):
+            return schema
+        if meta.list_key:
+            schema["x-kubernetes-list-type"] = "map"
+            schema["x-kubernetes-list-map-keys"] = [camel(meta.list_key)]
+        validations = _cel(meta.rules)
+        if meta.immutable:
+            validations.append({"rule": "self == oldSelf", "message": "is immutable"})
+        if validations:
+            schema["x-kubernetes-validations"] = validations
+        return schema
+
+    def object(self, cls: type) -> dict[str, Any]:
+        schema = super().object(cls)
+        rules = cls._RULES + cls._UPDATE_RULES
+        if rules:
+            schema["x-kubernetes-validations"] = _cel(rules)
+        return schema
 
 
 _PRINTER_COLUMNS = (
@@ -735,8 +610,8 @@ def crd_manifest() -> dict[str, Any]:
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": _object_schema(ModelSpec),
-            "status": _object_schema(ModelStatus),
+            "spec": _CrdSchema().object(ModelSpec),
+            "status": _CrdSchema().object(ModelStatus),
         },
         "required": ["spec"],
         "x-kubernetes-validations": _cel([_NAME_RULE]),
@@ -770,8 +645,14 @@ def crd_manifest() -> dict[str, Any]:
 
 
 def _validate_stream(label: str, text: str) -> int:
+    """Check every Model in a YAML stream; a bad one is reported as `file:line: model name: key: problem`."""
     failures = 0
-    for doc in yaml.safe_load_all(text):
+    try:
+        docs = load_yaml_documents(text, label)
+    except SchemaError as err:
+        print(err, file=sys.stderr)
+        return 1
+    for doc, lines in docs:
         if not isinstance(doc, dict) or doc.get("kind") != KIND:
             continue
         try:
@@ -779,7 +660,7 @@ def _validate_stream(label: str, text: str) -> int:
         except ModelValidationError as err:
             failures += 1
             name = (doc.get("metadata") or {}).get("name", "?")
-            print(f"{label}: {name}: {err}", file=sys.stderr)
+            print(err.at(label, lines.of(err.path), f"model {name}"), file=sys.stderr)
         else:
             print(f"{label}: {model.name}: ok")
     return failures

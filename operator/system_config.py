@@ -11,81 +11,126 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Mapping
 
-from lb.config import ConfigError, _build, _camel, read_yaml_config
+from lb.config import ConfigError
 from lb.model import ENGINES
+from lb.schema import decode_object, read_yaml, setting
 
 DEFAULT_IMAGE_KEY = "default"
 Quantity = str | int | float  # Kubernetes resource quantity as YAML gives it: "24Gi", 1, 0.5
+
+# What the chart's values schema says of shapes Python checks with its own code (parse_quantity,
+# parse_duration, _validate_pods, ...): the Kubernetes objects and string formats inside the config.
+_TOLERATION_OPERATORS = ("Equal", "Exists")
+_PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
+_DNS_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_IMAGE = r"^[^\s]*$"
+_QUANTITY_JSON = {"oneOf": [
+    {"type": "string", "pattern": r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?$"},
+    {"type": "number", "minimum": 0},
+]}
+_DURATION_JSON = [{"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"},
+                  {"type": "number", "exclusiveMinimum": 0}]
+_TOLERATION_JSON = {"type": "object", "additionalProperties": False, "properties": {
+    "key": {"type": "string"},
+    "operator": {"type": "string", "enum": list(_TOLERATION_OPERATORS)},
+    "value": {"type": "string"},
+    "effect": {"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute", ""]},
+    "tolerationSeconds": {"type": "integer"},
+}}
+_JSON_PATCH_JSON = {"type": "object", "additionalProperties": False, "required": ["op", "path"], "properties": {
+    "op": {"type": "string", "enum": list(_PATCH_OPS)},
+    "path": {"type": "string", "pattern": "^(/.*)?$"},
+    "from": {"type": "string"},
+    "value": {},
+}}
+_NAME_REF_JSON = {"type": "object", "additionalProperties": False, "required": ["name"],
+                  "properties": {"name": {"type": "string", "minLength": 1}}}
 
 
 @dataclass(frozen=True, slots=True)
 class ModelServer:
     """Images of one engine, keyed by a resource profile's `imageName` ("default" is the fallback)."""
 
-    images: dict[str, str] = field(default_factory=dict)
+    images: dict[str, str] = setting(
+        factory=dict, doc="Images keyed by a resource profile's imageName; 'default' is the fallback.",
+        json={"additionalProperties": {"type": "string", "pattern": _IMAGE}})
 
 
 @dataclass(frozen=True, slots=True)
 class ResourceProfile:
     """Per-replica resources for one unit of an accelerator; a Model's "name:count" multiplies them."""
 
-    image_name: str = ""
-    requests: dict[str, Quantity] = field(default_factory=dict)
-    limits: dict[str, Quantity] = field(default_factory=dict)
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: tuple[dict[str, Any], ...] = ()
-    affinity: dict[str, Any] | None = None
-    runtime_class_name: str = ""
-    scheduler_name: str = ""
+    image_name: str = setting("", doc="Which of an engine's images this profile runs (modelServers.*.images).")
+    requests: dict[str, Quantity] = setting(factory=dict, doc="Resource requests per unit.",
+                                            json={"additionalProperties": _QUANTITY_JSON})
+    limits: dict[str, Quantity] = setting(factory=dict, doc="Resource limits per unit.",
+                                          json={"additionalProperties": _QUANTITY_JSON})
+    node_selector: dict[str, str] = setting(factory=dict, doc="Node labels the model Pods require.")
+    tolerations: tuple[dict[str, Any], ...] = setting((), doc="Tolerations of the model Pods.",
+                                                      json={"items": _TOLERATION_JSON})
+    affinity: dict[str, Any] | None = setting(None, doc="Affinity of the model Pods (Kubernetes Affinity).")
+    runtime_class_name: str = setting("", doc="RuntimeClass of the model Pods.")
+    scheduler_name: str = setting("", doc="Scheduler of the model Pods.")
 
 
 @dataclass(frozen=True, slots=True)
 class SharedFilesystem:
     """A ReadWriteMany volume holding downloaded models: from a StorageClass or a pre-made PersistentVolume."""
 
-    storage_class_name: str = ""
-    persistent_volume_name: str = ""
+    storage_class_name: str = setting("", doc="StorageClass of a ReadWriteMany volume created for the cache.")
+    persistent_volume_name: str = setting("", doc="A pre-made PersistentVolume to use instead.")
 
 
 @dataclass(frozen=True, slots=True)
 class CacheProfile:
-    shared_filesystem: SharedFilesystem | None = None
+    shared_filesystem: SharedFilesystem = setting(
+        doc="Exactly one of storageClassName (ReadWriteMany) or persistentVolumeName.",
+        json={"oneOf": [{"required": [a], "not": {"required": [b]}} for a, b in
+                        (("storageClassName", "persistentVolumeName"), ("persistentVolumeName", "storageClassName"))]})
 
 
 @dataclass(frozen=True, slots=True)
 class ModelServerPods:
     """Settings every model Pod gets, whatever its engine (clusters differ: OpenShift, private registries)."""
 
-    pod_security_context: dict[str, Any] | None = None
-    security_context: dict[str, Any] | None = None  # of the server container
-    json_patches: tuple[dict[str, Any], ...] = ()  # RFC 6902, applied to the finished Pod
-    image_pull_secrets: tuple[dict[str, str], ...] = ()
-    service_account_name: str = ""
+    pod_security_context: dict[str, Any] | None = setting(None, doc="securityContext of the model Pods.")
+    security_context: dict[str, Any] | None = setting(None, doc="securityContext of the server container.")
+    json_patches: tuple[dict[str, Any], ...] = setting(
+        (), doc="RFC 6902 patches applied to the finished Pod.", json={"items": _JSON_PATCH_JSON})
+    image_pull_secrets: tuple[dict[str, str], ...] = setting(
+        (), doc="Pull secrets of the model Pods.", json={"items": _NAME_REF_JSON})
+    service_account_name: str = setting("", doc="ServiceAccount of the model Pods.")
 
 
 @dataclass(frozen=True, slots=True)
 class ModelLoading:
-    image: str = "ghcr.io/kvgate/kvgate-model-loader:0.1.0"
+    image: str = setting("ghcr.io/kvgate/kvgate-model-loader:0.1.0", doc="Image of the cache-loading Job.",
+                         pattern=_IMAGE)
+
+
+def _secret_name(default: str) -> Any:
+    return setting(default, doc="Secret name (optional in the Pod).", min_length=1, pattern=f"^{_DNS_NAME}$")
 
 
 @dataclass(frozen=True, slots=True)
 class SecretNames:
     """Secrets model Pods read credentials from; all optional in the Pod, so a missing one is not fatal."""
 
-    huggingface: str = "kvgate-huggingface"
-    aws: str = "kvgate-aws"
-    gcp: str = "kvgate-gcp"
-    alibaba: str = "kvgate-alibaba"
+    huggingface: str = _secret_name("kvgate-huggingface")
+    aws: str = _secret_name("kvgate-aws")
+    gcp: str = _secret_name("kvgate-gcp")
+    alibaba: str = _secret_name("kvgate-alibaba")
 
 
 @dataclass(frozen=True, slots=True)
 class ModelRollouts:
-    surge: int = 1  # extra Pods during a rollout; >= 1 is what keeps capacity up while replacing
+    surge: int = setting(1, doc="Extra Pods during a rollout; at least 1, which keeps capacity up while "
+                         "replacing.", minimum=1)
 
 
 Duration = str | int | float  # "10s", "10m", "1m30s", "500ms" (Go style, as KubeAI's config) or seconds
@@ -115,10 +160,13 @@ class ModelAutoscaling:
     (`vllm:num_requests_waiting`) to the signal, for traffic queued beyond what the gateways see.
     """
 
-    interval: Duration = "10s"
-    time_window: Duration = "10m"
-    state_config_map_name: str = "kvgate-autoscaler-state"
-    include_engine_waiting: bool = False
+    interval: Duration = setting("10s", doc="How often active requests are read (Go-style duration or seconds).",
+                                 json={"anyOf": _DURATION_JSON})
+    time_window: Duration = setting("10m", doc="Window of the moving average that drives replicas.",
+                                    json={"anyOf": _DURATION_JSON})
+    state_config_map_name: str = setting("kvgate-autoscaler-state", doc="ConfigMap keeping the averages across "
+                                         "restarts.", max_length=253, pattern=f"^({_DNS_NAME})?$")
+    include_engine_waiting: bool = setting(False, doc="Add the model servers' own queue to the signal.")
 
     @property
     def interval_seconds(self) -> float:
@@ -131,16 +179,22 @@ class ModelAutoscaling:
 
 @dataclass(frozen=True, slots=True)
 class SystemConfig:
-    model_servers: dict[str, ModelServer] = field(default_factory=dict)
-    resource_profiles: dict[str, ResourceProfile] = field(default_factory=dict)
-    cache_profiles: dict[str, CacheProfile] = field(default_factory=dict)
-    model_server_pods: ModelServerPods = field(default_factory=ModelServerPods)
-    model_loading: ModelLoading = field(default_factory=ModelLoading)
-    secret_names: SecretNames = field(default_factory=SecretNames)
-    model_rollouts: ModelRollouts = field(default_factory=ModelRollouts)
-    model_autoscaling: ModelAutoscaling = field(default_factory=ModelAutoscaling)
-    # KubeAI's test hook: a Model annotation may redirect traffic to another address.
-    allow_pod_address_override: bool = False
+    model_servers: dict[str, ModelServer] = setting(
+        factory=dict, doc="Images per engine, merged over the built-in ones.",
+        json={"propertyNames": {"enum": list(ENGINES)}})
+    resource_profiles: dict[str, ResourceProfile] = setting(
+        factory=dict, doc="Resources per replica, by name; merged over the built-in profiles.",
+        json={"propertyNames": {"pattern": "^[^:]+$", "minLength": 1}})
+    cache_profiles: dict[str, CacheProfile] = setting(
+        factory=dict, doc="Where cacheProfile Models keep their files, by name.",
+        json={"propertyNames": {"pattern": f"^{_DNS_NAME}$", "maxLength": 40}})
+    model_server_pods: ModelServerPods = setting(factory=ModelServerPods, doc="Settings every model Pod gets.")
+    model_loading: ModelLoading = setting(factory=ModelLoading, doc="The Job that fills a cache profile.")
+    secret_names: SecretNames = setting(factory=SecretNames, doc="Secrets model Pods read credentials from.")
+    model_rollouts: ModelRollouts = setting(factory=ModelRollouts, doc="How a Model's Pods are replaced.")
+    model_autoscaling: ModelAutoscaling = setting(factory=ModelAutoscaling, doc="The autoscaler's cadence.")
+    allow_pod_address_override: bool = setting(
+        False, doc="KubeAI's test hook: a Model annotation may redirect traffic to another address.")
 
     def image_for(self, engine: str, image_name: str) -> str:
         """The engine's image for a profile's imageName, falling back to its "default" like KubeAI."""
@@ -210,12 +264,12 @@ DEFAULT_RESOURCE_PROFILES: dict[str, ResourceProfile] = {
 
 def load_system_config(path: str | Path | None) -> SystemConfig:
     """Read a YAML system config; None gives the defaults."""
-    return system_config_from_dict({}) if path is None else read_yaml_config(path, system_config_from_dict)
+    return system_config_from_dict({}) if path is None else read_yaml(path, system_config_from_dict)
 
 
 def system_config_from_dict(data: Any) -> SystemConfig:
     """Build, merge over the defaults and validate; ConfigError names the first bad key."""
-    config = _build(SystemConfig, data, "")
+    config = decode_object(SystemConfig, data)
     config = dataclasses.replace(
         config,
         model_servers=_merge_servers(config.model_servers),
@@ -238,7 +292,6 @@ def _merge_servers(given: Mapping[str, ModelServer]) -> dict[str, ModelServer]:
 # Validation
 
 _QUANTITY_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?")
-_PATCH_OPS = {"add", "remove", "replace", "move", "copy", "test"}
 
 
 def parse_quantity(value: Quantity) -> tuple[Decimal, str]:
@@ -264,14 +317,9 @@ def _validate(config: SystemConfig) -> None:
     for name, cache in config.cache_profiles.items():
         _validate_cache(name, cache)
     _validate_pods(config.model_server_pods)
-    if config.model_rollouts.surge < 1:
-        raise ConfigError("modelRollouts.surge: must be >= 1 (a rollout without surge drops capacity)")
     _validate_autoscaling(config.model_autoscaling)
     if not config.model_loading.image:
-        raise ConfigError("modelLoading.image: must not be empty")
-    for f in dataclasses.fields(SecretNames):
-        if not getattr(config.secret_names, f.name):
-            raise ConfigError(f"secretNames.{_camel(f.name)}: must not be empty")
+        raise ConfigError("modelLoading.image", "must not be empty")
 
 
 def _validate_autoscaling(autoscaling: ModelAutoscaling) -> None:
@@ -279,62 +327,60 @@ def _validate_autoscaling(autoscaling: ModelAutoscaling) -> None:
         try:
             seconds = parse_duration(value)
         except ValueError as exc:
-            raise ConfigError(f"modelAutoscaling.{key}: {exc}") from None
+            raise ConfigError(("modelAutoscaling", key), str(exc)) from None
         if seconds <= 0:
-            raise ConfigError(f"modelAutoscaling.{key}: must be > 0, got {value!r}")
+            raise ConfigError(("modelAutoscaling", key), f"must be > 0, got {value!r}")
     if autoscaling.time_window_seconds < autoscaling.interval_seconds:
-        raise ConfigError("modelAutoscaling.timeWindow: must be >= interval")
+        raise ConfigError("modelAutoscaling.timeWindow", "must be >= interval")
     if not autoscaling.state_config_map_name:
-        raise ConfigError("modelAutoscaling.stateConfigMapName: must not be empty")
+        raise ConfigError("modelAutoscaling.stateConfigMapName", "must not be empty")
 
 
 def _validate_servers(servers: Mapping[str, ModelServer]) -> None:
     for engine, server in servers.items():
-        where = f"modelServers.{engine}"
+        where = ("modelServers", engine)
         if engine not in ENGINES:
-            raise ConfigError(f"{where}: unknown engine (known: {', '.join(ENGINES)})")
+            raise ConfigError(where, f"unknown engine (known: {', '.join(ENGINES)})")
         if not server.images.get(DEFAULT_IMAGE_KEY):
-            raise ConfigError(f"{where}.images.{DEFAULT_IMAGE_KEY}: required, the fallback image")
+            raise ConfigError(where + ("images", DEFAULT_IMAGE_KEY), "required, the fallback image")
         for key, image in server.images.items():
             if not image or any(c.isspace() for c in image):
-                raise ConfigError(f"{where}.images.{key}: not an image reference: {image!r}")
+                raise ConfigError(where + ("images", key), f"not an image reference: {image!r}")
 
 
 def _validate_profile(name: str, profile: ResourceProfile) -> None:
-    where = f"resourceProfiles.{name}"
+    where = ("resourceProfiles", name)
     if not name or ":" in name:
-        raise ConfigError(f"{where}: profile names cannot be empty or contain ':'")
+        raise ConfigError(where, "profile names cannot be empty or contain ':'")
     for kind in ("requests", "limits"):
         for resource, quantity in getattr(profile, kind).items():
             try:
                 parse_quantity(quantity)
             except ValueError as exc:
-                raise ConfigError(f"{where}.{kind}.{resource}: {exc}") from None
+                raise ConfigError(where + (kind, resource), str(exc)) from None
     for i, toleration in enumerate(profile.tolerations):
-        if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
-            raise ConfigError(f"{where}.tolerations[{i}].operator: must be Equal or Exists")
+        if toleration.get("operator", "Equal") not in _TOLERATION_OPERATORS:
+            raise ConfigError(where + ("tolerations", i, "operator"), f"must be {' or '.join(_TOLERATION_OPERATORS)}")
 
 
 def _validate_cache(name: str, cache: CacheProfile) -> None:
-    where = f"cacheProfiles.{name}"
+    where = ("cacheProfiles", name, "sharedFilesystem")
     fs = cache.shared_filesystem
-    if fs is None:
-        raise ConfigError(f"{where}.sharedFilesystem: required (the only cache kind)")
     if bool(fs.storage_class_name) == bool(fs.persistent_volume_name):
-        raise ConfigError(f"{where}.sharedFilesystem: set exactly one of storageClassName, persistentVolumeName")
+        raise ConfigError(where, "set exactly one of storageClassName, persistentVolumeName")
 
 
 def _validate_pods(pods: ModelServerPods) -> None:
     for i, patch in enumerate(pods.json_patches):
-        where = f"modelServerPods.jsonPatches[{i}]"
+        where = ("modelServerPods", "jsonPatches", i)
         if patch.get("op") not in _PATCH_OPS:
-            raise ConfigError(f"{where}.op: must be one of {', '.join(sorted(_PATCH_OPS))}")
+            raise ConfigError(where + ("op",), f"must be one of {', '.join(_PATCH_OPS)}")
         if not isinstance(patch.get("path"), str) or not (patch["path"] == "" or patch["path"].startswith("/")):
-            raise ConfigError(f"{where}.path: must be a JSON pointer starting with '/'")
+            raise ConfigError(where + ("path",), "must be a JSON pointer starting with '/'")
         if patch["op"] in ("add", "replace", "test") and "value" not in patch:
-            raise ConfigError(f"{where}.value: required for op {patch['op']}")
+            raise ConfigError(where + ("value",), f"required for op {patch['op']}")
         if patch["op"] in ("move", "copy") and not isinstance(patch.get("from"), str):
-            raise ConfigError(f"{where}.from: required for op {patch['op']}")
+            raise ConfigError(where + ("from",), f"required for op {patch['op']}")
     for i, secret in enumerate(pods.image_pull_secrets):
         if not secret.get("name"):
-            raise ConfigError(f"modelServerPods.imagePullSecrets[{i}].name: required")
+            raise ConfigError(("modelServerPods", "imagePullSecrets", i, "name"), "required")

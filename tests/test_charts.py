@@ -476,6 +476,9 @@ INVALID_KVGATE = [
     (["--set", "gateway.waitingRoom.timeoutSeconds=0"], "timeoutSeconds"),
     (["--set", "gateway.waitingRoom.maxWaitingPerModel=-5"], "maxWaitingPerModel"),
     (["--set", "gateway.logLevel=loud"], "logLevel"),
+    (["--set", "gateway.upstream.keepaliveSeconds=0"], "keepaliveSeconds"),
+    (["--set", "gateway.retries.maxRetry=1"], "maxRetry"),
+    (["--set", "modelAutoscaling.timeWindow=-5"], "timeWindow"),
     (["--set", "cacheProfiles.x.sharedFilesystem.storageClassName=a",
       "--set", "cacheProfiles.x.sharedFilesystem.persistentVolumeName=b"], "sharedFilesystem"),
     (["--set", "modelRollouts.surge=0"], "surge"),
@@ -536,6 +539,13 @@ def test_models_schema_follows_the_crd_and_the_kvgate_profiles() -> None:
     profiles = set(yaml.safe_load((KVGATE / "values.yaml").read_text())["resourceProfiles"])
     pattern = entry["properties"]["resourceProfile"]["pattern"]
     assert set(re.search(r"\^\(\((.*)\):", pattern).group(1).replace("\\.", ".").split("|")) == profiles
+
+
+def test_kvgate_values_schema_is_generated_from_the_config_dataclasses() -> None:
+    from lb_operator.values_schema import render
+
+    regenerate = "regenerate it: python -m lb_operator.values_schema charts/kvgate > charts/kvgate/values.schema.json"
+    assert (KVGATE / "values.schema.json").read_text() == render(KVGATE), regenerate
 
 
 def test_kvgate_schema_knows_every_engine() -> None:

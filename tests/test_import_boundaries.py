@@ -26,12 +26,6 @@ FORBIDDEN_PACKAGES = {
     "lb_operator": ("kvgate", "bench", "kvgate_sim"),
     "kvgate_sim": ("lb", "lb_operator", "bench", "kvgate"),
 }
-# Private decoder helpers the control plane still reads from lb.config; the shared schema
-# decoder replaces them with public names, and these entries go with them.
-PENDING_PRIVATE = {
-    ("lb_operator.system_config", "lb.config._build"), ("lb_operator.system_config", "lb.config._camel"),
-    ("lb_operator.local.config", "lb.config._build"),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +99,7 @@ def _violation(edge: Edge) -> str | None:
         if not any(_within(target, allowed) for allowed in OPERATOR_MAY_USE):
             return f"lb_operator may import from lb only {', '.join(OPERATOR_MAY_USE)}"
         private = [part for part in target.split(".")[1:] if part.startswith("_")]
-        if private and (edge.source, target) not in PENDING_PRIVATE:
+        if private:
             return f"lb_operator may use only public names of lb ({private[0]} is private)"
     return None
 
@@ -113,12 +107,6 @@ def _violation(edge: Edge) -> str | None:
 def test_no_forbidden_imports() -> None:
     found = [f"{edge}  [{why}]" for edge in ALL_EDGES if (why := _violation(edge))]
     assert not found, "imports across a boundary:\n" + "\n".join(found)
-
-
-def test_pending_private_imports_are_still_there() -> None:
-    """Each exception above names a real import; once it is gone, so must its entry be."""
-    seen = {(edge.source, edge.target) for edge in ALL_EDGES}
-    assert PENDING_PRIVATE <= seen, f"stale entries: {sorted(PENDING_PRIVATE - seen)}"
 
 
 def _unit(module: str) -> str:

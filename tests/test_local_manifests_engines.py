@@ -13,7 +13,7 @@ from lb.model import Model
 from lb_operator.local.config import LocalConfig, LocalEngine
 from lb_operator.local.engines import EngineUnavailable, check_engine, launch_hash, render_launch
 from lb_operator.local.manifests import ManifestError, parse_models, read_models_file
-from kvgate.settings import settings_from_dict
+from kvgate.settings import load_settings, settings_from_dict
 
 DOC = """\
 apiVersion: kvgate.dev/v1
@@ -47,7 +47,7 @@ def test_several_documents_and_empty_ones() -> None:
 @pytest.mark.parametrize("text, where", [
     (doc("a") + "---\n" + doc("a"), "f.yaml:14: metadata.name: model a is defined twice (first at line 4)"),
     (doc().replace("engine: Sim", "engine: Sims"), "f.yaml:7: model m: spec.engine"),
-    (doc().replace('args: ["--flag"]', "replicaz: 2"), "f.yaml:9: model m: spec.replicaz: unknown field"),
+    (doc().replace('args: ["--flag"]', "replicaz: 2"), "f.yaml:9: model m: spec.replicaz: unknown key"),
     (doc().replace("url: hf://org/repo", "url: ftp://x"), "f.yaml:6: model m: spec.url"),
     (doc().replace("kind: Model", "kind: Pod"), "f.yaml:2: model m: kind"),
     ("a: b: c\n", "f.yaml:1: not valid YAML"),
@@ -130,3 +130,17 @@ def test_local_section_in_the_settings_file() -> None:
         settings_from_dict({"local": {"engines": {"Nope": {}}}})
     with pytest.raises(ConfigError, match="local.graceSeconds: unknown key"):
         settings_from_dict({"local": {"graceSeconds": 1}})
+
+
+@pytest.mark.parametrize("text, where", [
+    ("server:\n  port: 8100\nmodelRollouts:\n  surge: 0\n", "4: modelRollouts.surge: must be >= 1, got 0"),
+    ("server:\n  port: 8100\nlocal:\n  engines:\n    Nope: {}\n", "5: local.engines.Nope: unknown engine"),
+    ("server:\n  port: 8100\nlocall: {}\n", "3: locall: unknown key; did you mean 'local'?"),
+    ("local:\n  stateDir: ''\n", "2: local.stateDir: must not be empty"),
+])
+def test_settings_file_errors_name_the_line_of_the_key(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "kvgate.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value).startswith(f"{path}:{where}")

@@ -251,13 +251,13 @@ def test_accepts_both_api_versions_and_writes_ours(api_version: str) -> None:
     [
         ({"apiVersion": "kubeai.org/v2"}, "apiVersion", "kubeai.org/v2"),
         ({"kind": "Pod"}, "kind", "'Pod'"),
-        ({"extra": 1}, "extra", "unknown field"),
-        ({"metadata": None}, "metadata", "expected object"),
+        ({"extra": 1}, "extra", "unknown key"),
+        ({"metadata": None}, "metadata", "expected a mapping"),
         ({"metadata": {}}, "metadata.name", "required"),
-        ({"metadata.name": 7}, "metadata.name", "expected string, got 7"),
-        ({"metadata.labels": {"a": 1}}, "metadata.labels.a", "expected string"),
+        ({"metadata.name": 7}, "metadata.name", "expected a string, got 7"),
+        ({"metadata.labels": {"a": 1}}, "metadata.labels.a", "expected a string"),
         ({"spec": None}, "spec", "required"),
-        ({"spec": []}, "spec", "expected object"),
+        ({"spec": []}, "spec", "expected a mapping"),
     ],
 )
 def test_envelope_errors(changes: dict[str, Any], field: str, fragment: str) -> None:
@@ -267,7 +267,7 @@ def test_envelope_errors(changes: dict[str, Any], field: str, fragment: str) -> 
 
 def test_wrong_type_message_names_field_path() -> None:
     err = rejection(manifest(**{"spec.maxReplicas": "abc"}))
-    assert str(err) == "spec.maxReplicas: expected integer, got 'abc'"
+    assert str(err) == "spec.maxReplicas: expected an integer, got 'abc'"
     assert err.field == "spec.maxReplicas" and isinstance(err, ValueError)
 
 
@@ -277,17 +277,17 @@ def test_wrong_type_message_names_field_path() -> None:
         ("spec.minReplicas", True, "spec.minReplicas", "integer"),  # YAML booleans are not numbers
         ("spec.targetRequests", 1.5, "spec.targetRequests", "integer"),
         ("spec.autoscalingDisabled", "yes", "spec.autoscalingDisabled", "boolean"),
-        ("spec.features", "TextGeneration", "spec.features", "array"),
+        ("spec.features", "TextGeneration", "spec.features", "a list"),
         ("spec.features", [1], "spec.features[0]", "string"),
         ("spec.url", 3, "spec.url", "string"),
         ("spec.args", ["--a", 2], "spec.args[1]", "string"),
         ("spec.env", {"PORT": 8000}, "spec.env.PORT", "string"),
-        ("spec.env", ["A=1"], "spec.env", "object"),
-        ("spec.envFrom", {"secretRef": {}}, "spec.envFrom", "array"),
+        ("spec.env", ["A=1"], "spec.env", "a mapping"),
+        ("spec.envFrom", {"secretRef": {}}, "spec.envFrom", "a list"),
         ("spec.adapters", [{"name": 5, "url": "hf://a/b"}], "spec.adapters[0].name", "string"),
-        ("spec.adapters", ["colorist"], "spec.adapters[0]", "object"),
+        ("spec.adapters", ["colorist"], "spec.adapters[0]", "a mapping"),
         ("spec.files", [{"path": "/a"}], "spec.files[0].content", "required"),
-        ("spec.loadBalancing", "PrefixHash", "spec.loadBalancing", "object"),
+        ("spec.loadBalancing", "PrefixHash", "spec.loadBalancing", "a mapping"),
         ("spec.loadBalancing.prefixHash.replication", "x", "spec.loadBalancing.prefixHash.replication", "integer"),
     ],
 )
@@ -307,7 +307,7 @@ def test_wrong_types_rejected_with_path(path: str, value: Any, field: str, expec
 )
 def test_unknown_spec_fields_rejected(path: str, field: str, suggestion: str) -> None:
     err = rejection(manifest(**{path: 1}))
-    assert err.field == field and "unknown field" in str(err) and suggestion in str(err)
+    assert err.field == field and "unknown key" in str(err) and suggestion in str(err)
 
 
 @pytest.mark.parametrize("missing", ["url", "engine", "features"])
@@ -909,4 +909,4 @@ def test_cli_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     bad.write_text(yaml.safe_dump_all([manifest(**{"spec.maxReplicas": 0}), BASE]))
     assert main(["validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "spec.maxReplicas: must be >= 1" in err and str(bad) in err
+    assert f"{bad}:9: model m: spec.maxReplicas: must be >= 1, got 0" in err

@@ -73,7 +73,7 @@ allowPodAddressOverride: true
     ({"resourceProfiles": {"x": {"requests": {"cpu": "lots"}}}}, "resourceProfiles.x.requests.cpu"),
     ({"resourceProfiles": {"x": {"requests": {"memory": "-1Gi"}}}}, "resourceProfiles.x.requests.memory"),
     ({"resourceProfiles": {"x": {"imagename": "cpu"}}}, "resourceProfiles.x.imagename: unknown key"),
-    ({"resourceProfiles": {"x": {"nodeSelector": {"a": 1}}}}, "resourceProfiles.x.nodeSelector.a: expected str"),
+    ({"resourceProfiles": {"x": {"nodeSelector": {"a": 1}}}}, "resourceProfiles.x.nodeSelector.a: expected a string"),
     ({"resourceProfiles": {"x": {"tolerations": [{"operator": "In"}]}}}, "resourceProfiles.x.tolerations[0].operator"),
     ({"resourceProfiles": {"a:b": {}}}, "resourceProfiles.a:b"),
     ({"modelServers": {"Triton": {"images": {"default": "t"}}}}, "modelServers.Triton: unknown engine"),
@@ -89,11 +89,11 @@ allowPodAddressOverride: true
     ({"modelServerPods": {"imagePullSecrets": [{}]}}, "modelServerPods.imagePullSecrets[0].name"),
     ({"modelServerPods": {"securityContext": "root"}}, "modelServerPods.securityContext: expected a mapping"),
     ({"modelRollouts": {"surge": 0}}, "modelRollouts.surge"),
-    ({"modelRollouts": {"surge": True}}, "modelRollouts.surge: expected int"),
+    ({"modelRollouts": {"surge": True}}, "modelRollouts.surge: expected an integer"),
     ({"secretNames": {"aws": ""}}, "secretNames.aws"),
     ({"modelLoading": {"image": ""}}, "modelLoading.image"),
     ({"bogus": 1}, "bogus: unknown key"),
-    ([], "config: expected a mapping"),
+    ([], "expected a mapping, got []"),
 ])
 def test_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as err:
@@ -104,7 +104,7 @@ def test_errors_name_the_key(data, key):
 def test_file_errors_name_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("modelRollouts: {surge: 0}\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: modelRollouts\.surge"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:1: modelRollouts\.surge"):
         load_system_config(path)
     path.write_text("a: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lb.config import ConfigError, _build
+from lb.config import ConfigError
 from lb.model import ENGINES
+from lb.schema import decode_object, setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,34 +34,27 @@ class LocalEngine:
 
 @dataclass(frozen=True, slots=True)
 class LocalConfig:
-    state_dir: str = ".kvgate"  # status file and per-replica logs; relative to the working dir
-    replica_host: str = "127.0.0.1"  # where replicas listen; the gateway reaches them there
-    grace_period_seconds: float = 10.0  # SIGTERM, then SIGKILL after this long
-    startup_timeout_seconds: float = 1800.0  # loading large weights can take many minutes
-    health_period_seconds: float = 5.0  # readiness re-check once a replica is up
-    restart_backoff_seconds: float = 0.5  # first delay after a crash, doubled per crash
-    max_restart_backoff_seconds: float = 60.0
-    reload_interval_seconds: float = 1.0  # how often the models file's mtime is checked
-    engines: dict[str, LocalEngine] = field(default_factory=dict)
+    state_dir: str = setting(".kvgate", doc="Status file and per-replica logs; relative to the working directory.",
+                             min_length=1)
+    replica_host: str = setting("127.0.0.1", doc="Where replicas listen; the gateway reaches them there.")
+    grace_period_seconds: float = setting(10.0, doc="SIGTERM, then SIGKILL after this long.", minimum=0)
+    startup_timeout_seconds: float = setting(1800.0, doc="How long a replica may take to become healthy "
+                                             "(loading large weights can take many minutes).", exclusive_minimum=0)
+    health_period_seconds: float = setting(5.0, doc="Readiness re-check once a replica is up.", exclusive_minimum=0)
+    restart_backoff_seconds: float = setting(0.5, doc="First delay after a crash, doubled per crash.",
+                                             exclusive_minimum=0)
+    max_restart_backoff_seconds: float = setting(60.0, doc="Longest delay between restarts.", exclusive_minimum=0)
+    reload_interval_seconds: float = setting(1.0, doc="How often the models file's mtime is checked.",
+                                             exclusive_minimum=0)
+    engines: dict[str, LocalEngine] = setting(factory=dict, doc="Per-engine overrides of the built-in command lines.")
 
 
 def local_config_from_dict(data: Any) -> LocalConfig:
-    """Build and validate the `local:` section; ConfigError names the bad key."""
-    config: LocalConfig = _build(LocalConfig, data if data is not None else {}, "local")
+    """Decode and validate the `local:` section; ConfigError names the bad key."""
+    config = decode_object(LocalConfig, data if data is not None else {}, "local")
     for engine in config.engines:
         if engine not in ENGINES:
-            raise ConfigError(f"local.engines.{engine}: unknown engine (known: {', '.join(ENGINES)})")
-    checks = [
-        (config.grace_period_seconds >= 0, "gracePeriodSeconds: must be >= 0"),
-        (config.startup_timeout_seconds > 0, "startupTimeoutSeconds: must be > 0"),
-        (config.health_period_seconds > 0, "healthPeriodSeconds: must be > 0"),
-        (config.restart_backoff_seconds > 0, "restartBackoffSeconds: must be > 0"),
-        (config.max_restart_backoff_seconds >= config.restart_backoff_seconds,
-         "maxRestartBackoffSeconds: must be >= restartBackoffSeconds"),
-        (config.reload_interval_seconds > 0, "reloadIntervalSeconds: must be > 0"),
-        (bool(config.state_dir), "stateDir: must not be empty"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"local.{message}")
+            raise ConfigError(("local", "engines", engine), f"unknown engine (known: {', '.join(ENGINES)})")
+    if config.max_restart_backoff_seconds < config.restart_backoff_seconds:
+        raise ConfigError("local.maxRestartBackoffSeconds", "must be >= restartBackoffSeconds")
     return config
