@@ -6,7 +6,7 @@
                             [--endpoints host:port,...]
 
 For every (concurrency, strategy) pair it starts fresh simulated vLLM replicas (one
-`python -m bench.sim --replicas N` process: cold KV caches every run), the real gateway in
+`python -m kvgate_sim --replicas N` process: cold KV caches every run), the real gateway in
 static-endpoints mode with that strategy, and drives them with the closed-loop load generator
 (`bench.loadgen`, in this process). Replica counters (vLLM's /metrics) are scraped at the edges of
 the measurement window, so warm-up traffic is excluded everywhere. Results go to
@@ -39,8 +39,8 @@ import aiohttp
 from bench import report
 from bench.loadgen import LoadConfig, LoadGenerator, LoadResult, ThreadPool
 from bench.procs import cpu_seconds, free_port, gateway_config, stop, wait_for_port
-from bench.sim.metrics import parse_metrics
-from bench.sim.profiles import get_profile, scale_profile
+from kvgate_sim.metrics import parse_metrics
+from kvgate_sim.profiles import get_profile, scale_profile
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("Random", "LeastLoad", "PrefixHash")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = p.add_argument_group("simulated replicas (ignored with --endpoints)")
     sim.add_argument("--profile", default="cpu-scaled")
     sim.add_argument("--capacity", type=float,
-                     help="shrink --profile by this factor (see bench/sim/profiles.py)")
+                     help="shrink --profile by this factor (see sim/profiles.py)")
     sim.add_argument("--time-scale", type=float)
     sim.add_argument("--kv-blocks", type=int)
     sim.add_argument("--max-num-seqs", type=int)
@@ -252,7 +252,7 @@ class Stack:
 
     def _sim_cmd(self) -> list[str]:
         s = self.s
-        cmd = [sys.executable, "-m", "bench.sim", "--port", str(self.sim_port), "--replicas",
+        cmd = [sys.executable, "-m", "kvgate_sim", "--port", str(self.sim_port), "--replicas",
                str(s.replicas), "--profile", s.profile, "--model-name", s.model,
                "--seed", str(s.seed)]
         flags = {"time_scale": "--time-scale", "num_kv_blocks": "--kv-blocks",

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return local_main(argv)
     if argv[:1] == ["sim"]:
-        from bench.sim.cli import main as sim_main  # the simulator is a bench tool, loaded lazily
+        from kvgate_sim.cli import main as sim_main  # the simulator engine, loaded lazily
 
         return sim_main(argv[1:])
     args = parser.parse_args(argv)
