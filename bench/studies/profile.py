@@ -1,12 +1,12 @@
 """Where the gateway's CPU goes under load: py-spy samples of a saturated kvgate, summarised.
 
-It starts the fast backend and ``kvgate gateway`` (pinned as in ``proxy_bench.py``), drives
+It starts the fast backend and ``kvgate gateway`` (pinned as in the peers study), drives
 them with wrk (64 connections) for the JSON or the 20-chunk SSE shape, and records the gateway
 with ``py-spy record --native`` (Python and C frames). The summary groups the samples by
 where they end (system calls, the GC, uvicorn, the proxy, the upstream pool, the event loop)
 and lists the top frames, so a missed target can be traced to what costs.
 
-    python -m bench.profile_gateway [--shape json|sse-20] [--duration 10] [--out bench/results]
+    python -m bench profile [--shape json|sse-20] [--duration 10] [--out bench/results]
 
 py-spy must be on $PATH or next to the Python running this (it is a pip package).
 """
@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.load_tools import CHAT_BODY, run_wrk
 from bench.procs import cpu_seconds, free_port, gateway_config, pinned, spawn, stop, wait_for_port
-from bench.proxy_bench import CHAT_BODY, run_wrk
 
 # (group, pattern on the leaf frame or on any frame, where) in priority order
 _GROUPS = [
@@ -43,7 +43,8 @@ _GROUPS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench profile",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("json", "sse-20"), default="json")
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
