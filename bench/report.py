@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 import orjson
 
 from bench.loadgen import LoadResult
-from bench.results import dump_json, table
+from bench.results import check, dump_json, table, targets_table
 
 STRATEGY_ORDER = ("Random", "LeastLoad", "PrefixHash")
 STRATEGY_LABEL = {"Random": "Random (K8s Service)", "LeastLoad": "LeastLoad",
@@ -177,37 +177,33 @@ def _find(runs: list[dict], strategy: str, concurrency: int) -> Optional[dict]:
 
 # --- acceptance ----------------------------------------------------------------------------------
 
-def acceptance(runs: list[dict], control: bool) -> list[tuple[str, bool]]:
-    """The issue's checks at the highest concurrency, as (description, passed) pairs."""
+def acceptance(runs: list[dict], control: bool) -> list[dict]:
+    """The issue's checks (``bench.results.check``): at the highest concurrency, PrefixHash
+    against Random with LeastLoad between them; on the control, parity at every concurrency."""
     if not runs:
         return []
-    top = max(r["concurrency"] for r in runs)
-    at = {r["strategy"]: r["client"] for r in runs if r["concurrency"] == top}
     if control:
         return _parity_checks(runs)
+    top = max(r["concurrency"] for r in runs)
+    at = {r["strategy"]: r["client"] for r in runs if r["concurrency"] == top}
     if not {"Random", "PrefixHash"} <= set(at):
         return []
-    rnd, ph = at["Random"], at["PrefixHash"]
-    ttft_ratio = ph["ttft_mean_ms"] / rnd["ttft_mean_ms"]
-    tput_ratio = ph["total_tokens_per_s"] / rnd["total_tokens_per_s"]
-    checks = [
-        (f"{top} threads: PrefixHash mean TTFT = {ttft_ratio:.3f}x Random's "
-         f"(need <= {TTFT_RATIO_MAX})", ttft_ratio <= TTFT_RATIO_MAX),
-        (f"{top} threads: PrefixHash throughput = {tput_ratio:.2f}x Random's "
-         f"(need >= {THROUGHPUT_RATIO_MIN})", tput_ratio >= THROUGHPUT_RATIO_MIN),
-    ]
-    if "LeastLoad" in at:
-        ll = at["LeastLoad"]
-        between_t = ph["ttft_mean_ms"] <= ll["ttft_mean_ms"] <= rnd["ttft_mean_ms"]
-        between_x = rnd["total_tokens_per_s"] <= ll["total_tokens_per_s"] <= \
-            ph["total_tokens_per_s"]
-        checks.append((f"{top} threads: LeastLoad between Random and PrefixHash "
-                       f"(TTFT {ll['ttft_mean_ms']:.0f} ms, "
-                       f"{ll['total_tokens_per_s']:.0f} tokens/s)", between_t and between_x))
+    ttft = {name: client["ttft_mean_ms"] for name, client in at.items()}
+    tput = {name: client["total_tokens_per_s"] for name, client in at.items()}
+    checks = [check(f"{top} threads: PrefixHash mean TTFT ÷ Random's",
+                    ttft["PrefixHash"] / ttft["Random"], TTFT_RATIO_MAX),
+              check(f"{top} threads: PrefixHash throughput ÷ Random's",
+                    tput["PrefixHash"] / tput["Random"], THROUGHPUT_RATIO_MIN, True)]
+    if "LeastLoad" in at:  # between the two: no slower than Random, no faster than PrefixHash
+        for better, worse in (("LeastLoad", "Random"), ("PrefixHash", "LeastLoad")):
+            checks.append(check(f"{top} threads: {better} mean TTFT ÷ {worse}'s",
+                                ttft[better] / ttft[worse], 1.0))
+            checks.append(check(f"{top} threads: {better} throughput ÷ {worse}'s",
+                                tput[better] / tput[worse], 1.0, True))
     return checks
 
 
-def _parity_checks(runs: list[dict]) -> list[tuple[str, bool]]:
+def _parity_checks(runs: list[dict]) -> list[dict]:
     checks = []
     for c in sorted({r["concurrency"] for r in runs}):
         at = [r["client"] for r in runs if r["concurrency"] == c]
@@ -216,9 +212,15 @@ def _parity_checks(runs: list[dict]) -> list[tuple[str, bool]]:
         for key, label in (("ttft_mean_ms", "mean TTFT"), ("total_tokens_per_s", "throughput")):
             vals = [a[key] for a in at]
             spread = max(vals) / min(vals) - 1 if min(vals) > 0 else math.inf
-            checks.append((f"{c} threads: {label} within {spread:.0%} across strategies "
-                           f"(need <= {CONTROL_SPREAD_MAX:.0%})", spread <= CONTROL_SPREAD_MAX))
+            checks.append(check(f"{c} threads: {label} spread across strategies (max ÷ min − 1)",
+                                spread, CONTROL_SPREAD_MAX))
     return checks
+
+
+def verdicts(checks: list[dict]) -> list[str]:
+    """One "[PASS]"/"[FAIL]" line per check, for the terminal."""
+    return [f"[{'PASS' if c['met'] else 'FAIL'}] {c['target']}: {c['measured']:.3f} "
+            f"({'≥' if c['higher_is_better'] else '≤'} {c['limit']:g})" for c in checks]
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -245,8 +247,7 @@ def markdown(doc: dict) -> str:
         "## Prefix-cache hit rate (requests) per replica", "", hit_rate_table(runs), "",
     ]
     if checks:
-        parts += ["## Acceptance", ""] + [f"- [{'x' if ok else ' '}] {text}"
-                                          for text, ok in checks] + [""]
+        parts += ["## Acceptance", "", targets_table(checks, digits=3), ""]
     charts = meta.get("charts") or []
     if charts:
         parts += ["## Charts", ""] + [f"![{Path(c).stem}]({Path(c).name})" for c in charts] + [""]
@@ -319,7 +320,6 @@ def redraw(paths: Sequence[Path]) -> int:
     """Rebuild the markdown and charts of saved runs, printing their acceptance checks."""
     for path in paths:
         doc = orjson.loads(path.read_bytes())
-        for text, ok in acceptance(doc["runs"], doc["meta"].get("control", False)):
-            print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+        print("\n".join(verdicts(acceptance(doc["runs"], doc["meta"].get("control", False)))))
         print(write_all(doc, path.parent))
     return 0

@@ -17,8 +17,8 @@ Cell = Any
 
 
 def row(cells: Iterable[Cell]) -> str:
-    """One markdown table line."""
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+    """One markdown table line (a ``|`` inside a cell is escaped so it cannot split it)."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 def table(headers: Sequence[str], rows: Iterable[Iterable[Cell]], align: str = "") -> str:

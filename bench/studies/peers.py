@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = _workers_scaling(duration, args.connections) if "workers" not in skip else {}
     result = {"settings": {"duration_s": duration, "connections": args.connections,
                            "rate": args.rate, "cores": os.cpu_count(),
+                           "proxy_only": args.proxy_only,
                            "ring": IMPLEMENTATION, "python": platform.python_version(),
                            "versions": _versions(litellm),
                            "load_average_1m": [load_before, os.getloadavg()[0]]},
@@ -324,7 +325,7 @@ def _saturation(paths: list[Route], shapes: dict[str, str], duration: int,
             if instructions is not None:
                 row.extra["k_instructions"] = instructions / max(1, result["requests"]) / 1e3
             rows.append(row)
-            print(f"  {path.name:8s} {shape:7s} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.2f} ms  "
+            print(f"  {path.name:8s} {shape:12s} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.2f} ms  "
                   f"CPU {row.cpu_us:6.0f} µs/req", flush=True)
     base = {r.shape: r for r in rows if r.path == "direct"}
     for row in rows:
@@ -512,7 +513,8 @@ def _targets(rows: list[Row], at_rate: list[dict[str, float]],
 
 def _markdown(result: dict) -> str:  # type: ignore[type-arg]
     s = result["settings"]
-    lines = [f"Peers, one run: wrk -t1 -c{s['connections']}, {s['duration_s']} s per cell, "
+    title = "Gateway overhead (--proxy-only)" if s.get("proxy_only") else "Peers"
+    lines = [f"{title}, one run: wrk -t1 -c{s['connections']}, {s['duration_s']} s per cell, "
              f"{s['cores']} cores; proxy pinned to one core; load average "
              f"{s['load_average_1m'][0]:.1f} before, {s['load_average_1m'][1]:.1f} after "
              "(other work on the machine shows as lower 'cores used'). Versions: "

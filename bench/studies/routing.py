@@ -488,8 +488,8 @@ async def run_all(s: Settings, argv: list[str], out: Path, tag: str, with_charts
     doc["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     paths = report.write_all(doc, out, with_charts=with_charts)
     print("\n" + report.kubeai_table(doc["runs"]) + "\n")
-    for text, ok in report.acceptance(doc["runs"], s.control):
-        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    for line in report.verdicts(report.acceptance(doc["runs"], s.control)):
+        print(line)
     print(f"done in {doc['meta']['elapsed_s']:.0f} s; wrote " + ", ".join(paths.values()))
     return doc
 
