@@ -121,14 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ring implementation: {IMPLEMENTATION}; cores: {os.cpu_count()}", flush=True)
     litellm = _find_litellm(args.litellm) if "litellm" not in skip else None
     load_before = os.getloadavg()[0]
-    with ExitStack() as stack:
-        paths = _start_paths(stack, litellm, skip)
-        rows = _saturation(paths, SHAPES, duration, args.connections)
-        at_rate = _latency_at_rate(paths, args.rate, duration)
-    if args.proxy_only:
-        with ExitStack() as stack:
-            paths = _start_paths(stack, None, skip, chunk_gap_ms=1)
-            rows += _saturation(paths, PACED_SHAPES, duration, args.connections)
+    rows, at_rate = _proxies(litellm, skip, duration, args.connections, args.rate,
+                             paced=args.proxy_only)
     workers = _workers_scaling(duration, args.connections) if "workers" not in skip else {}
     result = {"settings": {"duration_s": duration, "connections": args.connections,
                            "rate": args.rate, "cores": os.cpu_count(),
@@ -146,6 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     chart(result, args.out / f"{name}.png")
     print("wrote " + ", ".join(map(str, written)) + f", {args.out / name}.png")
     return 0
+
+
+def _proxies(litellm: str | None, skip: set[str], duration: int, connections: int, rate: int,
+             paced: bool) -> tuple[list[Row], list[dict[str, float]]]:
+    """Every path saturated with each shape, then offered ``rate``; with ``paced``, the paths
+    again in front of a backend that paces its stream's chunks (``PACED_SHAPES``)."""
+    with ExitStack() as stack:
+        paths = _start_paths(stack, litellm, skip)
+        rows = _saturation(paths, SHAPES, duration, connections)
+        at_rate = _latency_at_rate(paths, rate, duration)
+    if paced:
+        with ExitStack() as stack:
+            paths = _start_paths(stack, None, skip, chunk_gap_ms=1)
+            rows += _saturation(paths, PACED_SHAPES, duration, connections)
+    return rows, at_rate
 
 
 # -- the paths ------------------------------------------------------------------------------------

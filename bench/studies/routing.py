@@ -39,7 +39,7 @@ import aiohttp
 
 from bench import report
 from bench.loadgen import LoadConfig, LoadGenerator, LoadResult, ThreadPool
-from bench.procs import cpu_seconds, free_port, gateway_config, stop, wait_for_port
+from bench.procs import cpu_seconds, free_port, gateway_config, spawn, stop, wait_for_port
 from kvgate_sim.metrics import parse_metrics
 from kvgate_sim.profiles import get_profile, scale_profile
 
@@ -201,13 +201,10 @@ def _pick(value: Optional[float], default: float) -> float:
 def launch(cmd: list[str], log: Path, cpu: Optional[int] = None) -> subprocess.Popen[bytes]:
     """Start a child from the repo root, output to a log file (a pipe nobody reads could fill
     and stall it mid-run), optionally pinned to one CPU."""
-    if cpu is not None and (os.cpu_count() or 1) > 1:
-        cmd = ["taskset", "-c", str(cpu), *cmd]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(log, "ab") as fh:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        return spawn(cmd, cpu, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
 def consecutive_free_ports(n: int) -> int:

@@ -17,9 +17,9 @@
    serving the requests, not tearing down 10,000 connections (which ``connection: close``
    would add: ~35 µs of gateway CPU and ~40 µs of client CPU per connection on this machine).
    It runs ``--rounds`` times (3) and reports the run with the median drain.
-3. **Ring lookups as endpoints grow** to 1,024 (the ring study's rings, ``bench.rings``: 256 vnodes each, every
-   endpoint with requests in flight), with the per-process loads and with the shared table
-   that ``--workers`` uses: pick, and acquire+release.
+3. **Ring lookups as endpoints grow** to 1,024 (the ring study's rings, ``bench.rings``: 256
+   vnodes each, every endpoint with requests in flight), with the per-process loads and with
+   the shared table that ``--workers`` uses: pick, and acquire+release.
 
     python -m bench scale [--streams 1000,10000] [--waiting 10000] [--rounds 3] [--quick]
     python -m bench scale --only waiting    # one part (or a comma list); prints only
