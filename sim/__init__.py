@@ -1,7 +1,7 @@
 """A faithful vLLM simulator: continuous batching, paged KV cache with prefix caching, LoRA slots,
 vLLM's metrics and OpenAI API, served over real HTTP.
 
-In-process use (tests, the benchmark harness)::
+In-process use (tests, the routing study)::
 
     from kvgate_sim import start_replicas
     cluster = await start_replicas(8, profile="cpu-scaled", model_name="llama")
