@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The kvgate image: gateway + operator (`kvgate serve`), and the vLLM simulator the Sim engine
-# runs (`python -m bench.sim`). Build: docker build -t ghcr.io/kvgate/kvgate:0.1.0 .
+# runs (`python -m kvgate_sim`). Build: docker build -t ghcr.io/kvgate/kvgate:0.1.0 .
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -15,7 +15,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY lb ./lb
 COPY operator ./operator
 COPY kvgate ./kvgate
-COPY bench ./bench
+COPY sim ./sim
 RUN python -m venv /opt/kvgate \
  && /opt/kvgate/bin/pip install --upgrade pip \
  && /opt/kvgate/bin/pip wheel --no-deps --wheel-dir /wheels . \

@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: install build helm run test bench-ring bench-proxy bench-peers bench-scale clean
+.PHONY: install build helm run test clean bench-routing bench-ring bench-upstream bench-peers \
+	bench-proxy bench-scale bench-profile
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,17 +32,29 @@ run: build
 test: build helm
 	$(BIN)/python -m pytest -q
 
-bench-ring: build
-	$(BIN)/python bench/ring_bench.py
+# One target per study of `python -m bench` (bench/README.md); options go in ARGS,
+# e.g. `make bench-routing ARGS=--quick`.
+bench-routing: build
+	$(BIN)/python -m bench routing $(ARGS)
 
-bench-proxy: build
-	$(BIN)/python bench/proxy_bench.py
+bench-ring: build
+	$(BIN)/python -m bench ring $(ARGS)
+
+bench-upstream: build
+	$(BIN)/python -m bench upstream $(ARGS)
 
 bench-peers: build
-	$(BIN)/python -m bench.peers_bench
+	$(BIN)/python -m bench peers $(ARGS)
+
+# The peers study's gateway-overhead mode: direct, kvgate and the bare proxy only.
+bench-proxy: build
+	$(BIN)/python -m bench peers --proxy-only $(ARGS)
 
 bench-scale: build
-	$(BIN)/python -m bench.scale_bench
+	$(BIN)/python -m bench scale $(ARGS)
+
+bench-profile: build
+	$(BIN)/python -m bench profile $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info lb/_chwbl.c lb/*.so

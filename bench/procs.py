@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
@@ -22,12 +22,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(cmd: list[str], cpu: int | None = None, **kwargs: object) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` from the repo root (so ``-m bench.x`` resolves), optionally on one CPU."""
-    if cpu is not None and (os.cpu_count() or 1) > 1:
-        cmd = ["taskset", "-c", str(cpu), *cmd]
-    return subprocess.Popen(cmd, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, **kwargs)
+def pinned_cmd(cmd: list[str], cpu: int | None) -> list[str]:
+    """``cmd`` run on one CPU (``taskset``) when there is more than one and ``cpu`` is given."""
+    if cpu is None or (os.cpu_count() or 1) < 2:
+        return cmd
+    return ["taskset", "-c", str(cpu), *cmd]
+
+
+def spawn(cmd: list[str], cpu: int | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session from the repo root (so ``-m bench.x`` resolves: bench is
+    not installed), optionally on one CPU; stdout is dropped unless ``kwargs`` says otherwise."""
+    kwargs.setdefault("stdout", subprocess.DEVNULL)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen(pinned_cmd(cmd, cpu), cwd=_REPO, start_new_session=True, **kwargs)
 
 
 def pinned(pid: int, cpu: int) -> None:

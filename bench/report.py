@@ -1,21 +1,21 @@
-"""Turning load-generator records and replica counters into the benchmark's numbers, tables and
-charts (KubeAI's two plots: mean TTFT vs concurrency, throughput vs concurrency).
+"""The routing study's figures: load-generator records and replica counters turned into numbers,
+tables and charts (KubeAI's two plots: mean TTFT vs concurrency, throughput vs concurrency).
 
-Kept apart from the harness so the arithmetic can be tested and re-run on a saved JSON file
-(`python -m bench.report bench/results/multi-turn.json` rebuilds the markdown and PNGs).
+Kept apart from the study so the arithmetic can be tested and re-run on a saved JSON file
+(`python -m bench routing --redraw bench/results/multi-turn.json` rebuilds the markdown and PNGs).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import orjson
 
 from bench.loadgen import LoadResult
+from bench.results import check, dump_json, table, targets_table
 
 STRATEGY_ORDER = ("Random", "LeastLoad", "PrefixHash")
 STRATEGY_LABEL = {"Random": "Random (K8s Service)", "LeastLoad": "LeastLoad",
@@ -131,48 +131,41 @@ def _ordered(runs: Iterable[dict]) -> list[dict]:
 def kubeai_table(runs: list[dict]) -> str:
     """KubeAI's layout: one row per concurrency, 'mean TTFT ms / total tokens/s' per strategy."""
     strategies = [s for s in STRATEGY_ORDER if any(r["strategy"] == s for r in runs)]
-    head = "| concurrent threads | " + " | ".join(STRATEGY_LABEL[s] for s in strategies) + " |"
-    lines = [head, "|---" * (len(strategies) + 1) + "|"]
+    rows = []
     for c in sorted({r["concurrency"] for r in runs}):
-        cells = []
-        for s in strategies:
-            run = _find(runs, s, c)
-            cells.append("–" if run is None else
-                         f"{_fmt(run['client']['ttft_mean_ms'])} / "
-                         f"{_fmt(run['client']['total_tokens_per_s'])}")
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        found = [_find(runs, s, c) for s in strategies]
+        rows.append([c, *("–" if run is None else
+                          f"{_fmt(run['client']['ttft_mean_ms'])} / "
+                          f"{_fmt(run['client']['total_tokens_per_s'])}" for run in found)])
+    return table(["concurrent threads", *(STRATEGY_LABEL[s] for s in strategies)], rows,
+                 "l" * (len(strategies) + 1))
 
 
 def detail_table(runs: list[dict]) -> str:
     cols = ("conc", "strategy", "TTFT mean", "p50", "p90", "p99", "engine TTFT", "ITL mean",
-            "out tok/s",
-            "total tok/s", "req/s", "hit rate", "req/replica min–max (CV)", "failed",
-            "CPU gw / lg / sim / other")
-    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    for r in _ordered(runs):
-        c, rep, cpu = r["client"], r["replicas"], r["cpu"]
-        lines.append("| " + " | ".join((
-            str(r["concurrency"]), r["strategy"], _fmt(c["ttft_mean_ms"]), _fmt(c["ttft_p50_ms"]),
+            "out tok/s", "total tok/s", "req/s", "hit rate", "req/replica min–max (CV)",
+            "failed", "CPU gw / lg / sim / other")
+    return table(cols, (_detail_row(r) for r in _ordered(runs)), "l" * len(cols))
+
+
+def _detail_row(r: dict) -> tuple[str, ...]:
+    c, rep, cpu = r["client"], r["replicas"], r["cpu"]
+    return (str(r["concurrency"]), r["strategy"], _fmt(c["ttft_mean_ms"]), _fmt(c["ttft_p50_ms"]),
             _fmt(c["ttft_p90_ms"]), _fmt(c["ttft_p99_ms"]), _fmt(rep["engine_ttft_mean_ms"]),
-            _fmt(c["itl_mean_ms"], 1),
-            _fmt(c["output_tokens_per_s"]), _fmt(c["total_tokens_per_s"]),
-            _fmt(c["requests_per_s"], 1), f"{rep['hit_rate']:.0%}",
+            _fmt(c["itl_mean_ms"], 1), _fmt(c["output_tokens_per_s"]),
+            _fmt(c["total_tokens_per_s"]), _fmt(c["requests_per_s"], 1),
+            f"{rep['hit_rate']:.0%}",
             f"{rep['requests_min']}–{rep['requests_max']} ({_fmt(rep['requests_cv'], 2)})",
             str(c["failed"] + c["unfinished"]),
-            " / ".join(_fmt(cpu.get(k), 2) for k in ("gateway", "loadgen", "simulator", "other")),
-        )) + " |")
-    return "\n".join(lines)
+            " / ".join(_fmt(cpu.get(k), 2) for k in ("gateway", "loadgen", "simulator", "other")))
 
 
 def hit_rate_table(runs: list[dict]) -> str:
     n = max((len(r["replicas"]["per_replica"]) for r in runs), default=0)
-    lines = ["| conc | strategy | " + " | ".join(f"r{i}" for i in range(n)) + " |",
-             "|---" * (n + 2) + "|"]
-    for r in _ordered(runs):
-        cells = [f"{p['hit_rate']:.0%} ({p['requests']})" for p in r["replicas"]["per_replica"]]
-        lines.append(f"| {r['concurrency']} | {r['strategy']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return table(["conc", "strategy", *(f"r{i}" for i in range(n))],
+                 ([r["concurrency"], r["strategy"],
+                   *(f"{p['hit_rate']:.0%} ({p['requests']})" for p in r["replicas"]["per_replica"])]
+                  for r in _ordered(runs)), "l" * (n + 2))
 
 
 def _find(runs: list[dict], strategy: str, concurrency: int) -> Optional[dict]:
@@ -184,37 +177,33 @@ def _find(runs: list[dict], strategy: str, concurrency: int) -> Optional[dict]:
 
 # --- acceptance ----------------------------------------------------------------------------------
 
-def acceptance(runs: list[dict], control: bool) -> list[tuple[str, bool]]:
-    """The issue's checks at the highest concurrency, as (description, passed) pairs."""
+def acceptance(runs: list[dict], control: bool) -> list[dict]:
+    """The issue's checks (``bench.results.check``): at the highest concurrency, PrefixHash
+    against Random with LeastLoad between them; on the control, parity at every concurrency."""
     if not runs:
         return []
-    top = max(r["concurrency"] for r in runs)
-    at = {r["strategy"]: r["client"] for r in runs if r["concurrency"] == top}
     if control:
         return _parity_checks(runs)
+    top = max(r["concurrency"] for r in runs)
+    at = {r["strategy"]: r["client"] for r in runs if r["concurrency"] == top}
     if not {"Random", "PrefixHash"} <= set(at):
         return []
-    rnd, ph = at["Random"], at["PrefixHash"]
-    ttft_ratio = ph["ttft_mean_ms"] / rnd["ttft_mean_ms"]
-    tput_ratio = ph["total_tokens_per_s"] / rnd["total_tokens_per_s"]
-    checks = [
-        (f"{top} threads: PrefixHash mean TTFT = {ttft_ratio:.3f}x Random's "
-         f"(need <= {TTFT_RATIO_MAX})", ttft_ratio <= TTFT_RATIO_MAX),
-        (f"{top} threads: PrefixHash throughput = {tput_ratio:.2f}x Random's "
-         f"(need >= {THROUGHPUT_RATIO_MIN})", tput_ratio >= THROUGHPUT_RATIO_MIN),
-    ]
-    if "LeastLoad" in at:
-        ll = at["LeastLoad"]
-        between_t = ph["ttft_mean_ms"] <= ll["ttft_mean_ms"] <= rnd["ttft_mean_ms"]
-        between_x = rnd["total_tokens_per_s"] <= ll["total_tokens_per_s"] <= \
-            ph["total_tokens_per_s"]
-        checks.append((f"{top} threads: LeastLoad between Random and PrefixHash "
-                       f"(TTFT {ll['ttft_mean_ms']:.0f} ms, "
-                       f"{ll['total_tokens_per_s']:.0f} tokens/s)", between_t and between_x))
+    ttft = {name: client["ttft_mean_ms"] for name, client in at.items()}
+    tput = {name: client["total_tokens_per_s"] for name, client in at.items()}
+    checks = [check(f"{top} threads: PrefixHash mean TTFT ÷ Random's",
+                    ttft["PrefixHash"] / ttft["Random"], TTFT_RATIO_MAX),
+              check(f"{top} threads: PrefixHash throughput ÷ Random's",
+                    tput["PrefixHash"] / tput["Random"], THROUGHPUT_RATIO_MIN, True)]
+    if "LeastLoad" in at:  # between the two: no slower than Random, no faster than PrefixHash
+        for better, worse in (("LeastLoad", "Random"), ("PrefixHash", "LeastLoad")):
+            checks.append(check(f"{top} threads: {better} mean TTFT ÷ {worse}'s",
+                                ttft[better] / ttft[worse], 1.0))
+            checks.append(check(f"{top} threads: {better} throughput ÷ {worse}'s",
+                                tput[better] / tput[worse], 1.0, True))
     return checks
 
 
-def _parity_checks(runs: list[dict]) -> list[tuple[str, bool]]:
+def _parity_checks(runs: list[dict]) -> list[dict]:
     checks = []
     for c in sorted({r["concurrency"] for r in runs}):
         at = [r["client"] for r in runs if r["concurrency"] == c]
@@ -223,9 +212,15 @@ def _parity_checks(runs: list[dict]) -> list[tuple[str, bool]]:
         for key, label in (("ttft_mean_ms", "mean TTFT"), ("total_tokens_per_s", "throughput")):
             vals = [a[key] for a in at]
             spread = max(vals) / min(vals) - 1 if min(vals) > 0 else math.inf
-            checks.append((f"{c} threads: {label} within {spread:.0%} across strategies "
-                           f"(need <= {CONTROL_SPREAD_MAX:.0%})", spread <= CONTROL_SPREAD_MAX))
+            checks.append(check(f"{c} threads: {label} spread across strategies (max ÷ min − 1)",
+                                spread, CONTROL_SPREAD_MAX))
     return checks
+
+
+def verdicts(checks: list[dict]) -> list[str]:
+    """One "[PASS]"/"[FAIL]" line per check, for the terminal."""
+    return [f"[{'PASS' if c['met'] else 'FAIL'}] {c['target']}: {c['measured']:.3f} "
+            f"({'≥' if c['higher_is_better'] else '≤'} {c['limit']:g})" for c in checks]
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -252,8 +247,7 @@ def markdown(doc: dict) -> str:
         "## Prefix-cache hit rate (requests) per replica", "", hit_rate_table(runs), "",
     ]
     if checks:
-        parts += ["## Acceptance", ""] + [f"- [{'x' if ok else ' '}] {text}"
-                                          for text, ok in checks] + [""]
+        parts += ["## Acceptance", "", targets_table(checks, digits=3), ""]
     charts = meta.get("charts") or []
     if charts:
         parts += ["## Charts", ""] + [f"![{Path(c).stem}]({Path(c).name})" for c in charts] + [""]
@@ -313,7 +307,7 @@ def write_all(doc: dict, out_dir: Path, with_charts: bool = True) -> dict[str, s
     if with_charts and doc["runs"]:
         doc["meta"]["charts"] = [str(Path(p).name) for p in charts(doc, out_dir)]
     js = out_dir / f"{name}.json"
-    js.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    dump_json(js, doc)
     md = out_dir / f"{name}.md"
     md.write_text(markdown(doc))
     paths["json"], paths["markdown"] = str(js), str(md)
@@ -322,19 +316,10 @@ def write_all(doc: dict, out_dir: Path, with_charts: bool = True) -> dict[str, s
     return paths
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print("usage: python -m bench.report RESULTS.json [...]", file=sys.stderr)
-        return 2
-    for arg in args:
-        path = Path(arg)
+def redraw(paths: Sequence[Path]) -> int:
+    """Rebuild the markdown and charts of saved runs, printing their acceptance checks."""
+    for path in paths:
         doc = orjson.loads(path.read_bytes())
-        for text, ok in acceptance(doc["runs"], doc["meta"].get("control", False)):
-            print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+        print("\n".join(verdicts(acceptance(doc["runs"], doc["meta"].get("control", False)))))
         print(write_all(doc, path.parent))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -58,7 +58,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _sim(argv: list[str]) -> int:
     """The simulator parses its own arguments (`kvgate sim --help`)."""
-    from bench.sim.cli import main as sim_main
+    from kvgate_sim.cli import main as sim_main
 
     return sim_main(argv)
 

@@ -2,7 +2,7 @@
 
 Everything runs on the test's event loop over real HTTP: the fake API server
 (tests/kube_fake.py), each gateway replica (`lb_operator.kube.manager.ClusterOperator` feeding a real
-`lb.app.Gateway` served by `lb.server.serve`), and simulated vLLM replicas (bench.sim) that the
+`lb.app.Gateway` served by `lb.server.serve`), and simulated vLLM replicas (kvgate_sim) that the
 ``Kubelet`` starts for Pods the operator creates. The Kubelet plays the node: it gives a new Pod a
 simulator on 127.0.0.1, records the port in the Pod's port annotation (what the operator reads
 for the endpoint address), marks it Ready, and stops the simulator once the Pod is gone.
@@ -24,7 +24,7 @@ import pytest
 
 from aiohttp import web
 
-from bench.sim.cluster import Replica
+from kvgate_sim.cluster import Replica
 from lb.config import config_from_dict
 from lb.app import Gateway
 from lb.model import GROUP, PLURAL, VERSION

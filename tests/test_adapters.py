@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bench.sim.cluster import Replica as SimReplica
+from kvgate_sim.cluster import Replica as SimReplica
 from lb.model import Model
 from lb.registry import Registry
 from lb_operator.loader import LOADER_CONTAINER, LOADER_PORT_ANNOTATION, AdapterStore, loader_app

@@ -14,7 +14,7 @@ from aiohttp import web
 from kubernetes_asyncio.client import CustomObjectsApi
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from bench.sim.cluster import Replica as SimReplica
+from kvgate_sim.cluster import Replica as SimReplica
 from lb.metrics import GatewayMetrics
 from lb.model import GROUP, PLURAL, VERSION, Model
 from lb_operator.autoscaler import Autoscaler

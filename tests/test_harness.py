@@ -1,4 +1,4 @@
-"""The benchmark harness end to end (real simulator, real gateway, real load generator), plus
+"""The routing study end to end (real simulator, real gateway, real load generator), plus
 the small pure pieces it is built from."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from bench import report
-from bench.harness import build_parser, settings_from_args
+from bench.studies.routing import build_parser, settings_from_args
 from bench.procs import gateway_config
 from bench.loadgen import LoadResult, RequestRecord, ThreadPool, join_mid_thread
 from lb.config import config_from_dict
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_harness_end_to_end_writes_sane_results(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "bench.harness", "--profile", "fast", "--replicas", "2",
+    cmd = [sys.executable, "-m", "bench", "routing", "--profile", "fast", "--replicas", "2",
            "--concurrency", "2,4", "--warmup", "0.5", "--duration", "2", "--drain", "5",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -107,5 +107,8 @@ def test_acceptance_checks() -> None:
         return {"strategy": strategy, "concurrency": 160,
                 "client": {"ttft_mean_ms": ttft, "total_tokens_per_s": tput}}
     runs = [run("Random", 3000, 1000), run("LeastLoad", 500, 2000), run("PrefixHash", 200, 2500)]
-    assert all(ok for _, ok in report.acceptance(runs, control=False))
-    assert not all(ok for _, ok in report.acceptance(runs, control=True))
+    assert all(c["met"] for c in report.acceptance(runs, control=False))
+    assert not all(c["met"] for c in report.acceptance(runs, control=True))
+    runs[1]["client"]["ttft_mean_ms"] = 100  # LeastLoad faster than PrefixHash: not between
+    assert [c["met"] for c in report.acceptance(runs, control=False)] == [
+        True, True, True, True, False, True]

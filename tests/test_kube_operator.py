@@ -14,7 +14,7 @@ import openai
 import pytest
 import yaml
 
-from bench.sim.cluster import Replica
+from kvgate_sim.cluster import Replica
 from lb_operator.kube.engines import files_config_map_name
 from lb_operator.kube.client import KubeApi
 from lb_operator.kube.endpoints import POD_IP_ANNOTATION, POD_PORT_ANNOTATION

@@ -147,7 +147,7 @@ def test_faster_whisper_pod_with_gpu_image():
 def test_sim_pod():
     c = server(pod_for_model(model(url="hf://org/repo", engine="Sim", args=["--profile", "fast"],
                                    adapters=[{"name": "a1", "url": "hf://org/a1"}]), CONFIG))
-    assert c["command"] == ["python", "-m", "bench.sim"]
+    assert c["command"] == ["python", "-m", "kvgate_sim"]
     assert c["args"] == ["--host", "0.0.0.0", "--port", "8000", "--model-name", "m1", "--model", "org/repo",
                          "--enable-lora", "--profile", "fast"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -156,7 +156,7 @@ def test_sim_pod():
 
 def test_sim_args_parse_with_the_real_cli():
     c = server(pod_for_model(model(engine="Sim"), CONFIG))
-    out = subprocess.run([sys.executable, "-m", "bench.sim", *c["args"], "--list-profiles"],
+    out = subprocess.run([sys.executable, "-m", "kvgate_sim", *c["args"], "--list-profiles"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 

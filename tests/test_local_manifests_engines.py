@@ -63,7 +63,7 @@ def test_errors_name_line_and_field(text: str, where: str) -> None:
 
 def test_templates_fill_placeholders_and_append_model_args(tmp_path: Path) -> None:
     launch = render_launch(model(), LocalConfig(), port=4321, state=tmp_path, base_dir=tmp_path)
-    assert launch.argv[:3] == (sys.executable, "-m", "bench.sim")
+    assert launch.argv[:3] == (sys.executable, "-m", "kvgate_sim")
     assert "4321" in launch.argv and launch.argv[-1] == "--flag" and launch.health_path == "/health"
     gguf = tmp_path / "w.gguf"
     gguf.write_bytes(b"")
@@ -74,7 +74,7 @@ def test_templates_fill_placeholders_and_append_model_args(tmp_path: Path) -> No
 
 def test_launch_hash_ignores_the_port_but_not_the_command(tmp_path: Path) -> None:
     m = model()
-    custom = LocalConfig(engines={"Sim": LocalEngine(command=("{python}", "-m", "bench.sim", "--port", "{port}"))})
+    custom = LocalConfig(engines={"Sim": LocalEngine(command=("{python}", "-m", "kvgate_sim", "--port", "{port}"))})
     assert launch_hash(m, LocalConfig(), tmp_path) == launch_hash(m, LocalConfig(), tmp_path)
     assert launch_hash(m, LocalConfig(), tmp_path) != launch_hash(m, custom, tmp_path)
     # Overriding only the command keeps the built-in health path.

@@ -1,21 +1,22 @@
-"""`python -m bench.sim` runs for real: several replicas, serving, clean exit on SIGTERM."""
+"""`python -m kvgate_sim` runs for real: several replicas, serving, clean exit on SIGTERM."""
 
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
 
-from bench.sim.cli import build_parser, main
+from kvgate_sim.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 async def test_cli_starts_replicas_and_stops_on_sigterm():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.sim", "--port", "0", "--replicas", "2", "--profile", "fast",
+        sys.executable, "-m", "kvgate_sim", "--port", "0", "--replicas", "2", "--profile", "fast",
         "--served-model-name", "cli-model", "--startup-delay", "0.2", "--kv-blocks", "128",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -54,3 +55,15 @@ def test_cli_rejects_bad_settings(capsys):
     assert "l4-llama3.1-8b" in capsys.readouterr().out
     args = build_parser().parse_args(["--max-num-seqs", "8", "--lora-modules", "a=/x"])
     assert args.max_num_seqs == 8 and args.lora_modules == ["a=/x"]
+
+
+def test_simulator_depends_on_neither_plane_nor_bench():
+    """The simulator is a product engine on its own: importing every module of it loads nothing
+    from the gateway, the operator or the benchmarks."""
+    modules = sorted(p.stem for p in (ROOT / "sim").glob("*.py") if p.stem != "__main__")
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module('kvgate_sim.' + m if m != '__init__' else 'kvgate_sim')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lb', 'lb_operator', 'bench'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from bench.sim.engine import Engine, Sequence, Status
-from bench.sim.errors import SimError
-from bench.sim.profiles import (CPU_SCALED, L4_LLAMA31_8B, get_profile, scale_profile)
-from bench.sim.tokenizer import PIECES, encode_prompt, filler_text
+from kvgate_sim.engine import Engine, Sequence, Status
+from kvgate_sim.errors import SimError
+from kvgate_sim.profiles import (CPU_SCALED, L4_LLAMA31_8B, get_profile, scale_profile)
+from kvgate_sim.tokenizer import PIECES, encode_prompt, filler_text
 
 
 def prompt(n_tokens: int, tag: str = "p") -> list[int]:

@@ -3,8 +3,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.sim.kvcache import KVCache, extend_block_hashes, root_hash
-from bench.sim.tokenizer import encode, encode_chat
+from kvgate_sim.kvcache import KVCache, extend_block_hashes, root_hash
+from kvgate_sim.tokenizer import encode, encode_chat
 
 BS = 16
 

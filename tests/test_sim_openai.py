@@ -5,7 +5,7 @@ import asyncio
 import openai
 import pytest
 
-from bench.sim import Replica, get_profile
+from kvgate_sim import Replica, get_profile
 
 MODEL = "sim-llama"
 MESSAGES = [{"role": "system", "content": "You are terse."},

@@ -8,9 +8,9 @@ import aiohttp
 import orjson
 import pytest
 
-from bench.sim import Replica, get_profile, start_replicas
-from bench.sim.metrics import parse_metrics, sample_value
-from bench.sim.tokenizer import encode_chat
+from kvgate_sim import Replica, get_profile, start_replicas
+from kvgate_sim.metrics import parse_metrics, sample_value
+from kvgate_sim.tokenizer import encode_chat
 
 MODEL = "sim-llama"
 

@@ -148,7 +148,7 @@ def _sim(model: Model, url: ModelURL) -> ServerParts:
         args.append("--enable-lora")
         env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
     volumes, mounts = _source_volumes(model, url)
-    return ServerParts(["python", "-m", "bench.sim"], args, env, *_standard_probes("/health", 300), volumes, mounts)
+    return ServerParts(["python", "-m", "kvgate_sim"], args, env, *_standard_probes("/health", 300), volumes, mounts)
 
 
 def _infinity(model: Model, url: ModelURL) -> ServerParts:

@@ -33,9 +33,9 @@ _SERVE = ("--host", "{host}", "--port", "{port}")
 
 BUILTIN_ENGINES: dict[str, LocalEngine] = {
     # The bundled simulator: vLLM's endpoints and metrics, no GPU. The default engine.
-    "Sim": LocalEngine(command=("{python}", "-m", "bench.sim", *_SERVE, "--model-name", "{name}",
+    "Sim": LocalEngine(command=("{python}", "-m", "kvgate_sim", *_SERVE, "--model-name", "{name}",
                                 "--model", "{model}"),
-                       health_path="/health", requires=("bench.sim",)),
+                       health_path="/health", requires=("kvgate_sim",)),
     "VLLM": LocalEngine(command=("{python}", "-m", "vllm.entrypoints.openai.api_server", *_SERVE,
                                  "--model", "{model}", "--served-model-name", "{name}"),
                         health_path="/health", requires=("vllm",)),
@@ -194,7 +194,7 @@ def _module_exists(module: str) -> bool:
 
 
 _PACKAGES = {"vllm": "vllm", "llama_cpp": "'llama-cpp-python[server]'",
-             "faster_whisper_server": "faster-whisper-server", "bench": "kvgate"}
+             "faster_whisper_server": "faster-whisper-server", "kvgate_sim": "kvgate"}
 
 
 def _package_hint(module: str) -> str:

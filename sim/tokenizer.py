@@ -19,7 +19,7 @@ it does on a real tokenizer whose special tokens are atomic.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 BYTES_PER_TOKEN = 4
 
@@ -142,8 +142,3 @@ def output_piece(seed: int, index: int) -> int:
 def filler_text(seed: int, n_tokens: int) -> str:
     """The text the simulator emits for `n_tokens` output tokens under `seed`."""
     return "".join(PIECES[output_piece(seed, i)] for i in range(n_tokens))
-
-
-def batch_encode(texts: Iterable[str]) -> list[list[int]]:
-    """Encode several segments (for embeddings input lists)."""
-    return [encode(t) for t in texts]

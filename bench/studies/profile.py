@@ -1,12 +1,12 @@
 """Where the gateway's CPU goes under load: py-spy samples of a saturated kvgate, summarised.
 
-It starts the fast backend and ``kvgate gateway`` (pinned as in ``proxy_bench.py``), drives
+It starts the fast backend and ``kvgate gateway`` (pinned as in the peers study), drives
 them with wrk (64 connections) for the JSON or the 20-chunk SSE shape, and records the gateway
 with ``py-spy record --native`` (Python and C frames). The summary groups the samples by
 where they end (system calls, the GC, uvicorn, the proxy, the upstream pool, the event loop)
 and lists the top frames, so a missed target can be traced to what costs.
 
-    python -m bench.profile_gateway [--shape json|sse-20] [--duration 10] [--out bench/results]
+    python -m bench profile [--shape json|sse-20] [--duration 10] [--out bench/results]
 
 py-spy must be on $PATH or next to the Python running this (it is a pip package).
 """
@@ -22,8 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.load_tools import CHAT_BODY, run_wrk
 from bench.procs import cpu_seconds, free_port, gateway_config, pinned, spawn, stop, wait_for_port
-from bench.proxy_bench import CHAT_BODY, run_wrk
+from bench.results import table
 
 # (group, pattern on the leaf frame or on any frame, where) in priority order
 _GROUPS = [
@@ -43,7 +44,8 @@ _GROUPS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench profile",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("json", "sse-20"), default="json")
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -113,18 +115,23 @@ def summarise(samples: str, shape: str, cpu_us: float, rps: float) -> str:
             functions[name] += n
     if not total:
         return "no samples (is py-spy allowed to attach? try as root)\n"
-    pct = lambda n: f"{100 * n / total:5.1f}%"  # noqa: E731
     lines = [f"kvgate under wrk -c64, {shape}: {rps:,.0f} req/s, {cpu_us:.0f} µs CPU per request "
              f"while profiled; {total} py-spy samples (--native)",
              "(py-spy stops the process for every sample, so the profiled run is slower than an "
              "unprofiled one: read the shares, not the absolute figures)", "",
-             "Where the samples end (each sample counted once, first matching group):"]
-    lines += [f"  {pct(n)}  {name}" for name, n in groups.most_common()]
-    lines += ["", "Top 25 leaf frames (self time):"]
-    lines += [f"  {pct(n)}  {name[:110]}" for name, n in leaves.most_common(25)]
-    lines += ["", "Heaviest Python functions of lb/ and uvicorn (inclusive):"]
-    lines += [f"  {pct(n)}  {name[:110]}" for name, n in functions.most_common(30)]
+             "Where the samples end (each sample counted once, first matching group):", "",
+             _shares("group", groups.most_common(), total), "",
+             "Top 25 leaf frames (self time):", "",
+             _shares("frame", leaves.most_common(25), total), "",
+             "Heaviest Python functions of lb/ and uvicorn (inclusive):", "",
+             _shares("function", functions.most_common(30), total)]
     return "\n".join(lines) + "\n"
+
+
+def _shares(what: str, counts: list[tuple[str, int]], total: int) -> str:
+    """A table of sample shares, largest first (names cut to stay readable)."""
+    return table(("share", what), ((f"{100 * n / total:.1f}%", name[:110]) for name, n in counts),
+                 "rl")
 
 
 def _clean(frame: str) -> str:

@@ -1,18 +1,19 @@
 """Reproduce KubeAI's prefix-hash study on this machine: strategies x concurrency, one command.
 
-    python -m bench.harness [--quick] [--workload multi-turn|shared-prefix|unique]
+    python -m bench routing [--quick] [--workload multi-turn|shared-prefix|unique]
                             [--concurrency 40,80,160] [--replicas 8]
                             [--strategies Random,LeastLoad,PrefixHash] [--out bench/results]
                             [--endpoints host:port,...]
 
 For every (concurrency, strategy) pair it starts fresh simulated vLLM replicas (one
-`python -m bench.sim --replicas N` process: cold KV caches every run), the real gateway in
+`python -m kvgate_sim --replicas N` process: cold KV caches every run), the real gateway in
 static-endpoints mode with that strategy, and drives them with the closed-loop load generator
 (`bench.loadgen`, in this process). Replica counters (vLLM's /metrics) are scraped at the edges of
 the measurement window, so warm-up traffic is excluded everywhere. Results go to
 `<out>/<workload>.json`, `.md` and two PNG charts; one progress line is printed per run.
+`--redraw RESULTS.json` rebuilds the markdown and charts of a saved run.
 
-With `--endpoints` the harness skips the simulator and measures real model servers (e.g. vLLM on
+With `--endpoints` the study skips the simulator and measures real model servers (e.g. vLLM on
 GPUs); it cannot restart them, so it asks each for `POST /reset_prefix_cache` between runs.
 
 Why the load generator lives in this process: it is the cheapest option on two cores (no IPC,
@@ -38,11 +39,11 @@ import aiohttp
 
 from bench import report
 from bench.loadgen import LoadConfig, LoadGenerator, LoadResult, ThreadPool
-from bench.procs import cpu_seconds, free_port, gateway_config, stop, wait_for_port
-from bench.sim.metrics import parse_metrics
-from bench.sim.profiles import get_profile, scale_profile
+from bench.procs import cpu_seconds, free_port, gateway_config, spawn, stop, wait_for_port
+from kvgate_sim.metrics import parse_metrics
+from kvgate_sim.profiles import get_profile, scale_profile
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STRATEGIES = ("Random", "LeastLoad", "PrefixHash")
 WORKLOADS = {"multi-turn": "multi-turn", "shared-prefix": "shared-prefix",
              "unique": "unique-prompts", "unique-prompts": "unique-prompts"}
@@ -73,7 +74,7 @@ CPU_LIMITS = {"gateway": 0.8, "loadgen": 0.8, "simulator": 0.9, "machine": 0.92,
 # --- command line --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.harness", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench routing", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one concurrency point, short runs")
     p.add_argument("--workload", default="multi-turn", choices=sorted(WORKLOADS))
     p.add_argument("--concurrency", type=_int_list, help="comma-separated thread counts")
@@ -94,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds over which the threads start (desynchronizes them)")
     p.add_argument("--no-charts", action="store_true")
     p.add_argument("--tag", default="", help="suffix for result file names")
+    p.add_argument("--redraw", type=Path, nargs="+", metavar="RESULTS.json",
+                   help="rebuild the markdown and charts of saved runs, and run nothing")
     sim = p.add_argument_group("simulated replicas (ignored with --endpoints)")
     sim.add_argument("--profile", default="cpu-scaled")
     sim.add_argument("--capacity", type=float,
-                     help="shrink --profile by this factor (see bench/sim/profiles.py)")
+                     help="shrink --profile by this factor (see sim/profiles.py)")
     sim.add_argument("--time-scale", type=float)
     sim.add_argument("--kv-blocks", type=int)
     sim.add_argument("--max-num-seqs", type=int)
@@ -198,13 +201,10 @@ def _pick(value: Optional[float], default: float) -> float:
 def launch(cmd: list[str], log: Path, cpu: Optional[int] = None) -> subprocess.Popen[bytes]:
     """Start a child from the repo root, output to a log file (a pipe nobody reads could fill
     and stall it mid-run), optionally pinned to one CPU."""
-    if cpu is not None and (os.cpu_count() or 1) > 1:
-        cmd = ["taskset", "-c", str(cpu), *cmd]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(log, "ab") as fh:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        return spawn(cmd, cpu, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
 def consecutive_free_ports(n: int) -> int:
@@ -252,7 +252,7 @@ class Stack:
 
     def _sim_cmd(self) -> list[str]:
         s = self.s
-        cmd = [sys.executable, "-m", "bench.sim", "--port", str(self.sim_port), "--replicas",
+        cmd = [sys.executable, "-m", "kvgate_sim", "--port", str(self.sim_port), "--replicas",
                str(s.replicas), "--profile", s.profile, "--model-name", s.model,
                "--seed", str(s.seed)]
         flags = {"time_scale": "--time-scale", "num_kv_blocks": "--kv-blocks",
@@ -452,7 +452,7 @@ def meta_for(s: Settings, argv: list[str], pool: ThreadPool) -> dict:
         "duration_s": s.duration_s, "drain_s": s.drain_s, "seed": s.seed, "model": s.model,
         "load_factor": s.load_factor, "pin": s.pin, "profile": profile,
         "profile_name": s.profile if not s.endpoints else "external",
-        "endpoints": s.endpoints, "command": "python -m bench.harness " + shlex.join(argv),
+        "endpoints": s.endpoints, "command": "python -m bench routing " + shlex.join(argv),
         "workload_params": {k: list(v) if isinstance(v, tuple) else v
                             for k, v in s.workload_params.items()},
         "ramp_s": s.ramp_s, "workload_summary": pool.summary(), "cores": os.cpu_count(),
@@ -472,7 +472,7 @@ async def run_all(s: Settings, argv: list[str], out: Path, tag: str, with_charts
           f"concurrency {s.concurrency}, warm-up {s.warmup_s:g} s + window {s.duration_s:g} s",
           flush=True)
     sim_port = 0 if s.endpoints else consecutive_free_ports(s.replicas)
-    with tempfile.TemporaryDirectory(prefix="kvgate-harness-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kvgate-routing-") as tmp:
         for conc in s.concurrency:
             for strategy in s.strategies:
                 run = await run_one(s, pool, strategy, conc, Path(tmp), sim_port)
@@ -485,8 +485,8 @@ async def run_all(s: Settings, argv: list[str], out: Path, tag: str, with_charts
     doc["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     paths = report.write_all(doc, out, with_charts=with_charts)
     print("\n" + report.kubeai_table(doc["runs"]) + "\n")
-    for text, ok in report.acceptance(doc["runs"], s.control):
-        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    for line in report.verdicts(report.acceptance(doc["runs"], s.control)):
+        print(line)
     print(f"done in {doc['meta']['elapsed_s']:.0f} s; wrote " + ", ".join(paths.values()))
     return doc
 
@@ -494,6 +494,8 @@ async def run_all(s: Settings, argv: list[str], out: Path, tag: str, with_charts
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.redraw:
+        return report.redraw(args.redraw)
     s = settings_from_args(args)
     try:
         import uvloop

@@ -7,7 +7,7 @@ bare asyncio Protocol that writes a prebuilt request and waits for the whole res
 parsing it: what the event loop and the kernel cost anyway, so the clients' own share is the
 difference.
 
-    python -m bench.http1_bench [--requests 20000] [--streams 2000] [--repeat 3]
+    python -m bench upstream [--requests 20000] [--streams 2000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import os
 import statistics
 import sys
 import time
+
 import aiohttp
 import uvloop
 
 from bench.procs import free_port, spawn, stop, wait_for_port
+from bench.results import table
 from lb.http1 import UpstreamPool
 
 _PATH = "/v1/chat/completions"
@@ -29,6 +31,7 @@ _JSON_BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 _STREAM_BODY = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 _HEADERS = [(b"content-type", b"application/json"), (b"accept", b"*/*")]
 _CONCURRENCY = 64
+
 
 class _Client:
     """A client under test: set up on the running loop, fetch, tear down."""
@@ -194,7 +197,8 @@ def _case(address: str, stream: bool, total: int, concurrency: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench upstream",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000, help="JSON requests per run")
     parser.add_argument("--streams", type=int, default=2000, help="20-chunk streams per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell (median shown)")
@@ -215,12 +219,13 @@ def main(argv: list[str] | None = None) -> int:
                   _CONCURRENCY)]
         print(f"client on CPU {cpus[0]}, backend on CPU {backend_cpu}; uvloop; "
               f"median of {args.repeat} runs; µs of client CPU per request\n")
-        print("| case | aiohttp | kvgate http1 | floor (no HTTP) | aiohttp / http1 |")
-        print("|---|---:|---:|---:|---:|")
+        rows = []
         for label, stream, total, concurrency in cases:
             cells = _case(address, stream, total, concurrency, args.repeat)
-            print(f"| {label} | {cells[0]:.1f} | {cells[1]:.1f} | {cells[2]:.1f} | "
-                  f"{cells[0] / cells[1]:.1f}x |", flush=True)
+            rows.append((label, *(f"{c:.1f}" for c in cells), f"{cells[0] / cells[1]:.1f}x"))
+            print(f"  measured: {label}", file=sys.stderr, flush=True)
+        print(table(("case", "aiohttp", "kvgate http1", "floor (no HTTP)", "aiohttp / http1"),
+                    rows))
     finally:
         stop(backend)
     return 0

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # vLLM's CompletionRequest defaults max_tokens to 16 (OpenAI's default); chat has no default.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
@@ -110,7 +109,7 @@ class SimServer:
                  faults: Optional[dict[str, Any]] = None,
                  lora_modules: Optional[dict[str, str]] = None, enable_lora: bool = True,
                  seed: int = 0) -> None:
-        """`faults` holds initial failure-injection settings (see `bench.sim.faults`)."""
+        """`faults` holds initial failure-injection settings (see `kvgate_sim.faults`)."""
         self.profile = profile
         self.model_name = model_name
         self.model_path = model_path or model_name

@@ -86,9 +86,6 @@ class KVCache:
         """Fraction of blocks held by live sequences, as vLLM's kv_cache_usage_perc reports."""
         return 1.0 - len(self._free) / self.num_blocks
 
-    def is_cached(self, block_hash: int) -> bool:
-        return block_hash in self._cached
-
     def ref_count(self, block: int) -> int:
         return self._ref[block]
 

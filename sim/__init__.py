@@ -1,14 +1,14 @@
 """A faithful vLLM simulator: continuous batching, paged KV cache with prefix caching, LoRA slots,
 vLLM's metrics and OpenAI API, served over real HTTP.
 
-In-process use (tests, the benchmark harness)::
+In-process use (tests, the routing study)::
 
-    from bench.sim import start_replicas
+    from kvgate_sim import start_replicas
     cluster = await start_replicas(8, profile="cpu-scaled", model_name="llama")
     print(cluster.urls)
     await cluster.stop()
 
-Command line: ``python -m bench.sim --port 8000 --replicas 8 --profile fast``.
+Command line: ``python -m kvgate_sim --port 8000 --replicas 8 --profile fast``.
 """
 
 from .cli import main

@@ -2,7 +2,7 @@
 
 Why not prometheus-client's Counter/Histogram directly: they take a lock per update, and the engine
 updates per token for hundreds of streams. A bucket counter here costs one bisect and one list
-increment; `bench.sim.metrics` turns these into metric families when /metrics is scraped.
+increment; `kvgate_sim.metrics` turns these into metric families when /metrics is scraped.
 """
 
 from __future__ import annotations

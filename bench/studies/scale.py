@@ -17,12 +17,12 @@
    serving the requests, not tearing down 10,000 connections (which ``connection: close``
    would add: ~35 µs of gateway CPU and ~40 µs of client CPU per connection on this machine).
    It runs ``--rounds`` times (3) and reports the run with the median drain.
-3. **Ring lookups as endpoints grow** to 1,024 (``ring_bench``'s rings: 256 vnodes each, every
-   endpoint with requests in flight), with the per-process loads and with the shared table
-   that ``--workers`` uses: pick, and acquire+release.
+3. **Ring lookups as endpoints grow** to 1,024 (the ring study's rings, ``bench.rings``: 256
+   vnodes each, every endpoint with requests in flight), with the per-process loads and with
+   the shared table that ``--workers`` uses: pick, and acquire+release.
 
-    python -m bench.scale_bench [--streams 1000,10000] [--waiting 10000] [--rounds 3] [--quick]
-    python -m bench.scale_bench --only waiting    # one part (or a comma list); prints only
+    python -m bench scale [--streams 1000,10000] [--waiting 10000] [--rounds 3] [--quick]
+    python -m bench scale --only waiting    # one part (or a comma list); prints only
 """
 
 from __future__ import annotations
@@ -39,19 +39,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import orjson
+from bench import rings
+from bench.procs import (free_port, spawn, steal_seconds, stop, tree, tree_cpu_seconds,
+                         tree_rss_bytes, wait_for_port)
+from bench.results import check, save, table, targets_table
 
-from bench.procs import (free_port, steal_seconds, stop, tree, tree_cpu_seconds, tree_rss_bytes,
-                         wait_for_port)
-
-_REPO = Path(__file__).resolve().parent.parent
 _BODY = (b'{"model":"m","messages":[{"role":"user","content":"Tell me a long story."}]%s}')
 _TARGETS = {"rss_10k_gib": 1.0, "drain_10k_s": 1.0}
 _PARTS = ("streams", "waiting", "ring")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench scale",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--streams", default="1000,10000", help="open-stream levels")
     parser.add_argument("--waiting", type=int, default=10_000, help="requests in the room")
     parser.add_argument("--rounds", type=int, default=3,
@@ -97,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = _targets(result)
     text = _markdown(result)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (args.out / "scale.md").write_text(text)
-    print(f"wrote {args.out}/scale.json and scale.md")
+    written = save(args.out, "scale", result, text)
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
@@ -112,14 +110,9 @@ def _raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def _popen(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    kwargs.setdefault("stdout", subprocess.DEVNULL)
-    return subprocess.Popen(cmd, cwd=_REPO, start_new_session=True, **kwargs)
-
-
 def _backend(port: int, gap_ms: float) -> subprocess.Popen[bytes]:
-    return _popen([sys.executable, "-m", "bench.fast_backend", "--port", str(port), "--chunks",
-                   "2", "--chunk-gap-ms", str(gap_ms)])
+    return spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(port), "--chunks",
+                   "2", "--chunk-gap-ms", str(gap_ms)], stderr=None)
 
 
 # -- HTTP clients (raw sockets: 10,000 of them must fit in one process) ---------------------------
@@ -271,8 +264,8 @@ async def _streams(count: int, workers: int) -> dict[str, float]:
         config = Path(tmp) / "gateway.yaml"
         config.write_text(_config(port, 0, backend_port, static=True))
         backend = _backend(backend_port, gap_ms=600_000)  # one chunk, then a long silence
-        gateway = _popen([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
-                          "--workers", str(workers)])
+        gateway = spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
+                         "--workers", str(workers)], stderr=None)
         try:
             wait_for_port(backend_port)
             wait_for_port(port)
@@ -322,8 +315,9 @@ async def _waiting_room(count: int, workers: int) -> dict[str, float]:
     backend_port, port = free_port(), free_port()
     metrics_ports = [free_port() for _ in range(workers)]
     backend = _backend(backend_port, gap_ms=0)
-    gateway = _popen([sys.executable, "-m", "bench.scale_bench", "--waiting-gateway", str(port),
-                      str(backend_port), *map(str, metrics_ports)], stdout=subprocess.PIPE)
+    gateway = spawn([sys.executable, "-m", "bench", "scale", "--waiting-gateway", str(port),
+                     str(backend_port), *map(str, metrics_ports)], stdout=subprocess.PIPE,
+                    stderr=None)
     try:
         wait_for_port(backend_port)
         wait_for_port(port)
@@ -481,23 +475,22 @@ def _waiting_gateway(port: int, backend_port: int, metrics_ports: list[int]) -> 
 def _ring_sizes(quick: bool) -> list[dict[str, float]]:
     from functools import partial
 
-    from bench import ring_bench
     from lb.ring import IMPLEMENTATION, LoadTable, Ring
 
-    keys = ring_bench.prefixes(500 if quick else 1000)
+    keys = rings.prefixes(500 if quick else 1000)
     rounds = 8 if quick else 30
     rows = []
-    for n in ring_bench.SIZES:
-        table = LoadTable()
-        built = {"local": ring_bench.build(Ring, n),
-                 "shared": ring_bench.build(partial(Ring, loads=table, namespace="m"), n)}
+    for n in rings.SIZES:
+        loads = LoadTable()
+        built = {"local": rings.build(Ring, n),
+                 "shared": rings.build(partial(Ring, loads=loads, namespace="m"), n)}
         cases = {name: (ring.pick, keys, 5) for name, (ring, _) in built.items()}
-        picks = ring_bench.per_call_ns(cases, rounds)
-        keys_n = ring_bench.endpoint_keys(n)
+        picks = rings.per_call_ns(cases, rounds)
+        keys_n = rings.endpoint_keys(n)
         endpoints = [keys_n[i % n] for i in range(64)]  # same batch size at every ring size
         churn = {name: (_acquire_release, [(ring, endpoints)], 200)
                  for name, (ring, _) in built.items()}
-        leases = ring_bench.per_call_ns(churn, rounds)
+        leases = rings.per_call_ns(churn, rounds)
         rows.append({"endpoints": n, "implementation": IMPLEMENTATION,
                      "pick_ns": picks["local"], "pick_shared_ns": picks["shared"],
                      "acquire_release_ns": leases["local"] / len(endpoints),
@@ -519,51 +512,45 @@ def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     big = [r for r in result["streams"] if r["streams"] >= 10_000]
     if big:
-        out.append({"target": "RSS with 10k open streams (GiB)",
-                    "measured": big[0]["rss_open_mib"] / 1024, "limit": _TARGETS["rss_10k_gib"],
-                    "met": big[0]["rss_open_mib"] / 1024 <= _TARGETS["rss_10k_gib"]})
+        out.append(check("RSS with 10k open streams (GiB)", big[0]["rss_open_mib"] / 1024,
+                         _TARGETS["rss_10k_gib"]))
     room = result["waiting_room"]
     if room["requests"] >= 10_000:
-        out.append({"target": "10k waiting requests served after a replica appears (s)",
-                    "measured": room["drain_seconds"], "limit": _TARGETS["drain_10k_s"],
-                    "met": room["drain_seconds"] <= _TARGETS["drain_10k_s"]})
+        out.append(check("10k waiting requests served after a replica appears (s)",
+                         room["drain_seconds"], _TARGETS["drain_10k_s"]))
     return out
 
 
 def _markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
+    w = result["waiting_room"]
+    which = " (the median run)" if len(w.get("drain_seconds_all", [])) > 1 else ""
     lines = [f"Scale: {s['cores']} cores (load average {s['load_average_1m']:.1f} at "
              f"the start), gateway with {s['workers']} workers, {s['nofile']} open files per "
              "process.", "",
-             "| open streams | gateway RSS before MiB | RSS with streams open MiB | KiB per stream "
-             "| time to open all s |", "|---:|---:|---:|---:|---:|"]
-    for r in result["streams"]:
-        lines.append(f"| {r['streams']:,} | {r['rss_before_mib']:.0f} | {r['rss_open_mib']:.0f} "
-                     f"| {r['kib_per_stream']:.1f} | {r['open_seconds']:.2f} |")
-    w = result["waiting_room"]
-    which = " (the median run)" if len(w.get("drain_seconds_all", [])) > 1 else ""
-    lines += ["", "| requests in the waiting room | served after the replica appeared, s "
-              "| requests/s while draining | upstream connections opened |",
-              "|---:|---:|---:|---:|",
-              f"| {w['requests']:,} | {_drains(w)} | {w['served_per_second']:,.0f} "
-              f"| {w['upstream_connections']:,} |",
-              "", f"CPU seconds while draining{which}: gateway {w['cpu_seconds_gateway']:.2f}, "
-              f"backend {w['cpu_seconds_backend']:.2f}, clients {w['cpu_seconds_clients']:.2f} "
-              f"({s['cores']} cores: at most {s['cores'] * w['drain_seconds']:.2f} in all, of "
-              f"which the hypervisor gave {w['steal_seconds']:.2f} to other guests). Each "
-              "request on its own keep-alive client connection.",
-              "", "Ring lookups (256 vnodes per endpoint, every endpoint busy), median ns per "
-              "call:", "",
-              "| endpoints | pick | pick, shared table | acquire+release | acquire+release, "
-              "shared table |", "|---:|---:|---:|---:|---:|"]
-    for r in result["ring"]:
-        lines.append(f"| {r['endpoints']} | {r['pick_ns']:.0f} | {r['pick_shared_ns']:.0f} | "
-                     f"{r['acquire_release_ns']:.0f} | {r['acquire_release_shared_ns']:.0f} |")
+             table(("open streams", "gateway RSS before MiB", "RSS with streams open MiB",
+                    "KiB per stream", "time to open all s"),
+                   ((f"{r['streams']:,}", f"{r['rss_before_mib']:.0f}", f"{r['rss_open_mib']:.0f}",
+                     f"{r['kib_per_stream']:.1f}", f"{r['open_seconds']:.2f}")
+                    for r in result["streams"]), "r"), "",
+             table(("requests in the waiting room", "served after the replica appeared, s",
+                    "requests/s while draining", "upstream connections opened"),
+                   [(f"{w['requests']:,}", _drains(w), f"{w['served_per_second']:,.0f}",
+                     f"{w['upstream_connections']:,}")], "r"),
+             "", f"CPU seconds while draining{which}: gateway {w['cpu_seconds_gateway']:.2f}, "
+             f"backend {w['cpu_seconds_backend']:.2f}, clients {w['cpu_seconds_clients']:.2f} "
+             f"({s['cores']} cores: at most {s['cores'] * w['drain_seconds']:.2f} in all, of "
+             f"which the hypervisor gave {w['steal_seconds']:.2f} to other guests). Each "
+             "request on its own keep-alive client connection.",
+             "", "Ring lookups (256 vnodes per endpoint, every endpoint busy), median ns per "
+             "call:", "",
+             table(("endpoints", "pick", "pick, shared table", "acquire+release",
+                    "acquire+release, shared table"),
+                   ((r["endpoints"], f"{r['pick_ns']:.0f}", f"{r['pick_shared_ns']:.0f}",
+                     f"{r['acquire_release_ns']:.0f}", f"{r['acquire_release_shared_ns']:.0f}")
+                    for r in result["ring"]), "r")]
     if result["targets"]:
-        lines += ["", "| target | measured | limit | met |", "|---|---:|---:|---|"]
-        for t in result["targets"]:
-            lines.append(f"| {t['target']} | {t['measured']:.3f} | ≤ {t['limit']:g} | "
-                         f"{'yes' if t['met'] else 'NO'} |")
+        lines += ["", targets_table(result["targets"], digits=3)]
     return "\n".join(lines) + "\n"
 
 

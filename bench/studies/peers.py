@@ -9,6 +9,11 @@ the proxy's processes, workers included, from /proc, over the requests served) a
 latency each proxy adds at a moderate rate (Poisson arrivals from wrk; hey's bursts beside it),
 and kvgate with 1 and 2 worker processes is run again unpinned to compare their throughput.
 
+``--proxy-only`` is the gateway-overhead comparison alone: direct, kvgate and bare, no nginx,
+LiteLLM or workers run, plus a third shape, the same 20-chunk stream paced 1 ms per chunk by a
+second backend (every chunk its own read, as with a model server generating tokens, where the
+back-to-back stream lets chunks share a read). It writes ``proxy.*`` instead of ``peers.*``.
+
 Paths:
 
 * ``direct``: the client talks to the backend;
@@ -25,10 +30,11 @@ Paths:
   without it, the run says so and carries on with the others.
 
 The server under test (backend when direct, the proxy otherwise) is pinned to CPU 1 and
-everything else to CPU 0, so each proxy gets one core, as in ``proxy_bench.py``. Every path's
-figures come from the same run; compare ratios, not absolute numbers across runs.
+everything else to CPU 0, so each proxy gets one core. Every path's figures come from the same
+run; compare ratios, not absolute numbers across runs.
 
-    python -m bench.peers_bench [--duration 10] [--quick] [--out bench/results]
+    python -m bench peers [--duration 10] [--quick] [--litellm PATH] [--out bench/results]
+    python -m bench peers --proxy-only [--duration 10] [--quick]
 """
 
 from __future__ import annotations
@@ -49,16 +55,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import orjson
-
+from bench.load_tools import CHAT_BODY, run_hey, run_paced, run_wrk
 from bench.procs import (free_port, pinned, spawn, steal_seconds, stop, tree, tree_cpu_seconds,
                          tree_rss_bytes, wait_for_port)
-from bench.proxy_bench import CHAT_BODY, cpu_checks, run_hey, run_paced, run_wrk
+from bench.results import check, save, table, targets_table
 
 MASTER_KEY = "sk-kvgate-bench"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}  # LiteLLM wants it; the others ignore it
 SHAPES = {"json": "", "sse-20": ',"stream":true'}
-TARGETS = {"x_litellm": 50.0, "added_p50_ms": 0.5, "added_p99_ms": 3.0, "workers_ratio": 1.6}
+# --proxy-only's extra shape, served by a backend that paces its chunks 1 ms apart.
+PACED_SHAPES = {"sse-20-paced": ',"stream":true'}
+TARGETS = {"x_litellm": 50.0, "added_p50_ms": 0.5, "added_p99_ms": 3.0, "workers_ratio": 1.6,
+           "cpu_us_request": 100.0, "cpu_us_stream": 150.0}
+# The calibration behind the CPU targets: the bare uvicorn+aiohttp proxy's CPU per request
+# where the targets were set. ``bench/bare_proxy.py`` is measured again in the same run, so
+# kvgate's targets are read as ratios to it and do not move with how fast the machine is today.
+BARE_REFERENCE_US = {"json": 125.0, "sse-20": 185.0}
 
 
 @dataclass
@@ -86,29 +98,35 @@ class Row:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench peers",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rate", type=int, default=1000, help="req/s for the latency runs")
     parser.add_argument("--quick", action="store_true", help="3 s runs")
     parser.add_argument("--litellm", help="the litellm executable (default: $KVGATE_LITELLM, "
                                           "then litellm on $PATH)")
-    parser.add_argument("--skip", default="", help="comma-separated paths to leave out")
+    parser.add_argument("--skip", default="", help="comma-separated paths to leave out "
+                                                   "(kvgate, bare, nginx, litellm, workers)")
+    parser.add_argument("--proxy-only", action="store_true",
+                        help="direct, kvgate and bare only, with the paced stream as a third "
+                             "shape; writes proxy.* instead of peers.*")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     duration = 3 if args.quick else args.duration
     skip = set(filter(None, args.skip.split(",")))
+    if args.proxy_only:
+        skip |= {"nginx", "litellm", "workers"}
     from lb.ring import IMPLEMENTATION
     print(f"ring implementation: {IMPLEMENTATION}; cores: {os.cpu_count()}", flush=True)
     litellm = _find_litellm(args.litellm) if "litellm" not in skip else None
     load_before = os.getloadavg()[0]
-    with ExitStack() as stack:
-        paths = _start_paths(stack, litellm, skip)
-        rows = _saturation(paths, duration, args.connections)
-        at_rate = _latency_at_rate(paths, args.rate, duration)
+    rows, at_rate = _proxies(litellm, skip, duration, args.connections, args.rate,
+                             paced=args.proxy_only)
     workers = _workers_scaling(duration, args.connections) if "workers" not in skip else {}
     result = {"settings": {"duration_s": duration, "connections": args.connections,
                            "rate": args.rate, "cores": os.cpu_count(),
+                           "proxy_only": args.proxy_only,
                            "ring": IMPLEMENTATION, "python": platform.python_version(),
                            "versions": _versions(litellm),
                            "load_average_1m": [load_before, os.getloadavg()[0]]},
@@ -117,12 +135,26 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = _targets(rows, at_rate, workers)
     text = _markdown(result)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (args.out / "peers.md").write_text(text)
-    chart(result, args.out / "peers.png")
-    print(f"wrote {args.out}/peers.json, peers.md, peers.png")
+    name = "proxy" if args.proxy_only else "peers"
+    written = save(args.out, name, result, text)
+    chart(result, args.out / f"{name}.png")
+    print("wrote " + ", ".join(map(str, written)) + f", {args.out / name}.png")
     return 0
+
+
+def _proxies(litellm: str | None, skip: set[str], duration: int, connections: int, rate: int,
+             paced: bool) -> tuple[list[Row], list[dict[str, float]]]:
+    """Every path saturated with each shape, then offered ``rate``; with ``paced``, the paths
+    again in front of a backend that paces its stream's chunks (``PACED_SHAPES``)."""
+    with ExitStack() as stack:
+        paths = _start_paths(stack, litellm, skip)
+        rows = _saturation(paths, SHAPES, duration, connections)
+        at_rate = _latency_at_rate(paths, rate, duration)
+    if paced:
+        with ExitStack() as stack:
+            paths = _start_paths(stack, None, skip, chunk_gap_ms=1)
+            rows += _saturation(paths, PACED_SHAPES, duration, connections)
+    return rows, at_rate
 
 
 # -- the paths ------------------------------------------------------------------------------------
@@ -140,12 +172,15 @@ def _find_litellm(explicit: str | None) -> str | None:
     return None
 
 
-def _start_paths(stack: ExitStack, litellm: str | None, skip: set[str]) -> list[Route]:
+def _start_paths(stack: ExitStack, litellm: str | None, skip: set[str],
+                 chunk_gap_ms: int = 0) -> list[Route]:
+    """The backend (its streams' chunks ``chunk_gap_ms`` apart) and every proxy not skipped in
+    front of it, each answering requests of every shape."""
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     backend_port = free_port()
     backend = _keep(stack, spawn([sys.executable, "-m", "bench.fast_backend", "--port",
-                                  str(backend_port), "--chunks", "20", "--chunk-gap-ms", "0"],
-                                 cpu=0))
+                                  str(backend_port), "--chunks", "20", "--chunk-gap-ms",
+                                  str(chunk_gap_ms)], cpu=0))
     paths = [Route("direct", backend_port, backend)]
     starters: dict[str, Callable[[Path, int, int], subprocess.Popen[bytes] | None]] = {
         "kvgate": _start_kvgate, "bare": _start_bare, "nginx": _start_nginx,
@@ -271,10 +306,12 @@ def _versions(litellm: str | None) -> dict[str, str]:
 # -- measurements ---------------------------------------------------------------------------------
 
 
-def _saturation(paths: list[Route], duration: int, connections: int) -> list[Row]:
+def _saturation(paths: list[Route], shapes: dict[str, str], duration: int,
+                connections: int) -> list[Row]:
+    """Each path saturated by wrk with each response shape (name -> body extra)."""
     rows: list[Row] = []
     direct = paths[0]
-    for shape, extra in SHAPES.items():
+    for shape, extra in shapes.items():
         body = CHAT_BODY % ("m", extra)
         for path in paths:
             # Direct: the backend has CPU 1 to itself; proxied, it moves to CPU 0 with wrk.
@@ -297,7 +334,7 @@ def _saturation(paths: list[Route], duration: int, connections: int) -> list[Row
             if instructions is not None:
                 row.extra["k_instructions"] = instructions / max(1, result["requests"]) / 1e3
             rows.append(row)
-            print(f"  {path.name:8s} {shape:7s} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.2f} ms  "
+            print(f"  {path.name:8s} {shape:12s} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.2f} ms  "
                   f"CPU {row.cpu_us:6.0f} µs/req", flush=True)
     base = {r.shape: r for r in rows if r.path == "direct"}
     for row in rows:
@@ -444,89 +481,122 @@ def _wrk_cpu() -> float:
 # -- report ---------------------------------------------------------------------------------------
 
 
+def cpu_checks(kvgate: dict[str, float | None],
+               bare: dict[str, float | None]) -> list[dict[str, object]]:
+    """kvgate's CPU targets by response shape: at the calibration's scale when the bare proxy
+    was measured in the same run, and on this machine's own clock."""
+    checks = []
+    for shape, what, limit in (("json", "JSON request", TARGETS["cpu_us_request"]),
+                               ("sse-20", "20-chunk stream", TARGETS["cpu_us_stream"])):
+        ours, theirs = kvgate.get(shape), bare.get(shape)
+        if not ours:
+            continue
+        if theirs:
+            scale = BARE_REFERENCE_US[shape]
+            checks.append(check(f"kvgate CPU per {what} at the calibration's scale, µs "
+                                f"(kvgate ÷ bare uvicorn+aiohttp here × {scale:g})",
+                                ours / theirs * scale, limit))
+        checks.append(check(f"kvgate CPU per {what}, µs on this machine today", ours, limit))
+    return checks
+
+
 def _targets(rows: list[Row], at_rate: list[dict[str, float]],
              workers: dict[str, object]) -> list[dict[str, object]]:
     by = {(r.path, r.shape): r for r in rows}
     rate = {r["path"]: r for r in at_rate}
-    checks: list[tuple[str, float | None, float, bool]] = [
-        (name, value, limit, False) for name, value, limit in cpu_checks(
-            {r.shape: r.cpu_us for r in rows if r.path == "kvgate"},
-            {r.shape: r.cpu_us for r in rows if r.path == "bare"})]
+    checks = cpu_checks({r.shape: r.cpu_us for r in rows if r.path == "kvgate"},
+                        {r.shape: r.cpu_us for r in rows if r.path == "bare"})
     if ("litellm", "json") in by and ("kvgate", "json") in by:
-        checks.append(("kvgate req/s ÷ LiteLLM req/s (JSON)",
-                       by[("kvgate", "json")].rps / by[("litellm", "json")].rps,
-                       TARGETS["x_litellm"], True))
+        checks.append(check("kvgate req/s ÷ LiteLLM req/s (JSON)",
+                            by[("kvgate", "json")].rps / by[("litellm", "json")].rps,
+                            TARGETS["x_litellm"], higher_is_better=True))
     if "kvgate" in rate:
-        checks.append((f"added p50 at {rate['kvgate']['rate']:.0f} req/s, Poisson arrivals (ms)",
-                       rate["kvgate"]["added_p50_ms"], TARGETS["added_p50_ms"], False))
-        checks.append((f"added p99 at {rate['kvgate']['rate']:.0f} req/s, Poisson arrivals (ms)",
-                       rate["kvgate"]["added_p99_ms"], TARGETS["added_p99_ms"], False))
+        for key in ("added_p50_ms", "added_p99_ms"):
+            checks.append(check(f"added {key[6:9]} at {rate['kvgate']['rate']:.0f} req/s, "
+                                "Poisson arrivals (ms)", rate["kvgate"][key], TARGETS[key]))
     if workers:
-        checks.append(("2 workers ÷ 1 worker req/s", float(workers["ratio"]),  # type: ignore[arg-type]
-                       TARGETS["workers_ratio"], True))
-    return [{"target": name, "measured": value, "limit": limit,
-             "met": value is not None and (value >= limit if higher else value <= limit),
-             "higher_is_better": higher} for name, value, limit, higher in checks]
+        checks.append(check("2 workers ÷ 1 worker req/s", float(workers["ratio"]),  # type: ignore[arg-type]
+                            TARGETS["workers_ratio"], higher_is_better=True))
+    return checks
 
 
 def _markdown(result: dict) -> str:  # type: ignore[type-arg]
     s = result["settings"]
-    lines = [f"Peers, one run: wrk -t1 -c{s['connections']}, {s['duration_s']} s per cell, "
+    title = "Gateway overhead (--proxy-only)" if s.get("proxy_only") else "Peers"
+    lines = [f"{title}, one run: wrk -t1 -c{s['connections']}, {s['duration_s']} s per cell, "
              f"{s['cores']} cores; proxy pinned to one core; load average "
              f"{s['load_average_1m'][0]:.1f} before, {s['load_average_1m'][1]:.1f} after "
              "(other work on the machine shows as lower 'cores used'). Versions: "
              + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ". `bare` is the "
              "plainest uvicorn+aiohttp proxy (`bench/bare_proxy.py`), the issue's calibration "
-             "reference.", "",
-             "| path | response | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms "
-             "| CPU µs/request | k instructions/request | cores used | processes | RSS MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["saturation"]:
-        kinstr = r["extra"].get("k_instructions")
-        lines.append(f"| {r['path']} | {r['shape']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['added_p50_ms']:.2f} | {r['added_p99_ms']:.2f} | "
-                     f"{r['cpu_us']:,.0f} | {f'{kinstr:,.0f}' if kinstr else '-'} | "
-                     f"{r['extra']['cores_used']:.2f} | {r['extra']['processes']} | "
-                     f"{r['rss_mib']:.0f} |")
-    lines += ["", "CPU µs/request, instructions (perf stat, user + kernel), cores used, processes "
-              "and RSS of `direct` are the backend's own; for the proxies, of all the proxy's "
-              "processes (summed).", "",
-              "At a fixed offered rate, JSON, medians of 3 alternating runs. Poisson: "
-              "50 wrk connections with exponential think times (independent clients; the "
-              "achieved rate is shown). Bursts: hey, whose 10 workers tick together, so "
-              "requests come 10 at a time. Stolen: CPU the hypervisor gave other guests during "
-              "the Poisson runs (cores; on a quiet host ~0):", "",
-              "| path | offered req/s | achieved req/s | p50 ms | p99 ms | added p50 ms "
-              "| added p99 ms | bursts: added p50 ms | bursts: added p99 ms | stolen |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["latency_at_rate"]:
-        lines.append(f"| {r['path']} | {r['rate']:.0f} | {r['rps']:,.0f} | {r['p50_ms']:.2f} "
-                     f"| {r['p99_ms']:.2f} | {r['added_p50_ms']:.2f} | {r['added_p99_ms']:.2f} "
-                     f"| {r['added_burst_p50_ms']:.2f} | {r['added_burst_p99_ms']:.2f} "
-                     f"| {r['steal_cores']:.2f} |")
-    w = result["workers"]
-    if w:
-        lines += ["", "kvgate workers, unpinned (JSON, medians of 3 alternating runs):", "",
-                  "| workers | req/s | cores used by kvgate | req/s per kvgate core |",
-                  "|---:|---:|---:|---:|",
-                  f"| 1 | {w['rps_1']:,.0f} | {w['cores_used_1']:.2f} | "
-                  f"{w['rps_1'] / w['cores_used_1']:,.0f} |",
-                  f"| 2 | {w['rps_2']:,.0f} | {w['cores_used_2']:.2f} | "
-                  f"{w['rps_2'] / w['cores_used_2']:,.0f} |",
-                  f"| 2 ÷ 1 | {w['ratio']:.2f} | "
-                  f"{w['cores_used_2'] / w['cores_used_1']:.2f} | "
-                  f"{w['rps_2'] / w['cores_used_2'] / (w['rps_1'] / w['cores_used_1']):.2f} |",
-                  "", f"With 2 workers a request cost {w['gateway_us_2']:.0f} µs of gateway CPU "
-                  f"and {w['others_us_2']:.0f} µs of backend + wrk CPU on the same "
-                  f"{s['cores']} cores, so at most {w['ceiling_rps_2']:,.0f} req/s fit: a "
-                  f"2 ÷ 1 ratio of at most {w['ceiling_ratio']:.2f} on this machine "
-                  f"({w['rps_2'] / w['ceiling_rps_2']:.0%} of that ceiling reached)."]
-    lines += ["", "| target | measured | limit | met |", "|---|---:|---:|---|"]
-    for t in result["targets"]:
-        sign = "≥" if t["higher_is_better"] else "≤"
-        lines.append(f"| {t['target']} | {t['measured']:.2f} | {sign} {t['limit']:g} | "
-                     f"{'yes' if t['met'] else 'NO'} |")
+             "reference.", "", _saturation_table(result["saturation"]), "",
+             "CPU µs/request, instructions (perf stat, user + kernel), cores used, processes "
+             "and RSS of `direct` are the backend's own; for the proxies, of all the proxy's "
+             "processes (summed).", "", _ratio_table(result["saturation"]), "",
+             "At a fixed offered rate, JSON, medians of 3 alternating runs. Poisson: "
+             "50 wrk connections with exponential think times (independent clients; the "
+             "achieved rate is shown). Bursts: hey, whose 10 workers tick together, so "
+             "requests come 10 at a time. Stolen: CPU the hypervisor gave other guests during "
+             "the Poisson runs (cores; on a quiet host ~0):", "",
+             _rate_table(result["latency_at_rate"])]
+    if result["workers"]:
+        lines += ["", _workers_text(result["workers"], s["cores"])]
+    lines += ["", targets_table(result["targets"])]
     return "\n".join(lines) + "\n"
+
+
+def _saturation_table(rows: list[dict]) -> str:  # type: ignore[type-arg]
+    def cells(r: dict) -> tuple[object, ...]:  # type: ignore[type-arg]
+        kinstr = r["extra"].get("k_instructions")
+        return (r["path"], r["shape"], f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}", f"{r['added_p50_ms']:.2f}", f"{r['added_p99_ms']:.2f}",
+                f"{r['cpu_us']:,.0f}", f"{kinstr:,.0f}" if kinstr else "-",
+                f"{r['extra']['cores_used']:.2f}", r["extra"]["processes"],
+                f"{r['rss_mib']:.0f}")
+
+    return table(("path", "response", "req/s", "p50 ms", "p99 ms", "added p50 ms",
+                  "added p99 ms", "CPU µs/request", "k instructions/request", "cores used",
+                  "processes", "RSS MiB"), map(cells, rows), "ll")
+
+
+def _ratio_table(rows: list[dict]) -> str:  # type: ignore[type-arg]
+    """Each proxy's throughput against going direct and, when the bare proxy ran, kvgate's CPU
+    against the bare proxy's, per response shape: the figures comparable across machines."""
+    by = {(r["path"], r["shape"]): r for r in rows}
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    proxies = [p for p in dict.fromkeys(r["path"] for r in rows) if p != "direct"]
+    lines = [(f"{p} req/s ÷ direct", *(f"{by[(p, s)]['rps'] / by[('direct', s)]['rps']:.2f}"
+                                       for s in shapes)) for p in proxies]
+    if {"kvgate", "bare"} <= set(proxies):
+        lines.append(("kvgate CPU ÷ bare CPU",
+                      *(f"{by[('kvgate', s)]['cpu_us'] / by[('bare', s)]['cpu_us']:.2f}"
+                        for s in shapes)))
+    return table(("ratio", *shapes), lines)
+
+
+def _rate_table(rows: list[dict]) -> str:  # type: ignore[type-arg]
+    return table(("path", "offered req/s", "achieved req/s", "p50 ms", "p99 ms", "added p50 ms",
+                  "added p99 ms", "bursts: added p50 ms", "bursts: added p99 ms", "stolen"),
+                 ((r["path"], f"{r['rate']:.0f}", f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}",
+                   f"{r['p99_ms']:.2f}", f"{r['added_p50_ms']:.2f}", f"{r['added_p99_ms']:.2f}",
+                   f"{r['added_burst_p50_ms']:.2f}", f"{r['added_burst_p99_ms']:.2f}",
+                   f"{r['steal_cores']:.2f}") for r in rows))
+
+
+def _workers_text(w: dict, cores: int) -> str:  # type: ignore[type-arg]
+    per_core = [w[f"rps_{n}"] / w[f"cores_used_{n}"] for n in (1, 2)]
+    rows = [(1, f"{w['rps_1']:,.0f}", f"{w['cores_used_1']:.2f}", f"{per_core[0]:,.0f}"),
+            (2, f"{w['rps_2']:,.0f}", f"{w['cores_used_2']:.2f}", f"{per_core[1]:,.0f}"),
+            ("2 ÷ 1", f"{w['ratio']:.2f}", f"{w['cores_used_2'] / w['cores_used_1']:.2f}",
+             f"{per_core[1] / per_core[0]:.2f}")]
+    return "\n".join([
+        "kvgate workers, unpinned (JSON, medians of 3 alternating runs):", "",
+        table(("workers", "req/s", "cores used by kvgate", "req/s per kvgate core"), rows, "r"),
+        "", f"With 2 workers a request cost {w['gateway_us_2']:.0f} µs of gateway CPU "
+        f"and {w['others_us_2']:.0f} µs of backend + wrk CPU on the same {cores} cores, so at "
+        f"most {w['ceiling_rps_2']:,.0f} req/s fit: a 2 ÷ 1 ratio of at most "
+        f"{w['ceiling_ratio']:.2f} on this machine ({w['rps_2'] / w['ceiling_rps_2']:.0%} of "
+        "that ceiling reached)."])
 
 
 def chart(result: dict, path: Path) -> None:  # type: ignore[type-arg]

@@ -1,4 +1,4 @@
-"""Command line for the simulator: `python -m bench.sim ...` (and `kvgate sim ...` via `main`).
+"""Command line for the simulator: `python -m kvgate_sim ...` (and `kvgate sim ...` via `main`).
 
 Accepts the common vLLM flag names as aliases (`--served-model-name`, `--max-num-seqs`, ...) so a
 launcher that builds a vLLM command line can point at the simulator with few changes.
@@ -21,7 +21,7 @@ from .profiles import PROFILES, Profile, get_profile, scale_profile
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.sim",
+        prog="python -m kvgate_sim",
         description="Simulated vLLM replicas (OpenAI API, prefix cache, LoRA, vLLM metrics).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="port of replica 0; replica i uses +i")

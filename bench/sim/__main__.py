@@ -1,8 +1,0 @@
-"""`python -m bench.sim --port 8000 --replicas 8 --profile cpu-scaled --model-name llama`."""
-
-import sys
-
-from .cli import main
-
-if __name__ == "__main__":
-    sys.exit(main())
