@@ -46,7 +46,7 @@ class EngineMetricsConfig:
     timeout_seconds: float = setting(1.0, doc="Timeout of one scrape.", exclusive_minimum=0)
     stale_after_seconds: float = setting(10.0, doc="Age after which a replica's last reading is ignored.",
                                          exclusive_minimum=0)
-    path: str = setting("/metrics", doc="Path of the replicas' Prometheus metrics.", pattern="^/")
+    path: str = setting("/metrics", doc="Path of the replicas' Prometheus metrics.", pattern="^/.*$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """The upstream side: one keep-alive connection pool per process, and header hygiene.
 
 The pool is ``lb.http1`` (httptools on asyncio protocols) rather than aiohttp's client: on this
-hop aiohttp spends ~150 µs of CPU per request against ~25 µs (``bench/http1_bench.py``), and
+hop aiohttp spends ~150 µs of CPU per request against ~25 µs (``python -m bench upstream``), and
 the gateway's whole budget is 100 µs. Bytes pass through untouched (no decompression, no
 cookies, no headers of the pool's own), so a model server sees what the client sent.
 """

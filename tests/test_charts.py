@@ -542,9 +542,9 @@ def test_models_schema_follows_the_crd_and_the_kvgate_profiles() -> None:
 
 
 def test_kvgate_values_schema_is_generated_from_the_config_dataclasses() -> None:
-    from lb_operator.values_schema import render
+    from kvgate.values_schema import render
 
-    regenerate = "regenerate it: python -m lb_operator.values_schema charts/kvgate > charts/kvgate/values.schema.json"
+    regenerate = "regenerate it: python -m kvgate.values_schema charts/kvgate > charts/kvgate/values.schema.json"
     assert (KVGATE / "values.schema.json").read_text() == render(KVGATE), regenerate
 
 

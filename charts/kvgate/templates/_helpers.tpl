@@ -75,6 +75,9 @@ config.yaml: the gateway's keys and the operator's keys in one file, read by `kv
   "waitingRoom" $v.gateway.waitingRoom
   "limits" $v.gateway.limits
   "upstream" $v.gateway.upstream
+  "ejection" $v.gateway.ejection
+  "routing" $v.gateway.routing
+  "engineMetrics" $v.gateway.engineMetrics
   "modelServers" $servers
   "resourceProfiles" $v.resourceProfiles
   "cacheProfiles" $v.cacheProfiles

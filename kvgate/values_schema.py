@@ -6,7 +6,7 @@ bounds and docs the loaders decode with, and helm refuses at install time what `
 refuse at start-up. Chart-only values (image, service, probes, ...) have no dataclass; they stay
 hand-written in values.schema.chart.json beside the generated file.
 
-Regenerate with `python -m lb_operator.values_schema charts/kvgate > charts/kvgate/values.schema.json`.
+Regenerate with `python -m kvgate.values_schema charts/kvgate > charts/kvgate/values.schema.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lb_operator.system_config import SystemConfig
 
 CHART_PART = "values.schema.chart.json"
 # The chart's `gateway:` block: server.logLevel (the chart owns host and ports) and these sections.
-GATEWAY_SECTIONS = ("retries", "waitingRoom", "limits", "upstream")
+GATEWAY_SECTIONS = ("retries", "waitingRoom", "limits", "upstream", "ejection", "routing", "engineMetrics")
 # System keys the chart has no value for; extraConfig can still set them.
 NOT_IN_VALUES = frozenset({"allowPodAddressOverride"})
 
@@ -52,7 +52,7 @@ def render(chart_dir: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if len(args) != 1:
-        print("usage: python -m lb_operator.values_schema CHART_DIR > CHART_DIR/values.schema.json", file=sys.stderr)
+        print("usage: python -m kvgate.values_schema CHART_DIR > CHART_DIR/values.schema.json", file=sys.stderr)
         return 2
     sys.stdout.write(render(Path(args[0])))
     return 0
