@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--error-rate", type=float, default=0.0)
     flt.add_argument("--error-status", type=int, default=500)
     flt.add_argument("--reset-after-chunks", type=int)
-    flt.add_argument("--extra-latency", type=float, default=0.0)
+    flt.add_argument("--extra-latency", type=float, default=0.0,
+                     help="seconds every request waits before it reaches the engine")
+    flt.add_argument("--slowdown", type=float, default=1.0,
+                     help="factor (>= 1) on every engine step's time: a slow replica")
     flt.add_argument("--seed", type=int, default=0)
     return p
 
@@ -103,7 +106,7 @@ async def _serve(args: argparse.Namespace) -> None:
     lora = _lora_modules(args.lora_modules)
     faults = {"error_rate": args.error_rate, "error_status": args.error_status,
               "reset_after_chunks": args.reset_after_chunks,
-              "extra_latency_s": args.extra_latency}
+              "extra_latency_s": args.extra_latency, "slowdown": args.slowdown}
     cluster = SimCluster(args.replicas, profile, args.model_name, host=args.host,
                          base_port=args.port, seed=args.seed, model_path=args.model_path,
                          lora_modules=lora, startup_delay_s=args.startup_delay, faults=faults)
@@ -133,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("--replicas must be at least 1", file=sys.stderr)
         return 2
     try:
-        Faults().update({"error_rate": args.error_rate, "error_status": args.error_status})
+        Faults().update({"error_rate": args.error_rate, "error_status": args.error_status,
+                         "slowdown": args.slowdown})
         _profile(args)
     except (SimError, TypeError, ValueError) as exc:
         print(f"invalid settings: {exc}", file=sys.stderr)

@@ -10,8 +10,8 @@ Each step (as in vLLM v1's scheduler):
    than `max_num_seqs` are running and their blocks fit. Admission looks up the prompt's full
    blocks in the prefix cache; cached tokens skip prefill. A sequence whose LoRA adapter would
    exceed `max_loras` distinct adapters in the batch is skipped for this step.
-3. The step lasts `profile.step_time(prefill tokens, decoding sequences, context tokens)`; the
-   engine sleeps that long, then every sequence whose computed tokens caught up with its length
+3. The step lasts `profile.step_time(prefill tokens, decoding sequences, context tokens)` times
+   `slowdown` (1 unless a fault slows the replica down); the engine sleeps that long, then every sequence whose computed tokens caught up with its length
    samples one token, which is handed to the request's waiter.
 
 So time to first token = queueing + the steps needed to prefill the *uncached* part of the prompt,
@@ -136,6 +136,9 @@ class Engine:
         self.lora_slots: OrderedDict[str, None] = OrderedDict()
         self.steps = 0
         self.busy_time = 0.0
+        # Factor on every step's modelled time (the `slowdown` fault): a degraded replica whose
+        # throughput drops, so its queue grows under load the others absorb.
+        self.slowdown = 1.0
         self._work = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
 
@@ -259,7 +262,7 @@ class Engine:
                 await asyncio.sleep(max(self.profile.step_fixed_s, 0.001))
                 deadline = loop.time()
                 continue
-            dt = self._step_duration(scheduled) + extra_s
+            dt = (self._step_duration(scheduled) + extra_s) * self.slowdown
             now = loop.time()
             deadline = max(deadline, now - _CATCH_UP_S) + dt
             self.busy_time += dt

@@ -11,9 +11,18 @@ Knobs (all optional in an update; unknown keys are rejected):
 - `drop_next`: close the connection of the next N inference requests without any response;
 - `reset_after_chunks` with `reset_count`: cut streaming responses with a TCP reset after K SSE
   events (`reset_count` None = every stream, else only the next N streams);
-- `extra_latency_s`: delay every inference request before it reaches the engine;
+- `extra_latency_s`: delay every inference request before it reaches the engine (the engine itself
+  stays as fast, so its queue does not grow: a slow network, not a slow replica);
+- `slowdown` (>= 1): multiply the modelled time of every engine step, so the replica serves fewer
+  tokens per second: under load its waiting queue (`vllm:num_requests_waiting`) grows and its TTFT
+  rises, as on a throttled or degraded GPU. Queue-aware routing and outlier ejection are tested
+  against this;
 - `startup_delay_s`: report not-ready (503 on /health and inference) for that many seconds from now;
 - `unhealthy`: force /health to 503 (a replica that went bad after starting).
+
+A replica made to fail on demand: `error_rate`/`fail_next` answer with 5xx, `drop_next` closes the
+connection unanswered, `reset_after_chunks` cuts streams, `unhealthy` fails the health check;
+`slowdown` makes it slow without failing.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ class Faults:
     reset_after_chunks: Optional[int] = None
     reset_count: Optional[int] = None
     extra_latency_s: float = 0.0
+    slowdown: float = 1.0
     startup_delay_s: float = 0.0
     unhealthy: bool = False
     seed: int = 0
@@ -71,7 +81,7 @@ class Faults:
                 return None
             raise SimError(400, f"{key} cannot be null")
         try:
-            if key in ("error_rate", "extra_latency_s", "startup_delay_s"):
+            if key in ("error_rate", "extra_latency_s", "startup_delay_s", "slowdown"):
                 return float(value)
             if key == "unhealthy":
                 return bool(value)
@@ -87,6 +97,8 @@ class Faults:
                 raise SimError(400, f"{key} must be an HTTP error status (400-599)")
         if min(self.fail_next, self.drop_next) < 0 or self.extra_latency_s < 0:
             raise SimError(400, "counts and latencies must not be negative")
+        if not self.slowdown >= 1.0:
+            raise SimError(400, "slowdown must be a factor of at least 1")
         if self.reset_after_chunks is not None and self.reset_after_chunks < 0:
             raise SimError(400, "reset_after_chunks must not be negative")
 

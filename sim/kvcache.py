@@ -13,7 +13,11 @@ Semantics mirrored from vLLM:
 - freed blocks go to the tail of the free queue (a request frees its blocks tail-first, so its last
   blocks are evicted before its first ones); allocation takes from the head and evicts what it
   takes;
-- usage = 1 - free/total, where cached-but-unreferenced blocks count as free;
+- usage = 1 - free/total, where cached-but-unreferenced blocks count as free (vLLM v1's
+  `BlockPool.get_usage`: they sit in its free queue), so `kv_cache_usage_perc` measures what live
+  sequences hold and falls to 0 when the last request ends even though the prefix cache stays
+  warm; vLLM also reserves one null block and divides by total - 1, which the simulator, having
+  no null block, does not;
 - prefix-cache queries and hits are counted in tokens.
 """
 

@@ -118,6 +118,7 @@ class SimServer:
         if faults:
             self.faults.update(faults)
         self.engine = Engine(profile)
+        self.engine.slowdown = self.faults.slowdown
         self.lora = LoRARegistry(model_name, profile.lora_load_s * profile.time_scale)
         for name, path in (lora_modules or {}).items():
             self.lora.preload(name, path)
@@ -435,6 +436,7 @@ class SimServer:
 
     async def set_faults(self, request: web.Request) -> web.StreamResponse:
         self.faults.update(await self._body(request))
+        self.engine.slowdown = self.faults.slowdown  # the one fault the engine itself applies
         return _json(self.faults.as_dict())
 
     async def sim_stats(self, _request: web.Request) -> web.StreamResponse:

@@ -51,6 +51,8 @@ async def test_cli_starts_replicas_and_stops_on_sigterm():
 def test_cli_rejects_bad_settings(capsys):
     assert main(["--replicas", "0"]) == 2
     assert main(["--error-rate", "3"]) == 2
+    assert main(["--slowdown", "0.5"]) == 2  # a factor below 1 would be a speed-up
+    assert build_parser().parse_args(["--slowdown", "3"]).slowdown == 3.0
     assert main(["--list-profiles"]) == 0
     assert "l4-llama3.1-8b" in capsys.readouterr().out
     args = build_parser().parse_args(["--max-num-seqs", "8", "--lora-modules", "a=/x"])
