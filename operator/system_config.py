@@ -156,8 +156,12 @@ class ModelAutoscaling:
     """The autoscaler's cadence (KubeAI's keys and defaults) and where it keeps its state.
 
     Each `interval` the active requests are summed over the gateway replicas; the average over
-    `timeWindow` drives replicas. `includeEngineWaiting` adds the model servers' own queue
-    (`vllm:num_requests_waiting`) to the signal, for traffic queued beyond what the gateways see.
+    `timeWindow` drives replicas. Two more signals come from the model servers' own metrics as
+    the gateways re-export them (`kvgate_engine_*`; the gateways' `engineMetrics` must be on):
+    `includeEngineWaiting` adds the requests queued inside the replicas, for traffic queued
+    beyond what the gateways see; `targetKVCacheUsage` (0 = off) asks for enough replicas that
+    the KV-cache usage summed over them, averaged over the window, is at most that share of
+    each, for long prompts and outputs that fill the cache before the request count says so.
     """
 
     interval: Duration = setting("10s", doc="How often active requests are read (Go-style duration or seconds).",
@@ -166,7 +170,12 @@ class ModelAutoscaling:
                                     json={"anyOf": _DURATION_JSON})
     state_config_map_name: str = setting("kvgate-autoscaler-state", doc="ConfigMap keeping the averages across "
                                          "restarts.", max_length=253, pattern=f"^({_DNS_NAME})?$")
-    include_engine_waiting: bool = setting(False, doc="Add the model servers' own queue to the signal.")
+    include_engine_waiting: bool = setting(False, doc="Add the requests queued inside the model servers "
+                                           "(as the gateways report them) to the signal.")
+    target_kv_cache_usage: float = setting(
+        0.0, key="targetKVCacheUsage", minimum=0, maximum=1,
+        doc="KV-cache usage per replica to scale for, in (0, 1]: replicas >= ceil(KV usage summed over "
+        "the replicas / this), averaged over timeWindow; 0 turns it off.")
 
     @property
     def interval_seconds(self) -> float:

@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from kvgate_sim.cluster import Replica
+from kvgate_sim.profiles import Profile
 from lb.config import config_from_dict
 from lb.app import Gateway
 from lb.model import GROUP, PLURAL, VERSION
@@ -76,14 +77,17 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
 class Kubelet:
     """Starts a simulator for each new model Pod and makes the Pod Ready; stops it when the Pod
     is gone. A Pod with the adapter-loader sidecar also gets a real loader (`loader_app` over a
-    per-Pod directory) on its own port. ``ready_delay`` is the time a server takes to start.
+    per-Pod directory) on its own port. ``ready_delay`` is the time a server takes to start;
+    ``profile`` is the simulators' (a small KV cache, a slower clock).
 
     Every Pod gets its own IP in 127.0.0.0/8 (all of it is loopback on Linux), as a cluster gives
     each Pod its own address: a new Pod's server can never answer on a port a deleted Pod's
     server just freed, while a gateway may still hold the old endpoint for a moment."""
 
-    def __init__(self, kube: FakeKube, *, ready_delay: float = 0.05, namespace: str = NS) -> None:
+    def __init__(self, kube: FakeKube, *, ready_delay: float = 0.05, namespace: str = NS,
+                 profile: Profile | str = "fast") -> None:
         self.kube = kube
+        self.profile = profile
         self.ready_delay = ready_delay
         self.namespace = namespace
         self.replicas: dict[str, Replica] = {}  # pod uid -> simulator
@@ -135,7 +139,7 @@ class Kubelet:
         meta = pod["metadata"]
         self._pods_started += 1
         ip = f"127.1.{self._pods_started // 250}.{self._pods_started % 250 + 1}"
-        replica = await Replica("fast", meta["labels"][MODEL_LABEL], host=ip).start()
+        replica = await Replica(self.profile, meta["labels"][MODEL_LABEL], host=ip).start()
         self.replicas[meta["uid"]] = replica
         annotations = {PORT_ANNOTATION: str(replica.port)}
         if LOADER_PORT_ANNOTATION in (meta.get("annotations") or {}):

@@ -1,5 +1,6 @@
 """The autoscaler over real HTTP: gateway /metrics pages rendered by the gateway's own
-GatewayMetrics, Models, their scale subresource and the state ConfigMap in the fake API server."""
+GatewayMetrics (with its engine readings as its scraper would leave them), Models, their scale
+subresource and the state ConfigMap in the fake API server."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from kubernetes_asyncio.client import CustomObjectsApi
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import generate_latest
 
-from kvgate_sim.cluster import Replica as SimReplica
+from lb.engine_metrics import EngineMetricsConfig, EngineReading, EngineScraper
 from lb.metrics import GatewayMetrics
 from lb.model import GROUP, PLURAL, VERSION, Model
-from lb_operator.autoscaler import Autoscaler
+from lb.registry import Endpoint, Registry
+from lb_operator.autoscaler import Autoscaler, engine_loads, parse_page, replicas_for
 from lb_operator.kube.autoscaling import STATE_KEY, ConfigMapStateStore, ScaleWriter
 from lb_operator.kube.client import KubeApi
 from lb_operator.state_files import JsonFileStateStore
@@ -26,6 +28,8 @@ from tests.kube_fake import FakeKube
 
 NS = "default"
 STATE_CM = "autoscaler-state"
+NOW = 1000.0  # the gateways' monotonic clock, frozen: readings are as old as a test makes them
+STALE = 10.0
 
 
 class MetricsServer:
@@ -38,13 +42,24 @@ class MetricsServer:
 
     @classmethod
     def gateway(cls) -> "MetricsServer":
-        metrics = GatewayMetrics()
+        """A gateway's real exposition: its request gauges and the engine readings its scraper
+        keeps (re-exported while fresh, by the gateway's own staleness rule)."""
+        metrics, registry = GatewayMetrics(), Registry()
+        scraper = EngineScraper(registry, EngineMetricsConfig(stale_after_seconds=STALE), clock=lambda: NOW)
+        metrics.watch_engines(registry.groups, scraper)
         server = cls(lambda: generate_latest(metrics.registry))
-        server.metrics = metrics  # type: ignore[attr-defined]
+        server.metrics, server.registry = metrics, registry  # type: ignore[attr-defined]
         return server
 
     def active(self, model: str, n: int) -> None:
         self.metrics.active_gauge(model).value = n  # type: ignore[attr-defined]
+
+    def engine(self, model: str, endpoint: str, *, waiting: float = 0, kv: float = 0, age: float = 0) -> None:
+        """What this gateway last read of one replica's /metrics, `age` seconds ago."""
+        group = self.registry.group(model)  # type: ignore[attr-defined]
+        endpoints = {**group.endpoints, endpoint: Endpoint(endpoint, f"{endpoint}:8000")}
+        group.update(endpoints.values())
+        group.engine[endpoint] = EngineReading(waiting, 0, kv, 0, 0, None, NOW - age)
 
     async def start(self) -> "MetricsServer":
         async def page(_request: web.Request) -> web.Response:
@@ -200,22 +215,97 @@ async def test_autoscaling_disabled_and_silence_leave_replicas_alone(env: Env) -
     assert env.replicas("fixed") == 2 and env.replicas("auto") == 0
 
 
-async def test_engine_waiting_requests_are_added_when_enabled(env: Env) -> None:
+def page(server: MetricsServer) -> str:
+    return generate_latest(server.metrics.registry).decode()  # type: ignore[attr-defined]
+
+
+def test_engine_readings_are_the_max_over_gateways_then_summed_per_model() -> None:
+    """Every gateway reads the same replicas: a replica counts once, at its highest reading."""
+    a, b = MetricsServer.gateway(), MetricsServer.gateway()
+    a.engine("m1", "r1", waiting=2, kv=0.5)
+    b.engine("m1", "r1", waiting=3, kv=0.4)  # the same replica, read a moment apart
+    a.engine("m1", "r2", waiting=1, kv=0.7)  # only one gateway has read r2 yet
+    b.engine("m2", "r3", waiting=4, kv=0.1)
+    loads = engine_loads([parse_page(page(a)), parse_page(page(b))])
+    assert loads["m1"].waiting == 4  # 3 (max of 2, 3) + 1; summing gateways would say 6
+    assert loads["m1"].kv_replicas == 2 and loads["m1"].kv_sum == pytest.approx(1.2)
+    assert loads["m1"].kv_mean == pytest.approx(0.6)
+    assert (loads["m2"].waiting, loads["m2"].kv_sum, loads["m2"].kv_replicas) == (4, 0.1, 1)
+
+
+def test_stale_missing_and_bad_engine_readings_are_left_out() -> None:
+    gateway = MetricsServer.gateway()
+    gateway.engine("m1", "fresh", waiting=1, kv=0.6)
+    gateway.engine("m1", "stale", waiting=9, kv=1.0, age=STALE + 1)  # not re-exported by the gateway
+    text = page(gateway)
+    assert 'endpoint="stale"' not in text and 'endpoint="fresh"' in text
+    loads = engine_loads([parse_page(text)])
+    assert (loads["m1"].waiting, loads["m1"].kv_sum, loads["m1"].kv_replicas) == (1, 0.6, 1)
+    # A page from elsewhere: NaN dropped, a usage above 1 read as 1, unlabelled samples ignored.
+    odd = ("# TYPE kvgate_engine_kv_cache_usage gauge\n"
+           'kvgate_engine_kv_cache_usage{model="m1",endpoint="x"} NaN\n'
+           'kvgate_engine_kv_cache_usage{model="m1",endpoint="y"} 1.5\n'
+           'kvgate_engine_kv_cache_usage{model="m1"} 0.9\n')
+    assert parse_page(odd).kv == {("m1", "y"): 1.0}
+
+
+def test_replicas_for_is_blind_to_float_noise() -> None:
+    assert replicas_for(3 * 0.7, 0.7) == 3  # 2.1000000000000001 / 0.7 is 3.0000000000000004
+    assert replicas_for(1.21, 0.6) == 3 and replicas_for(0, 0.5) == 0
+
+
+async def test_engine_waiting_from_the_gateways_is_added_when_enabled(env: Env) -> None:
     env.kube.create("models", model_body())
-    registry = CollectorRegistry()
-    Gauge("vllm:num_requests_waiting", "queued", ["model_name"], registry=registry).labels("m1").set(3)
-    engine = await MetricsServer(lambda: generate_latest(registry)).start()
-    sim = await SimReplica("fast", "m1").start()  # the simulator's real vLLM metrics (nothing queued)
-    try:
-        env.load(1, 0, 0)
-        replicas = {"m1": [engine.address, sim.address]}
-        off = env.autoscaler(engine_replicas=replicas.get)
-        assert (await off.tick()).totals == {"m1": 1}
-        on = env.autoscaler(engine_replicas=replicas.get, config={"include_engine_waiting": True})
-        assert (await on.tick()).totals == {"m1": 4} and env.replicas() == 4
-    finally:
-        await engine.stop()
-        await sim.stop()
+    env.load(1, 0, 0)
+    for gateway in env.gateways:  # three gateways, one replica queueing 3: counted once
+        gateway.engine("m1", "r1", waiting=3)
+    off = env.autoscaler()
+    assert (await off.tick()).totals == {"m1": 1}
+    on = env.autoscaler(config={"include_engine_waiting": True})
+    assert (await on.tick()).totals == {"m1": 4} and env.replicas() == 4
+
+
+async def test_kv_target_asks_for_replicas_the_request_count_does_not(env: Env) -> None:
+    env.kube.create("models", model_body(replicas=2, targetRequests=100, maxReplicas=10))
+    env.load(2, 1, 0)  # 3 requests at 100 each: one replica by requests
+    env.gateways[0].engine("m1", "r1", kv=0.9)
+    env.gateways[1].engine("m1", "r1", kv=0.95)  # max over gateways: 0.95
+    env.gateways[2].engine("m1", "r2", kv=0.85)
+    off = env.autoscaler(window=1)
+    assert (await off.tick()).scaled == {"m1": 1}
+    env.kube.patch("models", "m1", {"spec": {"replicas": 2}})
+    scaler = env.autoscaler(window=1, config={"target_kv_cache_usage": 0.6})
+    report = await scaler.tick()
+    # 2 replicas x mean 0.9 = 1.8 replicas' worth of KV in use; at 0.6 each: ceil(3.0) = 3.
+    assert report.kv == {"m1": pytest.approx(1.8)} and report.scaled == {"m1": 3} and env.replicas() == 3
+    assert scaler.registry.get_sample_value("kvgate_autoscaler_average_kv_cache_usage",
+                                            {"model": "m1"}) == pytest.approx(1.8)
+    # The new replica reads empty: the sum, not the mean, drives, so the scale-up holds.
+    env.gateways[0].engine("m1", "r3", kv=0.0)
+    assert (await scaler.tick()).scaled == {} and env.replicas() == 3
+
+
+async def test_kv_desired_is_clamped_and_averaged_over_the_window(env: Env) -> None:
+    env.kube.create("models", model_body(replicas=1, minReplicas=1, maxReplicas=4, scaleDownDelaySeconds=2))
+    scaler = env.autoscaler(window=2, config={"target_kv_cache_usage": 0.5})
+    for i in range(4):
+        env.gateways[0].engine("m1", f"r{i}", kv=1.0)  # 4 full caches ask for 8
+    await scaler.tick()
+    assert env.replicas() == 4  # clamped to maxReplicas
+    for gateway in env.gateways:  # the replicas' readings go stale at every gateway
+        gateway.registry.group("m1").engine.clear()  # type: ignore[attr-defined]
+    seen = []
+    for _ in range(3):
+        report = await scaler.tick()
+        seen.append(env.replicas())
+    assert report.kv == {}  # nothing read: the tick records 0 rather than freezing the last value
+    # averages of (4, 0) = 2 -> 4 wanted, then 0 -> min: held for the delay (2 lower readings), then down
+    assert seen == [4, 4, 1]
+    saved = json.loads(env.kube.get("configmaps", STATE_CM)["data"][STATE_KEY])
+    assert saved["models"]["m1"]["kv"] == [0.0, 0.0]
+    restored = env.autoscaler(window=2, config={"target_kv_cache_usage": 0.5})
+    await restored.restore()
+    assert list(restored.windows["m1"].kv) == [0.0, 0.0]
 
 
 async def test_run_loop_with_the_local_runtime_seams(tmp_path: Path) -> None:

@@ -394,7 +394,7 @@ def test_the_rendered_config_loads_with_the_gateways_own_loader(kvgate_default: 
     state = one(kvgate_default, "ConfigMap", "-autoscaler-state")
     autoscaling = data["modelAutoscaling"]
     assert autoscaling == {"interval": "10s", "timeWindow": "10m", "includeEngineWaiting": False,
-                           "stateConfigMapName": state["metadata"]["name"]}
+                           "targetKVCacheUsage": 0, "stateConfigMapName": state["metadata"]["name"]}
     assert "data" not in state  # the operator owns its content; upgrades must not reset it
     loaded = system.model_autoscaling
     assert (loaded.interval_seconds, loaded.time_window_seconds) == (10, 600)

@@ -1,6 +1,7 @@
 """The autoscaler through the cluster runtime: leader only, summing every gateway replica's
-metrics, surviving a fail-over, run by `ClusterOperator` against the fake API server over HTTP
-with the gateway driven with the openai SDK (tests/cluster_harness.py).
+metrics, surviving a fail-over, scaling on the replicas' KV-cache usage as the gateway re-exports
+it, run by `ClusterOperator` against the fake API server over HTTP with the gateway driven with
+the openai SDK (tests/cluster_harness.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import Any, AsyncIterator
 import openai
 import pytest
 
+from kvgate_sim.profiles import get_profile
 from lb_operator.system_config import system_config_from_dict
 from tests.cluster_harness import (GatewayReplica, Kubelet, chat, create_model, eventually,
                                    model_body, sdk)
 from tests.kube_fake import FakeKube
+
 
 @pytest.fixture
 async def kube() -> AsyncIterator[FakeKube]:
@@ -90,3 +93,44 @@ async def test_autoscaler_sums_gateways_survives_failover_and_scales_back(kube: 
             await node.stop()
 
 
+
+
+# A replica with a 1,024-token KV cache (64 blocks of 16) that decodes a token every ~10 ms and
+# never ends a reply early: one long request fills half its cache at once and more as it runs.
+SMALL_KV = get_profile("fast", num_kv_blocks=64, time_scale=50, natural_output_tokens=100_000)
+KV_AUTOSCALING = system_config_from_dict({"modelAutoscaling": {
+    "interval": 0.1, "timeWindow": 0.3, "includeEngineWaiting": True, "targetKVCacheUsage": 0.4}})
+
+
+async def test_kv_cache_usage_scales_a_model_the_request_count_would_not(kube: FakeKube) -> None:
+    """One request (targetRequests 100: one replica by count) whose prompt fills the replica's
+    KV cache: the gateway's engine scraper reads the usage, the leader's autoscaler reads it off
+    the gateway's /metrics and asks for more replicas through the scale subresource; released,
+    the usage drops and the model returns to minReplicas."""
+    async with Kubelet(kube, profile=SMALL_KV):
+        node = await GatewayReplica(kube, KV_AUTOSCALING, identity="g0", register_pod=True).start()
+        client = sdk(node)
+        request: asyncio.Task[Any] | None = None
+        try:
+            await eventually(lambda: node.leading, what="leadership")
+            await create_model(node.api, model_body("m", replicas=1, min_replicas=1, max_replicas=3,
+                                                    targetRequests=100, scaleDownDelaySeconds=1))
+            await eventually(lambda: node.endpoints("m"), what="a ready replica")
+            request = asyncio.create_task(client.chat.completions.create(
+                model="m", max_tokens=500, messages=[{"role": "user", "content": "x" * 1800}]))
+            autoscaler = await eventually(lambda: node.operator.autoscaler, what="the autoscaler")
+            await eventually(lambda: autoscaler.last_report.kv.get("m", 0) > 0.4, what="KV usage read")
+            await eventually(lambda: spec_of(kube, "m").get("replicas", 0) >= 2, what="KV scale-up")
+            assert autoscaler.last_report.totals["m"] <= 1  # one request: not the request count
+            assert ("patch", "kvgate.dev", "models/scale") in {c[:3] for c in kube.calls}
+            await eventually(lambda: len(node.endpoints("m")) >= 2, what="the new replica serving")
+            assert spec_of(kube, "m")["replicas"] >= 2  # its empty cache does not undo the scale-up
+
+            await release([request])  # the request ends: its KV blocks are freed
+            await eventually(lambda: spec_of(kube, "m").get("replicas") == 1, timeout=15,
+                             what="back to minReplicas")
+        finally:
+            if request is not None:
+                await release([request])
+            await client.close()
+            await node.stop()

@@ -1,7 +1,8 @@
 """The autoscaler inside `kvgate up`, for real: a subprocess with simulated replicas, load sent
 through the gateway with the official `openai` SDK, replica counts read from the status file.
 Short cadence (modelAutoscaling in the config file, scaleDownDelaySeconds on the Model) keeps
-each test to seconds."""
+each test to seconds. Besides the request count, the replicas' KV-cache usage, as the gateway
+re-exports it, scales a model."""
 
 from __future__ import annotations
 
@@ -112,3 +113,56 @@ def test_replica_counts_and_autoscaler_state_survive_a_restart(tmp_path: Path) -
         assert "skipping this tick" not in second.output
     finally:
         second.close()
+
+
+# 64 KV blocks of 16 tokens: a ~460-token prompt fills half the cache; one token every ~20 ms.
+SMALL_KV = ("--kv-blocks", "64", *SLOW)
+KV_CONFIG: dict[str, Any] = {
+    "modelAutoscaling": {"interval": "200ms", "timeWindow": "600ms", "includeEngineWaiting": True,
+                         "targetKVCacheUsage": 0.4},
+    "engineMetrics": {"intervalSeconds": 0.5},
+    "local": {"gracePeriodSeconds": 5, "reloadIntervalSeconds": 0.2},
+}
+
+
+def kv_usage(up: UpProcess, name: str) -> float:
+    """The highest KV usage among the model's replicas, as the gateway last read it."""
+    model = up.model(name) or {}
+    return max([(r.get("engine") or {}).get("kvUsage", 0.0) for r in model.get("replicas", ())] or [0.0])
+
+
+def test_kv_cache_usage_scales_a_local_model_up_then_back(tmp_path: Path) -> None:
+    """One request (targetRequests 100: one replica by count) whose prompt fills the replica's
+    KV cache: more replicas; once it ends, back to minReplicas."""
+    model = sim_model("longctx", min_replicas=1, max_replicas=3, args=SMALL_KV, targetRequests=100,
+                      scaleDownDelaySeconds=1)
+    up = UpProcess(tmp_path, [model], config=KV_CONFIG)
+    errors: list[str] = []
+
+    def long_request() -> None:
+        try:
+            reply = client(up).chat.completions.create(
+                model="longctx", max_tokens=500, messages=[{"role": "user", "content": "x" * 1800}])
+            assert reply.choices[0].message.content
+        except Exception as exc:  # asserted on by the test
+            errors.append(repr(exc))
+
+    try:
+        up.wait_output("kvgate: ready:")
+        wait_for(lambda: (up.model("longctx") or {}).get("ready") == 1, 10, "one ready replica")
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        try:
+            wait_for(lambda: kv_usage(up, "longctx") > 0.4, 10, "the replica's KV usage read")
+            up.wait_output("autoscaler: longctx -> 2 replicas", 10)
+            wait_for(lambda: up.model("longctx")["desired"] >= 2, 5, "KV scale-up")
+        finally:
+            thread.join(60)
+        assert errors == []
+        # The request is done and its blocks freed: the next readings say 0, then the delay.
+        up.wait_output("autoscaler: longctx -> 1 replicas", 15)
+        wait_for(lambda: up.model("longctx")["desired"] == 1, 5, "back to minReplicas")
+        state = json.loads((up.state_dir / "autoscaler.json").read_text())
+        assert state["models"]["longctx"]["kv"] == [0.0, 0.0, 0.0]  # the KV window is kept too
+    finally:
+        up.close()

@@ -6,7 +6,6 @@
   labels) in the operator's namespace, at `podIP:<the container port named "metrics">`. Outside a
   cluster, where no gateway Pod matches, this process's own metrics are read in-process;
 - `set_replicas` through the scale subresource of the Model's namespace (`ScaleWriter`);
-- the engines' addresses (for `includeEngineWaiting`) from the gateway's registry;
 - its state in a ConfigMap (`ConfigMapStateStore`), so the next leader continues from it.
 """
 
@@ -20,7 +19,6 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, generate_latest
 
 from lb.model import GROUP, PLURAL, VERSION, Model, ModelValidationError
-from lb.registry import Registry
 from lb_operator.autoscaler import Target
 from lb_operator.kube.client import MERGE_PATCH, KubeApi, or_none
 from lb_operator.kube.pods import is_ready
@@ -119,16 +117,6 @@ class ScaleByName:
                 await self.writers[namespace](name, replicas)
                 return
         raise LookupError(f"model {name} is not watched")
-
-
-def engine_addresses(registry: Registry) -> Callable[[str], list[str]]:
-    """A model's ready server addresses, as the gateway routes to them."""
-
-    def addresses(name: str) -> list[str]:
-        group = registry.groups().get(name)
-        return [] if group is None else [e.address for e in group.endpoints.values()]
-
-    return addresses
 
 
 class ConfigMapStateStore:

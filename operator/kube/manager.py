@@ -29,8 +29,7 @@ from lb.registry import Registry
 from lb_operator.autoscaler import Autoscaler
 from lb_operator.kube.adapters import ClusterAdapters
 from lb_operator.kube.autoscaling import (DEFAULT_GATEWAY_SELECTOR, ConfigMapStateStore,
-                                          GatewayTargets, ScaleByName, engine_addresses,
-                                          watched_models)
+                                          GatewayTargets, ScaleByName, watched_models)
 from lb_operator.kube.client import KubeApi
 from lb_operator.kube.endpoints import EndpointSync
 from lb_operator.kube.leader import DEFAULT_LEASE_NAME, LeaderElector, LeaderTask
@@ -170,8 +169,7 @@ class ClusterOperator:
                                     fallback_port=self.options.metrics_port, local=self.metrics),
             set_replicas=ScaleByName(api, dict(zip(self.options.namespaces, self.model_informers))),
             store=ConfigMapStateStore(api, home, config.state_config_map_name),
-            session=self._session, engine_replicas=engine_addresses(self.registry),
-            registry=self.metrics)
+            session=self._session, registry=self.metrics)
 
     async def _elect_when_synced(self) -> None:
         """Campaign only with a synced cache: a fresh leader's first resync must see every Model."""

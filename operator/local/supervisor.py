@@ -5,9 +5,10 @@ re-read when it changes. While it runs, `<state-dir>/status.json` is kept up to 
 `kvgate status` (the admin view never appears under the OpenAI port's /v1 namespace).
 
 The rest of the control plane runs here too, wired as in a cluster: the autoscaler (state in
-`<state-dir>/autoscaler.json`) reads this gateway's active-request metrics, from its own /metrics
-port or, with that port disabled, straight from the in-process registry (one gateway process:
-the numbers are the same); LoRA adapters are synced onto ready replicas (`local.adapters`).
+`<state-dir>/autoscaler.json`) reads this gateway's metrics (active requests, and the replicas'
+own queues and KV-cache usage as the gateway re-exports them), from its own /metrics port or,
+with that port disabled, straight from the in-process registry (one gateway process: the
+numbers are the same); LoRA adapters are synced onto ready replicas (`local.adapters`).
 
 The gateway itself is the caller's: it hands over only what these loops read of it
 (`GatewayView`), so the control plane never imports the data plane's server.
@@ -116,7 +117,6 @@ class Supervisor:
             config, models=runtime.registry.models, gateways=self._metrics_targets,
             set_replicas=runtime.set_replicas,
             store=JsonFileStateStore(self.state_dir / AUTOSCALER_FILE),
-            engine_replicas=lambda name: [r.address for r in runtime.replicas(name) if r.ready],
             session=runtime.session)
 
     async def _autoscale(self, serving: asyncio.Event) -> None:
