@@ -127,17 +127,25 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 
 
 def gateway_config(endpoints: dict[str, list[str]], port: int, *, metrics_port: int = 0,
-                   strategy: str = "PrefixHash", load_factor: int = 125) -> str:
-    """A static-endpoints `kvgate gateway` config: one model per entry, with its addresses."""
+                   strategy: str = "PrefixHash", load_factor: int = 125,
+                   load_balancing: dict[str, Any] | None = None,
+                   settings: dict[str, Any] | None = None) -> str:
+    """A static-endpoints `kvgate gateway` config: one model per entry, with its addresses.
+
+    ``load_balancing`` adds to every Model's ``spec.loadBalancing`` (its ``prefixHash`` merged
+    into the one built from ``load_factor``), e.g. ``{"loadUnit": "Tokens"}``; ``settings`` adds
+    top-level gateway sections, e.g. ``{"engineMetrics": {"intervalSeconds": 0.5}}``."""
+    extra = dict(load_balancing or {})
+    prefix_hash = {"meanLoadFactor": load_factor, **extra.pop("prefixHash", {})}
+    balancing = {"strategy": strategy, "prefixHash": prefix_hash, **extra}
     models = [{"apiVersion": "kvgate.dev/v1", "kind": "Model", "metadata": {"name": name},
                "spec": {"url": f"hf://bench/{name}", "engine": "VLLM",
-                        "features": ["TextGeneration"],
-                        "loadBalancing": {"strategy": strategy,
-                                          "prefixHash": {"meanLoadFactor": load_factor}}}}
+                        "features": ["TextGeneration"], "loadBalancing": balancing}}
               for name in endpoints]
     return yaml.safe_dump({
         "server": {"host": "127.0.0.1", "port": port, "metricsPort": metrics_port,
                    "logLevel": "warning"},
+        **(settings or {}),
         "models": models,
         "endpoints": {name: [{"address": a} for a in addresses]
                       for name, addresses in endpoints.items()},

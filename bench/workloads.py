@@ -1,6 +1,6 @@
 """Deterministic, seeded benchmark workloads (pure data; no network, no HTTP).
 
-Three shapes, all expressed as `ChatThread`s that a load generator replays turn by turn:
+Four shapes, all expressed as `ChatThread`s that a load generator replays turn by turn:
 
 - `multi_turn_threads`: like KubeAI's prefix-hash study. Each thread is a conversation of 5-30 user
   messages totalling 500-3000 characters; each turn appends the next user message to the history,
@@ -8,6 +8,10 @@ Three shapes, all expressed as `ChatThread`s that a load generator replays turn 
   them, so a replica that saw the thread before has most of the prompt in its prefix cache.
 - `shared_prefix_threads`: groups of users share one long system prompt, each asks their own
   questions (a product assistant, a support bot). Sharing sits in the system prompt.
+- `system_prompt_threads`: every request is one system prompt of a few thousand tokens, shared by
+  all users of that application, plus one unique short question (single turn, no history). The
+  first user message differs on every request, so KubeAI's key scatters them; a key taken from the
+  conversation's start sends each application's requests where its system prompt is cached.
 - `unique_prompt_threads`: the low-sharing control. Every request is a fresh, unique prompt with no
   history (`stateless`), so where it is routed should not matter.
 
@@ -401,6 +405,42 @@ def _system_prompt(rng: random.Random, target: int, group: int) -> str:
     return _cut(" ".join(parts), target)
 
 
+SYSTEM_PROMPT_CHARS = (8000, 12000)  # ~2,000-3,000 tokens in the simulator's tokenizer
+SYSTEM_PROMPT_QUESTION_CHARS = (60, 300)
+
+
+def system_prompt_threads(n: int, seed: int = 0, *, prompts: int = 24,
+                          system_chars: tuple[int, int] = SYSTEM_PROMPT_CHARS,
+                          question_chars: tuple[int, int] = SYSTEM_PROMPT_QUESTION_CHARS,
+                          questions: tuple[int, int] = (3, 8),
+                          max_tokens: int = DEFAULT_MAX_TOKENS) -> Workload:
+    """`n` users of `prompts` applications: user i belongs to application i % prompts, whose long
+    system prompt opens every request; each question is unique and sent alone (`stateless`).
+
+    Why several applications rather than one: a single shared prompt fits every replica's cache
+    after one miss each, whatever the routing, so routing could not matter. Several prompts
+    together outgrow one replica's cache while each replica's share fits, which is where a
+    conversation-prefix key pays (the same relation the multi-turn study rests on).
+    """
+    systems = [_system_prompt(_thread_rng(seed, "system-prompt", g),
+                              _thread_rng(seed, "system-size", g).randint(*system_chars), g)
+               for g in range(prompts)]
+    seen: set[str] = set()
+    threads = []
+    for i in range(n):
+        rng = _thread_rng(seed, "system-user", i)
+        gen = _TextGen(rng)
+        msgs = tuple(_unique_first(lambda: (gen.text(rng.randint(*question_chars), first=True),),
+                                   seen)[0]
+                     for _ in range(rng.randint(*questions)))
+        threads.append(ChatThread(f"sy-{seed}-{i}", msgs, system_prompt=systems[i % prompts],
+                                  max_tokens=max_tokens, stateless=True,
+                                  group=f"app-{i % prompts}"))
+    return Workload("system-prompt", seed, tuple(threads),
+                    {"prompts": prompts, "system_chars": list(system_chars),
+                     "question_chars": list(question_chars), "max_tokens": max_tokens})
+
+
 def unique_prompt_threads(n: int, seed: int = 0, *,
                           messages: tuple[int, int] = MULTI_TURN_MESSAGES,
                           prompt_chars: tuple[int, int] = MULTI_TURN_CHARS,
@@ -436,6 +476,7 @@ def _tagged(gen: _TextGen, rng: random.Random, chars: tuple[int, int], i: int, j
 
 WORKLOADS = {
     "multi-turn": multi_turn_threads,
+    "system-prompt": system_prompt_threads,
     "unique-prompts": unique_prompt_threads,
 }
 
@@ -450,5 +491,5 @@ def make_workload(name: str, n_threads: int, seed: int = 0, **kwargs: object) ->
         fn = WORKLOADS[name]
     except KeyError:
         raise KeyError(f"unknown workload {name!r}; known: multi-turn, shared-prefix, "
-                       "unique-prompts") from None
+                       "system-prompt, unique-prompts") from None
     return fn(n_threads, seed, **kwargs)  # type: ignore[operator]

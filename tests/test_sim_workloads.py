@@ -85,3 +85,27 @@ def test_make_workload_by_name():
     assert make_workload("unique-prompts", 3).name == "unique-prompts"
     with pytest.raises(KeyError):
         make_workload("sharegpt", 1)
+
+
+def test_system_prompt_requests_share_their_application_prompt_only():
+    from bench.workloads import system_prompt_threads
+    from kvgate_sim.tokenizer import encode_chat
+
+    w = system_prompt_threads(60, seed=5, prompts=6)
+    assert w == system_prompt_threads(60, seed=5, prompts=6)
+    assert w.summary()["system_prompts"] == 6
+    questions = set()
+    for i, t in enumerate(w.threads):
+        assert t.stateless and t.group == f"app-{i % 6}"
+        assert t.system_prompt == w.threads[i % 6].system_prompt
+        conv = t.conversation()
+        while not conv.done:
+            messages = conv.next_messages()
+            assert [m["role"] for m in messages] == ["system", "user"]  # one question, alone
+            questions.add(messages[1]["content"][:PREFIX_CHARS])
+            conv.add_reply("ok")
+    assert len(questions) == sum(t.num_turns for t in w.threads)  # KubeAI's keys all differ
+    tokens = [len(encode_chat([{"role": "system", "content": p}]))
+              for p in {t.system_prompt for t in w.threads}]
+    assert 1900 <= min(tokens) and max(tokens) <= 3100  # ~2,000-3,000 tokens each
+    assert make_workload("system-prompt", 3).name == "system-prompt"

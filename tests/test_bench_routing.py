@@ -1,0 +1,96 @@
+"""The routing study's strategy variants and its system-prompt comparison: every variant is a
+gateway config the real gateway accepts, presets expand, and the report shows TTFT mean/p99,
+throughput and hit rate per strategy, judging the conversation key against the others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import report
+from bench.procs import gateway_config
+from bench.studies.routing import (GATEWAY_SETTINGS, STRATEGIES, VARIANTS, build_parser,
+                                   expand_strategies, settings_from_args)
+from lb.config import config_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _balancing(variant: str):
+    strategy, extra = VARIANTS[variant]
+    text = gateway_config({"m": ["127.0.0.1:9001"]}, 8123, strategy=strategy,
+                          load_balancing=extra, settings=GATEWAY_SETTINGS)
+    config = config_from_dict(yaml.safe_load(text))
+    assert config.engine_metrics.interval_seconds == 0.5
+    return config.models[0].spec.load_balancing
+
+
+def test_each_variant_is_a_valid_gateway_config() -> None:
+    lb = _balancing("PrefixHash+Conversation")
+    assert (lb.strategy, lb.prefix_hash.prefix_from, lb.prefix_hash.prefix_char_length) == (
+        "PrefixHash", "Conversation", 2000)
+    assert lb.prefix_hash.mean_load_factor == 125
+    lb = _balancing("PrefixHash+Tokens")
+    assert (lb.strategy, lb.load_unit, lb.prefix_hash.prefix_from) == (
+        "PrefixHash", "Tokens", "FirstUserMessage")
+    assert _balancing("LeastQueue").strategy == "LeastQueue"
+    lb = _balancing("PrefixHash")  # KubeAI's key, unchanged
+    assert (lb.prefix_hash.prefix_from, lb.prefix_hash.prefix_char_length, lb.load_unit) == (
+        "FirstUserMessage", 100, "Requests")
+
+
+def test_strategies_default_presets_and_unknown_names() -> None:
+    s = settings_from_args(build_parser().parse_args([]))
+    assert s.strategies == list(STRATEGIES) == ["Random", "LeastLoad", "PrefixHash"]
+    assert expand_strategies(["all"]) == list(VARIANTS)
+    assert expand_strategies(["kubeai", "LeastQueue", "Random"]) == [*STRATEGIES, "LeastQueue"]
+    with pytest.raises(SystemExit):
+        expand_strategies(["PrefixHash+Nope"])
+    s = settings_from_args(build_parser().parse_args(
+        ["--workload", "system-prompt", "--system-prompts", "1"]))
+    assert s.concurrency == [20, 40] and (s.warmup_s, s.duration_s) == (15.0, 30.0)
+    assert s.workload_params == {"prompts": 1}
+    with pytest.raises(SystemExit):
+        settings_from_args(build_parser().parse_args(["--system-prompts", "2"]))
+
+
+def _run(strategy: str, conc: int, ttft: float, p99: float, hit: float) -> dict:
+    return {"strategy": strategy, "concurrency": conc,
+            "client": {"ttft_mean_ms": ttft, "ttft_p99_ms": p99, "total_tokens_per_s": 1000.0},
+            "replicas": {"hit_rate": hit}}
+
+
+def test_summary_table_and_conversation_checks() -> None:
+    runs = [_run("PrefixHash+Conversation", 20, 150, 400, 0.93), _run("Random", 20, 3000, 9000, 0.3),
+            _run("LeastQueue", 20, 2000, 5000, 0.31)]
+    lines = report.summary_table(runs).splitlines()
+    assert lines[0] == ("| strategy | threads | TTFT mean ms | TTFT p99 ms | total tokens/s | "
+                        "prefix-cache hit rate |")
+    assert lines[2] == "| Random (K8s Service) | 20 | 3,000 | 9,000 | 1,000 | 30% |"
+    assert lines[-1] == "| PrefixHash+Conversation | 20 | 150 | 400 | 1,000 | 93% |"
+    checks = report.acceptance(runs, control=False, workload="system-prompt")
+    assert [c["met"] for c in checks] == [True, True]
+    assert checks[0]["measured"] == pytest.approx(150 / 2000)
+    runs[0]["replicas"]["hit_rate"] = 0.2
+    assert [c["met"] for c in report.acceptance(runs, False, "system-prompt")] == [True, False]
+
+
+def test_system_prompt_study_end_to_end_with_every_variant(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "bench", "routing", "--profile", "fast", "--replicas", "2",
+           "--workload", "system-prompt", "--system-prompts", "4", "--strategies", "all",
+           "--concurrency", "4", "--warmup", "0.5", "--duration", "1.5", "--drain", "5",
+           "--no-charts", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((tmp_path / "system-prompt.json").read_text())
+    assert [r["strategy"] for r in doc["runs"]] == list(VARIANTS)
+    for run in doc["runs"]:
+        assert run["client"]["failed"] == 0 and run["client"]["unfinished"] == 0, run
+        assert run["client"]["ok"] > 0 and run["replicas"]["hit_rate"] > 0
+    md = (tmp_path / "system-prompt.md").read_text()
+    assert "| PrefixHash+Conversation | 4 |" in md and "prefix-cache hit rate" in md
