@@ -108,6 +108,7 @@ def parse_page(text: str) -> GatewayPage:
 
 
 def _engine_samples(samples: Iterable[Any], into: dict[Replica, float], ceiling: float) -> None:
+    """Readings keyed by replica; one without both labels cannot be merged across gateways."""
     for sample in samples:
         key = (sample.labels.get("model", ""), sample.labels.get("endpoint", ""))
         if all(key) and math.isfinite(sample.value):
