@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bench.load_tools import CHAT_BODY, run_hey, run_paced, run_wrk
-from bench.procs import (free_port, pinned, spawn, steal_seconds, stop, tree, tree_cpu_seconds,
-                         tree_rss_bytes, wait_for_port)
+from bench.procs import (free_port, pinned, pinned_cmd, spawn, steal_seconds, stop, tree,
+                         tree_cpu_seconds, tree_rss_bytes, wait_for_port)
 from bench.results import check, save, table, targets_table
 
 MASTER_KEY = "sk-kvgate-bench"
@@ -66,7 +66,8 @@ SHAPES = {"json": "", "sse-20": ',"stream":true'}
 # --proxy-only's extra shape, served by a backend that paces its chunks 1 ms apart.
 PACED_SHAPES = {"sse-20-paced": ',"stream":true'}
 TARGETS = {"x_litellm": 50.0, "added_p50_ms": 0.5, "added_p99_ms": 3.0, "workers_ratio": 1.6,
-           "cpu_us_request": 100.0, "cpu_us_stream": 150.0}
+           "cpu_us_request": 100.0, "cpu_us_stream": 150.0,
+           "x_base_cpu": 1.05}  # a change may cost at most 5% CPU per request (--baseline)
 # The calibration behind the CPU targets: the bare uvicorn+aiohttp proxy's CPU per request
 # where the targets were set. ``bench/bare_proxy.py`` is measured again in the same run, so
 # kvgate's targets are read as ratios to it and do not move with how fast the machine is today.
@@ -111,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy-only", action="store_true",
                         help="direct, kvgate and bare only, with the paced stream as a third "
                              "shape; writes proxy.* instead of peers.*")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="another kvgate checkout (its ring core built in place), run as "
+                             "the path kvgate@base beside this one: what a change costs")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="saturation runs per path and shape, taken in turns; medians "
+                             "reported (3 on a machine whose speed drifts)")
+    parser.add_argument("--signals", action="store_true",
+                        help="add kvgate+signals: token-weighted loads, the conversation key "
+                             "and engine scraping every 0.5 s, all on")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     duration = 3 if args.quick else args.duration
@@ -121,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ring implementation: {IMPLEMENTATION}; cores: {os.cpu_count()}", flush=True)
     litellm = _find_litellm(args.litellm) if "litellm" not in skip else None
     load_before = os.getloadavg()[0]
+    extra = _extra_kvgates(args.baseline, args.signals)
     rows, at_rate = _proxies(litellm, skip, duration, args.connections, args.rate,
-                             paced=args.proxy_only)
+                             paced=args.proxy_only, extra=extra, rounds=args.rounds)
     workers = _workers_scaling(duration, args.connections) if "workers" not in skip else {}
     result = {"settings": {"duration_s": duration, "connections": args.connections,
+                           "rounds": args.rounds, "baseline": str(args.baseline or ""),
                            "rate": args.rate, "cores": os.cpu_count(),
                            "proxy_only": args.proxy_only,
                            "ring": IMPLEMENTATION, "python": platform.python_version(),
@@ -142,18 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+Starter = Callable[[Path, int, int], "subprocess.Popen[bytes] | None"]
+
+
 def _proxies(litellm: str | None, skip: set[str], duration: int, connections: int, rate: int,
-             paced: bool) -> tuple[list[Row], list[dict[str, float]]]:
+             paced: bool, extra: dict[str, Starter],
+             rounds: int = 1) -> tuple[list[Row], list[dict[str, float]]]:
     """Every path saturated with each shape, then offered ``rate``; with ``paced``, the paths
     again in front of a backend that paces its stream's chunks (``PACED_SHAPES``)."""
     with ExitStack() as stack:
-        paths = _start_paths(stack, litellm, skip)
-        rows = _saturation(paths, SHAPES, duration, connections)
+        paths = _start_paths(stack, litellm, skip, extra=extra)
+        rows = _saturation(paths, SHAPES, duration, connections, rounds)
         at_rate = _latency_at_rate(paths, rate, duration)
     if paced:
         with ExitStack() as stack:
-            paths = _start_paths(stack, None, skip, chunk_gap_ms=1)
-            rows += _saturation(paths, PACED_SHAPES, duration, connections)
+            paths = _start_paths(stack, None, skip, chunk_gap_ms=1, extra=extra)
+            rows += _saturation(paths, PACED_SHAPES, duration, connections, rounds)
     return rows, at_rate
 
 
@@ -173,7 +189,7 @@ def _find_litellm(explicit: str | None) -> str | None:
 
 
 def _start_paths(stack: ExitStack, litellm: str | None, skip: set[str],
-                 chunk_gap_ms: int = 0) -> list[Route]:
+                 chunk_gap_ms: int = 0, extra: dict[str, Starter] | None = None) -> list[Route]:
     """The backend (its streams' chunks ``chunk_gap_ms`` apart) and every proxy not skipped in
     front of it, each answering requests of every shape."""
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -184,7 +200,8 @@ def _start_paths(stack: ExitStack, litellm: str | None, skip: set[str],
     paths = [Route("direct", backend_port, backend)]
     starters: dict[str, Callable[[Path, int, int], subprocess.Popen[bytes] | None]] = {
         "kvgate": _start_kvgate, "bare": _start_bare, "nginx": _start_nginx,
-        "litellm": lambda tmp, backend, port: _start_litellm(tmp, backend, port, litellm)}
+        "litellm": lambda tmp, backend, port: _start_litellm(tmp, backend, port, litellm),
+        **(extra or {})}
     for name, start in starters.items():
         if name in skip or (name == "litellm" and litellm is None):
             continue
@@ -212,13 +229,21 @@ def _check(path: Route) -> None:
             time.sleep(1)
 
 
-def _kvgate_config(tmp: Path, backend_port: int, port: int) -> Path:
+# kvgate+signals: every routing signal of the data plane on at once.
+SIGNALS_BALANCING = ("{strategy: PrefixHash, loadUnit: Tokens, "
+                     "prefixHash: {prefixFrom: Conversation, prefixCharLength: 2000}}")
+SIGNALS_CONFIG = "engineMetrics: {intervalSeconds: 0.5}\n"
+
+
+def _kvgate_config(tmp: Path, backend_port: int, port: int,
+                   balancing: str = "{strategy: PrefixHash}", extra: str = "") -> Path:
     config = tmp / f"kvgate-{port}.yaml"
     config.write_text(
         f"server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}\n"
+        + extra +
         "models:\n- apiVersion: kvgate.dev/v1\n  kind: Model\n  metadata: {name: m}\n"
         "  spec:\n    url: hf://bench/m\n    engine: VLLM\n    features: [TextGeneration]\n"
-        "    loadBalancing: {strategy: PrefixHash}\n"
+        f"    loadBalancing: {balancing}\n"
         f'endpoints:\n  m: [{{address: "127.0.0.1:{backend_port}"}}]\n')
     return config
 
@@ -228,6 +253,30 @@ def _start_kvgate(tmp: Path, backend_port: int, port: int, workers: int = 1,
     config = _kvgate_config(tmp, backend_port, port)
     return spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
                   "--workers", str(workers)], cpu=cpu)
+
+
+def _extra_kvgates(baseline: Path | None, signals: bool) -> dict[str, Starter]:
+    """The optional kvgate paths: another checkout's gateway, and this one with every signal."""
+    extra: dict[str, Starter] = {}
+    if baseline is not None:
+        extra["kvgate@base"] = lambda tmp, backend, port: _start_checkout(
+            baseline.resolve(), _kvgate_config(tmp, backend, port))
+    if signals:
+        extra["kvgate+signals"] = lambda tmp, backend, port: spawn(
+            [sys.executable, "-m", "kvgate", "gateway", "-c",
+             str(_kvgate_config(tmp, backend, port, SIGNALS_BALANCING, SIGNALS_CONFIG))], cpu=1)
+    return extra
+
+
+def _start_checkout(root: Path, config: Path) -> subprocess.Popen[bytes]:
+    """A gateway from another checkout, with this interpreter: its own modules come first on
+    the path (older checkouts kept the command in lb.cli)."""
+    module = "kvgate" if (root / "kvgate" / "cli.py").exists() else "lb.cli"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.Popen(pinned_cmd([sys.executable, "-m", module, "gateway", "-c",
+                                        str(config)], 1), cwd=root, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
 
 
 def _start_bare(tmp: Path, backend_port: int, port: int) -> subprocess.Popen[bytes]:
@@ -307,32 +356,20 @@ def _versions(litellm: str | None) -> dict[str, str]:
 
 
 def _saturation(paths: list[Route], shapes: dict[str, str], duration: int,
-                connections: int) -> list[Row]:
-    """Each path saturated by wrk with each response shape (name -> body extra)."""
+                connections: int, rounds: int = 1) -> list[Row]:
+    """Each path saturated by wrk with each response shape (name -> body extra). With
+    ``rounds`` > 1 the paths take turns, round after round, and each figure is the median of
+    its rounds: a machine whose speed drifts during the run then drifts for every path alike."""
     rows: list[Row] = []
     direct = paths[0]
     for shape, extra in shapes.items():
         body = CHAT_BODY % ("m", extra)
+        runs: dict[str, list[Row]] = {path.name: [] for path in paths}
+        for _ in range(rounds):
+            for path in paths:
+                runs[path.name].append(_measure(paths, path, shape, body, duration, connections))
         for path in paths:
-            # Direct: the backend has CPU 1 to itself; proxied, it moves to CPU 0 with wrk.
-            for pid in tree(direct.proc.pid):
-                pinned(pid, 1 if path is direct else 0)
-            # A slow proxy's streams outlast wrk's default 2 s timeout; give every path 60 s.
-            with _alone(paths, path):
-                run_wrk(path.port, body, 1, connections, AUTH, timeout=60)  # warm-up
-                before = tree_cpu_seconds(path.proc.pid)
-                counter = _Instructions(tree(path.proc.pid), duration)
-                result = run_wrk(path.port, body, duration, connections, AUTH, timeout=60)
-                cpu = tree_cpu_seconds(path.proc.pid) - before
-                instructions = counter.result()
-            row = Row(path.name, shape, result["rps"], result["p50"], result["p99"],
-                      cpu_us=cpu / max(1, result["requests"]) * 1e6,
-                      rss_mib=tree_rss_bytes(path.proc.pid) / 2**20,
-                      requests=int(result["requests"]),
-                      extra={"processes": len(tree(path.proc.pid)),
-                             "cores_used": cpu / duration})
-            if instructions is not None:
-                row.extra["k_instructions"] = instructions / max(1, result["requests"]) / 1e3
+            row = _median_row(runs[path.name])
             rows.append(row)
             print(f"  {path.name:8s} {shape:12s} {row.rps:9.0f} req/s  p50 {row.p50_ms:7.2f} ms  "
                   f"CPU {row.cpu_us:6.0f} µs/req", flush=True)
@@ -343,6 +380,43 @@ def _saturation(paths: list[Route], shapes: dict[str, str], duration: int,
     for pid in tree(direct.proc.pid):
         pinned(pid, 0)
     return rows
+
+
+def _measure(paths: list[Route], path: Route, shape: str, body: str, duration: int,
+             connections: int) -> Row:
+    """One wrk run through ``path``, the others paused; the backend on the other core when
+    proxied (direct: the backend has CPU 1 to itself; proxied, it moves to CPU 0 with wrk)."""
+    for pid in tree(paths[0].proc.pid):
+        pinned(pid, 1 if path is paths[0] else 0)
+    # A slow proxy's streams outlast wrk's default 2 s timeout; give every path 60 s.
+    with _alone(paths, path):
+        run_wrk(path.port, body, 1, connections, AUTH, timeout=60)  # warm-up
+        before = tree_cpu_seconds(path.proc.pid)
+        counter = _Instructions(tree(path.proc.pid), duration)
+        result = run_wrk(path.port, body, duration, connections, AUTH, timeout=60)
+        cpu = tree_cpu_seconds(path.proc.pid) - before
+        instructions = counter.result()
+    row = Row(path.name, shape, result["rps"], result["p50"], result["p99"],
+              cpu_us=cpu / max(1, result["requests"]) * 1e6,
+              rss_mib=tree_rss_bytes(path.proc.pid) / 2**20, requests=int(result["requests"]),
+              extra={"processes": len(tree(path.proc.pid)), "cores_used": cpu / duration})
+    if instructions is not None:
+        row.extra["k_instructions"] = instructions / max(1, result["requests"]) / 1e3
+    return row
+
+
+def _median_row(runs: list[Row]) -> Row:
+    """The median of each figure over rounds (the rounds themselves kept in ``extra``)."""
+    if len(runs) == 1:
+        return runs[0]
+    med = statistics.median
+    extra = {key: med(r.extra[key] for r in runs) for key in runs[0].extra
+             if all(key in r.extra for r in runs)}
+    extra["rounds_cpu_us"] = [round(r.cpu_us or 0.0, 1) for r in runs]  # type: ignore[assignment]
+    return Row(runs[0].path, runs[0].shape, med(r.rps for r in runs), med(r.p50_ms for r in runs),
+               med(r.p99_ms for r in runs), cpu_us=med(r.cpu_us or 0.0 for r in runs),
+               rss_mib=max(r.rss_mib or 0.0 for r in runs),
+               requests=sum(r.requests for r in runs), extra=extra)
 
 
 @contextmanager
@@ -506,6 +580,11 @@ def _targets(rows: list[Row], at_rate: list[dict[str, float]],
     rate = {r["path"]: r for r in at_rate}
     checks = cpu_checks({r.shape: r.cpu_us for r in rows if r.path == "kvgate"},
                         {r.shape: r.cpu_us for r in rows if r.path == "bare"})
+    for variant in ("kvgate", "kvgate+signals"):
+        if (variant, "json") in by and ("kvgate@base", "json") in by:
+            checks.append(check(f"{variant} CPU ÷ kvgate@base CPU per JSON request",
+                                by[(variant, "json")].cpu_us / by[("kvgate@base", "json")].cpu_us,
+                                TARGETS["x_base_cpu"]))
     if ("litellm", "json") in by and ("kvgate", "json") in by:
         checks.append(check("kvgate req/s ÷ LiteLLM req/s (JSON)",
                             by[("kvgate", "json")].rps / by[("litellm", "json")].rps,
