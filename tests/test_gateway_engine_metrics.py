@@ -3,12 +3,18 @@ LeastQueue to keep requests off a replica that is busy with load this gateway di
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from typing import Callable
 
+import aiohttp
 import pytest
+from kvgate_sim import get_profile
+from kvgate_sim.cluster import Replica
 
 from lb.engine_metrics import parse_reading
+from lb.registry import Endpoint
 from tests.gateway_harness import GatewayHarness
 
 FAST_SCRAPES = {"engineMetrics": {"intervalSeconds": 0.05, "staleAfterSeconds": 0.5}}
@@ -113,3 +119,56 @@ def test_scraping_off_sends_no_request_to_the_replicas(make_gateway) -> None:
     assert backend.scrapes == 0
     assert engine(gw, "kvgate_engine_requests_waiting", "r") is None
     gw.settle()
+
+
+async def test_least_queue_keeps_off_a_slowed_simulated_replica_that_others_keep_busy(
+        make_gateway) -> None:
+    """Two simulated vLLM replicas; one is slowed (its engine steps take 20× as long) and kept
+    busy by clients that call it directly, so its own queue grows where this gateway sees no
+    in-flight request of its own. LeastQueue reads that queue and sends every request to the
+    other replica."""
+    gw = make_gateway(FAST_SCRAPES)
+    profile = dataclasses.replace(get_profile("fast"), max_num_seqs=2)
+    slow, quick = (await Replica(profile, "m", faults={"slowdown": 20.0}).start(),
+                   await Replica(profile, "m").start())
+    try:
+        gw.model_with("m", [Endpoint("slow", slow.address), Endpoint("quick", quick.address)],
+                      strategy="LeastQueue")
+        async with aiohttp.ClientSession() as direct:
+            busy = [asyncio.ensure_future(_long_stream(direct, slow.url)) for _ in range(6)]
+            await _until_async(lambda: _engine(gw, "slow") >= 3, "the slowed replica's queue")
+            async with gw.async_client() as client:
+                for i in range(20):
+                    await client.chat.completions.create(
+                        model="m", max_tokens=2, messages=[{"role": "user", "content": f"q{i}"}])
+            for task in busy:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
+        finished = {name: r.snapshot()["engine"]["requests_finished"] for name, r in
+                    (("slow", slow), ("quick", quick))}
+        assert finished["quick"]["stop"] + finished["quick"]["length"] == 20
+        # The slowed replica finished nothing: the direct clients' streams were cancelled.
+        assert finished["slow"]["stop"] + finished["slow"]["length"] == 0
+    finally:
+        await slow.stop()
+        await quick.stop()
+    await gw.asettle()
+
+
+async def _long_stream(session: aiohttp.ClientSession, url: str) -> None:
+    async with session.post(f"{url}/v1/completions", json={
+            "model": "m", "prompt": "a long story", "max_tokens": 4000, "ignore_eos": True,
+            "stream": True}) as resp:
+        async for _ in resp.content:
+            pass
+
+
+def _engine(gw: GatewayHarness, endpoint: str) -> float:
+    return engine(gw, "kvgate_engine_requests_waiting", endpoint) or 0.0
+
+
+async def _until_async(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
