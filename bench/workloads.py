@@ -412,10 +412,15 @@ SYSTEM_PROMPT_QUESTION_CHARS = (60, 300)
 def system_prompt_threads(n: int, seed: int = 0, *, prompts: int = 24,
                           system_chars: tuple[int, int] = SYSTEM_PROMPT_CHARS,
                           question_chars: tuple[int, int] = SYSTEM_PROMPT_QUESTION_CHARS,
-                          questions: tuple[int, int] = (3, 8),
+                          questions: tuple[int, int] = (1, 1),
                           max_tokens: int = DEFAULT_MAX_TOKENS) -> Workload:
     """`n` users of `prompts` applications: user i belongs to application i % prompts, whose long
     system prompt opens every request; each question is unique and sent alone (`stateless`).
+
+    One question per user by default: a closed-loop slot then moves to another application after
+    every request. With several questions per user, a slot would stay on one application, and
+    LeastLoad, which sends a slot's next request back to the replica its last one just left,
+    would gain an affinity no real population of users gives it.
 
     Why several applications rather than one: a single shared prompt fits every replica's cache
     after one miss each, whatever the routing, so routing could not matter. Several prompts

@@ -96,7 +96,7 @@ def test_system_prompt_requests_share_their_application_prompt_only():
     assert w.summary()["system_prompts"] == 6
     questions = set()
     for i, t in enumerate(w.threads):
-        assert t.stateless and t.group == f"app-{i % 6}"
+        assert t.stateless and t.group == f"app-{i % 6}" and t.num_turns == 1
         assert t.system_prompt == w.threads[i % 6].system_prompt
         conv = t.conversation()
         while not conv.done:

@@ -88,6 +88,9 @@ WORKLOAD_CONCURRENCY = {"unique-prompts": [20, 40, 80], "system-prompt": [20, 40
 # minutes. 15 s of warm-up covers the cold prefill of each replica's share of the system
 # prompts (~3 prompts of ~2,500 tokens at ~1.1k tokens/s). (warm-up s, window s)
 WORKLOAD_TIMING = {"system-prompt": (15.0, 30.0)}
+# Threads made before the runs (generating text mid-run would stall the load generator's loop):
+# one question per thread, so a run uses about one thread per request.
+WORKLOAD_POOL = {"system-prompt": 3000}
 SIM_DEFAULTS = {"cpu-scaled": {"num_kv_blocks": 1280}}
 # Above these a component may be distorting the numbers instead of routing (cores, 0..1 busy).
 CPU_LIMITS = {"gateway": 0.8, "loadgen": 0.8, "simulator": 0.9, "machine": 0.92, "other": 0.3}
@@ -509,7 +512,7 @@ def meta_for(s: Settings, argv: list[str], pool: ThreadPool) -> dict:
 async def run_all(s: Settings, argv: list[str], out: Path, tag: str, with_charts: bool) -> dict:
     started = time.monotonic()
     pool = ThreadPool(s.workload, s.seed, **s.workload_params)
-    pool.ensure(max(s.concurrency) * 3)
+    pool.ensure(max(max(s.concurrency) * 3, WORKLOAD_POOL.get(s.workload, 0)))
     doc = {"meta": meta_for(s, argv, pool), "runs": []}
     if tag:
         doc["meta"]["workload"] = f"{s.workload}-{tag}"
