@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 
 .PHONY: install build helm run test clean bench-routing bench-ring bench-upstream bench-peers \
-	bench-proxy bench-scale bench-profile
+	bench-proxy bench-scale bench-profile bench-instructions
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-scale: build
 
 bench-profile: build
 	$(BIN)/python -m bench profile $(ARGS)
+
+# e.g. `make bench-instructions ARGS="--baseline ../kvgate-release --signals"`.
+bench-instructions: build
+	$(BIN)/python -m bench instructions $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info lb/_chwbl.c lb/*.so

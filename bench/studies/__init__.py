@@ -12,4 +12,5 @@ STUDIES: dict[str, str] = {
     "peers": "kvgate vs direct, bare proxy, nginx, LiteLLM (--proxy-only)",
     "scale": "memory per open stream, waiting-room drain, big rings",
     "profile": "where the saturated gateway's CPU goes (py-spy)",
+    "instructions": "instructions per request under callgrind, vs another checkout",
 }

@@ -1,0 +1,180 @@
+"""What a change costs the gateway per request, counted in instructions rather than timed.
+
+    python -m bench instructions [--baseline DIR] [--signals] [--requests 2000]
+
+CPU time per request moves by ±15% between two runs on a shared virtual machine, more than the
+change being judged. Instructions retired do not: each gateway runs under valgrind's callgrind,
+its counters are zeroed once it has served a warm-up, then it serves ``--requests`` requests of
+one shape (hey, 8 connections, against ``bench.fast_backend``), and the count is read; the same
+for the next shape. Start-up and imports are outside the window, so only the request path is
+counted. The paths: this checkout (``kvgate``, defaults: engine scraping every 2 s, ejection
+and the session header on), another checkout (``kvgate@base``, e.g. a worktree of the last
+release; its ring core built in place), and this checkout with token-weighted loads and the
+conversation key on as well (``kvgate+signals``). The target: a change costs at most 5% per
+request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.procs import free_port, spawn, stop, wait_for_port
+from bench.results import check, save, table, targets_table
+
+SHAPES = {"json": "", "sse-20": ', "stream": true'}
+BODY = '{"model": "m", "messages": [{"role": "user", "content": "Hello there, how are you?"}]%s}'
+MAX_COST = 1.05  # this checkout ÷ the baseline, per request
+# Token loads and the conversation key on; engine scraping is on by default (every 2 s). A
+# shorter interval would put more scrapes into the counted window under callgrind, which runs
+# the gateway ~50× slower than native: the window would hold ~50× the scrapes it really does.
+SIGNALS = ("loadBalancing: {strategy: PrefixHash, loadUnit: Tokens, "
+           "prefixHash: {prefixFrom: Conversation, prefixCharLength: 2000}}", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench instructions",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="another kvgate checkout to compare with (kvgate@base)")
+    parser.add_argument("--signals", action="store_true",
+                        help="also count kvgate with token loads and the conversation key on")
+    parser.add_argument("--requests", type=int, default=2000, help="requests counted per shape")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control", "hey"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed (apt-get install valgrind hey)")
+    variants = _variants(args.baseline, args.signals)
+    counts = _count_all(variants, args.requests)
+    result = {"settings": {"requests": args.requests, "baseline": str(args.baseline or "")},
+              "instructions": counts, "targets": _targets(counts)}
+    text = _markdown(result)
+    print("\n" + text)
+    written = save(args.out, "instructions", result, text)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _variants(baseline: Path | None, signals: bool) -> dict[str, tuple[Path, str, str]]:
+    """name -> (checkout root, loadBalancing line, extra config) of each gateway counted."""
+    here = Path(__file__).resolve().parents[2]
+    variants = {"kvgate": (here, "loadBalancing: {strategy: PrefixHash}", "")}
+    if baseline is not None:
+        variants["kvgate@base"] = (baseline.resolve(), "loadBalancing: {strategy: PrefixHash}", "")
+    if signals:
+        variants["kvgate+signals"] = (here, *SIGNALS)
+    return variants
+
+
+def _count_all(variants: dict[str, tuple[Path, str, str]],
+               requests: int) -> dict[str, dict[str, float]]:
+    """k instructions per request, by variant and shape."""
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        backend_port = free_port()
+        backend = spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(backend_port),
+                         "--chunks", "20", "--chunk-gap-ms", "0"])
+        stack.callback(stop, backend)
+        wait_for_port(backend_port)
+        counts = {}
+        for name, (root, balancing, extra) in variants.items():
+            config = _config(tmp, name, backend_port, balancing, extra)
+            counts[name] = _count(root, config, tmp / f"{_slug(name)}.callgrind", requests)
+            print(f"  {name:15s} " + "  ".join(f"{shape} {k:,.1f}k" for shape, k in
+                                              counts[name].items()), flush=True)
+    return counts
+
+
+def _count(root: Path, config: tuple[Path, int], out: Path, requests: int) -> dict[str, float]:
+    """One gateway under callgrind: per shape, zero the counters, serve, read the count."""
+    path, port = config
+    module = "kvgate" if (root / "kvgate" / "cli.py").exists() else "lb.cli"
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                             sys.executable, "-m", module, "gateway", "-c", str(path)],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for_port(port, timeout=300)
+        result = {}
+        for shape, extra in SHAPES.items():
+            _hey(port, extra, 200)  # warm-up: first-request paths, pools, caches
+            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
+                           capture_output=True)
+            _hey(port, extra, requests)
+            result[shape] = _dumped_total(proc.pid, out) / requests / 1e3
+        return result
+    finally:
+        stop(proc)
+
+
+def _hey(port: int, extra: str, requests: int) -> None:
+    done = subprocess.run(["hey", "-n", str(requests), "-c", "8", "-m", "POST",
+                           "-T", "application/json", "-d", BODY % extra,
+                           f"http://127.0.0.1:{port}/v1/chat/completions"],
+                          capture_output=True, text=True, check=True)
+    served = re.search(r"\[200\]\s+(\d+) responses", done.stdout)
+    if served is None or int(served.group(1)) != requests:
+        raise RuntimeError(f"not every request was answered with 200:\n{done.stdout[-800:]}")
+
+
+def _dumped_total(pid: int, out: Path) -> int:
+    """Dump the counters (since the last zeroing) and read the dump's total instructions."""
+    before = set(out.parent.glob(out.name + "*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for dump in set(out.parent.glob(out.name + "*")) - before:
+            match = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
+            if match:
+                return int(match.group(1))
+        time.sleep(0.2)
+    raise RuntimeError("callgrind wrote no dump")
+
+
+def _config(tmp: Path, name: str, backend_port: int, balancing: str,
+            extra: str) -> tuple[Path, int]:
+    port = free_port()
+    path = tmp / f"{_slug(name)}.yaml"
+    path.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}\n" + extra
+        + "models:\n- apiVersion: kvgate.dev/v1\n  kind: Model\n  metadata: {name: m}\n"
+        "  spec:\n    url: hf://bench/m\n    engine: VLLM\n    features: [TextGeneration]\n"
+        f"    {balancing}\n"
+        f'endpoints:\n  m: [{{address: "127.0.0.1:{backend_port}"}}]\n')
+    return path, port
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name)
+
+
+def _targets(counts: dict[str, dict[str, float]]) -> list[dict[str, object]]:
+    base = counts.get("kvgate@base")
+    if base is None:
+        return []
+    return [check(f"{name} ÷ kvgate@base, instructions per {shape} request",
+                  counts[name][shape] / base[shape], MAX_COST)
+            for name in counts if name != "kvgate@base" for shape in SHAPES]
+
+
+def _markdown(result: dict) -> str:  # type: ignore[type-arg]
+    counts = result["instructions"]
+    base = counts.get("kvgate@base")
+    rows = [(name, shape, f"{k:,.1f}", f"{k / base[shape]:.3f}" if base else "-")
+            for name, by_shape in counts.items() for shape, k in by_shape.items()]
+    lines = [f"Gateway instructions per request under callgrind ({result['settings']['requests']} "
+             "requests per shape after a warm-up; start-up excluded), one fast backend.", "",
+             table(("path", "response", "k instructions/request", "÷ kvgate@base"), rows, "ll")]
+    if result["targets"]:
+        lines += ["", targets_table(result["targets"])]
+    return "\n".join(lines) + "\n"
