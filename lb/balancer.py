@@ -72,29 +72,29 @@ class Balancer:
     def waiting(self, model: str) -> int:
         return self._waiting.get(model, 0)
 
-    def try_acquire(self, model: Model, adapter: str, prefix: str, exclude: list[str],
+    def try_acquire(self, model: Model, adapter: str, key: str, exclude: list[str],
                     weight: int = 1) -> Lease | None:
-        """A lease on the best endpoint for this request (of ``weight``: 1, or its estimated
-        tokens), or None if there is none now.
+        """A lease on the best endpoint for this request (routing ``key``: its prompt prefix or
+        session; ``weight``: 1, or its estimated tokens), or None if there is none now.
 
         Synchronous so the common case costs no coroutine; ``wait`` is the slow path.
         """
         group = self._registry.group(model.name)
         ejected = group.outliers.current() if group.outliers is not None else None
         skip = [*exclude, *ejected] if ejected else exclude
-        key = self._pick(group, model, adapter, prefix, skip, weight)
-        if key is None and ejected and exclude:
-            key = self._pick(group, model, adapter, prefix, exclude, weight)
-        if key is None and skip:
+        picked = self._pick(group, model, adapter, key, skip, weight)
+        if picked is None and ejected and exclude:
+            picked = self._pick(group, model, adapter, key, exclude, weight)
+        if picked is None and skip:
             # Every replica that could serve was tried already or is ejected: go back to one
             # rather than wait for a replica that may never come.
-            key = self._pick(group, model, adapter, prefix, (), weight)
-        if key is None:
+            picked = self._pick(group, model, adapter, key, (), weight)
+        if picked is None:
             return None
-        ticket = group.ring.acquire(key, weight)
-        return Lease(group, key, group.endpoints[key].address, ticket, weight)
+        ticket = group.ring.acquire(picked, weight)
+        return Lease(group, picked, group.endpoints[picked].address, ticket, weight)
 
-    async def wait(self, model: Model, adapter: str, prefix: str, exclude: list[str],
+    async def wait(self, model: Model, adapter: str, key: str, exclude: list[str],
                    weight: int = 1) -> Lease:
         """Wait in the model's waiting room for an endpoint, then lease it."""
         name = model.name
@@ -115,7 +115,7 @@ class Balancer:
                 current = self._registry.get_model(name)
                 if current is None:
                     raise model_not_found(name)
-                lease = self.try_acquire(current, adapter, prefix, exclude, weight)
+                lease = self.try_acquire(current, adapter, key, exclude, weight)
                 if lease is not None:
                     return lease
                 remaining = deadline - time.monotonic()
@@ -160,11 +160,11 @@ class Balancer:
             log.error("scaling model %s from zero failed: %s", name, task.exception())
 
 
-    def _pick(self, group: EndpointGroup, model: Model, adapter: str, prefix: str,
+    def _pick(self, group: EndpointGroup, model: Model, adapter: str, key: str,
               exclude: list[str] | tuple[()], weight: int) -> str | None:
         strategy = model.spec.load_balancing.strategy
         if strategy == "PrefixHash":
-            return group.ring.pick(adapter + prefix, adapter, exclude, weight)
+            return group.ring.pick(adapter + key, adapter, exclude, weight)
         if strategy == "Random":
             return group.ring.pick_random(adapter, exclude)
         if strategy == "LeastQueue" and group.engine:

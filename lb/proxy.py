@@ -136,7 +136,7 @@ class Proxy:
                     return False
         return True
 
-    async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, prefix: str,
+    async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, key: str,
                        path: bytes, scope: Scope, send: Send, exchange: _Exchange,
                        began: float) -> None:
         body = with_model(parsed, adapter or model.name) if adapter else parsed.body
@@ -145,8 +145,8 @@ class Proxy:
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1
         for attempt in range(attempts):
-            lease = (self._balancer.try_acquire(model, adapter, prefix, tried, weight)
-                     or await self._balancer.wait(model, adapter, prefix, tried, weight))
+            lease = (self._balancer.try_acquire(model, adapter, key, tried, weight)
+                     or await self._balancer.wait(model, adapter, key, tried, weight))
             tried.append(lease.key)
             last = attempt == attempts - 1
             try:
