@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import free_port, gateway_config, wait_for_port
+from lb.parse import DEFAULT_OUTPUT_TOKENS
 
 REPO = Path(__file__).resolve().parent.parent
 BODY = (b'{"model":"%s","messages":[{"role":"user","content":"Hello there"}]%s}')
@@ -26,8 +27,10 @@ BODY = (b'{"model":"%s","messages":[{"role":"user","content":"Hello there"}]%s}'
 
 def _config(tmp: Path, port: int, metrics_port: int, backends: dict[str, int]) -> Path:
     path = tmp / "gateway.yaml"
+    # Token-weighted loads: the shared table must carry weights, not only counts, and end at 0.
     path.write_text(gateway_config({m: [f"127.0.0.1:{p}"] for m, p in backends.items()}, port,
-                                   metrics_port=metrics_port))
+                                   metrics_port=metrics_port,
+                                   load_balancing={"loadUnit": "Tokens"}))
     return path
 
 
@@ -128,7 +131,8 @@ def test_both_workers_serve_and_counts_are_shared(workers: Workers) -> None:
         futures = [pool.submit(stream, i) for i in range(6)]
         opened.wait(30)
         assert workers.metric("kubeai_inference_requests_active", request_model="slow") == 6
-        assert workers.metric("kvgate_endpoint_in_flight", model="slow") == 6
+        weight = len(BODY % (b"slow", b',"stream":true')) // 4 + DEFAULT_OUTPUT_TOKENS
+        assert workers.metric("kvgate_endpoint_in_flight", model="slow") == 6 * weight
         release.set()
         for future in futures:
             future.result()
