@@ -17,8 +17,7 @@ import sys
 from typing import Sequence
 
 from lb.app import Gateway
-from lb.config import Config, ConfigError, load_config
-from lb.registry import static_registry
+from lb.config import Config, ConfigError, load_config, static_registry
 from lb.ring import LoadTable
 from lb.server import install_uvloop, run_workers, serve, tune_gc
 

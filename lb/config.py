@@ -18,7 +18,8 @@ from typing import Any, Literal
 from lb.ejection import EjectionConfig
 from lb.engine_metrics import EngineMetricsConfig
 from lb.model import Model
-from lb.registry import Endpoint
+from lb.registry import Endpoint, Registry
+from lb.ring import LoadTable
 from lb.schema import SchemaError, decode_object, read_yaml, setting
 
 ConfigError = SchemaError  # the name callers of the config loaders know
@@ -142,3 +143,12 @@ def _validate(config: Config) -> None:
             if not re.fullmatch(r"[^\s:/]+:\d{1,5}", endpoint.address):
                 raise ConfigError(("endpoints", model, i, "address"), "expected host:port, "
                                   f"got {endpoint.address!r}")
+
+
+def static_registry(config: Config, loads: LoadTable | None = None) -> Registry:
+    """A registry holding a static config's models and endpoints (`kvgate gateway`: no operator)."""
+    registry = Registry(loads)
+    for model in config.models:
+        registry.set_model(model)
+        registry.set_endpoints(model.name, config.static_endpoints(model.name))
+    return registry

@@ -25,7 +25,7 @@ from typing import Callable
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb.registry import EndpointGroup, Registry
+from lb.registry import EndpointGroup, EngineReading, Registry
 from lb.schema import setting
 
 log = logging.getLogger(__name__)
@@ -47,20 +47,6 @@ class EngineMetricsConfig:
     stale_after_seconds: float = setting(10.0, doc="Age after which a replica's last reading is ignored.",
                                          exclusive_minimum=0)
     path: str = setting("/metrics", doc="Path of the replicas' Prometheus metrics.", pattern="^/.*$")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineReading:
-    """One scrape of one replica. ``prefix_hit_rate`` covers the interval since the reading
-    before (None until the replica has answered prefix-cache queries in one)."""
-
-    waiting: float
-    running: float
-    kv_usage: float  # 0..1
-    prefix_hits: float
-    prefix_queries: float
-    prefix_hit_rate: float | None
-    read_at: float
 
 
 def parse_reading(text: str, read_at: float, before: EngineReading | None) -> EngineReading:

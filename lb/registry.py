@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from lb.ejection import Outliers
 from lb.model import Model
 from lb.ring import LoadTable, Ring
 
-if TYPE_CHECKING:  # both import from here
-    from lb.config import Config
-    from lb.engine_metrics import EngineReading
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +31,21 @@ class Endpoint:
     key: str
     address: str
     adapters: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReading:
+    """One scrape of one replica's own metrics (``lb.engine_metrics``), kept on its group.
+    ``prefix_hit_rate`` covers the interval since the reading before (None until the replica
+    has answered prefix-cache queries in one)."""
+
+    waiting: float
+    running: float
+    kv_usage: float  # 0..1
+    prefix_hits: float
+    prefix_queries: float
+    prefix_hit_rate: float | None
+    read_at: float
 
 
 class Change:
@@ -180,11 +192,3 @@ class Registry:
         group.engine = old.engine
         group.update(old.endpoints.values())
 
-
-def static_registry(config: Config, loads: LoadTable | None = None) -> Registry:
-    """A registry holding a static config's models and endpoints (`kvgate gateway`: no operator)."""
-    registry = Registry(loads)
-    for model in config.models:
-        registry.set_model(model)
-        registry.set_endpoints(model.name, config.static_endpoints(model.name))
-    return registry

@@ -437,7 +437,7 @@ def _waiting_gateway(port: int, backend_port: int, metrics_ports: list[int]) -> 
     the replica in each worker and prints the time (CLOCK_MONOTONIC, shared by processes).
     Worker ``i`` serves its metrics on ``metrics_ports[i]`` so the bench sees every room."""
     from lb.app import Gateway
-    from lb.registry import static_registry
+    from lb.config import static_registry
     from lb.config import load_config
     from lb.registry import Endpoint
     from lb.ring import LoadTable
