@@ -44,6 +44,15 @@ def test_each_variant_is_a_valid_gateway_config() -> None:
         "FirstUserMessage", 100, "Requests")
 
 
+def test_conversation_key_length_is_a_setting_of_the_run() -> None:
+    s = settings_from_args(build_parser().parse_args(["--conversation-chars", "100"]))
+    strategy, extra = s.load_balancing("PrefixHash+Conversation")
+    assert strategy == "PrefixHash" and extra["prefixHash"] == {
+        "prefixFrom": "Conversation", "prefixCharLength": 100}
+    assert VARIANTS["PrefixHash+Conversation"][1]["prefixHash"]["prefixCharLength"] == 2000
+    assert s.load_balancing("PrefixHash+Tokens") == ("PrefixHash", {"loadUnit": "Tokens"})
+
+
 def test_strategies_default_presets_and_unknown_names() -> None:
     s = settings_from_args(build_parser().parse_args([]))
     assert s.strategies == list(STRATEGIES) == ["Random", "LeastLoad", "PrefixHash"]

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="sim-llama", help="served model name")
     p.add_argument("--load-factor", type=int, default=125, help="PrefixHash meanLoadFactor")
+    p.add_argument("--conversation-chars", type=int, default=2000, metavar="N",
+                   help="prefixCharLength of PrefixHash+Conversation (default 2000)")
     p.add_argument("--pin", choices=("none", "split"), default="none",
                    help="split: simulator on CPU 0, gateway and load generator on CPU 1")
     p.add_argument("--prompt-chars", type=_int_list, metavar="LO,HI",
@@ -166,6 +168,15 @@ class Settings:
     workload_params: dict = field(default_factory=dict)
     ramp_s: float = 5.0
     capacity: Optional[float] = None
+    conversation_chars: int = 2000
+
+    def load_balancing(self, variant: str) -> tuple[str, dict]:
+        """The strategy and extra `spec.loadBalancing` settings of a variant in this run."""
+        strategy, extra = VARIANTS[variant]
+        if "prefixHash" in extra and extra["prefixHash"].get("prefixFrom") == "Conversation":
+            extra = {**extra, "prefixHash": {**extra["prefixHash"],
+                                             "prefixCharLength": self.conversation_chars}}
+        return strategy, extra
 
     def sim_profile(self) -> dict:
         """The replicas' effective parameters, as the simulator will build them."""
@@ -203,7 +214,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         profile=args.profile, sim_overrides=overrides, endpoints=args.endpoints,
         workload_params=_workload_params(WORKLOADS[args.workload], args.prompt_chars,
                                          args.system_prompts),
-        ramp_s=args.ramp, capacity=args.capacity)
+        ramp_s=args.ramp, capacity=args.capacity, conversation_chars=args.conversation_chars)
 
 
 def expand_strategies(names: list[str]) -> list[str]:
@@ -315,7 +326,7 @@ class Stack:
     async def __aenter__(self) -> "Stack":
         sim_cpu, gw_cpu = self._cpus()
         config = self.workdir / f"gateway-{self.strategy}.yaml"
-        strategy, balancing = VARIANTS[self.strategy]
+        strategy, balancing = self.s.load_balancing(self.strategy)
         config.write_text(gateway_config({self.s.model: self.addresses}, self.gateway_port,
                                          strategy=strategy, load_factor=self.s.load_factor,
                                          load_balancing=balancing, settings=GATEWAY_SETTINGS))
@@ -500,7 +511,7 @@ def meta_for(s: Settings, argv: list[str], pool: ThreadPool) -> dict:
         "workload": s.workload, "control": s.control, "replicas": s.replicas,
         "strategies": s.strategies, "concurrency": s.concurrency, "warmup_s": s.warmup_s,
         "duration_s": s.duration_s, "drain_s": s.drain_s, "seed": s.seed, "model": s.model,
-        "load_factor": s.load_factor, "pin": s.pin, "profile": profile,
+        "load_factor": s.load_factor, "conversation_chars": s.conversation_chars, "pin": s.pin, "profile": profile,
         "profile_name": s.profile if not s.endpoints else "external",
         "endpoints": s.endpoints, "command": "python -m bench routing " + shlex.join(argv),
         "workload_params": {k: list(v) if isinstance(v, tuple) else v
