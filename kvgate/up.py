@@ -82,7 +82,11 @@ def prepare(args: argparse.Namespace) -> Up:
     models = read_models_file(args.file)
     for model in models.models:
         check_engine(model, settings.local, models.base_dir)
-    return Up(settings, models, *bind_listeners(settings.gateway.server))
+    sock, metrics_sock = bind_listeners(settings.gateway.server)
+    for listener in (sock, metrics_sock):  # no child process needs them (see processes.py)
+        if listener is not None:
+            listener.set_inheritable(False)
+    return Up(settings, models, sock, metrics_sock)
 
 
 def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:

@@ -266,6 +266,47 @@ def test_status_shows_what_each_replica_reports_of_its_own_load(up: UpProcess) -
     assert "EJECTED" not in text
 
 
+def _listening() -> dict[str, int]:
+    """Listening TCP sockets on this machine: inode -> port (from /proc/net/tcp and tcp6)."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                found[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    return found
+
+
+def _held_sockets(pid: int) -> set[str]:
+    """The socket inodes among a process's open file descriptors."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def test_replicas_hold_no_listening_socket_but_their_own(up: UpProcess) -> None:
+    """A replica outliving kvgate must not keep the gateway's ports bound."""
+    status = up.model("chat")
+    assert status is not None and status["replicas"]
+    listening = _listening()
+    gateway_ports = {p for inode, p in listening.items() if inode in _held_sockets(up.proc.pid)}
+    assert {up.port, up.metrics_port} <= gateway_ports
+    for replica in status["replicas"]:
+        own = int(replica["address"].rsplit(":", 1)[1])
+        ports = {listening[i] for i in _held_sockets(replica["pid"]) if i in listening}
+        assert ports == {own}, (replica["name"], ports)
+
+
 def test_status_marks_an_ejected_replica() -> None:
     from kvgate.up import format_status
 

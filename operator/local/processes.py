@@ -5,6 +5,10 @@ it spawned (vLLM workers, Ollama runners), and a Ctrl-C in the terminal reaches 
 which then stops replicas in order. As a last resort on Linux, the child asks the kernel for
 SIGTERM if kvgate dies without cleaning up (PR_SET_PDEATHSIG), so even a SIGKILLed kvgate
 leaves no model server holding a GPU.
+
+A child inherits none of kvgate's file descriptors but stdin/stdout/stderr: uvloop's subprocess
+support ignores `close_fds`, so without `_close_on_exec` a replica would hold the gateway's
+listening sockets (and keep its ports bound if it outlived kvgate).
 """
 
 from __future__ import annotations
@@ -31,17 +35,33 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _death_signal() -> Callable[[], None] | None:
-    """A preexec hook asking for SIGTERM when the parent dies (Linux only; None elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return None
+def _close_on_exec() -> None:
+    """In the child, before exec: mark every descriptor above stderr close-on-exec (what
+    `close_fds=True` does, which uvloop does not implement). Errors are ignored: a descriptor
+    closed meanwhile (the listing's own) needs nothing."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every possible descriptor
+        fds = list(range(3, min(os.sysconf("SC_OPEN_MAX"), 65536)))
+    for fd in fds:
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+
+
+def _child_setup() -> Callable[[], None]:
+    """The preexec hook: close kvgate's descriptors on exec, and on Linux ask for SIGTERM when
+    the parent dies."""
+    libc = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getpid()
 
     def preexec() -> None:
+        _close_on_exec()
+        if libc is None:
+            return
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
@@ -98,7 +118,7 @@ class ReplicaProcess:
             self.process = await asyncio.create_subprocess_exec(
                 *launch.argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
                 stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
-                preexec_fn=_death_signal())
+                preexec_fn=_child_setup())
         finally:
             logfile.close()
         self.state = "starting"
@@ -133,7 +153,7 @@ class ReplicaProcess:
                 proc = await asyncio.create_subprocess_exec(
                     *step, stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
                     stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
-                    preexec_fn=_death_signal())
+                    preexec_fn=_child_setup())
             finally:
                 logfile.close()
             try:
