@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import fcntl
 import json
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lb.app import Gateway
 from lb.config import ConfigError
@@ -61,11 +62,18 @@ def _add_status(commands: argparse._SubParsersAction, help_text: str) -> None:
     status.set_defaults(run=lambda args: show_status(Path(args.state_dir), as_json=args.json))
 
 
+LOCK_FILE = "lock"
+
+
+class StateDirBusy(Exception):
+    """Another `kvgate up` holds the state directory."""
+
+
 def main_up(args: argparse.Namespace) -> int:
     log_to_stderr()
     try:
         up = prepare(args)
-    except (ConfigError, ManifestError, EngineUnavailable, OSError) as exc:
+    except (ConfigError, ManifestError, EngineUnavailable, StateDirBusy, OSError) as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 2
     install_uvloop()
@@ -82,11 +90,42 @@ def prepare(args: argparse.Namespace) -> Up:
     models = read_models_file(args.file)
     for model in models.models:
         check_engine(model, settings.local, models.base_dir)
-    sock, metrics_sock = bind_listeners(settings.gateway.server)
+    lock = lock_state_dir(Path(settings.local.state_dir))
+    try:
+        sock, metrics_sock = bind_listeners(settings.gateway.server)
+    except OSError:
+        lock.close()
+        raise
     for listener in (sock, metrics_sock):  # no child process needs them (see processes.py)
         if listener is not None:
             listener.set_inheritable(False)
-    return Up(settings, models, sock, metrics_sock)
+    return Up(settings, models, sock, metrics_sock, lock)
+
+
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """An exclusive lock on `<state_dir>/lock`, held as long as the returned file stays open
+    (the process's life): two `kvgate up` on one state directory would overwrite each other's
+    status file, share replica logs and saved counts. The lock file says which pid holds it;
+    the kernel releases the lock however the holder exits, so a stale file never blocks."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_FILE
+    lock = open(path, "a+")  # not inherited by replicas (close-on-exec)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise StateDirBusy(f"state directory {state_dir} is in use by another `kvgate up` "
+                           f"(pid {holder}); stop it, or pass --state-dir for a separate one") from None
+    except OSError:
+        lock.close()
+        raise
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
@@ -101,8 +140,9 @@ class Up:
     """One `kvgate up` process: the gateway and the supervisor, on sockets already bound."""
 
     def __init__(self, settings: Settings, models: ModelsFile, sock: socket.socket,
-                 metrics_sock: socket.socket | None) -> None:
+                 metrics_sock: socket.socket | None, lock: IO[str] | None = None) -> None:
         self.settings = settings
+        self.lock = lock  # the state directory's, held until the process exits
         self.models = models
         self.sock, self.metrics_sock = sock, metrics_sock
         self.signals = 0

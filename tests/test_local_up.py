@@ -307,6 +307,42 @@ def test_replicas_hold_no_listening_socket_but_their_own(up: UpProcess) -> None:
         assert ports == {own}, (replica["name"], ports)
 
 
+def test_a_second_up_on_the_same_state_directory_exits_before_starting_anything(up: UpProcess) -> None:
+    logs = sorted(p.name for p in (up.state_dir / "logs").rglob("*.log"))
+    before = up.status()
+    port = free_port()
+    models = up.workdir / "other.yaml"
+    write_models(models, [sim_model("other", min_replicas=1)])
+    result = kvgate("up", "-f", str(models), "--port", str(port), "--metrics-port", "0",
+                    "--state-dir", str(up.state_dir))
+    assert result.returncode != 0
+    assert f"pid {up.proc.pid}" in result.stderr and str(up.state_dir) in result.stderr
+    with socket.socket() as probe:  # it never bound its port
+        probe.bind(("127.0.0.1", port))
+    assert sorted(p.name for p in (up.state_dir / "logs").rglob("*.log")) == logs
+    after = up.status()
+    assert after["pid"] == before["pid"] == up.proc.pid
+    assert not (up.state_dir / "logs" / "other").exists()
+    assert ask(up)
+
+
+def test_the_state_directory_lock_is_released_on_exit(tmp_path: Path) -> None:
+    import fcntl
+
+    process = UpProcess(tmp_path, [sim_model("m", min_replicas=1)])
+    try:
+        process.wait_output("kvgate: ready:")
+        lock = process.state_dir / "lock"
+        with lock.open("a") as held:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert process.stop() == 0
+        with lock.open("a") as free:
+            fcntl.flock(free, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        process.close()
+
+
 def test_status_marks_an_ejected_replica() -> None:
     from kvgate.up import format_status
 
