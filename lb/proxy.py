@@ -103,6 +103,8 @@ class Proxy:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
+        if _FEATURES[kind] not in model.spec.features:
+            raise _not_served(model, kind, scope["path"])
         hook = scope.get(DISCONNECT_HOOK)
         watcher = (_DisconnectHook(hook, exchange) if hook is not None
                    else _DisconnectWatch(receive, exchange))
@@ -120,7 +122,10 @@ class Proxy:
         model = self._registry.get_model(name)
         if model is None or not self._selected(model, scope):
             raise model_not_found(requested)
-        if adapter and adapter not in {a.name for a in model.spec.adapters}:
+        if adapter:
+            if adapter not in {a.name for a in model.spec.adapters}:
+                raise model_not_found(requested)
+        elif len(name) != len(requested):  # `model_`: a separator and no adapter after it
             raise model_not_found(requested)
         return model, adapter
 
@@ -321,6 +326,21 @@ def _routing_key(parsed: ParsedRequest, model: Model, session: bytes) -> str:
     if session:
         return "\x1esession:" + session.decode("latin-1")  # apart from every prompt's text
     return prefix_of(parsed, prefix_hash.prefix_char_length, prefix_hash.prefix_from)
+
+
+# The feature a Model must declare for each request kind (KubeAI lists models by feature but
+# forwards any route to any model, so an engine answers in its own words, or serves a request
+# the model was never meant for).
+_FEATURES = {"chat": "TextGeneration", "completions": "TextGeneration",
+             "embeddings": "TextEmbedding", "transcriptions": "SpeechToText",
+             "rerank": "Reranking"}
+
+
+def _not_served(model: Model, kind: str, path: str) -> GatewayError:
+    declared = ", ".join(model.spec.features) or "none"
+    return GatewayError(404, f"The model `{model.name}` does not serve {path}: that route needs "
+                        f"the {_FEATURES[kind]} feature, and the model declares: {declared}.",
+                        code="model_does_not_serve_route", param="model")
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -85,7 +85,8 @@ def json_case(rng: random.Random) -> Case:
     elif what == "model_unknown":
         payload["model"] = rng.choice([
             "nope", "m-", "M", f"{MODEL}_unknownadapter", "x" * rng.randint(100, 5000),
-            "m\u00e9", "\U0001f600", "_m", f"other_{MODEL}", "m " * 3])
+            "m\u00e9", "\U0001f600", "_m", f"other_{MODEL}", "m " * 3, f"{MODEL}_",
+            f"{MODEL}__"])
         expect = (404,)
     elif what == "stream":
         payload["stream"] = rng.choice(["true", 1, 0, [], {}, "false", 1.0])
