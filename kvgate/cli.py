@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import socket
 import sys
 from typing import Sequence
@@ -41,9 +42,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.run(args)
 
 
+DESCRIPTION = """\
+An OpenAI-compatible LLM inference gateway with prefix-aware routing, and a model
+operator that runs Models as model servers in Kubernetes or on this machine."""
+EPILOG = """\
+examples:
+  kvgate up -f models.yaml       gateway + local model servers (`kvgate status` shows them)
+  kvgate gateway -c config.yaml  the gateway alone, in front of static endpoints
+  kvgate serve -c config.yaml    gateway + Kubernetes operator
+  kvgate sim --help              simulated vLLM replicas
+
+`kvgate COMMAND --help` describes a command's options."""
+
+
+def version() -> str:
+    """The installed package's version (its metadata), or "unknown" when run from a bare tree."""
+    try:
+        return importlib.metadata.version("kvgate")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; the full sub-parser of an operator command only when `command` is it."""
-    parser = argparse.ArgumentParser(prog="kvgate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kvgate", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kvgate {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_gateway(commands)
     commands.add_parser("sim", help="run simulated vLLM replicas", add_help=False)

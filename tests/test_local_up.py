@@ -250,6 +250,22 @@ def test_help_and_status_without_a_running_up(tmp_path: Path) -> None:
     assert result.returncode == 1 and "no `kvgate up` is running" in result.stderr
 
 
+def test_top_level_help_describes_kvgate_without_markup() -> None:
+    result = kvgate("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert "``" not in result.stdout and "The kvgate command" not in result.stdout
+    assert "OpenAI-compatible" in result.stdout
+    for command in ("gateway", "up", "status", "serve", "sim", "--version"):
+        assert command in result.stdout
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    result = kvgate("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"kvgate {version('kvgate')}"
+
+
 def test_status_shows_what_each_replica_reports_of_its_own_load(up: UpProcess) -> None:
     """The gateway scrapes the simulated vLLM replicas' /metrics; `kvgate status` shows it."""
     def readings() -> list:
