@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import importlib
 import importlib.metadata
+import os
 import socket
 import sys
 from typing import Sequence
@@ -36,10 +37,24 @@ OPERATOR_COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sim"]:
-        return _sim(argv[1:])
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
-    return args.run(args)
+    try:
+        if argv[:1] == ["sim"]:
+            return _sim(argv[1:])
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
+        code = args.run(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe could not be caught
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (`kvgate status | head -1`): exit quietly, as a shell tool does.
+    stdout is pointed at /dev/null so the interpreter's final flush fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141  # 128 + SIGPIPE, what a tool killed by the signal reports
 
 
 DESCRIPTION = """\

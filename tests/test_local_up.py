@@ -359,6 +359,22 @@ def test_the_state_directory_lock_is_released_on_exit(tmp_path: Path) -> None:
         process.close()
 
 
+def test_status_into_a_closed_pipe_exits_quietly(up: UpProcess) -> None:
+    """`kvgate status --json | head -1`: the reader is gone before the output is written."""
+    import subprocess
+    import sys
+
+    for extra in (["--json"], []):
+        proc = subprocess.Popen([sys.executable, "-m", "kvgate", "status", "--state-dir",
+                                 str(up.state_dir), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(30) == 141  # as if killed by SIGPIPE, like other shell tools
+        assert "Traceback" not in err and "BrokenPipeError" not in err and err == "", err
+
+
 def test_status_marks_an_ejected_replica() -> None:
     from kvgate.up import format_status
 
