@@ -41,6 +41,29 @@ class ParsedRequest:
     content_type: bytes
 
 
+def check_content_type(kind: str, content_type: bytes) -> None:
+    """415 unless the body's declared type suits the route: multipart/form-data for audio,
+    JSON elsewhere (any parameters, such as a charset). A JSON route also takes a request that
+    declares no type at all, as OpenAI's API does: it reads the body as JSON whatever the
+    header says, so clients that never set one (curl -d without -H) work there and must work
+    here; the body is still checked to be JSON. A type that says something else is a client
+    bug worth naming. (The proxy calls this only when the header is not exactly
+    ``application/json``.)"""
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if kind == "transcriptions":
+        if media != b"multipart/form-data":
+            raise GatewayError(415, "This endpoint expects multipart/form-data with a boundary, "
+                               f"not {_shown(media)}.", code="unsupported_media_type")
+    elif media != b"application/json" and content_type.strip():
+        raise GatewayError(415, "This endpoint expects a JSON body (Content-Type: "
+                           f"application/json), not {_shown(media)}.",
+                           code="unsupported_media_type")
+
+
+def _shown(media: bytes) -> str:
+    return repr(media.decode("latin-1")[:100]) if media else "an empty content type"
+
+
 def parse_request(kind: str, body: bytes, content_type: bytes) -> ParsedRequest:
     if kind == "transcriptions":
         model, body, content_type = parse_multipart(body, content_type)

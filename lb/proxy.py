@@ -23,7 +23,8 @@ from lb.errors import GatewayError, bad_request, model_not_found
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
 from lb.metrics import GatewayMetrics
 from lb.model import Model, split_model_adapter
-from lb.parse import ParsedRequest, estimated_tokens, parse_request, prefix_of, with_model
+from lb.parse import (ParsedRequest, check_content_type, estimated_tokens, parse_request,
+                      prefix_of, with_model)
 from lb.registry import Registry
 from lb.selectors import matches, parse_selector
 from lb.upstream import request_headers, response_headers
@@ -79,6 +80,8 @@ class Proxy:
         try:
             content_length, content_type, session = _request_headers(scope["headers"],
                                                                      self._session_header)
+            if content_type != b"application/json":
+                check_content_type(kind, content_type)
             body = await self._read_body(content_length, receive)
             await self._serve(kind, path, scope, body, content_type, session, receive, send,
                               exchange, began)

@@ -4,6 +4,7 @@ the status. Real HTTP throughout (tests/gateway_harness.py)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 
 import openai
@@ -103,3 +104,66 @@ def test_routes_the_model_does_not_serve_get_404(zoo, prefix):
     assert gw.metric("kvgate_requests_total", scraped, model="text", kind="embeddings",
                      code="404") == 2
     gw.settle()
+
+
+# -- Content-Type ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded",
+                                   "multipart/form-data; boundary=x", "application/jsonx",
+                                   "application/octet-stream", "json"])
+def test_json_routes_refuse_other_content_types(zoo, ctype):
+    gw, backends = zoo
+    client = gw.client()
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="text", messages=MESSAGES,
+                                       extra_headers={"Content-Type": ctype})
+    error = openai_error(info.value, 415)
+    assert error["code"] == "unsupported_media_type"
+    assert "application/json" in error["message"]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.embeddings.create(model="emb", input="x", extra_headers={"Content-Type": ctype})
+    openai_error(info.value, 415)
+    assert sum(b.total_calls for b in backends.values()) == 0
+    gw.settle()
+
+
+@pytest.mark.parametrize("ctype", [None, "application/json", "application/json; charset=utf-8",
+                                   "Application/JSON;charset=UTF-8", "application/json ; x=y"])
+def test_json_routes_take_json_with_or_without_a_content_type(zoo, ctype):
+    """A charset or other parameter is fine; no Content-Type at all is read as JSON, as OpenAI's
+    API does (curl -d without -H works there)."""
+    gw, backends = zoo
+    body = json.dumps({"model": "text", "messages": MESSAGES}).encode()
+    if ctype:
+        status, _, data = gw.http("POST", "/v1/chat/completions", body, {"content-type": ctype})
+    else:  # urllib would add a form type to a body without one: a bare request
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+        conn.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        status, data = response.status, response.read()
+        conn.close()
+    assert status == 200, data
+    assert json.loads(data)["object"] == "chat.completion"
+    seen = backends["text"].last
+    assert seen.headers["Content-Type"] == "application/json"
+    assert seen.json["messages"] == MESSAGES
+
+
+def test_audio_takes_multipart_only(zoo):
+    gw, backends = zoo
+    client = gw.client()
+    # The SDK's own multipart request works ...
+    assert client.audio.transcriptions.create(model="whisper", file=("a.wav", b"abc")).text
+    # ... JSON, form-urlencoded or nothing is refused before the body is read.
+    for headers, body in [({"content-type": "application/json"}, b'{"model": "whisper"}'),
+                          ({"content-type": "application/x-www-form-urlencoded"}, b"model=x"),
+                          ({"content-type": "text/plain"}, b"whisper")]:
+        status, response_headers, data = gw.http("POST", "/v1/audio/transcriptions", body,
+                                                  headers)
+        assert status == 415, data
+        assert response_headers["content-type"] == "application/json"
+        assert json.loads(data)["error"]["code"] == "unsupported_media_type"
+    assert backends["whisper"].total_calls == 1
