@@ -375,6 +375,21 @@ def test_status_into_a_closed_pipe_exits_quietly(up: UpProcess) -> None:
         assert "Traceback" not in err and "BrokenPipeError" not in err and err == "", err
 
 
+def test_replicas_are_numbered_per_model(tmp_path: Path) -> None:
+    process = UpProcess(tmp_path, [sim_model("a", min_replicas=2), sim_model("b", min_replicas=1)])
+    try:
+        process.wait_output("kvgate: ready:")
+        write_models(process.models_path, [sim_model("a", min_replicas=2),
+                                           sim_model("b", min_replicas=1), sim_model("c")])
+        wait_for(lambda: process.ready_pids("c"), 15, "the added model's replica")
+        names = {m["name"]: sorted(r["name"] for r in m["replicas"]) for m in process.status()["models"]}
+        assert names == {"a": ["a-1", "a-2"], "b": ["b-1"], "c": ["c-1"]}
+        logs = sorted(p.name for p in (process.state_dir / "logs").rglob("*.log"))
+        assert logs == ["a-1.log", "a-2.log", "b-1.log", "c-1.log"]
+    finally:
+        process.close()
+
+
 def test_status_marks_an_ejected_replica() -> None:
     from kvgate.up import format_status
 

@@ -150,7 +150,7 @@ class ModelController:
             self._spawn(self._run_replica(self._new_replica()))
 
     def _new_replica(self) -> ReplicaProcess:
-        name = f"{self.model.name}-{self.runtime.next_id()}"
+        name = f"{self.model.name}-{self.runtime.next_id(self.model.name)}"
         host = self.runtime.config.replica_host
         replica = ReplicaProcess(name=name, model=self.model.name, host=host,
                                  port=free_port(host), launch_hash=self.expected,
@@ -326,7 +326,8 @@ class LocalRuntime:
         self._exit_hooks: list[ExitHook] = []
         self._hook_tasks: set[asyncio.Task[None]] = set()
         self.counts = ReplicaCounts(Path(config.state_dir) / COUNTS_FILE)
-        self._ids = 0
+        self._ids: dict[str, int] = {}  # per model; kept when a model is removed, so a re-added
+        # one does not reuse its old replicas' names (and log files)
         self._session: aiohttp.ClientSession | None = None
         self.changed = asyncio.Event()  # set on every replica change (status writer, tests)
 
@@ -336,9 +337,10 @@ class LocalRuntime:
             self._session = aiohttp.ClientSession()
         return self._session
 
-    def next_id(self) -> int:
-        self._ids += 1
-        return self._ids
+    def next_id(self, model: str) -> int:
+        """The next replica number of `model`: replicas are named `<model>-1`, `<model>-2`, ..."""
+        self._ids[model] = self._ids.get(model, 0) + 1
+        return self._ids[model]
 
     # -- models --------------------------------------------------------------------------------
 
