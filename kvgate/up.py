@@ -27,7 +27,9 @@ from lb.server import install_uvloop, serve
 from lb_operator.local.engines import EngineUnavailable, check_engine
 from lb_operator.local.manifests import ManifestError, ModelsFile, read_models_file
 from lb_operator.local.runtime import LocalRuntime
-from lb_operator.local.supervisor import STATUS_FILE, GatewayView, Supervisor, base_url
+from lb_operator.local.supervisor import (
+    STATUS_FILE, GatewayView, Supervisor, base_url, metrics_url,
+)
 
 from kvgate.process import add_listen_args, bind_listeners, log_to_stderr
 from kvgate.settings import Settings, load_settings, with_listen_args
@@ -188,7 +190,11 @@ class Up:
 
 def _banner(supervisor: Supervisor) -> None:
     runtime = supervisor.runtime
-    lines = [f"kvgate: serving the OpenAI API on {base_url(supervisor.gateway.server)}",
+    server = supervisor.gateway.server
+    metrics = metrics_url(server)
+    lines = [f"kvgate: serving the OpenAI API on {base_url(server)}",
+             f"kvgate: Prometheus metrics on {metrics}" if metrics else
+             "kvgate: metrics port disabled (server.metricsPort 0)",
              f"kvgate: models from {supervisor.models_file.path} (re-read on change); "
              f"logs in {supervisor.state_dir / 'logs'}; `kvgate status` for details"]
     for model in runtime.models():

@@ -80,6 +80,13 @@ def test_banner_lists_url_models_and_replicas(up: UpProcess) -> None:
     assert "zero" in up.output and "replicas 0" in up.output
 
 
+def test_banner_shows_the_metrics_url(up: UpProcess) -> None:
+    url = f"http://127.0.0.1:{up.metrics_port}/metrics"
+    banner = up.output.split("kvgate: ready:")[0]
+    assert url in banner
+    assert up.status()["metricsUrl"] == url
+
+
 def test_chat_completion_and_stream_through_the_sdk(up: UpProcess) -> None:
     assert ask(up)
     chunks = list(client(up).chat.completions.create(

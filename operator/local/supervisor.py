@@ -62,6 +62,14 @@ def base_url(server: ServerConfig) -> str:
     return f"http://{host}:{server.port}/v1"
 
 
+def metrics_url(server: ServerConfig) -> str | None:
+    """The gateway's Prometheus endpoint; None with the metrics port disabled."""
+    if not server.metrics_port:
+        return None
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    return f"http://{host}:{server.metrics_port}/metrics"
+
+
 class Supervisor:
     """One `kvgate up`'s control plane around a `LocalRuntime`: ``start``, ``run``, ``close``."""
 
@@ -198,7 +206,7 @@ class Supervisor:
         server = self.gateway.server
         return {
             "pid": os.getpid(), "baseUrl": base_url(server), "started": self.started,
-            "metricsUrl": f"http://{server.host}:{server.metrics_port}/metrics" if server.metrics_port else None,
+            "metricsUrl": metrics_url(server),
             "modelsFile": str(self.models_file.path), "stateDir": str(self.state_dir),
             "models": [self._model_status(m) for m in self.runtime.models()],
         }
