@@ -273,6 +273,25 @@ def test_version_comes_from_the_package_metadata() -> None:
     assert result.returncode == 0 and result.stdout.strip() == f"kvgate {version('kvgate')}"
 
 
+def test_license_is_the_apache_2_0_text_pyproject_declares() -> None:
+    import hashlib
+    import tomllib
+
+    from tests.local_harness import REPO
+
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"] == {
+        "text": "Apache-2.0"}
+    text = (REPO / "LICENSE").read_text()
+    assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    for heading in ("1. Definitions.", "2. Grant of Copyright License.", "3. Grant of Patent License.",
+                    "4. Redistribution.", "5. Submission of Contributions.", "6. Trademarks.",
+                    "7. Disclaimer of Warranty.", "8. Limitation of Liability.",
+                    "9. Accepting Warranty or Additional Liability.", "END OF TERMS AND CONDITIONS"):
+        assert heading in text
+    # The text as the ASF publishes it at https://www.apache.org/licenses/LICENSE-2.0.txt.
+    assert hashlib.md5(text.encode()).hexdigest() == "3b83ef96387f14655fc854ddc3c6bd57"
+
+
 def test_status_shows_what_each_replica_reports_of_its_own_load(up: UpProcess) -> None:
     """The gateway scrapes the simulated vLLM replicas' /metrics; `kvgate status` shows it."""
     def readings() -> list:
