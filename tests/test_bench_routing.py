@@ -103,3 +103,30 @@ def test_system_prompt_study_end_to_end_with_every_variant(tmp_path: Path) -> No
         assert run["client"]["ok"] > 0 and run["replicas"]["hit_rate"] > 0
     md = (tmp_path / "system-prompt.md").read_text()
     assert "| PrefixHash+Conversation | 4 |" in md and "prefix-cache hit rate" in md
+
+
+def test_sigterm_stops_the_study_and_its_replicas_and_gateway(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from bench.procs import tree
+
+    cmd = [sys.executable, "-m", "bench", "routing", "--profile", "fast", "--replicas", "2",
+           "--concurrency", "2", "--warmup", "30", "--duration", "5", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        children: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(children) < 2 and time.monotonic() < deadline:  # simulator and gateway up
+            time.sleep(0.2)
+            children = tree(proc.pid)[1:]
+        assert len(children) >= 2
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+        assert alive == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -27,19 +27,20 @@ import argparse
 import asyncio
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Awaitable, Optional
 
 import aiohttp
 
 from bench import report
 from bench.loadgen import LoadConfig, LoadGenerator, LoadResult, ThreadPool
-from bench.procs import cpu_seconds, free_port, gateway_config, spawn, stop, wait_for_port
+from bench.procs import cpu_seconds, free_port, gateway_config, spawn, stop
 from kvgate_sim.metrics import parse_metrics
 from kvgate_sim.profiles import get_profile, scale_profile
 
@@ -345,7 +346,7 @@ class Stack:
         ports = [self.gateway_port] + [int(a.rsplit(":", 1)[1]) for a in self.addresses]
         hosts = ["127.0.0.1"] + [a.rsplit(":", 1)[0] for a in self.addresses]
         for host, port in zip(hosts, ports):
-            await asyncio.to_thread(wait_for_port, port, 60.0, host)
+            await _wait_port(host, port, 60.0)
         for proc, name in ((self.sim, "simulator"), (self.gateway, "gateway")):
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"the {name} exited at start; see {self.workdir}")
@@ -367,6 +368,22 @@ class Stack:
         if self.sim is not None:
             out["simulator"] = self.sim.pid
         return out
+
+
+async def _wait_port(host: str, port: int, timeout: float) -> None:
+    """Wait until something accepts connections on host:port. On the event loop, not in a
+    thread, so a cancelled run (SIGTERM) is not kept waiting for a port that will never open."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g}s")
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
 
 
 async def _wait_http_ok(http: aiohttp.ClientSession, url: str, timeout: float = 60.0) -> None:
@@ -564,8 +581,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    asyncio.run(run_all(s, argv, args.out, args.tag, not args.no_charts))
+    try:
+        asyncio.run(_cancel_on_sigterm(run_all(s, argv, args.out, args.tag,
+                                               not args.no_charts)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; the replicas and the gateway were stopped", file=sys.stderr)
+        return 130
     return 0
+
+
+async def _cancel_on_sigterm(run: Awaitable[dict]) -> dict:
+    """Run the study; SIGTERM cancels it like Ctrl-C, so each Stack's exit stops the simulator
+    and the gateway, which run in their own sessions and would outlive the study."""
+    task = asyncio.ensure_future(run)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await task
 
 
 if __name__ == "__main__":
