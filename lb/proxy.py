@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from typing import Any, Awaitable, Callable
 
 from lb.balancer import Balancer, Lease
 from lb.config import Config
-from lb.errors import GatewayError, bad_request, model_not_found
+from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, bad_request, model_not_found,
+                       upstream_error_body)
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
 from lb.metrics import GatewayMetrics
 from lb.model import Model, split_model_adapter
@@ -199,7 +201,10 @@ class Proxy:
                 exchange.status = response.status
                 return False
             self._metrics.first_byte_after(exchange.model, kind, time.perf_counter() - began)
-            await self._relay(response, send, exchange)
+            if response.status >= 400:  # the only cost an answer pays for this
+                await self._relay_error(response, send, exchange)
+            else:
+                await self._relay(response, send, exchange)
             return True
         finally:
             response.release()
@@ -224,6 +229,34 @@ class Proxy:
         exchange.finishing = True
         # The last piece goes with the end of the body: one message for a one-piece response.
         await send({"type": "http.response.body", "body": chunk, "more_body": False})
+
+    async def _relay_error(self, response: UpstreamResponse, send: Send,
+                           exchange: _Exchange) -> None:
+        """A model server's error, rewritten in OpenAI's shape with its status and message
+        (vLLM, FastAPI and proxies in front of a replica all have shapes of their own)."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size <= UPSTREAM_ERROR_LIMIT:
+                chunk = await response.read()
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        except BodyError as exc:
+            log.warning("upstream closed mid-error-response: %s", exc)  # keep what came
+        raw = _decoded(b"".join(chunks), response.headers)
+        body = upstream_error_body(response.status, response.content_type, raw)
+        headers = [(name, value) for name, value in response_headers(response.headers)
+                   if name not in _REWRITTEN]
+        headers += [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())]
+        exchange.status = response.status
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": headers})
+        exchange.started = True
+        exchange.finishing = True
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _read_body(self, declared: bytes, receive: Receive) -> bytes:
         limit = self._config.limits.max_body_bytes
@@ -344,6 +377,24 @@ def _not_served(model: Model, kind: str, path: str) -> GatewayError:
     return GatewayError(404, f"The model `{model.name}` does not serve {path}: that route needs "
                         f"the {_FEATURES[kind]} feature, and the model declares: {declared}.",
                         code="model_does_not_serve_route", param="model")
+
+
+# Headers of an upstream error that no longer describe the rewritten body.
+_REWRITTEN = frozenset((b"content-type", b"content-length", b"content-encoding", b"etag",
+                        b"content-md5", b"digest"))
+
+
+def _decoded(raw: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An error body without its gzip/deflate content-encoding (the client's Accept-Encoding
+    is forwarded, so a replica may compress); other encodings are left as they are."""
+    for name, value in headers:
+        if name == b"content-encoding" and value.strip().lower() in (b"gzip", b"x-gzip",
+                                                                     b"deflate"):
+            try:
+                return zlib.decompressobj(47).decompress(raw, UPSTREAM_ERROR_LIMIT)
+            except zlib.error:
+                return b""
+    return raw
 
 
 def _too_large(limit: int) -> GatewayError:

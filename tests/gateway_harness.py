@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
@@ -148,6 +149,10 @@ class Plan:
     hang: bool = False  # never answer (until the backend is closed)
     fail_attempts: int = 0  # with an x-test-rid header: the first N attempts (any replica) fail
     fail_status: int = 500
+    # A failure's body as the model server words it (else an OpenAI error), and its type.
+    error_body: str | None = None
+    error_content_type: str = "application/json"
+    error_gzip: bool = False  # send error_body gzip-encoded (Content-Encoding: gzip)
 
     @classmethod
     def merged(cls, base: Plan, overrides: dict[str, Any]) -> Plan:
@@ -287,6 +292,8 @@ class Backend:
             return web.Response(status=500)
         status = self._failure(request, plan)
         if status != 200:
+            if plan.error_body is not None:
+                return _raw_error(status, plan)
             return _error(status, f"{self.name} failed on purpose with {status}")
         if request.method != "POST" or request.path not in _KINDS:
             return self._json({"ok": True, "backend": self.name})
@@ -443,6 +450,15 @@ def _error(status: int, message: str) -> web.Response:
                       else "invalid_request_error", "param": None, "code": None}}
     return web.Response(status=status, body=json.dumps(body).encode(),
                         content_type="application/json")
+
+
+def _raw_error(status: int, plan: Plan) -> web.Response:
+    body = plan.error_body.encode() if plan.error_body is not None else b""
+    headers = {"content-type": plan.error_content_type}
+    if plan.error_gzip:
+        body = gzip.compress(body)
+        headers["content-encoding"] = "gzip"
+    return web.Response(status=status, body=body, headers=headers)
 
 
 # -- models ---------------------------------------------------------------------------------------

@@ -167,3 +167,110 @@ def test_audio_takes_multipart_only(zoo):
         assert response_headers["content-type"] == "application/json"
         assert json.loads(data)["error"]["code"] == "unsupported_media_type"
     assert backends["whisper"].total_calls == 1
+
+
+# -- a replica's own error shapes ----------------------------------------------------------------
+
+VLLM_OLD = {"object": "error", "message": "This model's maximum context length is 4096 tokens.",
+            "type": "BadRequestError", "param": None, "code": 400}
+VLLM_NEW = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
+                      "param": "model", "code": 404}}
+NGINX = ("<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 "
+         "Bad Gateway</h1></center>\r\n<hr><center>nginx/1.25.3</center>\r\n</body>\r\n</html>")
+# (status, body, content type, gzip) -> (SDK exception, message, type, param, code)
+UPSTREAM_ERRORS = [
+    ((400, json.dumps(VLLM_OLD), "application/json", False),
+     (openai.BadRequestError, VLLM_OLD["message"], "BadRequestError", None, "400")),
+    ((404, json.dumps(VLLM_NEW), "application/json", False),
+     (openai.NotFoundError, "The model `x` does not exist.", "NotFoundError", "model", "404")),
+    ((404, "404: Not Found", "text/plain; charset=utf-8", False),
+     (openai.NotFoundError, "404: Not Found", "invalid_request_error", None, None)),
+    ((502, NGINX, "text/html", False),
+     (openai.InternalServerError, "502 Bad Gateway", "server_error", None, None)),
+    ((500, "<html><body><h1>Internal error</h1><p>a &amp; b</p></body></html>", "text/html",
+      False), (openai.InternalServerError, "Internal error a & b", "server_error", None, None)),
+    ((422, json.dumps({"detail": [{"loc": ["body", "messages"], "msg": "Field required",
+                                   "type": "missing"}]}), "application/json", False),
+     (openai.UnprocessableEntityError, "body.messages: Field required", "invalid_request_error",
+      None, None)),
+    ((404, json.dumps({"detail": "Not Found"}), "application/json", False),
+     (openai.NotFoundError, "Not Found", "invalid_request_error", None, None)),
+    ((429, json.dumps({"error": "queue is full"}), "application/json", False),
+     (openai.RateLimitError, "queue is full", "rate_limit_exceeded", None, None)),
+    ((503, "", "text/plain", False),
+     (openai.InternalServerError, "The model server answered 503 Service Unavailable with no "
+      "message.", "service_unavailable", None, None)),
+    ((400, json.dumps(VLLM_OLD), "application/json", True),
+     (openai.BadRequestError, VLLM_OLD["message"], "BadRequestError", None, "400")),
+    ((401, '{"error": {"message": "bad key", "type": "auth", "code": "invalid_api_key"}}',
+      "application/json", False),
+     (openai.AuthenticationError, "bad key", "auth", None, "invalid_api_key")),
+    ((400, '{"message": "cut', "application/json", False),
+     (openai.BadRequestError, '{"message": "cut', "invalid_request_error", None, None)),
+]
+
+
+@pytest.fixture
+def replica(make_gateway):
+    gw = make_gateway({"retries": {"maxRetries": 0}})  # each 5xx reaches the client as sent
+    backend = gw.backend("r")
+    gw.model_with("text", [backend])
+    return gw, backend
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("sent,expected", UPSTREAM_ERRORS,
+                         ids=[f"{s[0]}-{s[2].split(';')[0]}{'-gzip' if s[3] else ''}-{i}"
+                              for i, (s, _) in enumerate(UPSTREAM_ERRORS)])
+def test_upstream_errors_reach_the_client_in_openai_shape(replica, sent, expected, stream):
+    gw, backend = replica
+    status, body, ctype, gzipped = sent
+    exception, message, error_type, param, code = expected
+    plan = {"status": status, "error_body": body, "error_content_type": ctype,
+            "error_gzip": gzipped}
+    client = gw.client()
+    with pytest.raises(exception) as info:
+        response = client.chat.completions.create(
+            model="text", messages=MESSAGES, stream=stream,
+            extra_headers={"x-test-plan": json.dumps(plan), "accept-encoding": "gzip"})
+        list(response) if stream else None
+    error = openai_error(info.value, status)
+    assert error == {"message": message, "type": error_type, "param": param, "code": code}
+    assert info.value.message.endswith(message) or message in info.value.message
+    assert "content-encoding" not in info.value.response.headers
+    assert backend.total_calls == 1
+    scraped = gw.scrape()
+    assert gw.metric("kvgate_requests_total", scraped, model="text", code=str(status)) == 1
+    gw.settle()
+
+
+def test_a_huge_upstream_error_becomes_a_bounded_message(replica):
+    gw, backend = replica
+    huge = "<html><body>" + "<p>so much html</p>" * 50_000 + "</body></html>"  # ~1 MB
+    big = gw.backend("big", status=500, error_body=huge, error_content_type="text/html")
+    gw.model_with("big", [big])
+    status, headers, data = gw.post_json("/v1/chat/completions",
+                                         {"model": "big", "messages": MESSAGES})
+    assert status == 500 and headers["content-type"] == "application/json"
+    error = json.loads(data)["error"]
+    assert error["message"].startswith("so much html so much html")
+    assert len(error["message"]) <= 2000 and int(headers["content-length"]) == len(data)
+    # Still serving, with a fresh upstream connection.
+    assert gw.client().chat.completions.create(model="text", messages=MESSAGES).choices
+    gw.settle()
+
+
+def test_upstream_success_bodies_pass_untouched(replica):
+    """Only non-2xx answers are rewritten: a 2xx body, whatever its shape, is relayed as is."""
+    gw, backend = replica
+    for status, body in [(200, '{"object": "error", "message": "not really"}'),
+                         (201, "plain text, not JSON")]:
+        plan = {"status": status, "error_body": body, "error_content_type": "text/plain"}
+        code, headers, data = gw.post_json(
+            "/v1/chat/completions", {"model": "text", "messages": MESSAGES},
+            {"x-test-plan": json.dumps(plan)})
+        if status == 200:  # the backend's plan sends its normal answer on 200
+            assert json.loads(data)["object"] == "chat.completion"
+        else:
+            assert (code, data) == (201, body.encode())
+            assert headers["content-type"] == "text/plain"
