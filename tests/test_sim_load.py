@@ -58,13 +58,23 @@ async def chat(http: aiohttp.ClientSession, url: str, content: str, max_tokens: 
         return await resp.json()
 
 
+async def sample_while(http: aiohttp.ClientSession, url: str, tasks: list[asyncio.Task]
+                       ) -> dict[str, float]:
+    """The highest value of each gauge, read every 20 ms until `tasks` are done."""
+    peak = {"waiting": 0.0, "running": 0.0, "kv": 0.0}
+    while not all(t.done() for t in tasks):
+        for key, value in (await gauges(http, url)).items():
+            peak[key] = max(peak[key], value)
+        await asyncio.sleep(0.02)
+    return peak
+
+
 async def test_burst_beyond_max_num_seqs_queues_then_drains(start, http):
     r = await start(**STEPPED)
     burst = [asyncio.create_task(chat(http, r.url, f"question {i}", 30)) for i in range(12)]
-    await asyncio.sleep(0.1)
-    during = await gauges(http, r.url)
-    assert during["running"] == 4  # max_num_seqs
-    assert during["waiting"] >= 6  # the rest of the burst waits its turn
+    peak = await sample_while(http, r.url, burst)
+    assert peak["running"] == 4  # max_num_seqs
+    assert peak["waiting"] >= 6  # the rest of the burst waits its turn
     await asyncio.gather(*burst)
     after = await gauges(http, r.url)
     assert after == {"waiting": 0, "running": 0, "kv": 0}
@@ -75,9 +85,8 @@ async def test_kv_usage_counts_live_blocks_not_cached_free_ones(start, http):
     r = await start(num_kv_blocks=512, **STEPPED)
     prompts = [f"document {i}: " + "the cache keeps what it computed. " * 190 for i in range(3)]
     running = [asyncio.create_task(chat(http, r.url, p, 40)) for p in prompts]
-    await asyncio.sleep(0.15)
-    during = await gauges(http, r.url)
-    assert 0.5 < during["kv"] < 0.7
+    peak = await sample_while(http, r.url, running)
+    assert 0.5 < peak["kv"] < 0.7
     await asyncio.gather(*running)
     after = await gauges(http, r.url)
     async with http.get(r.url + "/sim/stats") as resp:
