@@ -40,6 +40,9 @@ class ServerConfig:
 class LimitsConfig:
     max_body_bytes: int = setting(32 * 1024 * 1024, doc="Largest request body accepted (audio uploads are the "
                                   "big ones).", minimum=1)
+    max_header_bytes: int = setting(64 * 1024, doc="Largest request head (request line and headers) "
+                                    "accepted; a larger one gets 431 and the connection is closed.",
+                                    minimum=1024)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from lb.app import Gateway
+from lb.errors import error_body
 from lb.proxy import DISCONNECT_HOOK
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,68 @@ class _Protocol(HttpToolsProtocol):
 
     _on_lost: Callable[[], None] | None = None
     _gone = False
+    # Bytes of the current request's head received so far; -1 while its body is coming.
+    _head = 0
+    max_head = 64 * 1024  # set per server by ``protocol_for``
+    _refused: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = _HeadCork(transport, self.loop)
+
+    def data_received(self, data: bytes) -> None:
+        # httptools sets no limit on a head: 4 MB of headers would be buffered and forwarded.
+        # Counting the bytes that arrive while a head is incomplete costs one comparison per
+        # read; only a read that crosses the limit looks at where the head ends.
+        head = self._head
+        if head >= 0:
+            head += len(data)
+            self._head = head
+            if head > self.max_head and self._head_too_large(data, head - len(data)):
+                return
+        elif self._refused is not None:
+            return  # draining a refused request until the client closes
+        super().data_received(data)
+
+    def _head_too_large(self, data: bytes, before: int) -> bool:
+        """Whether the head in progress (``before`` bytes of it came earlier) ends past the
+        limit; if so, answer 431 and close. Lenient by at most the 3 bytes of a CRLFCRLF
+        split across reads."""
+        if self._refused is not None:
+            return True
+        ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+        if ends and before + min(ends) + 4 <= self.max_head:
+            return False
+        if before <= self.max_head and data[:1] in (b"\r", b"\n"):
+            return False  # the end of a terminator split across reads
+        self._refuse_head()
+        return True
+
+    def _refuse_head(self) -> None:
+        body = error_body(431, f"The request's headers are larger than the {self.max_head} "
+                          "bytes allowed.", code="request_headers_too_large")
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                             b"content-type: application/json\r\n"
+                             b"content-length: " + str(len(body)).encode() + b"\r\n"
+                             b"connection: close\r\n\r\n" + body)
+        cork = self.transport
+        cork._flush()
+        raw = cork._transport
+        # Lingering close: stop sending, keep reading (and dropping) what the client still
+        # sends, so that closing with unread data does not reset the connection before the
+        # client has read the 431. The client closes, or a timer does.
+        self._refused = self.loop.call_later(_LINGER_SECONDS, raw.close)
+        if raw.can_write_eof():
+            raw.write_eof()
+        self.flow.resume_reading()
+
+    def on_headers_complete(self) -> None:
+        self._head = -1
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head = 0
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -117,10 +176,20 @@ class _Protocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
+        if self._refused is not None:
+            self._refused.cancel()
         super().connection_lost(exc)
         callback, self._on_lost = self._on_lost, None
         if callback is not None:
             callback()
+
+
+_LINGER_SECONDS = 2.0
+
+
+def protocol_for(config: Any) -> type[_Protocol]:
+    """The protocol class of a server under ``config`` (its head-size limit)."""
+    return type("_Protocol", (_Protocol,), {"max_head": config.limits.max_header_bytes})
 
 
 def tune_gc() -> None:
@@ -147,7 +216,8 @@ async def serve(gateway: Gateway, sock: socket.socket,
                 metrics_sock: socket.socket | None = None,
                 started: asyncio.Event | None = None) -> None:
     """Serve until cancelled or signalled; in-flight requests get a graceful shutdown."""
-    main = _uvicorn(gateway, gateway.config.server.log_level, "on", _Protocol)
+    main = _uvicorn(gateway, gateway.config.server.log_level, "on",
+                    protocol_for(gateway.config))
     servers = [main]
     if metrics_sock is not None:
         servers.append(_uvicorn(gateway.metrics_app, "warning", "off"))

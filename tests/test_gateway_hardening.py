@@ -274,3 +274,102 @@ def test_upstream_success_bodies_pass_untouched(replica):
         else:
             assert (code, data) == (201, body.encode())
             assert headers["content-type"] == "text/plain"
+
+
+# -- the size of a request's head ------------------------------------------------------------------
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", chunk: int = 65536,
+                ) -> tuple[int, dict[str, str], bytes]:
+    """Send a request byte for byte (in ``chunk``-sized writes), then read the answer."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        data = head + body
+        try:
+            for i in range(0, len(data), chunk):
+                sock.sendall(data[i:i + chunk])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused early: the answer is still there to read
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, \
+            response.read()
+
+
+def chat_head(extra: bytes, length: int) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: " + str(length).encode()
+            + b"\r\n" + extra + b"\r\n")
+
+
+@pytest.mark.parametrize("size,chunk", [(20_000, 65536), (20_000, 1000), (4 * 1024 * 1024,
+                                                                           65536)])
+def test_oversized_headers_get_431(make_gateway, size, chunk):
+    gw = make_gateway({"limits": {"maxHeaderBytes": 16384}})
+    backend = gw.backend("b")
+    gw.model_with("text", [backend])
+    body = json.dumps({"model": "text", "messages": MESSAGES}).encode()
+    # One huge header, or many small ones.
+    for extra in (b"X-Big: " + b"a" * size + b"\r\n",
+                  b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 90) for i in range(size // 100))):
+        status, headers, data = raw_request(gw.port, chat_head(extra, len(body)), body, chunk)
+        assert status == 431, data
+        assert headers["content-type"] == "application/json"
+        assert headers["connection"] == "close"
+        error = json.loads(data)["error"]
+        assert error["code"] == "request_headers_too_large" and "16384" in error["message"]
+    assert backend.total_calls == 0
+    gw.settle()
+
+
+def fill(total: int) -> dict[str, str]:
+    """Headers of ``total`` value bytes, in pieces small enough for the test backend."""
+    return {f"x-fill-{i}": "f" * min(4000, total - i * 4000)
+            for i in range((total + 3999) // 4000)}
+
+
+def test_headers_under_the_limit_pass_and_the_body_does_not_count(make_gateway):
+    gw = make_gateway({"limits": {"maxHeaderBytes": 16384}})
+    backend = gw.backend("b")
+    gw.model_with("text", [backend])
+    client = gw.client()
+    # A head just under the limit, a body far over it: in one write, in pieces, and with the
+    # head itself cut in small pieces.
+    payload = {"model": "text", "messages": [{"role": "user", "content": "x" * 200_000}]}
+    body = json.dumps(payload).encode()
+    head = chat_head(b"", len(body))
+    room = 16384 - len(head)
+    extra = b"".join(b"X-Fill-%d: %s\r\n" % (i, b"f" * 3980) for i in range(room // 4000))
+    extra += b"X-Last: " + b"l" * (room - len(extra) - 10) + b"\r\n"
+    head = chat_head(extra, len(body))
+    assert 16300 < len(head) <= 16384, len(head)
+    for first, rest, chunk in [(head + body, b"", 1 << 20), (head + body, b"", 4096),
+                               (head, body, 7)]:
+        status, _, data = raw_request(gw.port, first, rest, chunk)
+        assert status == 200, data
+    # Keep-alive: many requests on one connection, each head counted on its own.
+    for _ in range(5):
+        client.chat.completions.create(model="text", messages=MESSAGES,
+                                       extra_headers=fill(12000))
+    assert backend.total_calls == 8
+    # The SDK sees a 431 as an APIStatusError.
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="text", messages=MESSAGES,
+                                       extra_headers=fill(20000))
+    openai_error(info.value, 431)
+    assert client.chat.completions.create(model="text", messages=MESSAGES).choices
+    assert backend.total_calls == 9
+    gw.settle()
+
+
+def test_the_default_header_limit_is_64_kib(gw):
+    backend = gw.backend("b")
+    gw.model_with("text", [backend])
+    client = gw.client()
+    assert client.chat.completions.create(model="text", messages=MESSAGES,
+                                          extra_headers=fill(60_000)).choices
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="text", messages=MESSAGES,
+                                       extra_headers=fill(70_000))
+    assert info.value.status_code == 431
+    assert backend.total_calls == 1
