@@ -27,10 +27,10 @@ from lb.errors import GatewayError, error_body
 from lb.metrics import GatewayMetrics
 from lb.model import join_model_adapter
 from lb.parse import KINDS
-from lb.proxy import Proxy, Receive, Scope, Send, _send_error
+from lb.proxy import Proxy, Receive, Scope, Send, _send_error, parse_header_selector
 from lb.registry import Registry
 from lb.scaler import Scaler, StaticScaler
-from lb.selectors import matches, parse_selector
+from lb.selectors import matches
 from lb.http1 import UpstreamPool
 from lb.upstream import create_pool
 
@@ -122,7 +122,8 @@ class Gateway:
         """KubeAI's /v1/models: filtered by ?feature= (TextGeneration by default) and by
         X-Label-Selector; each adapter listed as ``model_adapter``."""
         features = set(request.query_params.getlist("feature")) or {"TextGeneration"}
-        selectors = [parse_selector(v) for v in request.headers.getlist("x-label-selector")]
+        selectors = [parse_header_selector(v)
+                     for v in request.headers.getlist("x-label-selector")]
         data = []
         for model in self.registry.models():
             if not features & set(model.spec.features):

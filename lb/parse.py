@@ -8,6 +8,7 @@ in. The rest of the body is the model server's business and passes through untou
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,21 @@ def with_model(parsed: ParsedRequest, model: str) -> bytes:
     """The body to forward with ``model`` set to ``model`` (only re-serialised if it differs)."""
     if parsed.payload is None or parsed.payload.get("model") == model:
         return parsed.body
-    return orjson.dumps({**parsed.payload, "model": model})
+    return dumps({**parsed.payload, "model": model})
+
+
+def dumps(value: Any) -> bytes:
+    """orjson's dumps, which stops at 254 levels of nesting where its loads reads 1024: the
+    standard library takes what orjson refuses; what neither can write is the client's 400,
+    never a 500."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        pass
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except (RecursionError, ValueError, TypeError):
+        raise bad_request("The request's JSON is nested too deeply to be forwarded.") from None
 
 
 # -- a request's weight for token-weighted loads -------------------------------------------------
@@ -146,7 +161,7 @@ def _conversation_text(payload: dict[str, Any], length: int) -> str:
     size = 0
     tools = payload.get("tools")
     if tools:
-        text = orjson.dumps(tools).decode()
+        text = dumps(tools).decode()
         pieces.append(text)
         size += len(text)
     for message in payload["messages"]:

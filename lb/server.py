@@ -156,6 +156,15 @@ class _Protocol(HttpToolsProtocol):
             raw.write_eof()
         self.flow.resume_reading()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP, in OpenAI's shape like every other
+        error (uvicorn's own is text/plain)."""
+        body = error_body(400, msg, code="invalid_http")
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"content-length: " + str(len(body)).encode() + b"\r\n"
+                             b"connection: close\r\n\r\n" + body)
+        self.transport.close()
+
     def on_headers_complete(self) -> None:
         self._head = -1
         super().on_headers_complete()

@@ -373,3 +373,84 @@ def test_the_default_header_limit_is_64_kib(gw):
                                        extra_headers=fill(70_000))
     assert info.value.status_code == 431
     assert backend.total_calls == 1
+
+
+# -- hostile input never gets a 500 -----------------------------------------------------------------
+
+
+def deep(fields: dict, key: str, depth: int) -> bytes:
+    """``fields`` as JSON with ``key`` set to arrays nested ``depth`` deep (deeper than the
+    standard library's json handles)."""
+    return json.dumps(fields).encode()[:-1] + b', "' + key.encode() + b'": ' \
+        + b"[" * depth + b"]" * depth + b"}"
+
+
+HOSTILE = [
+    # (what, raw request bytes)
+    ("not HTTP", b"GARBAGE\r\n\r\n"),
+    ("bad content-length", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Type: application/json\r\nContent-Length: abc\r\n\r\n{}"),
+    ("negative content-length", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Length: -5\r\n\r\n{}"),
+    ("two content-lengths", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"),
+    ("bad chunk", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
+    ("NUL in a header", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n"
+     b"Content-Length: 2\r\n\r\n{}"),
+]
+
+
+def hostile_bodies() -> list[tuple[str, str, dict | bytes | None, dict]]:
+    """(what, path, JSON body, extra headers): each well-formed HTTP, each nasty."""
+    chat = {"model": "text", "messages": MESSAGES}
+    return [
+        ("deep payload to an adapter", "/v1/chat/completions",
+         deep({**chat, "model": "text_lora"}, "x", 300), {}),
+        ("too deep to re-encode", "/v1/chat/completions",
+         deep({**chat, "model": "text_lora"}, "x", 1020), {}),
+        ("deep tools, conversation key", "/v1/chat/completions",
+         deep({**chat, "model": "conv"}, "tools", 300), {}),
+        ("space-run selector", "/v1/chat/completions", chat,
+         {"x-label-selector": " " * 30000 + "#"}),
+        ("space-run selector, models", "/v1/models", None,
+         {"x-label-selector": " " * 30000 + "!" + " " * 20000 + "#"}),
+        ("latin-1 session", "/v1/chat/completions", {**chat, "model": "conv"},
+         {"x-session-id": "\u00ff\u00e9" * 100}),
+        ("huge max_tokens", "/v1/chat/completions",
+         {**chat, "model": "conv", "max_tokens": 10**18}, {}),
+        ("parts that are not objects", "/v1/chat/completions",
+         {"model": "conv", "messages": [{"role": "user", "content": [1, None, "x", {"type":
+                                                                                   "text"}]}]},
+         {}),
+    ]
+
+
+def test_hostile_requests_never_get_a_500(make_gateway):
+    import time
+    gw = make_gateway()
+    backend = gw.backend("b")
+    gw.model_with("text", [backend.endpoint("lora")], adapters=["lora"])
+    gw.model_with("conv", [backend], strategy="PrefixHash", prefix_from="Conversation",
+                  load_unit="Tokens")
+    for what, request in HOSTILE:
+        status, headers, data = raw_request(gw.port, request)
+        assert 400 <= status < 500, (what, status, data)
+        assert headers["content-type"] == "application/json", what
+        assert set(json.loads(data)["error"]) == {"message", "type", "param", "code"}, what
+    for what, path, payload, headers in hostile_bodies():
+        began = time.monotonic()
+        if payload is None:
+            status, _, data = gw.http("GET", path, headers=headers)
+        else:
+            body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            status, _, data = gw.http("POST", path, body,
+                                      {"content-type": "application/json", **headers})
+        assert status < 500, (what, status, data)
+        assert time.monotonic() - began < 2, what  # and never holds the event loop
+        if status >= 400:
+            assert set(json.loads(data)["error"]) == {"message", "type", "param", "code"}
+    assert backend.last.json["messages"] == [
+        {"role": "user", "content": [1, None, "x", {"type": "text"}]}]
+    assert gw.client().chat.completions.create(model="text", messages=MESSAGES).choices
+    gw.settle()
