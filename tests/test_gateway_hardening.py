@@ -347,9 +347,11 @@ def test_headers_under_the_limit_pass_and_the_body_does_not_count(make_gateway):
                                (head, body, 7)]:
         status, _, data = raw_request(gw.port, first, rest, chunk)
         assert status == 200, data
-    # Keep-alive: many requests on one connection, each head counted on its own.
-    for _ in range(5):
-        client.chat.completions.create(model="text", messages=MESSAGES,
+    # Keep-alive: many requests on one connection, each head counted on its own, bodies
+    # large and small never counted.
+    for content in ["hi", "x" * 100_000, "y" * 3000, "z" * 30_000, "hi"]:
+        client.chat.completions.create(model="text",
+                                       messages=[{"role": "user", "content": content}],
                                        extra_headers=fill(12000))
     assert backend.total_calls == 8
     # The SDK sees a 431 as an APIStatusError.
