@@ -107,7 +107,8 @@ class _Protocol(HttpToolsProtocol):
     _head = 0
     _read = 0
     max_head = 64 * 1024  # set per server by ``protocol_for``
-    _refused: asyncio.TimerHandle | None = None
+    _refused = False  # a head was refused: what else comes is dropped
+    _linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -143,7 +144,7 @@ class _Protocol(HttpToolsProtocol):
         counted since the head began); if so, answer 431 and close. Bytes of a body the count
         took in are dropped from it here. Lenient by the 3 bytes of a CRLFCRLF split across
         reads, and by the tail of a pipelined request read with the next head."""
-        if self._refused is not None:
+        if self._refused:
             return True  # draining a refused connection
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # this message's head is complete
@@ -161,6 +162,13 @@ class _Protocol(HttpToolsProtocol):
         return True
 
     def _refuse_head(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A pipelined head while the answer to the request before is still going out:
+            # a 431 would land inside that answer, so the connection is just closed.
+            self._refused = True
+            self.transport.close()
+            return
         body = error_body(431, f"The request's headers are larger than the {self.max_head} "
                           "bytes allowed.", code="request_headers_too_large")
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -173,7 +181,8 @@ class _Protocol(HttpToolsProtocol):
         # Lingering close: stop sending, keep reading (and dropping) what the client still
         # sends, so that closing with unread data does not reset the connection before the
         # client has read the 431. The client closes, or a timer does.
-        self._refused = self.loop.call_later(_LINGER_SECONDS, raw.close)
+        self._refused = True
+        self._linger = self.loop.call_later(_LINGER_SECONDS, raw.close)
         if raw.can_write_eof():
             raw.write_eof()
         self.flow.resume_reading()
@@ -200,8 +209,8 @@ class _Protocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
-        if self._refused is not None:
-            self._refused.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(exc)
         callback, self._on_lost = self._on_lost, None
         if callback is not None:

@@ -456,3 +456,24 @@ def test_hostile_requests_never_get_a_500(make_gateway):
         {"role": "user", "content": [1, None, "x", {"type": "text"}]}]
     assert gw.client().chat.completions.create(model="text", messages=MESSAGES).choices
     gw.settle()
+
+
+def test_an_oversized_pipelined_head_closes_without_corrupting_the_answer_going_out(
+        make_gateway):
+    import socket
+    import time
+    gw = make_gateway({"limits": {"maxHeaderBytes": 16384}})
+    backend = gw.backend("b", chunks=4, chunk_delay=0.15)
+    gw.model_with("text", [backend])
+    body = json.dumps({"model": "text", "messages": MESSAGES, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(chat_head(b"", len(body)) + body)
+        time.sleep(0.2)  # the stream is going out
+        sock.sendall(chat_head(b"X-Big: " + b"a" * 20000 + b"\r\n", len(body)) + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b" 431 " not in received and b"request_headers_too_large" not in received
+    assert backend.total_calls == 1
+    gw.settle()
