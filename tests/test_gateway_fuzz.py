@@ -284,9 +284,30 @@ def selector_case(rng: random.Random) -> Case:
                                                   "x-label-selector": selector}, expect=expect)
 
 
+def feature_case(rng: random.Random) -> Case:
+    """A valid request on a route model `m` (TextGeneration only) does not serve."""
+    route = rng.choice([r for r in ROUTES if "embeddings" in r] + ["/v1/rerank"])
+    return Case("feature", "POST", route, json.dumps(valid_payload(route, rng)).encode(),
+                {"content-type": "application/json"}, expect=(404,))
+
+
+def big_head_case(rng: random.Random) -> Case:
+    """Headers over the default 64 KiB: one huge one or many."""
+    route = rng.choice(ROUTES + AUDIO_ROUTES)
+    size = rng.randint(66 * 1024, 300 * 1024)
+    if rng.random() < 0.5:
+        headers = {"x-big": "b" * size}
+    else:
+        headers = {f"x-h{i}": "h" * 1000 for i in range(size // 1000)}
+    headers["content-type"] = "application/json"
+    body = json.dumps(valid_payload(route, rng)).encode()
+    return Case("big-head", "POST", route, body, headers, expect=(431,))
+
+
 GENERATORS = [(json_case, 30), (non_object_case, 6), (truncated_case, 8), (bad_utf8_case, 8),
               (garbage_case, 8), (huge_case, 4), (over_limit_case, 6), (audio_case, 14),
-              (path_case, 6), (method_case, 6), (selector_case, 4)]
+              (path_case, 6), (method_case, 6), (selector_case, 4), (feature_case, 3),
+              (big_head_case, 2)]
 
 
 def generate(seed: int, n: int) -> list[Case]:
@@ -359,7 +380,7 @@ async def test_malformed_requests_get_openai_4xx(target):
             seen_statuses[status] = seen_statuses.get(status, 0) + 1
 
         await asyncio.gather(*(one(case) for case in cases))
-    assert set(seen_statuses) == {400, 404, 405, 413, 415}, seen_statuses
+    assert set(seen_statuses) == {400, 404, 405, 413, 415, 431}, seen_statuses
     # Nothing malformed reached a model server.
     assert backend.total_calls == 0 and whisper.total_calls == 0
     # Still serving, and nothing is left in flight.
