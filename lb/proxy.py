@@ -93,7 +93,7 @@ class Proxy:
         try:
             content_length, content_type, session = _request_headers(scope["headers"],
                                                                      self._session_header)
-            if content_type != b"application/json":
+            if content_type != b"application/json" or kind == "transcriptions":
                 check_content_type(kind, content_type)
             body = await self._read_body(content_length, receive)
             await self._serve(kind, path, scope, body, content_type, session, receive, send,

@@ -107,6 +107,7 @@ class _Protocol(HttpToolsProtocol):
     _head = 0
     _read = 0
     max_head = 64 * 1024  # set per server by ``protocol_for``
+    _complete = False  # the current message has been received in full
     _refused = False  # a head was refused: what else comes is dropped
     _linger: asyncio.TimerHandle | None = None
 
@@ -148,7 +149,7 @@ class _Protocol(HttpToolsProtocol):
             return True  # draining a refused connection
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # this message's head is complete
-            if cycle.more_body:
+            if not self._complete:
                 self._head = 0  # body bytes: they do not count
                 return False
             before = 0  # between messages: this read starts the next head
@@ -198,8 +199,19 @@ class _Protocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._head = self._read  # the read this head starts in (all of it: see above)
+        self._complete = False
         super().on_message_begin()
         self.scope[DISCONNECT_HOOK] = self._watch  # type: ignore[literal-required]
+
+    def on_message_complete(self) -> None:
+        # uvicorn's, inlined (no super() frame), plus the mark the head count needs:
+        # ``cycle.more_body`` stays True when the response went out before the body was read.
+        self._complete = True
+        if (self.parser.should_upgrade() and self._should_upgrade()) \
+                or self.cycle.response_complete:
+            return
+        self.cycle.more_body = False
+        self.cycle.message_event.set()
 
     def _watch(self, callback: Callable[[], None] | None) -> None:
         if callback is not None and self._gone:

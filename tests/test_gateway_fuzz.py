@@ -189,7 +189,8 @@ def over_limit_case(rng: random.Random) -> Case:
     size = rng.randint(BODY_LIMIT + 1, 3 * BODY_LIMIT)
     body = json.dumps({"model": MODEL, "prompt": "p" * size,
                        "messages": [{"role": "user", "content": "x"}]}).encode()
-    return Case("over-limit", "POST", route, body, {"content-type": "application/json"},
+    ctype = "multipart/form-data; boundary=x" if "audio" in route else "application/json"
+    return Case("over-limit", "POST", route, body, {"content-type": ctype},
                 chunked=rng.random() < 0.5, expect=(413,))
 
 

@@ -167,6 +167,14 @@ def test_audio_takes_multipart_only(zoo):
         assert response_headers["content-type"] == "application/json"
         assert json.loads(data)["error"]["code"] == "unsupported_media_type"
     assert backends["whisper"].total_calls == 1
+    # Refused on its head alone: the answer does not wait for a body.
+    import socket
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 415
 
 
 # -- a replica's own error shapes ----------------------------------------------------------------
@@ -475,5 +483,33 @@ def test_an_oversized_pipelined_head_closes_without_corrupting_the_answer_going_
             received += chunk
     assert received.startswith(b"HTTP/1.1 200")
     assert b" 431 " not in received and b"request_headers_too_large" not in received
+    assert backend.total_calls == 1
+    gw.settle()
+
+
+def test_an_oversized_head_after_an_early_answer_on_the_same_connection_gets_431(make_gateway):
+    """A 415 answered before its body was read leaves uvicorn's cycle looking mid-body; the
+    next head on that keep-alive connection, arriving in one read, is still measured."""
+    import socket
+    gw = make_gateway({"limits": {"maxHeaderBytes": 16384}})
+    backend = gw.backend("b")
+    gw.model_with("text", [backend])
+    body = json.dumps({"model": "text", "messages": MESSAGES}).encode()
+    early = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+             b"Content-Type: text/plain\r\nContent-Length: " + str(len(body)).encode()
+             + b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        for head, status in [(early, 415), (chat_head(b"", len(body)), 200), (early, 415),
+                             (chat_head(b"X-Big: " + b"a" * 24000 + b"\r\n", len(body)), 431)]:
+            if status == 415:  # the answer comes before the body is sent
+                sock.sendall(head)
+            else:
+                sock.sendall(head + body)
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            response.read()
+            assert response.status == status
+            if status == 415:
+                sock.sendall(body)
     assert backend.total_calls == 1
     gw.settle()
