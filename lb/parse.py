@@ -124,11 +124,12 @@ DEFAULT_OUTPUT_TOKENS = 256
 def estimated_tokens(parsed: ParsedRequest) -> int:
     """Prompt tokens estimated from the body (~4 bytes a token) plus the output allowed:
     cheap, and proportional enough to spread long prompts apart."""
-    payload = parsed.payload or {}
-    limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+    payload = parsed.payload
+    limit = payload.get("max_completion_tokens") or payload.get("max_tokens") if payload else None
+    if type(limit) is not int or limit < 0:  # bool is not a limit either
         limit = DEFAULT_OUTPUT_TOKENS
-    return min(len(parsed.body) // 4 + limit, MAX_WEIGHT) or 1
+    weight = len(parsed.body) // 4 + limit
+    return weight if 0 < weight <= MAX_WEIGHT else (MAX_WEIGHT if weight else 1)
 
 
 # -- prefixes for the ring ---------------------------------------------------------------------
@@ -157,20 +158,13 @@ def _conversation_text(payload: dict[str, Any], length: int) -> str:
     the tools, then each message's role and text, in order. Requests that share a long
     system prompt or document share this prefix even when their questions differ; rendering
     stops as soon as enough text is there."""
-    pieces: list[str] = []
-    size = 0
     tools = payload.get("tools")
-    if tools:
-        text = dumps(tools).decode()
-        pieces.append(text)
-        size += len(text)
+    text = dumps(tools).decode() if tools else ""
     for message in payload["messages"]:
-        if size >= length:
+        if len(text) >= length:
             break
-        text = f"<{message['role']}>{_content_text(message.get('content'))}"
-        pieces.append(text)
-        size += len(text)
-    return "".join(pieces)[:length]
+        text += f"<{message['role']}>{_content_text(message.get('content'))}"
+    return text[:length]
 
 
 def _first_user_text(messages: list[Any]) -> str:

@@ -183,7 +183,8 @@ def test_least_load_rotates_idle_replicas(gw):
 def test_random_strategy_uses_every_replica(gw):
     backends = [gw.backend(f"r{i}") for i in range(3)]
     lora = gw.backend("lora-only")
-    gw.add_model("m", adapters=["lora"], strategy="Random")
+    gw.add_model("m", adapters=["lora"], strategy="Random",
+                 features=["TextGeneration", "TextEmbedding"])
     gw.set_endpoints("m", [*backends, lora.endpoint("lora")])
     client = gw.client()
     for _ in range(240):
