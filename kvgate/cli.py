@@ -154,6 +154,8 @@ def _run_workers(config: Config, workers: int) -> int:
         install_uvloop()
         gateway = Gateway(config, static_registry(config, loads))
         gateway.metrics.share_active(loads)
+        for model in config.models:  # every worker exports every model's shared gauge, even
+            gateway.metrics.active_gauge(model.name)  # one it has served no request of yet
         tune_gc()
         asyncio.run(serve(gateway, sock, metrics_sock))
 
