@@ -4,7 +4,9 @@ The control plane (Kubernetes operator, local runtime, or a static config) write
 each model's ready endpoints here; the gateway only reads. Each model owns an EndpointGroup:
 its ring (which also carries the in-flight accounting for every strategy) and an event that
 fires on every endpoint change, so the waiting room re-evaluates instead of waiting for a
-specific replica (KubeAI's adapter wait never re-checks).
+specific replica (KubeAI's adapter wait never re-checks). The group also keeps what the gateway
+learns of its replicas off the control plane's record: their health (``lb.ejection``) and their
+own load as last scraped (``EngineReading``); both are pruned when a replica leaves.
 
 With several worker processes, every process has its own registry, fed the same models and
 endpoints; their rings count in-flight requests in one shared ``LoadTable`` (namespaced by
