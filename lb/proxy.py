@@ -29,8 +29,9 @@ from lb.model import Model, split_model_adapter
 from lb.parse import (ParsedRequest, check_content_type, estimated_tokens, parse_request,
                       prefix_of, with_model)
 from lb.registry import Registry
+from lb.rewrite import ModelRename
 from lb.selectors import matches, parse_selector
-from lb.upstream import request_headers, response_headers
+from lb.upstream import identity_encoding, request_headers, response_headers, sized_headers
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,14 @@ class Proxy:
     async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, key: str,
                        path: bytes, scope: Scope, send: Send, exchange: _Exchange,
                        began: float) -> None:
-        body = with_model(parsed, adapter or model.name) if adapter else parsed.body
         headers = request_headers(scope["headers"], parsed.content_type)
+        if adapter:  # served under the adapter's name; the answer gets the client's back
+            body = with_model(parsed, adapter)
+            rename: ModelRename | None = ModelRename(adapter, parsed.model)
+            headers = identity_encoding(headers)  # a compressed body could not be renamed
+        else:
+            body = parsed.body
+            rename = None
         weight = estimated_tokens(parsed) if model.spec.load_balancing.load_unit == "Tokens" else 1
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1
@@ -172,7 +179,7 @@ class Proxy:
             last = attempt == attempts - 1
             try:
                 done = await self._attempt(lease, path, body, headers, send, exchange, last,
-                                           began, parsed.kind)
+                                           began, parsed.kind, rename)
             finally:
                 lease.release()
             if done:
@@ -185,7 +192,8 @@ class Proxy:
 
     async def _attempt(self, lease: Lease, path: bytes, body: bytes,
                        headers: list[tuple[bytes, bytes]], send: Send, exchange: _Exchange,
-                       last: bool, began: float, kind: str) -> bool:
+                       last: bool, began: float, kind: str,
+                       rename: ModelRename | None) -> bool:
         """One try on one replica. False means: retry elsewhere (nothing was sent)."""
         exchange.status = 0
         try:
@@ -214,8 +222,10 @@ class Proxy:
             self._metrics.first_byte_after(exchange.model, kind, time.perf_counter() - began)
             if response.status >= 400:  # the only cost an answer pays for this
                 await self._relay_error(response, send, exchange)
-            else:
+            elif rename is None:
                 await self._relay(response, send, exchange)
+            else:
+                await self._relay_renamed(response, send, exchange, rename)
             return True
         finally:
             response.release()
@@ -239,6 +249,54 @@ class Proxy:
             chunk = _STREAM_ERROR
         exchange.finishing = True
         # The last piece goes with the end of the body: one message for a one-piece response.
+        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+
+    async def _relay_renamed(self, response: UpstreamResponse, send: Send, exchange: _Exchange,
+                             rename: ModelRename) -> None:
+        """``_relay`` for an adapter's answer: the model's name put back to the client's. A body
+        of declared length (a JSON answer) is read whole and its Content-Length set to the new
+        size; a stream is renamed chunk by chunk and goes out chunked."""
+        length = encoded = False
+        for name, value in response.headers:
+            if name == b"content-length":
+                length = True
+            elif name == b"content-encoding" and value.strip().lower() != b"identity":
+                encoded = True
+        if encoded:  # asked for identity, yet compressed: passed on as it came
+            await self._relay(response, send, exchange)
+            return
+        if length and response.content_type != b"text/event-stream":
+            try:
+                body = rename.whole(await response.read_all())
+            except BodyError as exc:
+                log.warning("upstream closed mid-response: %s", exc)
+                raise GatewayError(502, "The model server sent a malformed response.",
+                                   code="upstream_error") from None
+            exchange.status = response.status
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": sized_headers(response.headers, len(body))})
+            exchange.started = True
+            exchange.finishing = True
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        exchange.status = response.status
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": sized_headers(response.headers, None)})
+        exchange.started = True
+        try:
+            chunk = rename.feed(await response.read())
+            while not response.at_end:
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = rename.feed(await response.read())
+            chunk += rename.flush()
+        except BodyError as exc:
+            log.warning("upstream closed mid-response: %s", exc)
+            exchange.status = 502
+            if response.content_type != b"text/event-stream":
+                return  # a truncated non-SSE body: the connection is dropped, not faked complete
+            chunk = rename.flush() + _STREAM_ERROR
+        exchange.finishing = True
         await send({"type": "http.response.body", "body": chunk, "more_body": False})
 
     async def _relay_error(self, response: UpstreamResponse, send: Send,

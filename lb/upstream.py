@@ -21,6 +21,9 @@ _RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
     b"upgrade", b"server", b"date",
 })
+# Headers of a body that no longer hold once the gateway rewrote it.
+_REWRITTEN_DROP = frozenset({b"content-length", b"etag", b"content-md5", b"digest",
+                             b"repr-digest", b"content-digest"})
 
 
 def create_pool(config: UpstreamConfig) -> UpstreamPool:
@@ -47,3 +50,23 @@ def request_headers(scope_headers: list[tuple[bytes, bytes]],
 def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Upstream headers (names already lowercase) minus hop-by-hop ones."""
     return [(name, value) for name, value in headers if name not in _RESPONSE_DROP]
+
+
+def sized_headers(headers: list[tuple[bytes, bytes]],
+                  length: int | None) -> list[tuple[bytes, bytes]]:
+    """``response_headers`` for a body the gateway rewrote: Content-Length says ``length``, or
+    is left out (``None``: a stream whose size is not known ahead, sent chunked); digests of
+    the body as it came no longer describe it."""
+    relayed = [(name, value) for name, value in headers
+               if name not in _RESPONSE_DROP and name not in _REWRITTEN_DROP]
+    if length is not None:
+        relayed.append((b"content-length", str(length).encode()))
+    return relayed
+
+
+def identity_encoding(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Request headers asking for an uncompressed answer (a body the gateway must rewrite):
+    without Accept-Encoding any coding would be acceptable (RFC 9110 12.5.3)."""
+    kept = [(name, value) for name, value in headers if name != b"accept-encoding"]
+    kept.append((b"accept-encoding", b"identity"))
+    return kept

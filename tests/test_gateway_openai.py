@@ -192,7 +192,7 @@ def test_adapter_requests_go_only_to_replicas_with_the_adapter(zoo):
         response = client.chat.completions.create(
             model="chat_lora1", messages=[{"role": "user", "content": f"question {i}"}])
         assert response.system_fingerprint == "b2"
-        assert response.model == "lora1"  # the server saw the adapter's name
+        assert response.model == "chat_lora1"  # the name asked for, though the server saw "lora1"
     assert b1.total_calls == 0
     assert b2.total_calls == 12
     assert {s.json["model"] for s in b2.seen} == {"lora1"}
@@ -298,7 +298,7 @@ async def test_async_sdk(zoo, prefix):
             model="chat_lora1", stream=True, messages=[{"role": "user", "content": "hi"}])
         chunks = [chunk async for chunk in stream]
         assert "".join(c.choices[0].delta.content for c in chunks) == "tok0 tok1 tok2 "
-        assert {c.model for c in chunks} == {"lora1"}
+        assert {c.model for c in chunks} == {"chat_lora1"}
         completion = await client.completions.create(model="chat", prompt="p", stream=True)
         assert len([c async for c in completion]) == 3
         embedded = await client.embeddings.create(model="emb", input=["xy"])
