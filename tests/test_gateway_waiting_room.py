@@ -111,7 +111,7 @@ def test_adapter_appearing_later_releases_waiters(gw):
         gw.set_endpoints("m", [plain.endpoint("lora"), other.endpoint()])
         results = [f.result(10) for f in futures]
     assert {r.system_fingerprint for r in results} == {"plain"}
-    assert {r.model for r in results} == {"lora"}
+    assert {r.model for r in results} == {"m_lora"}  # the answer names the model as requested
     assert [s.json["model"] for s in plain.seen] == ["m", "lora", "lora", "lora"]
     assert other.total_calls == 0
     gw.settle()
