@@ -24,6 +24,7 @@ from lb.balancer import Balancer
 from lb.config import Config
 from lb.engine_metrics import EngineScraper
 from lb.errors import GatewayError, error_body
+from lb.health_checks import HealthChecker
 from lb.metrics import GatewayMetrics
 from lb.model import join_model_adapter
 from lb.parse import KINDS
@@ -50,6 +51,9 @@ class Gateway:
                                  self.metrics, config.engine_metrics.stale_after_seconds)
         self.engine_scraper = EngineScraper(self.registry, config.engine_metrics)
         self.metrics.watch_engines(self.registry.groups, self.engine_scraper)
+        self.health_checker = HealthChecker(self.registry, config.health_checks)
+        if config.health_checks.enabled:
+            self.metrics.watch_health(self.registry.groups)
         self._pool: UpstreamPool | None = None
         self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool)
         self.ready = False
@@ -77,16 +81,21 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
         self._pool = create_pool(self.config.upstream)
-        scraping = (asyncio.get_running_loop().create_task(self.engine_scraper.run())
-                    if self.config.engine_metrics.interval_seconds > 0 else None)
+        loop = asyncio.get_running_loop()
+        # Off the request path: the replicas' own metrics, and their health.
+        background: list[asyncio.Task[None]] = []
+        if self.config.engine_metrics.interval_seconds > 0:
+            background.append(loop.create_task(self.engine_scraper.run()))
+        if self.config.health_checks.enabled:
+            background.append(loop.create_task(self.health_checker.run()))
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
-            if scraping is not None:
-                scraping.cancel()
-                await asyncio.gather(scraping, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._pool.close()
             self._pool = None
 

@@ -81,13 +81,19 @@ class Balancer:
         """
         group = self._registry.group(model.name)
         ejected = group.outliers.current() if group.outliers is not None else None
-        skip = [*exclude, *ejected] if ejected else exclude
-        picked = self._pick(group, model, adapter, key, skip, weight)
-        if picked is None and ejected and exclude:
-            picked = self._pick(group, model, adapter, key, exclude, weight)
+        unhealthy = group.unhealthy  # failed active health checks; empty unless checks are on
+        if ejected or unhealthy:
+            skip = [*exclude, *(ejected or ()), *unhealthy]
+            picked = self._pick(group, model, adapter, key, skip, weight)
+            if picked is None and exclude:
+                # A replica not tried yet, even ejected or unhealthy, before one tried already.
+                picked = self._pick(group, model, adapter, key, exclude, weight)
+        else:
+            skip = exclude
+            picked = self._pick(group, model, adapter, key, skip, weight)
         if picked is None and skip:
-            # Every replica that could serve was tried already or is ejected: go back to one
-            # rather than wait for a replica that may never come.
+            # Every replica that could serve was tried already, ejected or unhealthy: go back
+            # to one rather than wait for a replica that may never come.
             picked = self._pick(group, model, adapter, key, (), weight)
         if picked is None:
             return None

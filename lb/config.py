@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from lb.ejection import EjectionConfig
 from lb.engine_metrics import EngineMetricsConfig
+from lb.health_checks import HealthCheckConfig
 from lb.model import Model
 from lb.registry import Endpoint, Registry
 from lb.ring import LoadTable
@@ -97,6 +98,7 @@ class Config:
     ejection: EjectionConfig = field(default_factory=EjectionConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     engine_metrics: EngineMetricsConfig = field(default_factory=EngineMetricsConfig)
+    health_checks: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 
@@ -138,6 +140,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("retries.retryStatuses", "only 5xx statuses can be retried")
     if config.ejection.base_seconds > config.ejection.max_seconds:
         raise ConfigError("ejection.baseSeconds", "must be at most ejection.maxSeconds")
+    checks = config.health_checks
+    if checks.enabled and checks.timeout_seconds > checks.interval_seconds:
+        raise ConfigError("healthChecks.timeoutSeconds", f"must be at most healthChecks."
+                          f"intervalSeconds ({checks.interval_seconds:g}): a check must end before "
+                          "the next is due")
     names = {m.name for m in config.models}
     for model, endpoints in config.endpoints.items():
         if model not in names:

@@ -99,6 +99,11 @@ class GatewayMetrics:
                       scraper: EngineScraper) -> None:
         self.registry.register(_EngineCollector(groups, scraper))
 
+    def watch_health(self, groups: Callable[[], dict[str, EndpointGroup]]) -> None:
+        """Export each endpoint's active health (only when health checks are on: without
+        them a 1 would claim a check that never ran)."""
+        self.registry.register(_HealthCollector(groups))
+
     def share_active(self, loads: LoadTable) -> None:
         """Count active requests in ``loads``, across the processes sharing it. Call before
         the first request."""
@@ -258,3 +263,22 @@ class _EngineCollector(Collector):
         for model, n in self._scraper.failures.items():
             failures.add_metric([model], n)
         yield from (waiting, running, kv, hit_rate, failures)
+
+
+class _HealthCollector(Collector):
+    """Every endpoint of every model, 1 or 0 by its active health checks (``lb.health_checks``).
+    Each worker process checks, and exports, on its own; all export the same series, from the
+    same endpoints."""
+
+    def __init__(self, groups: Callable[[], dict[str, EndpointGroup]]) -> None:
+        self._groups = groups
+
+    def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily("kvgate_endpoint_healthy",
+                                    "1 while an endpoint passes its active health checks, 0 once "
+                                    "it has failed them (healthChecks).",
+                                    labels=["model", "endpoint"])
+        for model, group in self._groups().items():
+            for key in group.endpoints:
+                healthy.add_metric([model, key], 0 if key in group.unhealthy else 1)
+        yield healthy

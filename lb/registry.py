@@ -5,8 +5,9 @@ each model's ready endpoints here; the gateway only reads. Each model owns an En
 its ring (which also carries the in-flight accounting for every strategy) and an event that
 fires on every endpoint change, so the waiting room re-evaluates instead of waiting for a
 specific replica (KubeAI's adapter wait never re-checks). The group also keeps what the gateway
-learns of its replicas off the control plane's record: their health (``lb.ejection``) and their
-own load as last scraped (``EngineReading``); both are pruned when a replica leaves.
+learns of its replicas off the control plane's record: their health, from its own attempts
+(``lb.ejection``) and from active checks (``lb.health_checks``), and their own load as last
+scraped (``EngineReading``); all are pruned when a replica leaves.
 
 With several worker processes, every process has its own registry, fed the same models and
 endpoints; their rings count in-flight requests in one shared ``LoadTable`` (namespaced by
@@ -98,6 +99,9 @@ class EndpointGroup:
         self.ring = Ring(replication, mean_load_factor, loads=loads, namespace=namespace)
         self.endpoints: dict[str, Endpoint] = {}
         self.outliers: Outliers | None = None
+        # Keys that failed their active health checks; read on every pick, so a bare set that
+        # stays empty unless checks are on and a replica fails them.
+        self.unhealthy: set[str] = set()
         self.engine: dict[str, EngineReading] = {}  # the replicas' own metrics, when scraped
         self._changed = Change()
 
@@ -114,8 +118,10 @@ class EndpointGroup:
         for key in gone:
             self.ring.remove(key)
             del self.endpoints[key]
-        if gone and self.outliers is not None:
-            self.outliers.forget(gone)  # a replica that comes back starts with a clean record
+        if gone:  # a replica that comes back starts with a clean record
+            if self.outliers is not None:
+                self.outliers.forget(gone)
+            self.unhealthy.difference_update(gone)
         for key, endpoint in new.items():
             old = self.endpoints.get(key)
             if old is None:
@@ -191,6 +197,7 @@ class Registry:
         group = self._groups[model] = self._new_group(model)
         group._changed = old._changed
         group.outliers = old.outliers
+        group.unhealthy = old.unhealthy
         group.engine = old.engine
         group.update(old.endpoints.values())
 

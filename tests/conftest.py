@@ -25,12 +25,13 @@ def loop_thread() -> Iterator[LoopThread]:
 @pytest.fixture
 def make_gateway(loop_thread: LoopThread) -> Iterator[Callable[..., GatewayHarness]]:
     """Factory: ``make_gateway({"waitingRoom": {"timeoutSeconds": 1}})`` starts a gateway with
-    that config (camelCase, merged over the defaults); all are stopped after the test."""
+    that config (camelCase, merged over the defaults); ``static=True`` serves the config's
+    models and endpoints. All are stopped after the test."""
     started: list[GatewayHarness] = []
     ERRORS.records.clear()
 
-    def make(config: dict[str, Any] | None = None) -> GatewayHarness:
-        harness = GatewayHarness(loop_thread, config)
+    def make(config: dict[str, Any] | None = None, static: bool = False) -> GatewayHarness:
+        harness = GatewayHarness(loop_thread, config, static)
         started.append(harness)
         return harness
 

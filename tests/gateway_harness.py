@@ -42,7 +42,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb.app import Gateway
-from lb.config import Config, config_from_dict
+from lb.config import Config, config_from_dict, static_registry
 from lb.model import Model
 from lb.registry import Endpoint
 from lb.server import bind, serve
@@ -197,6 +197,10 @@ class Backend:
         self.engine_waiting = 0
         self.engine_kv = 0.0
         self.engine_metrics_broken = False
+        # GET /health (the gateway's active health checks): its status, and a delay before it
+        # answers; counted in ``calls`` like any request.
+        self.health_status = 200
+        self.health_delay = 0.0
         self._attempts = attempts
         self._fail_next: collections.deque[int] = collections.deque()
         self._gate: asyncio.Event | None = None
@@ -255,6 +259,8 @@ class Backend:
         if request.method == "GET" and request.path == "/metrics":
             return self._metrics()
         self.calls[request.path] += 1
+        if request.method == "GET" and request.path == "/health":
+            return await self._health()
         self.in_flight += 1
         try:
             return await self._serve(request)
@@ -333,6 +339,13 @@ class Backend:
                 f"# TYPE vllm:kv_cache_usage_perc gauge\n"
                 f"vllm:kv_cache_usage_perc{labels} {self.engine_kv}\n")
         return web.Response(text=text, content_type="text/plain")
+
+    async def _health(self) -> web.Response:
+        if self.health_delay:
+            await asyncio.sleep(self.health_delay)
+        if self.health_status != 200:
+            return _error(self.health_status, f"{self.name} is unhealthy")
+        return web.Response(body=b"", headers={"x-backend": self.name})
 
     def _plan(self, request: web.Request) -> Plan:
         header = request.headers.get("x-test-plan")
@@ -501,10 +514,14 @@ class GatewayHarness:
     """One gateway (main + metrics port) and its backends, all on ``loop``.
 
     ``config`` is a camelCase dict merged over quiet defaults (see lb.config), or a Config.
+    ``static``: the registry holds the config's ``models`` and ``endpoints``, as `kvgate
+    gateway` serves them (static-endpoints mode); otherwise tests add models themselves.
     """
 
-    def __init__(self, loop: LoopThread, config: dict[str, Any] | Config | None = None) -> None:
+    def __init__(self, loop: LoopThread, config: dict[str, Any] | Config | None = None,
+                 static: bool = False) -> None:
         self.loop = loop
+        self.static = static
         if not isinstance(config, Config):
             config = config_from_dict(_deep_merge({"server": {"logLevel": "warning"}},
                                                   config or {}))
@@ -518,7 +535,8 @@ class GatewayHarness:
         self.loop.run(self._start())
 
     async def _start(self) -> None:
-        self.gateway = Gateway(self.config)
+        self.gateway = Gateway(self.config,
+                               static_registry(self.config) if self.static else None)
         self.registry = self.gateway.registry
         self.balancer = self.gateway.balancer
         sock, metrics_sock = bind(HOST, 0), bind(HOST, 0)
