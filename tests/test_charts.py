@@ -94,7 +94,9 @@ FULL_VALUES = {
     "service": {"type": "LoadBalancer", "port": 8080, "annotations": {"a": "b"}, "labels": {"team": "ml"}},
     "ports": {"http": 8001, "metrics": 9091},
     "gateway": {"logLevel": "debug", "retries": {"maxRetries": 5, "retryStatuses": [502, 503]},
-                "waitingRoom": {"maxWaitingPerModel": 50, "timeoutSeconds": 120.5, "retryAfterSeconds": 2}},
+                "waitingRoom": {"maxWaitingPerModel": 50, "timeoutSeconds": 120.5, "retryAfterSeconds": 2},
+                "healthChecks": {"intervalSeconds": 5, "timeoutSeconds": 2, "path": "/ready",
+                                 "unhealthyThreshold": 3, "healthyThreshold": 1}},
     "resourceProfiles": {"nvidia-gpu-rtx4090": {
         "imageName": "nvidia-gpu", "requests": {"nvidia.com/gpu": 1, "cpu": "4", "memory": "16Gi"},
         "limits": {"nvidia.com/gpu": 1}, "nodeSelector": {"gpu": "rtx4090"},
@@ -378,6 +380,7 @@ def test_the_rendered_config_loads_with_the_gateways_own_loader(kvgate_default: 
     assert gateway.retries.max_retries == 3 and gateway.retries.retry_statuses == (500, 502, 503, 504)
     assert gateway.waiting_room.max_waiting_per_model == 10_000
     assert gateway.waiting_room.timeout_seconds == 600
+    assert not gateway.health_checks.enabled  # the replicas' readiness probes gate endpoints
     # Every engine has images; the simulator runs from this chart's own image.
     assert set(data["modelServers"]) == set(ENGINES)
     assert system.image_for("Sim", "cpu") == container["image"] == "ghcr.io/kvgate/kvgate:0.1.0"
@@ -410,6 +413,9 @@ def test_non_default_values_reach_the_config(kvgate_full: list[dict[str, Any]]) 
     assert (gateway.server.port, gateway.server.metrics_port, gateway.server.log_level) == (8001, 9091, "debug")
     assert gateway.retries.max_retries == 5 and gateway.retries.retry_statuses == (502, 503)
     assert gateway.waiting_room.timeout_seconds == 120.5
+    checks = gateway.health_checks
+    assert (checks.interval_seconds, checks.timeout_seconds, checks.path) == (5, 2, "/ready")
+    assert (checks.unhealthy_threshold, checks.healthy_threshold) == (3, 1)
     assert system.image_for("Sim", "") == "registry.example.com/kvgate:0.1.0-rc1"
     assert system.resource_profiles["nvidia-gpu-rtx4090"].runtime_class_name == "nvidia"
     assert "nvidia-gpu-l4" in system.resource_profiles  # adding a profile keeps the others
@@ -478,6 +484,8 @@ INVALID_KVGATE = [
     (["--set", "gateway.logLevel=loud"], "logLevel"),
     (["--set", "gateway.upstream.keepaliveSeconds=0"], "keepaliveSeconds"),
     (["--set", "gateway.retries.maxRetry=1"], "maxRetry"),
+    (["--set", "gateway.healthChecks.unhealthyThreshold=0"], "unhealthyThreshold"),
+    (["--set", "gateway.healthChecks.path=health"], "path"),
     (["--set", "modelAutoscaling.timeWindow=-5"], "timeWindow"),
     (["--set", "cacheProfiles.x.sharedFilesystem.storageClassName=a",
       "--set", "cacheProfiles.x.sharedFilesystem.persistentVolumeName=b"], "sharedFilesystem"),
@@ -658,6 +666,7 @@ def _exposed_metric_names() -> set[str]:
     metrics.watch_rings(registry.groups)
     scraper = EngineScraper(registry, EngineMetricsConfig(), clock=lambda: 0.0)
     metrics.watch_engines(registry.groups, scraper)
+    metrics.watch_health(registry.groups)  # registered when healthChecks are on
     registry.group("m").update([Endpoint("ns/p", "10.0.0.1:8000", frozenset())])
     registry.group("m").engine["ns/p"] = EngineReading(1, 2, 0.5, 10, 20, 0.5, read_at=0.0)
     scraper.failures["m"] = 1

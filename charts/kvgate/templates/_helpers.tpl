@@ -78,6 +78,7 @@ config.yaml: the gateway's keys and the operator's keys in one file, read by `kv
   "ejection" $v.gateway.ejection
   "routing" $v.gateway.routing
   "engineMetrics" $v.gateway.engineMetrics
+  "healthChecks" $v.gateway.healthChecks
   "modelServers" $servers
   "resourceProfiles" $v.resourceProfiles
   "cacheProfiles" $v.cacheProfiles
