@@ -15,11 +15,14 @@ def log_to_stderr() -> None:
 
 
 def add_listen_args(parser: argparse.ArgumentParser) -> None:
-    """`--host`, `--port`, `--metrics-port`: read back by `kvgate.settings.with_listen_args`."""
+    """`--host`, `--port`, `--metrics-port`, `--access-log`: read back by `kvgate.settings.with_listen_args`."""
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
     parser.add_argument("--metrics-port", type=int,
                         help="metrics port (overrides server.metricsPort; 0 disables)")
+    parser.add_argument("--access-log", action="store_true", default=None,
+                        help="log one line per request to stdout (overrides server.accessLog; "
+                             "off by default)")
 
 
 def bind_listeners(server: ServerConfig) -> tuple[socket.socket, socket.socket | None]:

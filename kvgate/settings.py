@@ -39,8 +39,10 @@ def load_settings(path: str | Path | None) -> Settings:
 
 
 def with_listen_args(config: Config, args: argparse.Namespace) -> Config:
-    """The gateway config with `--host`, `--port` and `--metrics-port` (when given) over the file's."""
-    changes = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port}
+    """The gateway config with `--host`, `--port`, `--metrics-port` and `--access-log` (when
+    given) over the file's."""
+    changes = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
+               "access_log": getattr(args, "access_log", None)}
     server = dataclasses.replace(config.server, **{k: v for k, v in changes.items() if v is not None})
     return dataclasses.replace(config, server=server)
 

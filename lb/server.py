@@ -214,6 +214,15 @@ class _Protocol(HttpToolsProtocol):
 _LINGER_SECONDS = 2.0
 
 
+class _UnloggedProtocol(HttpToolsProtocol):
+    """The metrics listener's protocol: never in the access log. uvicorn decides per connection
+    from the process-wide "uvicorn.access" logger, which the API server configures."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.access_log = False
+
+
 def protocol_for(config: Any) -> type[_Protocol]:
     """The protocol class of a server under ``config`` (its head-size limit)."""
     return type("_Protocol", (_Protocol,), {"max_head": config.limits.max_header_bytes})
@@ -230,9 +239,9 @@ def tune_gc() -> None:
 
 
 def _uvicorn(app: object, log_level: str, lifespan: str,
-             http: Any = "httptools") -> uvicorn.Server:
+             http: Any = "httptools", access_log: bool = False) -> uvicorn.Server:
     config = uvicorn.Config(app, loop="none", http=http, lifespan=lifespan, interface="asgi3",
-                            access_log=False, log_level=log_level, server_header=False,
+                            access_log=access_log, log_level=log_level, server_header=False,
                             date_header=False, proxy_headers=False,
                             timeout_keep_alive=75,
                             timeout_graceful_shutdown=30)
@@ -243,11 +252,13 @@ async def serve(gateway: Gateway, sock: socket.socket,
                 metrics_sock: socket.socket | None = None,
                 started: asyncio.Event | None = None) -> None:
     """Serve until cancelled or signalled; in-flight requests get a graceful shutdown."""
+    # The metrics server's config is built first: each uvicorn.Config sets up the process-wide
+    # access logger, and the API server's `server.accessLog` must be the one that stays.
+    metrics = (_uvicorn(gateway.metrics_app, "warning", "off", _UnloggedProtocol)
+               if metrics_sock is not None else None)
     main = _uvicorn(gateway, gateway.config.server.log_level, "on",
-                    protocol_for(gateway.config))
-    servers = [main]
-    if metrics_sock is not None:
-        servers.append(_uvicorn(gateway.metrics_app, "warning", "off"))
+                    protocol_for(gateway.config), access_log=gateway.config.server.access_log)
+    servers = [main] if metrics is None else [main, metrics]
     tasks = [asyncio.create_task(main.serve(sockets=[sock]))]
     if metrics_sock is not None:
         tasks.append(asyncio.create_task(servers[1].serve(sockets=[metrics_sock])))

@@ -70,7 +70,8 @@ class UpProcess:
     """`kvgate up -f <models>` on free ports with its own state directory."""
 
     def __init__(self, workdir: Path, models: list[dict[str, Any]], *,
-                 config: dict[str, Any] | None = None, metrics_port: bool = True) -> None:
+                 config: dict[str, Any] | None = None, metrics_port: bool = True,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.models_path = workdir / "models.yaml"
         self.state_dir = workdir / "state"
@@ -82,6 +83,7 @@ class UpProcess:
             config_path = workdir / "config.yaml"
             config_path.write_text(yaml.safe_dump(config))
             args += ["-c", str(config_path)]
+        args += extra_args
         self.lines: list[str] = []
         self.seen_pids: set[int] = set()
         self.proc = subprocess.Popen([sys.executable, "-m", "kvgate", *args], cwd=workdir,

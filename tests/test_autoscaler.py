@@ -164,6 +164,32 @@ async def test_load_drives_zero_to_max_and_back_to_min_after_the_delay(env: Env)
     assert seen == [4, 4, 4, 0]
 
 
+async def test_scaled_from_zero_goes_back_after_the_delay_unless_load_was_seen(env: Env) -> None:
+    """examples/local.yaml's sim-tiny, at the default interval (10 s) and window (10 m): the
+    readings are the requests in flight at each tick. A request that came and went between two
+    ticks was never seen, so the window stays at zero and the replica the request woke goes after
+    scaleDownDelaySeconds (30 s: 3 lower readings, i.e. 20-30 s after the scale-up); one seen in
+    flight at a tick keeps it until that reading leaves the 10-minute window."""
+    env.kube.create("models", model_body(targetRequests=100, replicas=1, scaleDownDelaySeconds=30))
+    scaler = env.autoscaler(interval=10, window=600)  # 60 readings
+    seen = []
+    for _ in range(3):  # the request was served between ticks: nothing in flight at any tick
+        await scaler.tick()
+        seen.append(env.replicas())
+    assert seen == [1, 1, 0]
+
+    env.kube.patch("models", "m1", {"spec": {"replicas": 1}})
+    env.load(1, 0, 0)  # one request in flight at this tick
+    await scaler.tick()
+    env.load(0, 0, 0)
+    for _ in range(58):  # the reading is still in the window: the average is above zero
+        await scaler.tick()
+    assert env.replicas() == 1
+    for _ in range(4):  # 60 readings after it, it leaves the window; three lower ones later: zero
+        await scaler.tick()
+    assert env.replicas() == 0
+
+
 async def test_a_higher_reading_restarts_the_scale_down_delay(env: Env) -> None:
     env.kube.create("models", model_body(replicas=3, scaleDownDelaySeconds=2))
     scaler = env.autoscaler(window=1)  # one reading: the average is the last reading

@@ -5,9 +5,11 @@ served by simulated vLLM replicas (tests/cluster_harness.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
+import time
 from typing import Any, AsyncIterator
 
 import openai
@@ -20,7 +22,7 @@ from lb_operator.kube.client import KubeApi
 from lb_operator.kube.endpoints import POD_IP_ANNOTATION, POD_PORT_ANNOTATION
 from lb_operator.kube.pods import MODEL_LABEL
 from lb_operator.system_config import system_config_from_dict
-from tests.cluster_harness import (NS, GatewayReplica, Kubelet, chat, create_model, eventually,
+from tests.cluster_harness import (FAST, NS, GatewayReplica, Kubelet, chat, create_model, eventually,
                                    model_body, patch_model, pod_hashes, ready_pods)
 from tests.cluster_harness import sdk as client
 from tests.kube_fake import FakeKube
@@ -212,11 +214,26 @@ async def test_address_override_points_pods_at_a_replica(kube: FakeKube, api: Ku
         await sim.stop()
 
 
+class ExpiryClock:
+    """Monotonic time that the test can move on, to let a Lease expire on cue."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+# A lease no stall of a loaded machine outlives: leadership changes only when the test makes it
+# (a release, or a crash followed by a staged expiry), never because the event loop was slow.
+STEADY = dataclasses.replace(FAST, lease_duration=30.0, renew_deadline=20.0, retry_period=0.1)
+
+
 async def test_two_replicas_share_endpoints_and_one_reconciles(kube: FakeKube, api: KubeApi,
                                                                kubelet: Kubelet) -> None:
-    first = await GatewayReplica(kube, identity="first").start()
+    first = await GatewayReplica(kube, identity="first", options=STEADY).start()
     await eventually(lambda: first.leading, what="a leader")
-    second = await GatewayReplica(kube, identity="second").start()
+    second = await GatewayReplica(kube, identity="second", options=STEADY).start()
     nodes = [first, second]
     try:
         await create_model(api, model_body("m", replicas=2))
@@ -232,21 +249,28 @@ async def test_two_replicas_share_endpoints_and_one_reconciles(kube: FakeKube, a
             assert await chat(sdk, "m") and await chat(sdk, "cold")
         assert second.operator.scaler.scale_ups == 1
         assert second.operator.reconciler.reconciles == 0
+        assert first.operator.elector.terms == 1 and second.operator.elector.terms == 0
 
-        # Clean shutdown of the leader releases the Lease: the other takes over at once.
+        # Clean shutdown of the leader releases the Lease: the other takes over long before the
+        # 30 s lease could have expired.
         await first.stop()
-        await eventually(lambda: second.leading, timeout=1.0, what="the takeover")
+        await eventually(lambda: second.leading, timeout=10.0, what="the takeover")
         await patch_model(api, "m", {"spec": {"replicas": 3}})
         await eventually(lambda: len(second.endpoints("m")) == 3, what="three endpoints")
         assert second.operator.reconciler.reconciles > 0
 
-        # A crash leaves the Lease held: a new replica waits for it to expire, then leads.
-        third = await GatewayReplica(kube, identity="third").start()
+        # A crash leaves the Lease held: a new replica waits for it to expire (by its own clock,
+        # moved on by the test), then leads.
+        clock = ExpiryClock()
+        third = await GatewayReplica(kube, identity="third",
+                                     options=dataclasses.replace(STEADY, clock=clock)).start()
         nodes.append(third)
         await second.stop(release=False)
-        await asyncio.sleep(0.5)
+        await eventually(lambda: third.operator.elector._observed is not None, what="third looking")
+        await asyncio.sleep(0.5)  # several of its retries: the Lease is still valid
         assert not third.leading
-        await eventually(lambda: third.leading, timeout=3.0, what="the takeover after expiry")
+        clock.offset = STEADY.lease_duration + 1.0
+        await eventually(lambda: third.leading, timeout=10.0, what="the takeover after expiry")
         lease = kube.get("leases", "kvgate-leader")
         assert lease["spec"]["holderIdentity"] == "third" and lease["spec"]["leaseTransitions"] >= 2
         await patch_model(api, "m", {"spec": {"replicas": 1}})

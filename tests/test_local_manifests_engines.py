@@ -144,3 +144,29 @@ def test_settings_file_errors_name_the_line_of_the_key(tmp_path: Path, text: str
     with pytest.raises(ConfigError) as err:
         load_settings(path)
     assert str(err.value).startswith(f"{path}:{where}")
+
+
+def test_files_paths_map_under_the_replica_directory(tmp_path: Path) -> None:
+    """Paths naming a file of spec.files, or a directory holding one, point at the replica's
+    copy; other absolute paths, relative ones and URLs are left alone."""
+    def with_file(content: str) -> Model:
+        text = doc().replace('args: ["--flag"]', 'args: ["--chat-template=/etc/app/t.jinja", '
+                             '"/etc/app/", "/etc/hosts", "etc/app/t.jinja", '
+                             '"http://h/etc/app/t.jinja", "--dirs=/etc/app,/etc"]')
+        return parse_models(text + f'  files: [{{path: /etc/app/t.jinja, content: "{content}"}}]\n'
+                            '  env: {TEMPLATE_DIR: /etc/app, OTHER: /etc/apple}\n')[0]
+
+    m = with_file("x")
+    launch = render_launch(m, LocalConfig(), port=1, state=tmp_path, base_dir=tmp_path, replica="m-3")
+    root = tmp_path / "m-3.files"
+    assert launch.files == ((str(root / "etc/app/t.jinja"), "x"),)
+    assert launch.env["TEMPLATE_DIR"] == str(root / "etc/app") and launch.env["OTHER"] == "/etc/apple"
+    assert launch.argv[-6:] == (f"--chat-template={root}/etc/app/t.jinja", str(root / "etc/app"),
+                                "/etc/hosts", "etc/app/t.jinja", "http://h/etc/app/t.jinja",
+                                f"--dirs={root}/etc/app,{root}/etc")
+    # The content is part of the launch hash; the replica's name and directory are not.
+    assert launch_hash(m, LocalConfig(), tmp_path) == launch_hash(with_file("x"), LocalConfig(), tmp_path)
+    assert launch_hash(m, LocalConfig(), tmp_path) != launch_hash(with_file("y"), LocalConfig(), tmp_path)
+    bad = parse_models(doc() + '  files: [{path: /etc/../x, content: ""}]\n')[0]
+    with pytest.raises(EngineUnavailable, match="without '.' or '..'"):
+        check_engine(bad, LocalConfig(), tmp_path)

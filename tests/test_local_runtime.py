@@ -5,11 +5,15 @@ ready hooks and set_adapters (LoRA loading), and the registry it keeps in sync."
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from lb.model import Model
 from lb.registry import Registry
-from lb_operator.local.config import LocalConfig
+from lb_operator.local.config import LocalConfig, LocalEngine
 from lb_operator.local.runtime import LocalRuntime, ReplicaView
 from tests.local_harness import pid_alive, sim_model
 
@@ -53,3 +57,65 @@ async def test_hooks_drive_replicas_and_registry(tmp_path: Path) -> None:
     finally:
         await runtime.close()
     assert not any(pid_alive(p) for p in pids)
+
+
+# An engine that reads a file of spec.files: the path comes in the Model's args, its directory in
+# its env, both written as KubeAI's Pods see them (/config/...); the content becomes the
+# simulator's --model, which its /v1/models reports as `root`.
+READS_A_FILE = """
+import os, runpy, sys
+path = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--root-file="))
+assert os.environ["ROOT_DIR"] == os.path.dirname(path), (os.environ["ROOT_DIR"], path)
+host, port, name = sys.argv[1:4]
+sys.argv = ["kvgate_sim", "--host", host, "--port", port, "--model-name", name,
+            "--model", open(path).read().strip(), "--profile", "fast"]
+runpy.run_module("kvgate_sim", run_name="__main__")
+"""
+
+
+def model_with_files(content: str) -> Model:
+    return Model.from_dict({
+        "apiVersion": "kvgate.dev/v1", "kind": "Model", "metadata": {"name": "f"},
+        "spec": {"url": "hf://org/f", "engine": "Sim", "features": ["TextGeneration"],
+                 "minReplicas": 1, "args": ["--root-file=/config/root.txt"],
+                 "env": {"ROOT_DIR": "/config"}, "resourceProfile": "gpu:1",
+                 "files": [{"path": "/config/root.txt", "content": content}]}})
+
+
+async def test_files_are_written_per_replica_and_the_engine_is_pointed_at_them(
+        tmp_path: Path, caplog: Any) -> None:
+    engine = LocalEngine(command=("{python}", "-c", READS_A_FILE, "{host}", "{port}", "{name}"))
+    runtime = LocalRuntime(Registry(), LocalConfig(state_dir=str(tmp_path), grace_period_seconds=5,
+                                                   engines={"Sim": engine}))
+    session = aiohttp.ClientSession()
+
+    async def roots() -> set[str]:
+        found = set()
+        for replica in runtime.replicas("f"):
+            if replica.ready:
+                async with session.get(f"http://{replica.address}/v1/models") as response:
+                    found.add((await response.json())["data"][0]["root"])
+        return found
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="lb_operator.local.runtime"):
+            runtime.apply(model_with_files("first\n"), tmp_path)
+            runtime.apply(model_with_files("first\n"), tmp_path)
+        warnings = [r.getMessage() for r in caplog.records if "ignored in local mode" in r.getMessage()]
+        assert len(warnings) == 1 and "spec.resourceProfile" in warnings[0]
+        await until(lambda: any(r.ready for r in runtime.replicas("f")))
+        assert await roots() == {"first"}
+        written = tmp_path / "logs" / "f" / "f-1.files" / "config" / "root.txt"
+        assert written.read_text() == "first\n"
+
+        # New content rolls the replicas; each new one reads its own copy.
+        runtime.apply(model_with_files("second\n"), tmp_path)
+        deadline = asyncio.get_running_loop().time() + 30
+        while await roots() != {"second"}:
+            assert asyncio.get_running_loop().time() < deadline, "no roll to the new content"
+            await asyncio.sleep(0.1)
+        assert written.read_text() == "first\n"
+        assert (tmp_path / "logs" / "f" / "f-2.files" / "config" / "root.txt").read_text() == "second\n"
+    finally:
+        await session.close()
+        await runtime.close()

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -95,6 +96,22 @@ def test_chat_completion_and_stream_through_the_sdk(up: UpProcess) -> None:
     assert len(chunks) > 2 and text
     models = {m.id for m in client(up).models.list()}
     assert {"chat", "zero"} <= models
+
+
+def test_access_log_is_off_unless_asked_for(up: UpProcess, tmp_path: Path) -> None:
+    """`kvgate up --access-log` logs one line per request; without it, none (the `up` fixture)."""
+    assert {m.id for m in client(up).models.list()}
+    logged = UpProcess(tmp_path, [ZERO], config={"local": FAST_LOCAL}, extra_args=("--access-log",))
+    try:
+        logged.wait_output("kvgate: ready:")
+        sdk = openai.OpenAI(base_url=logged.base_url, api_key="unused", max_retries=0, timeout=30)
+        assert "zero" in {m.id for m in sdk.models.list()}
+        urllib.request.urlopen(f"http://127.0.0.1:{logged.metrics_port}/metrics", timeout=10).read()
+        logged.wait_output('"GET /v1/models HTTP/1.1" 200')
+    finally:
+        logged.close()
+    assert "GET /metrics" not in logged.output  # the metrics listener is never logged
+    assert "GET /v1/models" not in up.output
 
 
 def test_status_command_shows_models_replicas_and_endpoints(up: UpProcess) -> None:

@@ -10,6 +10,14 @@ the leader-only work (reconciling, autoscaling). The rules:
   409 Conflict and stays a follower;
 - renew every ``retry_period``; a leader that cannot renew within ``renew_deadline`` (set it
   below the lease duration) steps down and cancels its tasks before anyone else may take over;
+- the deadline counts from the moment a successful renewal was *sent*, and a follower counts
+  the lease duration from the moment it *received* the changed record: the leader's view
+  always ends first, whatever the request latency;
+- a leader whose event loop was starved past its deadline does not give up blindly: its next
+  renewal is still tried (the resourceVersion proves nobody took the Lease meanwhile, or the
+  write fails); until it succeeds ``is_leader`` is False, and seeing another holder ends the
+  term at once. ``is_leader`` reads the clock, so it turns False at the deadline even while the
+  renew loop is still asleep.
 - on a clean stop the leader releases the Lease (empty holder), so a successor starts at once.
 
 Leader tasks: ``LeaderElector(leader_tasks=[factory, ...])`` or ``add_leader_task(factory)``,
@@ -57,7 +65,8 @@ class LeaderElector:
     def __init__(self, api: KubeApi, namespace: str, *, name: str = DEFAULT_LEASE_NAME,
                  identity: str | None = None, lease_duration: float = 15.0,
                  renew_deadline: float = 10.0, retry_period: float = 2.0,
-                 leader_tasks: Iterable[LeaderTask] = ()) -> None:
+                 leader_tasks: Iterable[LeaderTask] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not retry_period < renew_deadline < lease_duration:
             raise ValueError("leader election needs retry_period < renew_deadline < lease_duration")
         self.api = api
@@ -68,15 +77,19 @@ class LeaderElector:
         self.renew_deadline = renew_deadline
         self.retry_period = retry_period
         self.leader_tasks = list(leader_tasks)
+        self.clock = clock  # monotonic seconds; the tests drive a fake one to stage expiries
         self.leading = asyncio.Event()
         self.terms = 0  # times this replica became leader
         self._holding = False  # the Lease is ours (set before tasks start, cleared on losing it)
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
+        self._valid_until = 0.0  # by our clock: the end of the term unless renewed before
 
     @property
     def is_leader(self) -> bool:
-        return self.leading.is_set()
+        """Leading and within the renew deadline of the last renewal (the clock, not the renew
+        loop, decides: a loop that was starved may not have noticed yet)."""
+        return self.leading.is_set() and self.clock() < self._valid_until
 
     def add_leader_task(self, factory: LeaderTask) -> None:
         """Run ``factory()`` whenever this replica leads (from the next term on if leading now)."""
@@ -115,23 +128,29 @@ class LeaderElector:
         log.warning("%s: lost the leadership", self.identity)
 
     async def _keep_renewing(self) -> None:
-        """Returns when the Lease could not be renewed within renew_deadline."""
-        last_renew = time.monotonic()
+        """Returns when the Lease could not be renewed within renew_deadline, or another holder
+        was seen."""
         while True:
             await asyncio.sleep(self.retry_period)
-            remaining = self.renew_deadline - (time.monotonic() - last_renew)
+            # A late renewal (the loop was starved past the deadline) still gets a real attempt:
+            # the write carries the resourceVersion, so it succeeds only if nobody took over.
+            budget = max(self._valid_until - self.clock(), self.retry_period)
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
                 # cancellation that arrives as the renewal completes, and a leader that
                 # ignores being stopped keeps renewing forever.
-                async with asyncio.timeout(max(0.01, remaining)):
+                async with asyncio.timeout(budget):
                     renewed = await self._try_acquire_or_renew()
             except TimeoutError:
                 renewed = False
             if renewed:
-                last_renew = time.monotonic()
-            elif time.monotonic() - last_renew >= self.renew_deadline:
+                continue
+            if self._other_holder() or self.clock() >= self._valid_until:
                 return
+
+    def _other_holder(self) -> bool:
+        holder = (self._observed or (None,))[0]
+        return bool(holder) and holder != self.identity
 
     async def _supervise(self, factory: LeaderTask) -> None:
         """Run a leader task; restart it with backoff if it fails, stop if it simply returns."""
@@ -159,13 +178,15 @@ class LeaderElector:
             return False
 
     async def _acquire_step(self) -> bool:
-        now = time.monotonic()
+        started = self.clock()  # a renewal's deadline counts from before the request was sent
         lease = await self.api.get_lease(self.namespace, self.name)
         if lease is None:
             await self.api.create_lease(self.namespace, self._lease_body(None, None))
-            self._observe(None, now)
+            self._observe(None, self.clock())
+            self._valid_until = started + self.renew_deadline
             return True
         spec = lease.get("spec") or {}
+        now = self.clock()  # a change is dated when we received it, never earlier
         self._observe(spec, now)
         holder = spec.get("holderIdentity") or ""
         duration = spec.get("leaseDurationSeconds") or self.lease_duration
@@ -173,7 +194,8 @@ class LeaderElector:
             return False
         body = self._lease_body(spec, lease["metadata"]["resourceVersion"])
         written = await self.api.replace_lease(self.namespace, self.name, body)
-        self._observe(written.get("spec") or {}, time.monotonic())
+        self._observe(written.get("spec") or {}, self.clock())
+        self._valid_until = started + self.renew_deadline
         return True
 
     def _observe(self, spec: dict[str, Any] | None, now: float) -> None:

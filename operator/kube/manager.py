@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -48,6 +49,7 @@ class ClusterOptions:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
+    clock: Callable[[], float] = time.monotonic  # the elector's (tests stage expiries with it)
     watch_timeout: int = 300  # seconds a watch request lasts before it is renewed
     resync_seconds: float = 60.0
     workers: int = 2
@@ -100,7 +102,7 @@ class ClusterOperator:
         self.elector = LeaderElector(
             api, options.namespaces[0], name=options.lease_name, identity=options.identity,
             lease_duration=options.lease_duration, renew_deadline=options.renew_deadline,
-            retry_period=options.retry_period,
+            retry_period=options.retry_period, clock=options.clock,
             leader_tasks=[self.reconciler.run, *builtin_tasks, *leader_tasks])
         self.scaler = ClusterScaler(api, registry, options.namespaces[0])
 

@@ -5,6 +5,14 @@ plain process on a free port. Commands are templates so users can point an engin
 binary or add flags in the config file (`local.engines.<Engine>`), and the launch hash (what
 triggers a rolling restart) is computed from the rendered template minus the port, so only a
 change to what would actually run restarts replicas.
+
+``spec.files`` (KubeAI mounts each at its absolute ``path`` in the container) are written under
+the replica's own directory instead: ``/config/template.jinja`` becomes
+``<stateDir>/logs/<model>/<replica>.files/config/template.jinja``. Every absolute path in the
+engine's command, the Model's ``args`` and ``env`` values that names a file of ``spec.files``, or
+a directory holding one, is rewritten to its place there, so ``--chat-template=/config/t.jinja``
+works unchanged; ``{files}`` in a command template is that root. A file's content is part of the
+launch hash: editing it rolls the replicas, each new one reading its own copy.
 """
 
 from __future__ import annotations
@@ -14,10 +22,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Mapping
 
 from lb.model import Model, ModelURL, parse_model_url
@@ -67,6 +76,7 @@ class Launch:
     env: Mapping[str, str]  # added to this process's environment
     health_path: str
     setup: tuple[tuple[str, ...], ...]
+    files: tuple[tuple[str, str], ...] = ()  # (path on this machine, content): write before start
 
 
 def engine_for(model: Model, config: LocalConfig) -> LocalEngine:
@@ -104,19 +114,80 @@ def local_path(ref: str, base_dir: Path) -> str:
     return os.path.normpath(path if path.is_absolute() else (base_dir / path))
 
 
+FILES_SUFFIX = ".files"  # a replica's spec.files live in <its directory>/<replica>.files
+
+
 def render_launch(model: Model, config: LocalConfig, *, port: int, state: Path,
-                  base_dir: Path) -> Launch:
+                  base_dir: Path, replica: str = "replica") -> Launch:
     """The replica's command line: engine template, then the Model's own args and env."""
     engine = engine_for(model, config)
     if not engine.command:
         raise EngineUnavailable(f"local.engines.{model.spec.engine}.command: empty")
+    root = state / f"{replica}{FILES_SUFFIX}"
+    files = local_files(model, root)
     values = {"python": sys.executable, "host": config.replica_host, "port": str(port),
-              "name": model.name, "model": model_location(model, base_dir), "state": str(state)}
-    fill = _filler(values, model.spec.engine)
-    argv = tuple(fill(a) for a in engine.command) + _lora_args(model) + tuple(model.spec.args)
-    env = {k: fill(v) for k, v in engine.env.items()} | _lora_env(model) | dict(model.spec.env)
+              "name": model.name, "model": model_location(model, base_dir), "state": str(state),
+              "files": str(root)}
+    fill, point = _filler(values, model.spec.engine), _pointer(model, root)
+    argv = tuple(point(fill(a)) for a in engine.command) + _lora_args(model) + tuple(
+        point(a) for a in model.spec.args)
+    env = {k: point(fill(v)) for k, v in engine.env.items()} | _lora_env(model) | {
+        k: point(v) for k, v in model.spec.env.items()}
     setup = tuple(tuple(fill(a) for a in step) for step in engine.setup)
-    return Launch(argv, env, engine.health_path or "/health", setup)
+    return Launch(argv, env, engine.health_path or "/health", setup, files)
+
+
+def local_files(model: Model, root: Path) -> tuple[tuple[str, str], ...]:
+    """(where the file goes on this machine, its content) for each of ``spec.files``."""
+    return tuple((str(root / _relative(f.path, model)), f.content) for f in model.spec.files)
+
+
+def _relative(path: str, model: Model) -> PurePosixPath:
+    parts = PurePosixPath(path).parts[1:]
+    if not parts or any(p in ("..", ".") for p in parts):
+        raise EngineUnavailable(f"model {model.name}: spec.files path {path!r} must name a file "
+                                "by an absolute path without '.' or '..'")
+    return PurePosixPath(*parts)
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~-])/[^\s=:,;\"']*")  # an absolute path inside an argument
+
+
+def _pointer(model: Model, root: Path):  # type: ignore[no-untyped-def]
+    """Rewrites the absolute paths of an argument that name a file of spec.files (or a
+    directory holding one) to their place under `root`; anything else is left alone."""
+    known = {str(PurePosixPath(f.path)) for f in model.spec.files}
+    known |= {str(parent) for p in list(known) for parent in PurePosixPath(p).parents
+              if str(parent) != "/"}
+
+    def replace(match: re.Match[str]) -> str:
+        path = match.group(0)
+        normal = str(PurePosixPath(path)) if path != "/" else path
+        return str(root / normal.lstrip("/")) if normal in known else path
+
+    def point(text: str) -> str:
+        return _ABSOLUTE.sub(replace, text) if known else text
+    return point
+
+
+# Spec fields that only mean something in a cluster: named as the manifest names them.
+CLUSTER_ONLY = (("cache_profile", "cacheProfile"), ("resource_profile", "resourceProfile"),
+                ("image", "image"), ("env_from", "envFrom"),
+                ("priority_class_name", "priorityClassName"))
+
+
+def ignored_fields(model: Model) -> tuple[str, ...]:
+    """The Model's fields set to something a local process cannot honour (no shared cache
+    volume, no GPU profile or node selection, no image, no Secrets, no scheduler)."""
+    return tuple(name for attr, name in CLUSTER_ONLY if getattr(model.spec, attr))
+
+
+def write_files(launch: Launch) -> None:
+    """Write a replica's spec.files (blocking: run it off the event loop)."""
+    for path, content in launch.files:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
 
 
 def _lora_args(model: Model) -> tuple[str, ...]:
@@ -145,7 +216,8 @@ def _filler(values: Mapping[str, str], engine: str):  # type: ignore[no-untyped-
 def launch_hash(model: Model, config: LocalConfig, base_dir: Path) -> str:
     """A hash of what a replica would run, independent of its port and state directory."""
     launch = render_launch(model, config, port=0, state=Path("."), base_dir=base_dir)
-    blob = json.dumps([launch.argv, sorted(launch.env.items()), launch.health_path, launch.setup])
+    fields = [launch.argv, sorted(launch.env.items()), launch.health_path, launch.setup]
+    blob = json.dumps(fields + [launch.files] if launch.files else fields)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 

@@ -38,7 +38,8 @@ from lb.model import Model
 from lb.registry import Endpoint, Registry
 
 from lb_operator.local.config import LocalConfig
-from lb_operator.local.engines import Launch, launch_hash, render_launch
+from lb_operator.local.engines import (Launch, ignored_fields, launch_hash, render_launch,
+                                       write_files)
 from lb_operator.local.processes import ReplicaProcess, free_port
 from lb_operator.replicas import ReplicaState, desired_replicas, replica_step
 from lb_operator.retry import Backoff
@@ -175,7 +176,10 @@ class ModelController:
         config = self.runtime.config
         try:
             launch = render_launch(self.model, config, port=replica.port,
-                                   state=replica.log_path.parent, base_dir=self.base_dir)
+                                   state=replica.log_path.parent, base_dir=self.base_dir,
+                                   replica=replica.name)
+            if launch.files:
+                await asyncio.to_thread(write_files, launch)
             await replica.start(launch)
             log.info("replica %s: started pid %s on %s (log %s)", replica.name, replica.pid,
                      replica.address, replica.log_path)
@@ -326,6 +330,7 @@ class LocalRuntime:
         self._exit_hooks: list[ExitHook] = []
         self._hook_tasks: set[asyncio.Task[None]] = set()
         self.counts = ReplicaCounts(Path(config.state_dir) / COUNTS_FILE)
+        self._ignored: dict[str, tuple[str, ...]] = {}  # per model: fields warned about
         self._ids: dict[str, int] = {}  # per model; kept when a model is removed, so a re-added
         # one does not reuse its old replicas' names (and log files)
         self._session: aiohttp.ClientSession | None = None
@@ -346,6 +351,7 @@ class LocalRuntime:
 
     def apply(self, model: Model, base_dir: Path) -> None:
         """Add a Model or update it (a changed launch rolls its replicas; replicas rescale)."""
+        self._warn_ignored(model)
         controller = self.controllers.get(model.name)
         if controller is None:
             controller = self.controllers[model.name] = ModelController(self, model, base_dir)
@@ -356,6 +362,16 @@ class LocalRuntime:
         else:
             controller.update(model, base_dir)
         self.registry.set_model(self._with_replicas(model, controller))
+
+    def _warn_ignored(self, model: Model) -> None:
+        """Once per model (and again only if the list changes): the fields run locally ignores."""
+        fields = ignored_fields(model)
+        if fields and self._ignored.get(model.name) != fields:
+            log.warning("model %s: %s ignored in local mode (they configure Kubernetes: cache "
+                        "volumes, GPU profiles, images, Secrets, scheduling); the replicas run "
+                        "as plain processes without them", model.name,
+                        ", ".join(f"spec.{f}" for f in fields))
+        self._ignored[model.name] = fields
 
     async def remove(self, name: str) -> None:
         """Stop a Model's replicas and forget it (its waiting requests get a 404)."""
