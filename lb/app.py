@@ -24,6 +24,7 @@ from lb.balancer import Balancer
 from lb.config import Config
 from lb.engine_metrics import EngineScraper
 from lb.errors import GatewayError, error_body
+from lb.kv_events import KVEventSubscriber
 from lb.metrics import GatewayMetrics
 from lb.model import join_model_adapter
 from lb.parse import KINDS
@@ -50,6 +51,8 @@ class Gateway:
                                  self.metrics, config.engine_metrics.stale_after_seconds)
         self.engine_scraper = EngineScraper(self.registry, config.engine_metrics)
         self.metrics.watch_engines(self.registry.groups, self.engine_scraper)
+        # the replicas' KV events, for models that enable them: the precise prefix index
+        self.kv_events = KVEventSubscriber(self.registry)
         self._pool: UpstreamPool | None = None
         self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool)
         self.ready = False
@@ -79,11 +82,14 @@ class Gateway:
         self._pool = create_pool(self.config.upstream)
         scraping = (asyncio.get_running_loop().create_task(self.engine_scraper.run())
                     if self.config.engine_metrics.interval_seconds > 0 else None)
+        following = asyncio.get_running_loop().create_task(self.kv_events.run())
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
             if scraping is not None:
                 scraping.cancel()
                 await asyncio.gather(scraping, return_exceptions=True)
