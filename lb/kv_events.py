@@ -273,13 +273,16 @@ class Follower:
     """Reads one replica's events into its ``ReplicaIndex`` until cancelled."""
 
     def __init__(self, replica: ReplicaIndex, target: Target, ctx: zmq.asyncio.Context, *,
-                 replay_timeout: float = 5.0, settle: float = 0.1) -> None:
+                 replay_timeout: float = 5.0, settle: float = 0.1,
+                 retry_seconds: float = 2.0) -> None:
         self.replica = replica
         self.target = target
         self._ctx = ctx
         self._replay_timeout = replay_timeout
         self._settle = settle  # lets the subscription reach the publisher before a rebuild
+        self._retry_ms = int(retry_seconds * 1000)
         self._replayed_upto = -1  # live batches up to here arrived by replay already
+        self._unanswered = False  # a replay timed out: try a rebuild again later
 
     async def run(self) -> None:
         sub = self._socket(zmq.SUB)
@@ -291,10 +294,12 @@ class Follower:
         poller.register(monitor, zmq.POLLIN)
         try:
             while True:
-                ready = dict(await poller.poll())
+                ready = dict(await poller.poll(self._retry_ms if self._unanswered else -1))
                 if monitor in ready and await self._on_monitor(monitor):
                     await asyncio.sleep(self._settle)
                     await self.rebuild()
+                elif not ready and self._unanswered and not self.replica.trusted:
+                    await self.rebuild()  # the replay socket was silent: it may answer now
                 if sub in ready:
                     await self._drain(sub)
         finally:
@@ -356,6 +361,7 @@ class Follower:
         self.replica.reset()
         self.replica.rebuilds += 1
         self._replayed_upto = -1
+        self._unanswered = False
         if await self.replay(0):
             self.replica.trusted = True  # else untrusted, unless the replay held a cache reset
 
@@ -373,6 +379,7 @@ class Follower:
             while True:
                 if not await dealer.poll(self._replay_timeout * 1000):
                     log.info("KV events of %s: no replay answer", replica.key)
+                    self._unanswered = True
                     return False
                 frames = await dealer.recv_multipart()
                 seq_bytes, payload = frames[-2], frames[-1]

@@ -9,6 +9,7 @@ struct declarations are restated here to check the bytes on both sides.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any, Optional, Union
 
@@ -351,3 +352,52 @@ def test_kv_events_config_is_vllms() -> None:
                 '{"publisher": "kafka"}', '{"buffer_steps": 0}'):
         with pytest.raises(ValueError):
             KVEventsConfig.from_json(bad)
+
+
+async def test_a_silent_replay_socket_is_asked_again_until_it_answers(start, http) -> None:
+    """The follower's own loop: connected to a real publisher whose replay socket is not there
+    yet, it stays untrusted, retries, and is exact once a replay answers (here a ROUTER the test
+    binds later, speaking vLLM's protocol with the publisher's own batches)."""
+    replica = await start()
+    await chat(http, replica, "five " * 40)
+    sent = await batches(replica)
+    real = target_of(replica)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        late_port = probe.getsockname()[1]
+    mirror = ReplicaIndex("r")
+    follower = Follower(mirror, Target("127.0.0.1", real.port, late_port, "kv-events"),
+                        zmq.asyncio.Context.instance(), replay_timeout=0.3, retry_seconds=0.2)
+    task = asyncio.get_running_loop().create_task(follower.run())
+    tasks = [task]
+    router = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    try:
+        await until(lambda: _true(mirror.rebuilds >= 2))  # asked, no answer, asked again
+        assert not mirror.trusted
+        router.bind(f"tcp://127.0.0.1:{late_port}")
+        starts: list[int] = []
+
+        async def serve() -> None:  # every request: one may come from a follower that gave up
+            while True:
+                client, _, start_seq = await router.recv_multipart()
+                starts.append(int.from_bytes(start_seq, "big"))
+                for seq, payload in sent:
+                    await router.send_multipart([client, b"", seq.to_bytes(8, "big"), payload])
+                await router.send_multipart([client, b"", (-1).to_bytes(8, "big", signed=True),
+                                             b""])
+
+        serving = asyncio.get_running_loop().create_task(serve())
+        tasks.append(serving)
+        await until(lambda: _true(mirror.trusted))
+        assert starts and set(starts) == {0}
+        assert mirror.blocks == await cache_of(http, replica)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        router.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
