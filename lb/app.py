@@ -25,6 +25,7 @@ from lb.config import Config
 from lb.engine_metrics import EngineScraper
 from lb.errors import GatewayError, error_body
 from lb.health_checks import HealthChecker
+from lb.kv_events import KVEventSubscriber
 from lb.metrics import GatewayMetrics
 from lb.model import join_model_adapter
 from lb.parse import KINDS
@@ -54,6 +55,8 @@ class Gateway:
         self.health_checker = HealthChecker(self.registry, config.health_checks)
         if config.health_checks.enabled:
             self.metrics.watch_health(self.registry.groups)
+        # the replicas' KV events, for models that enable them: the precise prefix index
+        self.kv_events = KVEventSubscriber(self.registry)
         self._pool: UpstreamPool | None = None
         self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool)
         self.ready = False
@@ -82,8 +85,8 @@ class Gateway:
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
         self._pool = create_pool(self.config.upstream)
         loop = asyncio.get_running_loop()
-        # Off the request path: the replicas' own metrics, and their health.
-        background: list[asyncio.Task[None]] = []
+        # Off the request path: the replicas' own metrics, their health and their KV events.
+        background: list[asyncio.Task[None]] = [loop.create_task(self.kv_events.run())]
         if self.config.engine_metrics.interval_seconds > 0:
             background.append(loop.create_task(self.engine_scraper.run()))
         if self.config.health_checks.enabled:

@@ -346,6 +346,26 @@ class PrefixHash(_Resource):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KVEvents(_Resource):
+    """Where each replica publishes its KV-cache events (vLLM's --kv-events-config)."""
+
+    port: int = _field(5557, doc="Port of each replica's KV-event PUB socket (vLLM's endpoint).",
+                       minimum=1, maximum=65535)
+    replay_port: int = _field(
+        5558, doc="Port of each replica's replay socket (vLLM's replay_endpoint); 0 if it has none, "
+        "in which case a missed event leaves that replica's index untrusted until it restarts.",
+        minimum=0, maximum=65535)
+    topic: str = _field("", doc="Topic the replicas publish under (vLLM's topic; empty: any).")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheAware(_Resource):
+    kv_events: KVEvents | None = _field(
+        None, doc="Follow the replicas' KV-cache events to know exactly which prompt blocks each "
+        "one holds (the precise prefix index); unset: no subscription.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoadBalancing(_Resource):
     strategy: Strategy = _field("LeastLoad", doc="How a replica is picked for each request.")
     prefix_hash: PrefixHash = _field(factory=PrefixHash, doc="Settings of the PrefixHash strategy.")
@@ -354,6 +374,7 @@ class LoadBalancing(_Resource):
         doc="What a replica's load counts, for PrefixHash's bound and LeastLoad: in-flight requests, or "
         "their estimated tokens (prompt bytes / 4 + max_tokens), so a long prompt weighs what it costs.",
     )
+    cache_aware: CacheAware = _field(factory=CacheAware, doc="Settings of cache-aware routing.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from .cluster import SimCluster
 from .errors import SimError
 from .faults import Faults
+from .kv_events import KVEventsConfig
 from .profiles import PROFILES, Profile, get_profile, scale_profile
 
 
@@ -75,6 +76,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                      help="LoRA adapters loaded at start, each served as model NAME")
     eng.add_argument("--enable-lora", action="store_true",
                      help="accepted for vLLM parity (LoRA is always enabled)")
+    eng.add_argument("--kv-events-config", dest="kv_events_config", metavar="JSON",
+                     help='publish KV-cache events like vLLM, e.g. \'{"enable_kv_cache_events": '
+                          'true, "publisher": "zmq", "endpoint": "tcp://*:5557", '
+                          '"replay_endpoint": "tcp://*:5558", "topic": "kv-events"}\' '
+                          "(replica i adds i to both ports)")
     flt = p.add_argument_group("failure injection (changeable at runtime: POST /sim/faults)")
     flt.add_argument("--error-rate", type=float, default=0.0,
                      help="fraction (0..1) of inference requests answered with --error-status")
@@ -115,6 +121,12 @@ def _profile(args: argparse.Namespace) -> Profile:
     return base.with_overrides(**_overrides(args))
 
 
+def _kv_events(args: argparse.Namespace) -> Optional[KVEventsConfig]:
+    if not args.kv_events_config:
+        return None
+    return KVEventsConfig.from_json(args.kv_events_config)
+
+
 def _lora_modules(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -139,12 +151,17 @@ async def _serve(args: argparse.Namespace) -> None:
     faults = {"error_rate": args.error_rate, "error_status": args.error_status,
               "reset_after_chunks": args.reset_after_chunks,
               "extra_latency_s": args.extra_latency, "slowdown": args.slowdown}
+    kv_events = _kv_events(args)
     cluster = SimCluster(args.replicas, profile, args.model_name, host=args.host,
                          base_port=args.port, seed=args.seed, model_path=args.model_path,
-                         lora_modules=lora, startup_delay_s=args.startup_delay, faults=faults)
+                         lora_modules=lora, startup_delay_s=args.startup_delay, faults=faults,
+                         kv_events=kv_events)
     await cluster.start()
     for i, r in enumerate(cluster.replicas):
-        print(f"sim replica {i}: {r.url} model={args.model_name} profile={profile.name}",
+        events = r.server.kv_events if r.server is not None else None
+        extra = (f" kv-events={events.endpoint} replay={events.replay_endpoint}"
+                 if events is not None else "")
+        print(f"sim replica {i}: {r.url} model={args.model_name} profile={profile.name}{extra}",
               flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,6 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Faults().update({"error_rate": args.error_rate, "error_status": args.error_status,
                          "slowdown": args.slowdown})
         _profile(args)
+        _kv_events(args)
     except (SimError, TypeError, ValueError) as exc:
         print(f"invalid settings: {exc}", file=sys.stderr)
         return 2

@@ -111,9 +111,12 @@ class SimCluster:
         if n < 1:
             raise ValueError("need at least one replica")
         prof = _resolve_profile(profile)
+        kv_events = server_kwargs.pop("kv_events", None)  # ports offset per replica, like vLLM's DP
         self.replicas = [
             Replica(prof, model_name, host=host, port=base_port + i if base_port else 0,
-                    seed=seed + i, **server_kwargs)
+                    seed=seed + i, rank=i,
+                    kv_events=kv_events.for_rank(i) if kv_events is not None else None,
+                    **server_kwargs)
             for i in range(n)
         ]
 
@@ -165,7 +168,8 @@ async def start_replicas(n: int, profile: ProfileLike = "fast", model_name: str 
     """Start `n` replicas in the running event loop and return the started cluster.
 
     `server_kwargs` go to each `SimServer` (e.g. `startup_delay_s`, `lora_modules`,
-    `enable_lora`, `faults` is built per replica from `seed`).
+    `enable_lora`, `faults` is built per replica from `seed`, `kv_events` is offset per
+    replica).
     """
     return await SimCluster(n, profile, model_name, host=host, base_port=base_port,
                             **server_kwargs).start()

@@ -25,7 +25,7 @@ import itertools
 import logging
 from collections import OrderedDict, deque
 from enum import Enum
-from typing import AsyncIterator, Optional, Sequence as Seq
+from typing import Any, AsyncIterator, Callable, Optional, Sequence as Seq
 
 from .errors import SimError
 from .kvcache import KVCache, extend_block_hashes, root_hash
@@ -141,6 +141,8 @@ class Engine:
         self.slowdown = 1.0
         self._work = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
+        # Receives each step's KV events (the KV cache's tuples), when they are enabled.
+        self._on_kv_events: Optional[Callable[[list[tuple[Any, ...]]], None]] = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -159,6 +161,17 @@ class Engine:
                 pass
         for seq in list(self.running) + list(self.waiting):
             self.abort(seq)
+
+    def enable_kv_events(self, sink: Callable[[list[tuple[Any, ...]]], None]) -> None:
+        """Hand the KV cache's index changes to `sink` once per step, as vLLM's scheduler
+        publishes one batch per step (and at once after a prefix-cache reset)."""
+        self._on_kv_events = sink
+        self.kv.enable_events()
+
+    def flush_kv_events(self) -> None:
+        events = self.kv.take_events()
+        if events and self._on_kv_events is not None:
+            self._on_kv_events(events)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -232,7 +245,10 @@ class Engine:
         return sorted({s.adapter for s in self.waiting if s.adapter})
 
     def reset_prefix_cache(self) -> bool:
-        return self.kv.reset()
+        ok = self.kv.reset()
+        if self.kv.events:
+            self.flush_kv_events()
+        return ok
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -253,6 +269,8 @@ class Engine:
         deadline = loop.time()
         while True:
             if not self.running and not self.waiting:
+                if self.kv.events:  # left by a step that scheduled nothing
+                    self.flush_kv_events()
                 self._work.clear()
                 await self._work.wait()
                 deadline = loop.time()
@@ -269,6 +287,8 @@ class Engine:
             await asyncio.sleep(max(0.0, deadline - now))
             self._complete(scheduled, loop.time())
             self.steps += 1
+            if self.kv.events:  # None when KV events are off: one branch per step
+                self.flush_kv_events()
 
     def _step_duration(self, scheduled: list[tuple[Sequence, int]]) -> float:
         prefill = decode = context = 0
@@ -414,9 +434,8 @@ class Engine:
         hashes = seq.block_hashes
         if len(hashes) < n_full:
             extend_block_hashes(hashes, seq.tokens, self.block_size, seq.root)
-        register, blocks = self.kv.register, seq.blocks
-        for i in range(seq.num_registered, n_full):
-            register(blocks[i], hashes[i])
+        self.kv.register_run(seq.blocks, hashes, seq.num_registered, n_full, seq.tokens,
+                             seq.adapter)
         seq.num_registered = n_full
 
     def _emit_token(self, seq: Sequence, now: float) -> bool:

@@ -19,13 +19,32 @@ Semantics mirrored from vLLM:
   warm; vLLM also reserves one null block and divides by total - 1, which the simulator, having
   no null block, does not;
 - prefix-cache queries and hits are counted in tokens.
+
+The block hash is a documented rule another process can reproduce (the gateway's twin in
+`lb.prompt_tokens` does, to match requests against the KV events this cache emits):
+
+    hash(parent, tokens) = low 64 bits of MurmurHash3_x64_128 (seed 0) over
+                           parent as 8 bytes little-endian, then each token id as 8 bytes
+                           little-endian two's complement (ids reduced modulo 2**64)
+    root(adapter)        = ROOT_HASH, or ROOT_HASH ^ (crc32(utf-8 adapter name) << 1)
+
+A hash is an unsigned 64-bit int, the int form vLLM's KV events carry.
+
+KV events: when `events` is a list (`enable_events()`), the cache appends what changed its
+index, in order, as plain tuples the engine drains after each step (`kvgate_sim.kv_events`
+publishes them in vLLM's wire format): `("stored", hashes, parent or None, token_ids, adapter)`
+for a run of blocks that entered the index, `("removed", hashes)` for evicted blocks,
+`("cleared",)` after a reset. With events off (`events` is None) the cost is one branch.
 """
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+import mmh3
 
 BLOCK_SIZE = 16
 ROOT_HASH = 0x5EED_B10C
@@ -38,19 +57,42 @@ def root_hash(extra_key: Optional[str]) -> int:
     return ROOT_HASH ^ (zlib.crc32(extra_key.encode()) << 1)
 
 
+MASK64 = (1 << 64) - 1
+_PACKERS: dict[int, struct.Struct] = {}
+
+
+def _packer(n_tokens: int) -> struct.Struct:
+    packer = _PACKERS.get(n_tokens)
+    if packer is None:
+        packer = _PACKERS[n_tokens] = struct.Struct(f"<Q{n_tokens}q")
+    return packer
+
+
+def block_hash(parent: int, tokens: Sequence[int]) -> int:
+    """The hash of one full block chained on its parent's (the rule in the module docstring)."""
+    try:
+        data = _packer(len(tokens)).pack(parent, *tokens)
+    except struct.error:  # an id outside int64 (a client's token list): reduce it mod 2**64
+        data = struct.pack(f"<Q{len(tokens)}Q", parent, *(t & MASK64 for t in tokens))
+    return mmh3.hash128(data) & MASK64
+
+
 def extend_block_hashes(
     hashes: list[int], tokens: Sequence[int], block_size: int, root: int
 ) -> list[int]:
     """Append the chained hashes of every full block of `tokens` not yet in `hashes`.
 
-    Incremental, so a sequence hashes each block once even as it grows during decoding. Python's
-    hash of a tuple of ints is deterministic across processes (only str/bytes hashing is salted).
+    Incremental, so a sequence hashes each block once even as it grows during decoding.
     """
     n_full = len(tokens) // block_size
     parent = hashes[-1] if hashes else root
+    pack, murmur = _packer(block_size).pack, mmh3.hash128
     for i in range(len(hashes), n_full):
         start = i * block_size
-        parent = hash((parent, tuple(tokens[start:start + block_size])))
+        try:
+            parent = murmur(pack(parent, *tokens[start:start + block_size])) & MASK64
+        except struct.error:
+            parent = block_hash(parent, tokens[start:start + block_size])
         hashes.append(parent)
     return hashes
 
@@ -73,6 +115,20 @@ class KVCache:
         self.queries = 0  # prompt tokens looked up (vLLM: prefix_cache_queries)
         self.hits = 0  # of which found cached (vLLM: prefix_cache_hits)
         self.evictions = 0  # cached blocks whose contents were discarded for reuse
+        self.events: Optional[list[tuple[Any, ...]]] = None  # KV events sink; None: off
+
+    def enable_events(self) -> None:
+        """Start recording index changes in `events` (see the module docstring)."""
+        if self.events is None:
+            self.events = []
+
+    def take_events(self) -> list[tuple[Any, ...]]:
+        """The events recorded since the last call, oldest first (empty when off)."""
+        events = self.events
+        if not events:
+            return []
+        self.events = []
+        return events
 
     # --- introspection -----------------------------------------------------------------------
 
@@ -141,6 +197,8 @@ class KVCache:
         if n > len(self._free):
             return None
         ref, hashes, cached, free = self._ref, self._hash, self._cached, self._free
+        events = self.events
+        removed: list[int] = []
         out = []
         for _ in range(n):
             b, _unused = free.popitem(last=False)
@@ -148,10 +206,14 @@ class KVCache:
             if h is not None:
                 if cached.get(h) == b:
                     del cached[h]
+                    if events is not None:
+                        removed.append(h)
                 hashes[b] = None
                 self.evictions += 1
             ref[b] = 1
             out.append(b)
+        if removed:
+            events.append(("removed", removed))  # type: ignore[union-attr]
         return out
 
     def free(self, blocks: Sequence[int]) -> None:
@@ -164,13 +226,52 @@ class KVCache:
             elif ref[b] < 0:
                 raise RuntimeError(f"block {b} freed more often than referenced")
 
-    def register(self, block: int, block_hash: int) -> None:
-        """Make a just-filled block findable by its hash (the first copy wins, like vLLM)."""
+    def register(self, block: int, block_hash: int) -> bool:
+        """Make a just-filled block findable by its hash (the first copy wins, like vLLM).
+
+        Returns whether the hash entered the index (a copy of a cached block does not)."""
         if not self.enable_prefix_caching or self._hash[block] is not None:
+            return False
+        if block_hash in self._cached:
+            return False
+        self._cached[block_hash] = block
+        self._hash[block] = block_hash
+        return True
+
+    def register_run(self, blocks: Sequence[int], hashes: Sequence[int], start: int, end: int,
+                     tokens: Sequence[int], adapter: Optional[str] = None) -> None:
+        """Register blocks[start:end] of one sequence under hashes[start:end].
+
+        With events on, each contiguous run of blocks that entered the index becomes one
+        "stored" event with its parent hash (None for a sequence's first block) and tokens,
+        as vLLM reports a request's newly cached blocks.
+        """
+        register = self.register
+        if self.events is None:
+            for i in range(start, end):
+                register(blocks[i], hashes[i])
             return
-        if block_hash not in self._cached:
-            self._cached[block_hash] = block
-            self._hash[block] = block_hash
+        run = -1
+        for i in range(start, end):
+            if register(blocks[i], hashes[i]):
+                if run < 0:
+                    run = i
+            elif run >= 0:
+                self._stored(hashes, run, i, tokens, adapter)
+                run = -1
+        if run >= 0:
+            self._stored(hashes, run, end, tokens, adapter)
+
+    def _stored(self, hashes: Sequence[int], start: int, end: int, tokens: Sequence[int],
+                adapter: Optional[str]) -> None:
+        bs = self.block_size
+        parent = hashes[start - 1] if start > 0 else None
+        self.events.append(("stored", list(hashes[start:end]), parent,  # type: ignore[union-attr]
+                            list(tokens[start * bs:end * bs]), adapter))
+
+    def cached_hashes(self) -> list[int]:
+        """Every block hash findable now, sorted (what a KV-event subscriber should hold)."""
+        return sorted(self._cached)
 
     def reset(self) -> bool:
         """Forget every unreferenced cached block (vLLM's /reset_prefix_cache).
@@ -181,6 +282,8 @@ class KVCache:
             return False
         self._cached.clear()
         self._hash = [None] * self.num_blocks
+        if self.events is not None:
+            self.events.append(("cleared",))
         return True
 
     def check_invariants(self) -> None:

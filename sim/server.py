@@ -8,7 +8,11 @@ Surface (what a vLLM OpenAI server answers, plus a small `/sim/*` admin API):
 - `GET /health` (503 while starting or forced unhealthy), `GET /metrics` (vLLM metric names),
   `GET /version`, `POST /reset_prefix_cache`;
 - `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` (vLLM's messages and statuses);
-- `GET|POST /sim/faults` (failure injection), `GET /sim/stats` (JSON counters for tests/harness).
+- `GET|POST /sim/faults` (failure injection), `GET /sim/stats` (JSON counters for tests/harness),
+  `GET /sim/cache` (the block hashes the prefix cache holds: what a KV-event subscriber mirrors).
+
+With `kv_events` enabled, the engine's prefix-cache changes go out in vLLM's KV-event format
+(`kvgate_sim.kv_events`).
 
 The handlers stay thin: parse once, hand a `Sequence` to the engine, turn its tokens into bytes.
 """
@@ -30,6 +34,7 @@ from . import formats
 from .engine import Engine, Sequence, Status
 from .errors import SimError, model_not_found
 from .faults import Faults
+from .kv_events import KVEventsConfig, ZmqEventPublisher
 from .lora import LoRARegistry
 from .metrics import CONTENT_TYPE, make_registry, render
 from .profiles import Profile
@@ -108,8 +113,11 @@ class SimServer:
                  model_path: Optional[str] = None, startup_delay_s: float = 0.0,
                  faults: Optional[dict[str, Any]] = None,
                  lora_modules: Optional[dict[str, str]] = None, enable_lora: bool = True,
-                 seed: int = 0) -> None:
-        """`faults` holds initial failure-injection settings (see `kvgate_sim.faults`)."""
+                 seed: int = 0, kv_events: Optional[KVEventsConfig] = None,
+                 rank: int = 0) -> None:
+        """`faults` holds initial failure-injection settings (see `kvgate_sim.faults`);
+        `kv_events` is vLLM's --kv-events-config, already offset for this replica, whose
+        index in its cluster is `rank` (the batches' data_parallel_rank)."""
         self.profile = profile
         self.model_name = model_name
         self.model_path = model_path or model_name
@@ -119,6 +127,9 @@ class SimServer:
             self.faults.update(faults)
         self.engine = Engine(profile)
         self.engine.slowdown = self.faults.slowdown
+        self.kv_events: Optional[ZmqEventPublisher] = None
+        if kv_events is not None and kv_events.enabled:
+            self.kv_events = ZmqEventPublisher(kv_events, profile.block_size, rank)
         self.lora = LoRARegistry(model_name, profile.lora_load_s * profile.time_scale)
         for name, path in (lora_modules or {}).items():
             self.lora.preload(name, path)
@@ -146,15 +157,21 @@ class SimServer:
         r.add_get("/sim/faults", self._plain(self.get_faults))
         r.add_post("/sim/faults", self._plain(self.set_faults))
         r.add_get("/sim/stats", self._plain(self.sim_stats))
+        r.add_get("/sim/cache", self._plain(self.sim_cache))
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
 
     async def _on_startup(self, _app: web.Application) -> None:
+        if self.kv_events is not None:
+            await self.kv_events.start()
+            self.engine.enable_kv_events(self.kv_events.publish)
         self.engine.start()
 
     async def _on_cleanup(self, _app: web.Application) -> None:
         await self.engine.stop()
+        if self.kv_events is not None:
+            await self.kv_events.close()
 
     def _plain(self, handler: Handler) -> Handler:
         """Wrap a non-inference handler: SimError -> vLLM-shaped JSON error."""
@@ -442,6 +459,13 @@ class SimServer:
     async def sim_stats(self, _request: web.Request) -> web.StreamResponse:
         return _json(self.snapshot())
 
+    async def sim_cache(self, _request: web.Request) -> web.StreamResponse:
+        """The prefix cache's block hashes (sorted) and the KV-event stream's position, so a
+        test in another process can compare a subscriber's index with the real contents."""
+        kv = self.engine.kv
+        return _json({"block_size": kv.block_size, "block_hashes": kv.cached_hashes(),
+                      "kv_events": self.kv_events.describe() if self.kv_events else None})
+
     def snapshot(self) -> dict:
         """Counters of this replica for tests and the harness (also served on /sim/stats)."""
         eng, kv, st = self.engine, self.engine.kv, self.engine.stats
@@ -476,6 +500,7 @@ class SimServer:
             },
             "adapters": [name for name, _ in self.lora.items()],
             "faults": self.faults.as_dict(),
+            "kv_events": self.kv_events.describe() if self.kv_events else None,
         }
 
 

@@ -69,3 +69,32 @@ def test_simulator_depends_on_neither_plane_nor_bench():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_cli_publishes_kv_events_per_replica():
+    """vLLM's --kv-events-config: each replica of the process publishes on its own sockets and
+    says where; a bad config is refused before anything starts."""
+    config = ('{"enable_kv_cache_events": true, "publisher": "zmq", "topic": "kv-events",'
+              ' "endpoint": "tcp://127.0.0.1:*", "replay_endpoint": "tcp://127.0.0.1:*"}')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvgate_sim", "--port", "0", "--replicas", "2", "--profile", "fast",
+        "--kv-events-config", config, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 20)).decode() for _ in range(2)]
+        endpoints = [dict(w.split("=", 1) for w in line.split() if "=" in w) for line in lines]
+        for e in endpoints:
+            assert e["kv-events"].startswith("tcp://127.0.0.1:") and e["replay"] != e["kv-events"]
+        assert endpoints[0]["kv-events"] != endpoints[1]["kv-events"]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(lines[1].split()[3] + "/sim/stats") as resp:
+                events = (await resp.json())["kv_events"]
+        assert events["endpoint"] == endpoints[1]["kv-events"] and events["topic"] == "kv-events"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert main(["--kv-events-config", '{"enable_kv_cache_events": 1}']) == 2
+    assert main(["--kv-events-config", "not json"]) == 2
