@@ -28,7 +28,7 @@ from lb.health_checks import HealthChecker
 from lb.kv_events import KVEventSubscriber
 from lb.metrics import GatewayMetrics
 from lb.model import join_model_adapter
-from lb.parse import KINDS
+from lb.parse import KINDS, ROOT_KINDS
 from lb.proxy import Proxy, Receive, Scope, Send, _send_error, parse_header_selector
 from lb.registry import Registry
 from lb.scaler import Scaler, StaticScaler
@@ -37,6 +37,9 @@ from lb.http1 import UpstreamPool
 from lb.upstream import create_pool
 
 API_PREFIXES = ("/v1", "/openai/v1")
+# Where a model server's root is found: vLLM serves /tokenize and /detokenize there, not under
+# /v1, so the gateway does too, and under KubeAI's /openai as /v1 is under /openai/v1.
+ROOT_PREFIXES = ("", "/openai")
 
 
 class Gateway:
@@ -63,6 +66,8 @@ class Gateway:
         # Client path -> (request kind, the model server's path for it).
         self._routes = {prefix + suffix: (kind, b"/v1" + suffix.encode())
                         for prefix in API_PREFIXES for suffix, kind in KINDS.items()}
+        self._routes.update({prefix + suffix: (kind, suffix.encode())
+                             for prefix in ROOT_PREFIXES for suffix, kind in ROOT_KINDS.items()})
         self._app = self._starlette()
 
     def pool(self) -> UpstreamPool:
@@ -78,7 +83,7 @@ class Gateway:
                     return await self.proxy.handle(*route, scope, receive, send)
                 return await _send_error(send, GatewayError(
                     405, f"Method {scope['method']} is not allowed here; use POST.",
-                    code="method_not_allowed", headers={"allow": "POST"}))
+                    code="method_not_allowed", headers={"allow": "POST"}), route[0])
         await self._app(scope, receive, send)
 
     @contextlib.asynccontextmanager

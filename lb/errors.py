@@ -55,6 +55,39 @@ def error_body(status: int, message: str, *, code: str | None = None,
     }})
 
 
+# -- Anthropic's shape, for the Messages API ---------------------------------------------------
+#
+# Anthropic's clients read `{"type": "error", "error": {"type", "message"}}`: its SDK exposes
+# that body to the application and keys its own retries on the status, and tools written
+# against the API branch on `error.type`. On /v1/messages every error, the gateway's own and a
+# replica's, is given in that shape (the status is the same as on the other routes).
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {
+        "type": _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500
+                                     else "api_error"),
+        "message": message,
+    }})
+
+
+def as_anthropic(status: int, openai_body: bytes) -> bytes:
+    """An OpenAI-shaped error body (the gateway's, or a replica's once rewritten) in
+    Anthropic's shape, with the same message."""
+    return anthropic_error_body(status, orjson.loads(openai_body)["error"]["message"])
+
+
 def bad_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, message, code="invalid_request", param=param)
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from lb import dialects
 from lb.errors import GatewayError, bad_request
 from lb.ring import MAX_WEIGHT
 
@@ -29,6 +30,16 @@ KINDS: dict[str, str] = {
     "/embeddings": "embeddings",
     "/rerank": "rerank",
     "/audio/transcriptions": "transcriptions",
+    "/responses": "responses",  # OpenAI's Responses API
+    "/messages": "messages",  # Anthropic's Messages API
+    "/score": "score",  # vLLM's
+}
+
+# Routes vLLM serves at its root rather than under /v1: route suffix (after "" or KubeAI's
+# /openai) -> request kind; the model server's path is the suffix itself.
+ROOT_KINDS: dict[str, str] = {
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
 }
 
 
@@ -127,9 +138,25 @@ def estimated_tokens(parsed: ParsedRequest) -> int:
     payload = parsed.payload
     limit = payload.get("max_completion_tokens") or payload.get("max_tokens") if payload else None
     if type(limit) is not int or limit < 0:  # bool is not a limit either
-        limit = DEFAULT_OUTPUT_TOKENS
+        limit = _output_allowed(parsed.kind, payload)
     weight = len(parsed.body) // 4 + limit
     return weight if 0 < weight <= MAX_WEIGHT else (MAX_WEIGHT if weight else 1)
+
+
+# Kinds that generate nothing: their weight is their input.
+_NO_OUTPUT = frozenset(("tokenize", "detokenize", "score"))
+
+
+def _output_allowed(kind: str, payload: dict[str, Any] | None) -> int:
+    """The output a request without a chat-style limit may cost: the Responses API's own
+    limit, nothing for kinds that generate nothing, else the default."""
+    if kind in _NO_OUTPUT:
+        return 0
+    if kind == "responses" and payload:
+        limit = payload.get("max_output_tokens")
+        if type(limit) is int and limit >= 0:
+            return limit
+    return DEFAULT_OUTPUT_TOKENS
 
 
 # -- prefixes for the ring ---------------------------------------------------------------------
@@ -137,7 +164,9 @@ def estimated_tokens(parsed: ParsedRequest) -> int:
 def prefix_of(parsed: ParsedRequest, length: int, source: str = "FirstUserMessage") -> str:
     """The ring key's text, cut to ``length`` code points: KubeAI's (the first user message of
     a chat), or with ``source="Conversation"`` the conversation rendered from its start; the
-    prompt for completions. Other kinds share no prompt cache worth routing on."""
+    prompt for completions. The Responses and Anthropic Messages APIs follow chat's rules, their
+    instructions or system prompt taken as the system message. Other kinds share no prompt
+    cache worth routing on."""
     payload = parsed.payload
     if payload is None or length <= 0:
         return ""
@@ -150,7 +179,29 @@ def prefix_of(parsed: ParsedRequest, length: int, source: str = "FirstUserMessag
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0]
         return prompt[:length] if isinstance(prompt, str) else ""
+    turns = _TURNS.get(parsed.kind)
+    if turns is None:
+        return ""
+    if source == "Conversation":
+        return _rendered(payload.get("tools"), turns(payload), length)
+    for role, content in turns(payload):
+        if role == "user":
+            return dialects.part_text(content)[:length]
     return ""
+
+
+_TURNS = {"responses": dialects.responses_turns, "messages": dialects.messages_turns}
+
+
+def _rendered(tools: Any, turns: Any, length: int) -> str:
+    """``_conversation_text`` over turns: the same rendering, so a conversation gives the same
+    key through chat, the Responses API or Anthropic's."""
+    text = dumps(tools).decode() if tools else ""
+    for role, content in turns:
+        if len(text) >= length:
+            break
+        text += f"<{role}>{dialects.part_text(content)}"
+    return text[:length]
 
 
 def _conversation_text(payload: dict[str, Any], length: int) -> str:
@@ -221,6 +272,11 @@ _CHECKS = {
     "completions": _check_completions,
     "embeddings": _check_embeddings,
     "rerank": _check_nothing,
+    "responses": dialects.check_responses,
+    "messages": dialects.check_messages,
+    "tokenize": lambda payload: dialects.check_tokenize(payload, _check_chat),
+    "detokenize": dialects.check_detokenize,
+    "score": dialects.check_score,
 }
 
 

@@ -21,8 +21,8 @@ from typing import Any, Awaitable, Callable
 
 from lb.balancer import Balancer, Lease
 from lb.config import Config
-from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, bad_request, model_not_found,
-                       upstream_error_body)
+from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, anthropic_error_body, as_anthropic,
+                       bad_request, model_not_found, upstream_error_body)
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
 from lb.metrics import GatewayMetrics
 from lb.model import Model, split_model_adapter
@@ -45,6 +45,9 @@ _REPLICA_FAILURES = frozenset((500, 502, 503, 504))
 _STREAM_ERROR = (b'data: {"error": {"message": "The model server closed the stream before it '
                  b'finished.", "type": "server_error", "param": null, "code": "upstream_closed"}}'
                  b'\n\n')
+# Anthropic's SDK reads only events that have a name: its stream error is `event: error`.
+_ANTHROPIC_STREAM_ERROR = (b"event: error\ndata: " + anthropic_error_body(
+    502, "The model server closed the stream before it finished.") + b"\n\n")
 
 
 _SPACES = re.compile(r"\s+")
@@ -102,7 +105,7 @@ class Proxy:
         except GatewayError as exc:
             exchange.status = exc.status
             if not exchange.started:
-                await _send_error(send, exc)
+                await _send_error(send, exc, kind)
         except ClientGone:
             exchange.status = 499
         except asyncio.CancelledError:
@@ -120,7 +123,7 @@ class Proxy:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
-        if _FEATURES[kind] not in model.spec.features:
+        if _FEATURES[kind] not in model.spec.features and not _also_served(kind, model):
             raise _not_served(model, kind, scope["path"])
         hook = scope.get(DISCONNECT_HOOK)
         watcher = (_DisconnectHook(hook, exchange) if hook is not None
@@ -221,16 +224,17 @@ class Proxy:
                 return False
             self._metrics.first_byte_after(exchange.model, kind, time.perf_counter() - began)
             if response.status >= 400:  # the only cost an answer pays for this
-                await self._relay_error(response, send, exchange)
+                await self._relay_error(response, send, exchange, kind)
             elif rename is None:
-                await self._relay(response, send, exchange)
+                await self._relay(response, send, exchange, kind)
             else:
-                await self._relay_renamed(response, send, exchange, rename)
+                await self._relay_renamed(response, send, exchange, rename, kind)
             return True
         finally:
             response.release()
 
-    async def _relay(self, response: UpstreamResponse, send: Send, exchange: _Exchange) -> None:
+    async def _relay(self, response: UpstreamResponse, send: Send, exchange: _Exchange,
+                     kind: str) -> None:
         """Pass the response through as it comes; never buffer a stream."""
         exchange.status = response.status
         await send({"type": "http.response.start", "status": response.status,
@@ -246,13 +250,13 @@ class Proxy:
             exchange.status = 502
             if response.content_type != b"text/event-stream":
                 return  # a truncated non-SSE body: the connection is dropped, not faked complete
-            chunk = _STREAM_ERROR
+            chunk = _stream_error(kind)
         exchange.finishing = True
         # The last piece goes with the end of the body: one message for a one-piece response.
         await send({"type": "http.response.body", "body": chunk, "more_body": False})
 
     async def _relay_renamed(self, response: UpstreamResponse, send: Send, exchange: _Exchange,
-                             rename: ModelRename) -> None:
+                             rename: ModelRename, kind: str) -> None:
         """``_relay`` for an adapter's answer: the model's name put back to the client's. A body
         of declared length (a JSON answer) is read whole and its Content-Length set to the new
         size; a stream is renamed chunk by chunk and goes out chunked."""
@@ -263,7 +267,7 @@ class Proxy:
             elif name == b"content-encoding" and value.strip().lower() != b"identity":
                 encoded = True
         if encoded:  # asked for identity, yet compressed: passed on as it came
-            await self._relay(response, send, exchange)
+            await self._relay(response, send, exchange, kind)
             return
         if length and response.content_type != b"text/event-stream":
             try:
@@ -295,14 +299,15 @@ class Proxy:
             exchange.status = 502
             if response.content_type != b"text/event-stream":
                 return  # a truncated non-SSE body: the connection is dropped, not faked complete
-            chunk = rename.flush() + _STREAM_ERROR
+            chunk = rename.flush() + _stream_error(kind)
         exchange.finishing = True
         await send({"type": "http.response.body", "body": chunk, "more_body": False})
 
     async def _relay_error(self, response: UpstreamResponse, send: Send,
-                           exchange: _Exchange) -> None:
+                           exchange: _Exchange, kind: str) -> None:
         """A model server's error, rewritten in OpenAI's shape with its status and message
-        (vLLM, FastAPI and proxies in front of a replica all have shapes of their own)."""
+        (vLLM, FastAPI and proxies in front of a replica all have shapes of their own); in
+        Anthropic's on its Messages route."""
         chunks: list[bytes] = []
         size = 0
         try:
@@ -316,6 +321,8 @@ class Proxy:
             log.warning("upstream closed mid-error-response: %s", exc)  # keep what came
         raw = _decoded(b"".join(chunks), response.headers)
         body = upstream_error_body(response.status, response.content_type, raw)
+        if kind == "messages":
+            body = as_anthropic(response.status, body)
         headers = [(name, value) for name, value in response_headers(response.headers)
                    if name not in _REWRITTEN]
         headers += [(b"content-type", b"application/json"),
@@ -438,14 +445,31 @@ def _routing_key(parsed: ParsedRequest, model: Model, session: bytes) -> str:
 # the model was never meant for).
 _FEATURES = {"chat": "TextGeneration", "completions": "TextGeneration",
              "embeddings": "TextEmbedding", "transcriptions": "SpeechToText",
-             "rerank": "Reranking"}
+             "rerank": "Reranking", "responses": "TextGeneration", "messages": "TextGeneration",
+             "score": "Reranking", "tokenize": "TextGeneration", "detokenize": "TextGeneration"}
+# Features that serve a kind as well as its main one: every model vLLM serves with a tokenizer
+# (generation, embedding, scoring) answers tokenize and detokenize.
+_ALSO = {"tokenize": ("TextEmbedding", "Reranking"),
+         "detokenize": ("TextEmbedding", "Reranking")}
+
+
+def _also_served(kind: str, model: Model) -> bool:
+    return any(feature in model.spec.features for feature in _ALSO.get(kind, ()))
 
 
 def _not_served(model: Model, kind: str, path: str) -> GatewayError:
     declared = ", ".join(model.spec.features) or "none"
+    needed = (_FEATURES[kind],) + _ALSO.get(kind, ())
+    needs = (f"the {needed[0]} feature" if len(needed) == 1 else
+             f"one of the {', '.join(needed[:-1])} or {needed[-1]} features")
     return GatewayError(404, f"The model `{model.name}` does not serve {path}: that route needs "
-                        f"the {_FEATURES[kind]} feature, and the model declares: {declared}.",
+                        f"{needs}, and the model declares: {declared}.",
                         code="model_does_not_serve_route", param="model")
+
+
+def _stream_error(kind: str) -> bytes:
+    """The event that ends a stream its replica broke off, in the client's API's words."""
+    return _ANTHROPIC_STREAM_ERROR if kind == "messages" else _STREAM_ERROR
 
 
 # Headers of an upstream error that no longer describe the rewritten body.
@@ -471,7 +495,10 @@ def _too_large(limit: int) -> GatewayError:
                         code="request_too_large")
 
 
-async def _send_error(send: Send, exc: GatewayError) -> None:
+async def _send_error(send: Send, exc: GatewayError, kind: str = "") -> None:
+    """The gateway's own error, in OpenAI's shape (Anthropic's on its Messages route)."""
     headers = _JSON + [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    body = (anthropic_error_body(exc.status, exc.message) if kind == "messages"
+            else exc.body())
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": exc.body(), "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -4,6 +4,13 @@ Surface (what a vLLM OpenAI server answers, plus a small `/sim/*` admin API):
 - `POST /v1/chat/completions`, `POST /v1/completions`: streaming (SSE) and not, `max_tokens` /
   `max_completion_tokens`, `stream_options.include_usage`, `ignore_eos`, `min_tokens`, usage with
   `prompt_tokens_details.cached_tokens`;
+- `POST /v1/responses` (OpenAI's Responses API) and `POST /v1/messages` (Anthropic's Messages
+  API, errors in Anthropic's shape): read as chats, run on the engine like them (prefix cache,
+  batching), streamed as their own named SSE events (`kvgate_sim.responses_api`,
+  `kvgate_sim.messages_api`);
+- `POST /tokenize`, `POST /detokenize` (vLLM's, at the root): the simulator's tokenizer;
+- `POST /v1/score`, `POST /v1/rerank` (also `/score`, `/rerank`, `/v2/rerank`): word-overlap
+  scores (`kvgate_sim.scoring`);
 - `POST /v1/embeddings` (deterministic unit vectors), `GET /v1/models` (base model + adapters);
 - `GET /health` (503 while starting or forced unhealthy), `GET /metrics` (vLLM metric names),
   `GET /version`, `POST /reset_prefix_cache`;
@@ -30,7 +37,7 @@ from typing import Any, Awaitable, Callable, Optional
 import orjson
 from aiohttp import web
 
-from . import formats
+from . import formats, messages_api, responses_api, scoring
 from .engine import Engine, Sequence, Status
 from .errors import SimError, model_not_found
 from .faults import Faults
@@ -38,7 +45,8 @@ from .kv_events import KVEventsConfig, ZmqEventPublisher
 from .lora import LoRARegistry
 from .metrics import CONTENT_TYPE, make_registry, render
 from .profiles import Profile
-from .tokenizer import count_tokens, encode_chat, encode_prompt
+from .tokenizer import (count_tokens, decode, encode, encode_chat, encode_prompt,
+                        valid_token)
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +154,14 @@ class SimServer:
         r.add_post("/v1/chat/completions", self._inference(self.chat_completions))
         r.add_post("/v1/completions", self._inference(self.completions))
         r.add_post("/v1/embeddings", self._inference(self.embeddings))
+        r.add_post("/v1/responses", self._inference(self.responses))
+        r.add_post("/v1/messages", self._inference(self.messages, anthropic=True))
+        r.add_post("/tokenize", self._inference(self.tokenize))
+        r.add_post("/detokenize", self._inference(self.detokenize))
+        for path in ("/v1/score", "/score"):
+            r.add_post(path, self._inference(self.score))
+        for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+            r.add_post(path, self._inference(self.rerank))
         r.add_get("/v1/models", self._plain(self.models))
         r.add_get("/health", self.health)
         r.add_get("/metrics", self.metrics)
@@ -182,8 +198,12 @@ class SimServer:
                 return _error(err)
         return wrapped
 
-    def _inference(self, handler: Handler) -> Handler:
-        """Wrap an inference handler with counting, readiness and failure injection."""
+    def _inference(self, handler: Handler, anthropic: bool = False) -> Handler:
+        """Wrap an inference handler with counting, readiness and failure injection; errors in
+        Anthropic's shape on its API's route."""
+        def _error(err: SimError) -> web.Response:
+            return _json(messages_api.error_body(err) if anthropic else err.body(), err.status)
+
         async def wrapped(request: web.Request) -> web.StreamResponse:
             st = self.stats
             st.requests += 1
@@ -349,6 +369,78 @@ class SimServer:
                                               "completion_tokens": 0,
                                               "prompt_tokens_details": None}})
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        adapter = self._resolve_model(body.get("model"))
+        messages = responses_api.chat_messages(body)
+        stream = bool(body.get("stream"))
+        seq = self._new_sequence(encode_chat(messages), _int_field(body, "max_output_tokens"),
+                                 body, adapter, stream)
+        response = responses_api.ResponseObject(body, body.get("model") or self.model_name)
+        if stream:
+            return await self._stream_events(request, seq, responses_api.ResponseEvents(response))
+        await self._run_to_end([seq])
+        return _json(response.final(formats.text_of(seq.output), seq.finish_reason or "abort",
+                                    seq.prompt_len, len(seq.output), seq.cached_tokens))
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        adapter = self._resolve_model(body.get("model"))
+        messages = messages_api.chat_messages(body)
+        max_tokens = _int_field(body, "max_tokens")
+        if max_tokens is None:
+            raise SimError(400, "max_tokens: Field required", param="max_tokens")
+        stream = bool(body.get("stream"))
+        seq = self._new_sequence(encode_chat(messages), max_tokens, body, adapter, stream)
+        model = body.get("model") or self.model_name
+        events = messages_api.MessageEvents(model)
+        if stream:
+            return await self._stream_events(request, seq, events)
+        await self._run_to_end([seq])
+        return _json(messages_api.message(
+            events.id, model, formats.text_of(seq.output), seq.finish_reason, seq.prompt_len,
+            len(seq.output), seq.cached_tokens))
+
+    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's /tokenize: a `prompt`, or chat `messages` rendered as chat renders them."""
+        body = await self._body(request)
+        self._resolve_model(body.get("model"))
+        if "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise SimError(400, "'messages' must be a non-empty list.", param="messages")
+            tokens = encode_chat(messages, body.get("add_generation_prompt", True) is not False)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise SimError(400, "'prompt' must be a string.", param="prompt")
+            tokens = (encode_prompt(prompt) if body.get("add_special_tokens", True) is not False
+                      else encode(prompt))
+        strs = [decode([t]) for t in tokens] if body.get("return_token_strs") else None
+        return _json({"count": len(tokens), "max_model_len": self.engine.max_model_len,
+                      "tokens": tokens, "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        self._resolve_model(body.get("model"))
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(
+                type(t) is int and valid_token(t) for t in tokens):
+            raise SimError(400, "'tokens' must be a list of token ids of this model.",
+                           param="tokens")
+        return _json({"prompt": decode(tokens)})
+
+    async def score(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        self._resolve_model(body.get("model"))
+        return _json(scoring.score_response(body.get("model") or self.model_name,
+                                            scoring.score_pairs(body)))
+
+    async def rerank(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        self._resolve_model(body.get("model"))
+        return _json(scoring.rerank_response(body.get("model") or self.model_name, body))
+
     # --- running sequences -------------------------------------------------------------------
 
     async def _run_to_end(self, seqs: list[Sequence]) -> None:
@@ -413,6 +505,43 @@ class SimServer:
             if seq.status is Status.ABORTED:
                 await writer.write([enc.error_event("The engine stopped.")])
                 return
+
+    async def _stream_events(self, request: web.Request, seq: Sequence,
+                             events: Any) -> web.StreamResponse:
+        """Serve one sequence as a stream of named events (the Responses and Messages APIs):
+        ``events`` gives the opening events (sent with the first token), each token's, and
+        the closing ones."""
+        self.stats.streams += 1
+        self.engine.add(seq)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache"})
+        writer = _EventWriter(request, resp, self.faults.take_reset())
+        try:
+            await resp.prepare(request)
+            seen, opened = 0, False
+            while True:
+                await seq.wait_progress(seen)
+                new = seq.output[seen:]
+                seen += len(new)
+                if not opened and (new or seq.finished):
+                    await writer.write(events.opening(seq))
+                    opened = True
+                if new:
+                    await writer.write(events.tokens(new))
+                if seq.status is Status.FINISHED and seen == len(seq.output):
+                    await writer.write(events.closing(seq))
+                    break
+                if seq.status is Status.ABORTED:
+                    await writer.write([events.failed("The engine stopped.")])
+                    break
+            await resp.write_eof()
+        except _StreamCut:
+            self.stats.resets += 1
+        except ConnectionError:
+            self.stats.client_disconnects += 1
+        finally:
+            self.engine.abort(seq)
+        return resp
 
     # --- other handlers ----------------------------------------------------------------------
 

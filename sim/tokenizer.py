@@ -142,3 +142,40 @@ def output_piece(seed: int, index: int) -> int:
 def filler_text(seed: int, n_tokens: int) -> str:
     """The text the simulator emits for `n_tokens` output tokens under `seed`."""
     return "".join(PIECES[output_piece(seed, i)] for i in range(n_tokens))
+
+
+# --- decoding (vLLM's /detokenize) --------------------------------------------------------------
+
+# Special tokens' text, as a Llama-3 tokenizer decodes them (special tokens are not skipped).
+_SPECIAL_TEXT = {BOS: "<|begin_of_text|>", START_HEADER: "<|start_header_id|>",
+                 END_HEADER: "<|end_header_id|>", EOT: "<|eot_id|>", _OTHER_ROLE: "other",
+                 **{token: role for role, token in _ROLE_IDS.items()}}
+_MAX_ID = 2 ** (8 * BYTES_PER_TOKEN)
+
+
+def valid_token(token: int) -> bool:
+    """Whether `token` is an id this tokenizer can produce (its vocabulary)."""
+    return 0 <= token < _MAX_ID or token in _SPECIAL_TEXT
+
+
+def decode(tokens: Sequence[int]) -> str:
+    """The text of token ids: the inverse of `encode` on each run of text tokens (a segment's
+    zero padding dropped), special tokens as their text. Ids must be `valid_token`."""
+    out: list[str] = []
+    run: list[int] = []
+    for token in tokens:
+        if token >= 0:
+            run.append(token)
+            continue
+        out.append(_decode_run(run))
+        run = []
+        out.append(_SPECIAL_TEXT[token])
+    out.append(_decode_run(run))
+    return "".join(out)
+
+
+def _decode_run(run: list[int]) -> str:
+    if not run:
+        return ""
+    data = struct.pack(f"<{len(run)}I", *run)
+    return data.rstrip(b"\0").decode("utf-8", "replace")

@@ -39,6 +39,7 @@ from typing import Any, Awaitable, Callable, Iterable, TypeVar
 import openai
 import uvloop
 from aiohttp import web
+from kvgate_sim.cluster import Replica
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb.app import Gateway
@@ -527,6 +528,7 @@ class GatewayHarness:
                                                   config or {}))
         self.config = config
         self.backends: list[Backend] = []
+        self.sims: list[Replica] = []
         self.attempts: collections.Counter[str] = collections.Counter()
         self._refusing: list[socket.socket] = []
         self._clients: list[Any] = []
@@ -576,6 +578,15 @@ class GatewayHarness:
         backend = Backend(name, self.attempts, plan)
         await backend.start()
         return backend
+
+    def sim(self, model: str, key: str, *adapters: str, **server: Any) -> Endpoint:
+        """A simulated vLLM replica (``kvgate_sim``) serving ``model`` with ``adapters``
+        loaded, on the gateway's loop and stopped with it; its endpoint, keyed ``key``. The
+        replica itself is ``harness.sims[-1]``."""
+        server.setdefault("lora_modules", {a: f"/adapters/{a}" for a in adapters})
+        replica = self.loop.run(Replica(server.pop("profile", "fast"), model, **server).start())
+        self.sims.append(replica)
+        return Endpoint(key, replica.address, frozenset(adapters))
 
     def refusing_endpoint(self, key: str, *adapters: str) -> Endpoint:
         """An endpoint whose address refuses connections: a bound socket that never listens
@@ -751,3 +762,5 @@ class GatewayHarness:
             await asyncio.wait([self._serve_task], timeout=10)
         for backend in self.backends:
             await backend.close()
+        for replica in self.sims:
+            await replica.stop()

@@ -250,7 +250,8 @@ def path_case(rng: random.Random) -> Case:
         "/", "/v1", "/v1/", "/v2/chat/completions", "/v1/chat", "/v1/chat/completions/",
         "/v1/chat/completions/x", "/openai/v2/completions", "/openai/chat/completions",
         "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/openai/v1/load_lora_adapter",
-        "/metrics", "/health", "/v1/tokenize", "/tokenize", "/v1/models/m", "/v1/responses",
+        "/metrics", "/health", "/v1/tokenize", "/v1/detokenize", "/v1/models/m",
+        "/v1/responses/resp_1", "/v1/messages/count_tokens", "/openai/v1/tokenize",
         "/v1/audio/translations", "/v1/images/generations", "/%2e%2e/v1/models",
         "/v1/chat%2Fcompletionz", "/" + "".join(rng.choices(string.ascii_letters, k=30)),
         "/v1/" + "a/" * 50])
