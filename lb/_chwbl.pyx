@@ -524,6 +524,53 @@ cdef class Ring:
         start = self._find(h)
         return self._keys[self._walk(start, member, use_excl, eligible, w)]
 
+    def pick_scored(self, hash_key: str, adapter: str, exclude, weight, affinity, queues,
+                    double prefix_weight, double load_weight, double queue_weight):
+        """CacheAware: the best-scoring endpoint within the CHWBL bound (see the twin,
+        ``lb.chwbl.Ring.pick_scored``, for the score; the same float operations in the same
+        order, so both twins pick alike to the last bit)."""
+        cdef const uint8_t *member = NULL
+        cdef bint use_excl = False
+        cdef Py_ssize_t slot, best = -1, home_slot
+        cdef int64_t n, m, factor = self._factor, load
+        cdef double capacity, longest = 0.0, queue, score, best_score = 0.0
+        home = self.pick(hash_key, adapter, exclude, weight)
+        if home is None or not affinity:
+            return home
+        cdef int64_t w = 1 if weight is 1 else _weight(weight)
+        if not _is_empty(exclude):
+            use_excl = self._mark_excluded(exclude)
+        if PyUnicode_GET_LENGTH(adapter) != 0:
+            member = (<_Members>self._members[adapter]).bits
+        n = self._n_live
+        m = self._total_now() + w
+        home_slot = <Py_ssize_t>self._slot_of[home]
+        if queues:  # the longest engine queue among the candidates
+            for slot in range(self._n_slots):
+                if self._candidate(slot, member, use_excl, n, m, factor):
+                    queue = <double>queues.get(self._keys[slot], 0.0)
+                    if queue > longest:
+                        longest = queue
+        capacity = <double>(factor * m) / (100.0 * <double>n)
+        for slot in range(self._n_slots):
+            if not self._candidate(slot, member, use_excl, n, m, factor):
+                continue
+            key = self._keys[slot]
+            load = self._load_at(slot)
+            score = prefix_weight * <double>affinity.get(key, 0.0)
+            score += load_weight * (1.0 - <double>load / capacity)
+            if longest > 0.0:
+                queue = <double>queues.get(key, 0.0)
+                score += queue_weight * (1.0 - queue / longest)
+            else:
+                score += queue_weight
+            if best < 0 or score > best_score or (score == best_score and slot == home_slot):
+                best = slot
+                best_score = score
+        if best < 0:
+            return home
+        return self._keys[best]
+
     def pick_least_load(self, adapter: str = "", exclude=()):
         """The matching endpoint with the fewest in-flight requests; ties rotate so idle
         endpoints share sequential traffic instead of the first one taking all of it."""
@@ -577,6 +624,13 @@ cdef class Ring:
         if member != NULL and not member[slot]:
             return False
         return not (use_excl and self._excl[slot] == self._excl_epoch)
+
+    @cython.final
+    cdef inline bint _candidate(self, Py_ssize_t slot, const uint8_t *member, bint use_excl,
+                                int64_t n, int64_t m, int64_t factor) noexcept nogil:
+        """A live slot that serves the adapter, is not excluded and is within the bound."""
+        return (self._gens[slot] != 0 and self._eligible(slot, member, use_excl)
+                and kv_load_ok(self._load_at(slot), n, m, factor))
 
     @cython.final
     cdef Py_ssize_t _walk(self, Py_ssize_t i, const uint8_t *member, bint use_excl,

@@ -51,15 +51,16 @@ class Gateway:
         self.registry = registry or Registry()
         self.metrics = GatewayMetrics()
         self.metrics.watch_rings(self.registry.groups)
+        # the replicas' KV events, for models that enable them: the precise prefix index
+        self.kv_events = KVEventSubscriber(self.registry)
         self.balancer = Balancer(self.registry, scaler or StaticScaler(), config.waiting_room,
-                                 self.metrics, config.engine_metrics.stale_after_seconds)
+                                 self.metrics, config.engine_metrics.stale_after_seconds,
+                                 self.kv_events.index)
         self.engine_scraper = EngineScraper(self.registry, config.engine_metrics)
         self.metrics.watch_engines(self.registry.groups, self.engine_scraper)
         self.health_checker = HealthChecker(self.registry, config.health_checks)
         if config.health_checks.enabled:
             self.metrics.watch_health(self.registry.groups)
-        # the replicas' KV events, for models that enable them: the precise prefix index
-        self.kv_events = KVEventSubscriber(self.registry)
         self._pool: UpstreamPool | None = None
         self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool)
         self.ready = False

@@ -14,9 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 
+from lb import cache_aware
+from lb.cache_aware import PromptBlocks
 from lb.config import WaitingRoomConfig
 from lb.ejection import EjectionConfig, Outliers
 from lb.errors import GatewayError, model_not_found
+from lb.kv_events import KVIndex
 from lb.metrics import GatewayMetrics
 from lb.model import Model
 from lb.registry import EndpointGroup, Registry
@@ -59,8 +62,10 @@ class Lease:
 
 class Balancer:
     def __init__(self, registry: Registry, scaler: Scaler, config: WaitingRoomConfig,
-                 metrics: GatewayMetrics, engine_stale_after: float = 10.0) -> None:
+                 metrics: GatewayMetrics, engine_stale_after: float = 10.0,
+                 kv_index: KVIndex | None = None) -> None:
         self._registry = registry
+        self._kv_index = kv_index  # the replicas' KV-event mirrors, for CacheAware
         self._scaler = scaler
         self._config = config
         self._metrics = metrics
@@ -73,9 +78,10 @@ class Balancer:
         return self._waiting.get(model, 0)
 
     def try_acquire(self, model: Model, adapter: str, key: str, exclude: list[str],
-                    weight: int = 1) -> Lease | None:
+                    weight: int = 1, prompt: PromptBlocks | None = None) -> Lease | None:
         """A lease on the best endpoint for this request (routing ``key``: its prompt prefix or
-        session; ``weight``: 1, or its estimated tokens), or None if there is none now.
+        session; ``weight``: 1, or its estimated tokens; ``prompt``: its blocks, for
+        CacheAware), or None if there is none now.
 
         Synchronous so the common case costs no coroutine; ``wait`` is the slow path.
         """
@@ -84,24 +90,26 @@ class Balancer:
         unhealthy = group.unhealthy  # failed active health checks; empty unless checks are on
         if ejected or unhealthy:
             skip = [*exclude, *(ejected or ()), *unhealthy]
-            picked = self._pick(group, model, adapter, key, skip, weight)
+            picked = self._pick(group, model, adapter, key, skip, weight, prompt)
             if picked is None and exclude:
                 # A replica not tried yet, even ejected or unhealthy, before one tried already.
-                picked = self._pick(group, model, adapter, key, exclude, weight)
+                picked = self._pick(group, model, adapter, key, exclude, weight, prompt)
         else:
             skip = exclude
-            picked = self._pick(group, model, adapter, key, skip, weight)
+            picked = self._pick(group, model, adapter, key, skip, weight, prompt)
         if picked is None and skip:
             # Every replica that could serve was tried already, ejected or unhealthy: go back
             # to one rather than wait for a replica that may never come.
-            picked = self._pick(group, model, adapter, key, (), weight)
+            picked = self._pick(group, model, adapter, key, (), weight, prompt)
         if picked is None:
             return None
         ticket = group.ring.acquire(picked, weight)
+        if prompt is not None:
+            cache_aware.remember(group, model, picked, prompt)
         return Lease(group, picked, group.endpoints[picked].address, ticket, weight)
 
     async def wait(self, model: Model, adapter: str, key: str, exclude: list[str],
-                   weight: int = 1) -> Lease:
+                   weight: int = 1, prompt: PromptBlocks | None = None) -> Lease:
         """Wait in the model's waiting room for an endpoint, then lease it."""
         name = model.name
         if self.waiting(name) >= self._config.max_waiting_per_model:
@@ -121,7 +129,7 @@ class Balancer:
                 current = self._registry.get_model(name)
                 if current is None:
                     raise model_not_found(name)
-                lease = self.try_acquire(current, adapter, key, exclude, weight)
+                lease = self.try_acquire(current, adapter, key, exclude, weight, prompt)
                 if lease is not None:
                     return lease
                 remaining = deadline - time.monotonic()
@@ -165,12 +173,15 @@ class Balancer:
         if not task.cancelled() and task.exception() is not None:
             log.error("scaling model %s from zero failed: %s", name, task.exception())
 
-
     def _pick(self, group: EndpointGroup, model: Model, adapter: str, key: str,
-              exclude: list[str] | tuple[()], weight: int) -> str | None:
+              exclude: list[str] | tuple[()], weight: int,
+              prompt: PromptBlocks | None) -> str | None:
         strategy = model.spec.load_balancing.strategy
         if strategy == "PrefixHash":
             return group.ring.pick(adapter + key, adapter, exclude, weight)
+        if strategy == "CacheAware":
+            return cache_aware.pick(group, model, adapter, key, exclude, weight, prompt,
+                                    self._kv_index, time.monotonic() - self._stale_after)
         if strategy == "Random":
             return group.ring.pick_random(adapter, exclude)
         if strategy == "LeastQueue" and group.engine:
@@ -178,10 +189,6 @@ class Balancer:
             return _least_queue(group, adapter, exclude, time.monotonic() - self._stale_after,
                                 self._turn)
         return group.ring.pick_least_load(adapter, exclude)
-
-
-# A full KV cache counts like this many queued requests: the engine is about to preempt.
-KV_FULL_AS_QUEUED = 4.0
 
 
 def _least_queue(group: EndpointGroup, adapter: str, exclude: list[str] | tuple[()],
@@ -201,7 +208,7 @@ def _least_queue(group: EndpointGroup, adapter: str, exclude: list[str] | tuple[
         score = float(ring.load(key))
         reading = readings.get(key)
         if reading is not None and reading.read_at >= fresh_after:
-            score += reading.waiting + KV_FULL_AS_QUEUED * reading.kv_usage
+            score += reading.queued
         if best is None or score < best_score:
             best, best_score = key, score
     return best

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from heapq import merge
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Mapping
 
 import mmh3
 
@@ -288,6 +288,44 @@ class Ring:
             return None
         self._fallbacks += 1
         return self._keys[default]
+
+    def pick_scored(self, hash_key: str, adapter: str, exclude: Collection[str], weight: int,
+                    affinity: Mapping[str, float], queues: Mapping[str, float] | None,
+                    prefix_weight: float, load_weight: float, queue_weight: float) -> str | None:
+        """CacheAware: the best-scoring endpoint within the CHWBL bound.
+
+        The CHWBL pick for ``hash_key`` (the "home") is the answer when no endpoint is believed
+        to hold any of the prompt (``affinity`` empty), so every worker sends a new prefix to
+        the same place, and when no endpoint is within the bound. Otherwise each matching
+        endpoint within the bound scores ``prefix_weight * affinity`` (the share of the prompt
+        it holds, 0..1) ``+ load_weight * (1 - load / capacity)`` (its headroom under the
+        bound) ``+ queue_weight * (1 - queue / longest queue)`` (the engine's own queue, over
+        the candidates); the highest wins, the home on a tie, else the lowest slot. Float
+        arithmetic in this order in both twins: they agree to the last bit."""
+        home = self.pick(hash_key, adapter, exclude, weight)
+        if home is None or not affinity:
+            return home
+        excluded = self._excluded_slots(exclude)
+        n = len(self._slot_of)
+        m = self._total_now() + weight
+        candidates = [slot for slot, key in enumerate(self._keys)
+                      if key is not None and slot not in excluded and self._serves(slot, adapter)
+                      and self._load_at(slot) * n * 100 < m * self._factor]
+        if not candidates:
+            return home
+        capacity = float(self._factor * m) / (100.0 * n)
+        waiting = [float(queues.get(self._keys[slot], 0.0)) if queues else 0.0
+                   for slot in candidates]
+        longest = max(waiting)
+        home_slot = self._slot_of[home]
+        best, best_score = -1, 0.0
+        for slot, queue in zip(candidates, waiting):
+            score = prefix_weight * float(affinity.get(self._keys[slot], 0.0))
+            score += load_weight * (1.0 - self._load_at(slot) / capacity)
+            score += queue_weight * (1.0 - queue / longest) if longest > 0.0 else queue_weight
+            if best < 0 or score > best_score or (score == best_score and slot == home_slot):
+                best, best_score = slot, score
+        return self._keys[best]
 
     def pick_least_load(self, adapter: str = "", exclude: Collection[str] = ()) -> str | None:
         """The matching endpoint with the fewest in-flight requests; ties rotate so idle

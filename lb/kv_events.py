@@ -265,8 +265,9 @@ class Target:
         return f"tcp://{self.host}:{self.replay_port}" if self.replay_port else None
 
     @classmethod
-    def of(cls, address: str, spec: KVEvents) -> Target:
-        return cls(zmq_host(address), spec.port, spec.replay_port, spec.topic)
+    def of(cls, address: str, spec: KVEvents, offset: int = 0) -> Target:
+        replay = spec.replay_port + offset if spec.replay_port else 0
+        return cls(zmq_host(address), spec.port + offset, replay, spec.topic)
 
 
 class Follower:
@@ -418,7 +419,7 @@ class KVEventSubscriber:
             if spec is None or group is None:
                 continue
             for key, endpoint in group.endpoints.items():
-                out[key] = Target.of(endpoint.address, spec)
+                out[key] = Target.of(endpoint.address, spec, endpoint.kv_port_offset)
         return out
 
     def sync(self) -> None:

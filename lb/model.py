@@ -32,7 +32,7 @@ PLURAL = "models"
 
 Engine = Literal["OLlama", "VLLM", "FasterWhisper", "Infinity", "Sim", "LlamaCpp"]
 Feature = Literal["TextGeneration", "TextEmbedding", "SpeechToText", "Reranking"]
-Strategy = Literal["LeastLoad", "PrefixHash", "Random", "LeastQueue"]
+Strategy = Literal["LeastLoad", "PrefixHash", "Random", "LeastQueue", "CacheAware"]
 PrefixSource = Literal["FirstUserMessage", "Conversation"]
 LoadUnit = Literal["Requests", "Tokens"]
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -360,6 +360,49 @@ class KVEvents(_Resource):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheAware(_Resource):
+    """The CacheAware strategy: score replicas within CHWBL's bound by the prompt blocks they are
+    believed to hold, their load and their engine's queue (llm-d's scorers, on the gateway's own
+    prefix index or, with kvEvents, the engines' own caches)."""
+
+    block_chars: int = _field(
+        256,
+        doc="Bytes of rendered conversation per block of the prefix index (~64 tokens at 4 bytes a "
+        "token). Smaller blocks match more finely and cost more to hash and remember.",
+        minimum=16, maximum=65536,
+    )
+    max_blocks: int = _field(
+        128,
+        doc="Blocks hashed per request: the index matches prompts on their first maxBlocks*blockChars "
+        "bytes.",
+        minimum=1, maximum=4096,
+    )
+    index_blocks: int = _field(
+        8192,
+        doc="Blocks remembered per replica, least recently routed forgotten first: size it like the "
+        "replica's prefix cache (KV cache tokens * 4 / blockChars) so the index forgets what the engine "
+        "would have evicted.",
+        minimum=1, maximum=16777216,
+    )
+    mean_load_factor: int = _field(
+        125,
+        doc="The hard bound (CHWBL's): no replica takes a request while it carries this percent of the "
+        "mean load or more, whatever its cache holds.",
+        minimum=100,
+    )
+    prefix_weight: int = _field(
+        3, doc="Weight of prefix affinity: the share of the prompt's blocks a replica is believed to hold.",
+        minimum=0, maximum=1000,
+    )
+    load_weight: int = _field(
+        1, doc="Weight of load: a replica's in-flight load relative to the busiest candidate's.",
+        minimum=0, maximum=1000,
+    )
+    queue_weight: int = _field(
+        1,
+        doc="Weight of the engine's own queue (waiting requests, and a full KV cache as queued work) relative "
+        "to the longest among candidates; read from the replicas' metrics (engineMetrics), ignored when stale.",
+        minimum=0, maximum=1000,
+    )
     kv_events: KVEvents | None = _field(
         None, doc="Follow the replicas' KV-cache events to know exactly which prompt blocks each "
         "one holds (the precise prefix index); unset: no subscription.")
@@ -369,12 +412,12 @@ class CacheAware(_Resource):
 class LoadBalancing(_Resource):
     strategy: Strategy = _field("LeastLoad", doc="How a replica is picked for each request.")
     prefix_hash: PrefixHash = _field(factory=PrefixHash, doc="Settings of the PrefixHash strategy.")
+    cache_aware: CacheAware = _field(factory=CacheAware, doc="Settings of the CacheAware strategy.")
     load_unit: LoadUnit = _field(
         "Requests",
         doc="What a replica's load counts, for PrefixHash's bound and LeastLoad: in-flight requests, or "
         "their estimated tokens (prompt bytes / 4 + max_tokens), so a long prompt weighs what it costs.",
     )
-    cache_aware: CacheAware = _field(factory=CacheAware, doc="Settings of cache-aware routing.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,6 +20,7 @@ import zlib
 from typing import Any, Awaitable, Callable
 
 from lb.balancer import Balancer, Lease
+from lb.cache_aware import PromptBlocks, prompt_blocks
 from lb.config import Config
 from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, anthropic_error_body, as_anthropic,
                        bad_request, model_not_found, upstream_error_body)
@@ -132,7 +133,10 @@ class Proxy:
         active.inc()
         try:
             key = _routing_key(parsed, model, session)
-            await self._forward(model, adapter, parsed, key, path, scope, send, exchange, began)
+            prompt = (prompt_blocks(parsed, model, adapter)
+                      if model.spec.load_balancing.strategy == "CacheAware" else None)
+            await self._forward(model, adapter, parsed, key, prompt, path, scope, send,
+                                exchange, began)
         finally:
             active.dec()
             watcher.cancel()
@@ -162,8 +166,8 @@ class Proxy:
         return True
 
     async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, key: str,
-                       path: bytes, scope: Scope, send: Send, exchange: _Exchange,
-                       began: float) -> None:
+                       prompt: PromptBlocks | None, path: bytes, scope: Scope, send: Send,
+                       exchange: _Exchange, began: float) -> None:
         headers = request_headers(scope["headers"], parsed.content_type)
         if adapter:  # served under the adapter's name; the answer gets the client's back
             body = with_model(parsed, adapter)
@@ -176,8 +180,8 @@ class Proxy:
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1
         for attempt in range(attempts):
-            lease = (self._balancer.try_acquire(model, adapter, key, tried, weight)
-                     or await self._balancer.wait(model, adapter, key, tried, weight))
+            lease = (self._balancer.try_acquire(model, adapter, key, tried, weight, prompt)
+                     or await self._balancer.wait(model, adapter, key, tried, weight, prompt))
             tried.append(lease.key)
             last = attempt == attempts - 1
             try:
@@ -431,13 +435,17 @@ def _request_headers(headers: list[tuple[bytes, bytes]],
 
 def _routing_key(parsed: ParsedRequest, model: Model, session: bytes) -> str:
     """What the ring hashes (besides the adapter): the client's session id when it sent one,
-    else the prompt's prefix; only PrefixHash reads it."""
-    prefix_hash = model.spec.load_balancing.prefix_hash
-    if model.spec.load_balancing.strategy != "PrefixHash":
+    else the prompt's prefix (CacheAware: its first block, the home of a prompt no replica
+    is known to hold); only PrefixHash and CacheAware read it."""
+    balancing = model.spec.load_balancing
+    if balancing.strategy != "PrefixHash" and balancing.strategy != "CacheAware":
         return ""
     if session:
         return "\x1esession:" + session.decode("latin-1")  # apart from every prompt's text
-    return prefix_of(parsed, prefix_hash.prefix_char_length, prefix_hash.prefix_from)
+    if balancing.strategy == "CacheAware":
+        return prefix_of(parsed, balancing.cache_aware.block_chars, "Conversation")
+    return prefix_of(parsed, balancing.prefix_hash.prefix_char_length,
+                     balancing.prefix_hash.prefix_from)
 
 
 # The feature a Model must declare for each request kind (KubeAI lists models by feature but

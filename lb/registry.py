@@ -22,6 +22,7 @@ from typing import Iterable
 
 from lb.ejection import Outliers
 from lb.model import Model
+from lb.prefix_index import PrefixIndex
 from lb.ring import LoadTable, Ring
 
 
@@ -29,11 +30,15 @@ from lb.ring import LoadTable, Ring
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One ready replica: ``key`` identifies it (``namespace/pod`` or ``model/replica``),
-    ``address`` is ``host:port``; ``adapters`` are the LoRA adapters loaded on it."""
+    ``address`` is ``host:port``; ``adapters`` are the LoRA adapters loaded on it.
+    ``kv_port_offset`` is added to the Model's KV-event ports for this replica: 0 for Pods
+    (each has its own address), the replica's index where replicas share one host (local
+    mode, as vLLM's data-parallel ranks offset theirs)."""
 
     key: str
     address: str
     adapters: frozenset[str] = field(default_factory=frozenset)
+    kv_port_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,16 @@ class EngineReading:
     prefix_queries: float
     prefix_hit_rate: float | None
     read_at: float
+
+    @property
+    def queued(self) -> float:
+        """The engine's queue as routing weighs it: waiting requests, and a full KV cache as
+        ``KV_FULL_AS_QUEUED`` more (a full cache means the engine is about to preempt)."""
+        return self.waiting + KV_FULL_AS_QUEUED * self.kv_usage
+
+
+# A full KV cache counts like this many queued requests.
+KV_FULL_AS_QUEUED = 4.0
 
 
 class Change:
@@ -103,6 +118,8 @@ class EndpointGroup:
         # stays empty unless checks are on and a replica fails them.
         self.unhealthy: set[str] = set()
         self.engine: dict[str, EngineReading] = {}  # the replicas' own metrics, when scraped
+        # CacheAware's record of which prompt blocks this worker sent to which replica
+        self.prefix_index: PrefixIndex | None = None
         self._changed = Change()
 
     def changed(self) -> Change:
@@ -122,6 +139,9 @@ class EndpointGroup:
             if self.outliers is not None:
                 self.outliers.forget(gone)
             self.unhealthy.difference_update(gone)
+            if self.prefix_index is not None:  # a new replica starts with an empty cache
+                for key in gone:
+                    self.prefix_index.forget(key)
         for key, endpoint in new.items():
             old = self.endpoints.get(key)
             if old is None:
@@ -150,13 +170,12 @@ class Registry:
     def set_model(self, model: Model) -> None:
         self._models[model.name] = model
         group = self._groups.get(model.name)
-        prefix_hash = model.spec.load_balancing.prefix_hash
         if group is None:
             return
-        if group.ring.replication != prefix_hash.replication:
+        if group.ring.replication != model.spec.load_balancing.prefix_hash.replication:
             self._rebuild(model.name, group)
         else:
-            group.set_load_factor(prefix_hash.mean_load_factor)
+            group.set_load_factor(_load_factor(model))
         group.notify()
 
     def delete_model(self, name: str) -> None:
@@ -187,9 +206,8 @@ class Registry:
         spec = self._models.get(model)
         if spec is None:
             return EndpointGroup(256, 125, self.loads, model)
-        prefix_hash = spec.spec.load_balancing.prefix_hash
-        return EndpointGroup(prefix_hash.replication, prefix_hash.mean_load_factor, self.loads,
-                             model)
+        return EndpointGroup(spec.spec.load_balancing.prefix_hash.replication, _load_factor(spec),
+                             self.loads, model)
 
     def _rebuild(self, model: str, old: EndpointGroup) -> None:
         """A new replication means new vnodes: build a fresh ring. Requests in flight release
@@ -199,5 +217,14 @@ class Registry:
         group.outliers = old.outliers
         group.unhealthy = old.unhealthy
         group.engine = old.engine
+        group.prefix_index = old.prefix_index
         group.update(old.endpoints.values())
 
+
+
+def _load_factor(model: Model) -> int:
+    """The bound's factor for the model's strategy (CacheAware has its own setting)."""
+    balancing = model.spec.load_balancing
+    if balancing.strategy == "CacheAware":
+        return balancing.cache_aware.mean_load_factor
+    return balancing.prefix_hash.mean_load_factor

@@ -484,7 +484,8 @@ def model_manifest(name: str, *, engine: str = "VLLM",
                    mean_load_factor: int = 125, replication: int = 256,
                    prefix_char_length: int = 100,
                    prefix_from: str = "FirstUserMessage",
-                   load_unit: str = "Requests") -> dict[str, Any]:
+                   load_unit: str = "Requests",
+                   cache_aware: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "kvgate.dev/v1", "kind": "Model",
         "metadata": {"name": name, "labels": dict(labels or {})},
@@ -493,7 +494,8 @@ def model_manifest(name: str, *, engine: str = "VLLM",
             "adapters": [{"name": a, "url": f"hf://test/{a}"} for a in adapters],
             "loadBalancing": {"strategy": strategy, "loadUnit": load_unit, "prefixHash": {
                 "meanLoadFactor": mean_load_factor, "replication": replication,
-                "prefixCharLength": prefix_char_length, "prefixFrom": prefix_from}},
+                "prefixCharLength": prefix_char_length, "prefixFrom": prefix_from},
+                "cacheAware": dict(cache_aware or {})},
         },
     }
 

@@ -530,6 +530,20 @@ def test_invalid_catalog_values_fail_at_install_time(helm: Any, args: list[str],
     assert message in proc.stderr, proc.stderr
 
 
+def _plain_schema(node: Any) -> Any:
+    """A CRD schema as a values schema says it: no defaults, no x-kubernetes-* rules, and
+    objects closed to unknown keys."""
+    if isinstance(node, list):
+        return [_plain_schema(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _plain_schema(v) for k, v in node.items()
+           if k != "default" and not k.startswith("x-kubernetes")}
+    if out.get("type") == "object" and "properties" in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def test_models_schema_follows_the_crd_and_the_kvgate_profiles() -> None:
     from lb.model import crd_manifest
 
@@ -544,6 +558,8 @@ def test_models_schema_follows_the_crd_and_the_kvgate_profiles() -> None:
     assert entry["properties"]["engine"]["enum"] == spec["properties"]["engine"]["enum"]
     assert entry["properties"]["features"]["items"]["enum"] == spec["properties"]["features"]["items"]["enum"]
     assert set(entry["required"]) == set(spec["required"])
+    # every strategy and its settings, as the CRD has them (less its defaults and CEL rules)
+    assert entry["properties"]["loadBalancing"] == _plain_schema(spec["properties"]["loadBalancing"])
     profiles = set(yaml.safe_load((KVGATE / "values.yaml").read_text())["resourceProfiles"])
     pattern = entry["properties"]["resourceProfile"]["pattern"]
     assert set(re.search(r"\^\(\((.*)\):", pattern).group(1).replace("\\.", ".").split("|")) == profiles

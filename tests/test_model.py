@@ -715,7 +715,7 @@ def test_crd_known_constraints() -> None:
     assert props["loadBalancing"]["default"] == {}
     assert props["loadBalancing"]["properties"]["strategy"] == {
         "description": props["loadBalancing"]["properties"]["strategy"]["description"], "type": "string",
-        "enum": ["LeastLoad", "PrefixHash", "Random", "LeastQueue"], "default": "LeastLoad"}
+        "enum": ["LeastLoad", "PrefixHash", "Random", "LeastQueue", "CacheAware"], "default": "LeastLoad"}
     assert (prefix["meanLoadFactor"]["default"], prefix["meanLoadFactor"]["minimum"]) == (125, 100)
     assert (prefix["replication"]["default"], prefix["replication"]["minimum"]) == (256, 1)
     assert {"rule": "self == oldSelf", "message": "is immutable"} in prefix["replication"]["x-kubernetes-validations"]

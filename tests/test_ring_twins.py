@@ -34,6 +34,15 @@ BAD_STR = st.sampled_from([None, 1, b"a", 1.5, ("a",)])
 ADAPTER_SETS = st.frozensets(st.sampled_from(ADAPTERS), max_size=3)
 
 
+# CacheAware's inputs: shares of the prompt held (endpoints and strangers), engine queues, and
+# score weights with ties (zeros, equal shares) as likely as not.
+SHARES = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(0.0, 1.0))
+AFFINITY = st.dictionaries(st.sampled_from(ENDPOINTS + ["unknown"]), SHARES, max_size=5)
+QUEUES = st.dictionaries(st.sampled_from(ENDPOINTS), st.one_of(st.sampled_from([0.0, 1.0, 4.0]),
+                                                                st.floats(0.0, 64.0)), max_size=5)
+SCORE_WEIGHTS = st.tuples(*[st.sampled_from([0.0, 1.0, 3.0, 0.5, 10.0])] * 3)
+
+
 class Gen(list):
     """An ``exclude`` given as a one-shot generator: each ring gets a fresh one."""
 
@@ -220,6 +229,16 @@ class Twins(RuleBasedStateMachine):
         return self._acquired(self.both(lambda r: r.pick_least_load(adapter, exclude)), take,
                               weight)
 
+    @rule(target=tickets, key=TEXT, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
+          exclude=st.one_of(st.just(()), st.lists(st.sampled_from(ENDPOINTS + ["unknown"]),
+                                                  max_size=4)), weight=WEIGHTS,
+          affinity=AFFINITY, queues=st.one_of(st.none(), QUEUES), weights=SCORE_WEIGHTS)
+    def pick_scored(self, key: str, adapter: str, exclude: Any, take: bool, weight: int,
+                    affinity: dict, queues: dict | None, weights: tuple) -> None:
+        picked = self.both(lambda r: r.pick_scored(key, adapter, exclude, weight, affinity,
+                                                   queues, *weights))
+        return self._acquired(picked, take, weight)
+
     @rule(target=tickets, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
           exclude=st.one_of(st.just(()), st.frozensets(st.sampled_from(ENDPOINTS))))
     def pick_random(self, adapter: str, exclude: Any, take: bool):
@@ -326,8 +345,14 @@ def _random_history(seed: int, steps: int) -> None:
             exclude = rng.sample(pool, rng.randrange(3)) if rng.random() < 0.2 else ()
             kind = rng.random()
             weight = rng.randrange(1, 2000) if rng.random() < 0.3 else 1
-            if kind < 0.8:
+            if kind < 0.6:
                 status, picked = both(lambda r: r.pick(prefix, adapter, exclude, weight))
+            elif kind < 0.8:
+                affinity = {k: rng.choice([0.0, 0.5, 1.0, rng.random()])
+                            for k in rng.sample(pool, rng.randrange(4))}
+                queues = {k: rng.choice([0.0, 2.0, rng.random() * 8]) for k in pool[:12]}
+                status, picked = both(lambda r: r.pick_scored(prefix, adapter, exclude, weight,
+                                                              affinity, queues, 3.0, 1.0, 1.0))
             elif kind < 0.9:
                 status, picked = both(lambda r: r.pick_least_load(adapter, exclude))
             else:

@@ -1,0 +1,106 @@
+"""The CacheAware strategy: filter, score, pick; what a request brings to it and what it leaves.
+
+A request is cut into blocks once, by the proxy (``prompt_blocks``): the approximate blocks
+(chained hashes of the rendered conversation's bytes, ``lb.prefix_index``) and, when the model
+follows its replicas' KV events, the engine's own block hashes (``lb.prompt_tokens``). At pick
+time (``pick``) each replica's *affinity* is the share of those blocks it is believed to hold:
+exact for a replica whose KV-event mirror is trusted (``lb.kv_events``), else what the
+approximate index remembers of the requests this worker sent it. The ring scores the
+candidates within CHWBL's bound (``Ring.pick_scored``), with the engines' own queues from
+their scraped metrics; after the lease is taken, ``remember`` records the blocks against the
+replica that got them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lb.kv_events import KVIndex
+from lb.model import Model
+from lb.parse import ParsedRequest, prefix_of
+from lb.prefix_index import PrefixIndex, block_hashes
+from lb.prompt_tokens import for_model
+from lb.registry import EndpointGroup
+
+__all__ = ["PromptBlocks", "prompt_blocks", "pick", "remember"]
+
+# Bytes of prompt per token, to cover with the engine's blocks the span the approximate ones cover.
+_BYTES_PER_TOKEN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PromptBlocks:
+    """A request's prompt as the prefix indexes see it."""
+
+    approximate: list[int]  # lb.prefix_index's chained byte-block hashes
+    engine: list[int] | None = None  # the engine's block hashes, when its KV events are followed
+
+
+def prompt_blocks(parsed: ParsedRequest, model: Model, adapter: str) -> PromptBlocks | None:
+    """The blocks of this request's prompt (None: nothing to match, e.g. embeddings)."""
+    settings = model.spec.load_balancing.cache_aware
+    text = prefix_of(parsed, settings.block_chars * settings.max_blocks, "Conversation")
+    approximate = block_hashes(text, settings.block_chars, settings.max_blocks)
+    engine = None
+    if settings.kv_events is not None:
+        tokens = for_model(model)
+        ids = tokens.token_ids(parsed) if tokens is not None else None
+        if ids:
+            span = (settings.block_chars * settings.max_blocks
+                    // (_BYTES_PER_TOKEN * tokens.block_size))
+            engine = tokens.block_hashes(ids, adapter, max(1, span)) or None
+    if not approximate and engine is None:
+        return None
+    return PromptBlocks(approximate, engine)
+
+
+def pick(group: EndpointGroup, model: Model, adapter: str, key: str,
+         exclude: list[str] | tuple[()], weight: int, prompt: PromptBlocks | None,
+         kv_index: KVIndex | None, fresh_after: float) -> str | None:
+    """The best replica for this request: see the module docstring and ``Ring.pick_scored``."""
+    settings = model.spec.load_balancing.cache_aware
+    affinity = _affinity(group, prompt, kv_index) if prompt is not None else {}
+    queues = _queues(group, fresh_after) if settings.queue_weight and group.engine else None
+    return group.ring.pick_scored(adapter + key, adapter, exclude, weight, affinity, queues,
+                                  float(settings.prefix_weight), float(settings.load_weight),
+                                  float(settings.queue_weight))
+
+
+def remember(group: EndpointGroup, model: Model, replica: str, prompt: PromptBlocks) -> None:
+    """``replica`` was sent this prompt: the approximate index notes that it now holds it."""
+    if not prompt.approximate:
+        return
+    index = group.prefix_index
+    capacity = model.spec.load_balancing.cache_aware.index_blocks
+    if index is None:
+        index = group.prefix_index = PrefixIndex(capacity)
+    elif index.capacity != capacity:
+        index.capacity = capacity  # a changed spec: the next records trim to it
+    index.record(replica, prompt.approximate)
+
+
+def _affinity(group: EndpointGroup, prompt: PromptBlocks,
+              kv_index: KVIndex | None) -> dict[str, float]:
+    """Replica -> share (0..1] of the prompt it holds; replicas holding none are left out."""
+    affinity: dict[str, float] = {}
+    blocks = prompt.approximate
+    if blocks and group.prefix_index is not None:
+        for replica, depth in group.prefix_index.match(blocks).items():
+            affinity[replica] = depth / len(blocks)
+    engine = prompt.engine
+    if engine and kv_index is not None:
+        for replica in group.endpoints:
+            if kv_index.trusted(replica):  # the engine's own word replaces the estimate
+                depth = kv_index.match(replica, engine)
+                if depth:
+                    affinity[replica] = depth / len(engine)
+                else:
+                    affinity.pop(replica, None)
+    return affinity
+
+
+def _queues(group: EndpointGroup, fresh_after: float) -> dict[str, float]:
+    """Replica -> its engine's queue (waiting requests, plus a full KV cache as queued work),
+    from readings newer than ``fresh_after``; a stale replica counts as an empty queue."""
+    return {replica: reading.queued for replica, reading in group.engine.items()
+            if reading.read_at >= fresh_after}
