@@ -129,17 +129,20 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 def gateway_config(endpoints: dict[str, list[str]], port: int, *, metrics_port: int = 0,
                    strategy: str = "PrefixHash", load_factor: int = 125,
                    load_balancing: dict[str, Any] | None = None,
-                   settings: dict[str, Any] | None = None) -> str:
+                   settings: dict[str, Any] | None = None, engine: str = "VLLM",
+                   kv_port_offsets: bool = False) -> str:
     """A static-endpoints `kvgate gateway` config: one model per entry, with its addresses.
 
     ``load_balancing`` adds to every Model's ``spec.loadBalancing`` (its ``prefixHash`` merged
     into the one built from ``load_factor``), e.g. ``{"loadUnit": "Tokens"}``; ``settings`` adds
-    top-level gateway sections, e.g. ``{"engineMetrics": {"intervalSeconds": 0.5}}``."""
+    top-level gateway sections, e.g. ``{"engineMetrics": {"intervalSeconds": 0.5}}``;
+    ``engine`` is what the Models declare (``Sim`` lets the gateway hash prompts as the
+    simulator does); ``kv_port_offsets`` gives endpoint i the KV-event port offset i."""
     extra = dict(load_balancing or {})
     prefix_hash = {"meanLoadFactor": load_factor, **extra.pop("prefixHash", {})}
     balancing = {"strategy": strategy, "prefixHash": prefix_hash, **extra}
     models = [{"apiVersion": "kvgate.dev/v1", "kind": "Model", "metadata": {"name": name},
-               "spec": {"url": f"hf://bench/{name}", "engine": "VLLM",
+               "spec": {"url": f"hf://bench/{name}", "engine": engine,
                         "features": ["TextGeneration"], "loadBalancing": balancing}}
               for name in endpoints]
     return yaml.safe_dump({
@@ -147,6 +150,7 @@ def gateway_config(endpoints: dict[str, list[str]], port: int, *, metrics_port: 
                    "logLevel": "warning"},
         **(settings or {}),
         "models": models,
-        "endpoints": {name: [{"address": a} for a in addresses]
+        "endpoints": {name: [{"address": a, **({"kvPortOffset": i} if kv_port_offsets else {})}
+                             for i, a in enumerate(addresses)]
                       for name, addresses in endpoints.items()},
     }, sort_keys=False)

@@ -25,6 +25,10 @@ STRATEGY_LABEL = {"Random": "Random (K8s Service)"}  # the others show as named
 TTFT_RATIO_MAX = 0.10
 THROUGHPUT_RATIO_MIN = 2.0
 CONTROL_SPREAD_MAX = 0.15
+# Scheduler II: the best CacheAware variant against KubeAI-exact PrefixHash on a prefix-heavy
+# workload (mean and p99 TTFT at most this share, throughput at least equal), and against
+# LeastLoad on the unique-prompt control (mean TTFT within the control's noise).
+CACHE_AWARE_TTFT_MAX = 0.80
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -199,13 +203,18 @@ def _find(runs: list[dict], strategy: str, concurrency: int) -> Optional[dict]:
 def acceptance(runs: list[dict], control: bool, workload: str = "") -> list[dict]:
     """The issue's checks (``bench.results.check``): at the highest concurrency, PrefixHash
     against Random with LeastLoad between them; on the control, parity at every concurrency;
-    on the shared system prompts, the conversation key ahead of every other strategy."""
+    on the shared system prompts, the conversation key ahead of every other ring key; and
+    wherever CacheAware ran, its best variant against PrefixHash (or LeastLoad on the control)."""
     if not runs:
         return []
     if control:
-        return _parity_checks(runs)
+        return _parity_checks(runs) + _cache_aware_checks(runs, control)
     if workload.startswith("system-prompt"):
-        return _conversation_checks(runs)
+        return _conversation_checks(runs) + _cache_aware_checks(runs, control)
+    return _kubeai_checks(runs) + _cache_aware_checks(runs, control)
+
+
+def _kubeai_checks(runs: list[dict]) -> list[dict]:
     top = max(r["concurrency"] for r in runs)
     at = {r["strategy"]: r["client"] for r in runs if r["concurrency"] == top}
     if not {"Random", "PrefixHash"} <= set(at):
@@ -230,7 +239,9 @@ def _conversation_checks(runs: list[dict], best: str = "PrefixHash+Conversation"
     strategy, and its hit rate at least the highest other's."""
     checks = []
     for c in sorted({r["concurrency"] for r in runs}):
-        at = {r["strategy"]: r for r in runs if r["concurrency"] == c}
+        # the conversation key against the other keys a ring hashes (CacheAware is judged apart)
+        at = {r["strategy"]: r for r in runs if r["concurrency"] == c
+              and not r["strategy"].startswith("CacheAware")}
         others = [r for name, r in at.items() if name != best]
         if best not in at or not others:
             continue
@@ -241,6 +252,31 @@ def _conversation_checks(runs: list[dict], best: str = "PrefixHash+Conversation"
                             ours["client"]["ttft_mean_ms"] / fastest, 1.0))
         checks.append(check(f"{c} threads: {best} hit rate − the highest other's",
                             ours["replicas"]["hit_rate"] - hits, 0.0, True))
+    return checks
+
+
+def _cache_aware_checks(runs: list[dict], control: bool) -> list[dict]:
+    """At every concurrency: the best CacheAware variant (by mean TTFT) against KubeAI-exact
+    PrefixHash (mean and p99 TTFT, throughput), or on the control against LeastLoad."""
+    checks = []
+    baseline = "LeastLoad" if control else "PrefixHash"
+    for c in sorted({r["concurrency"] for r in runs}):
+        at = {r["strategy"]: r["client"] for r in runs if r["concurrency"] == c}
+        ours = [name for name in at if name.startswith("CacheAware")]
+        if baseline not in at or not ours:
+            continue
+        best = min(ours, key=lambda name: at[name]["ttft_mean_ms"])
+        mine, theirs = at[best], at[baseline]
+        if control:
+            checks.append(check(f"{c} threads: {best} mean TTFT ÷ {baseline}'s",
+                                mine["ttft_mean_ms"] / theirs["ttft_mean_ms"],
+                                1 + CONTROL_SPREAD_MAX))
+            continue
+        for key, label in (("ttft_mean_ms", "mean TTFT"), ("ttft_p99_ms", "p99 TTFT")):
+            checks.append(check(f"{c} threads: {best} {label} ÷ {baseline}'s",
+                                mine[key] / theirs[key], CACHE_AWARE_TTFT_MAX))
+        checks.append(check(f"{c} threads: {best} throughput ÷ {baseline}'s",
+                            mine["total_tokens_per_s"] / theirs["total_tokens_per_s"], 1.0, True))
     return checks
 
 

@@ -79,7 +79,8 @@ cdef extern from *:
     bint kv_load_ok(int64_t load, int64_t n, int64_t m, int64_t factor) noexcept nogil
     int kv_cmp_u64(const void *a, const void *b) noexcept nogil
 
-__all__ = ["Ring", "LoadTable", "SharedCount", "hash64", "MAX_ENDPOINTS", "SLOT_BITS", "MAX_WEIGHT"]
+__all__ = ["Ring", "LoadTable", "SharedCount", "hash64", "block_hashes", "MAX_ENDPOINTS", "SLOT_BITS",
+           "MAX_WEIGHT"]
 
 SLOT_BITS = 20
 MAX_ENDPOINTS = 1 << SLOT_BITS
@@ -123,6 +124,39 @@ def hash64(key: str) -> int:
     if not PyUnicode_Check(key):
         raise _not_str("key", key)
     return _hash_str(key)
+
+
+def block_hashes(text: str, block_bytes: int, max_blocks: int) -> list:
+    """Chained hashes of the full ``block_bytes`` blocks of ``text``'s UTF-8, at most
+    ``max_blocks`` (the twin, ``lb.chwbl.block_hashes``, says why): one pass over the bytes,
+    no slice per block."""
+    cdef Py_ssize_t n, count, i, size = block_bytes, limit = max_blocks
+    cdef const char *data
+    cdef uint64_t parent = 0
+    cdef bytes raw
+    cdef list out = []
+    if not PyUnicode_Check(text):
+        raise _not_str("text", text)
+    if size < 1 or limit < 0:
+        raise ValueError("block_bytes must be at least 1 and max_blocks at least 0")
+    if PyUnicode_IS_COMPACT_ASCII(text):
+        data = <const char *>PyUnicode_DATA(text)
+        n = PyUnicode_GET_LENGTH(text)
+    else:
+        data = _utf8_and_size(text, &n)
+        if data == NULL:
+            PyErr_Clear()
+            raw = text.encode("utf-8", "surrogatepass")
+            data = PyBytes_AS_STRING(raw)
+            n = PyBytes_GET_SIZE(raw)
+    count = n // size
+    if count > limit:
+        count = limit
+    for i in range(count):
+        parent = kv_murmur3_64(data + i * size, <size_t>size,
+                               (parent ^ (parent >> 32)) & 0xFFFFFFFF)
+        out.append(parent)
+    return out
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -528,12 +562,15 @@ cdef class Ring:
                     double prefix_weight, double load_weight, double queue_weight):
         """CacheAware: the best-scoring endpoint within the CHWBL bound (see the twin,
         ``lb.chwbl.Ring.pick_scored``, for the score; the same float operations in the same
-        order, so both twins pick alike to the last bit)."""
+        order, so both twins pick alike to the last bit). The shares and queues are read
+        from the mappings once into per-slot arrays; the scan itself is C."""
         cdef const uint8_t *member = NULL
         cdef bint use_excl = False
-        cdef Py_ssize_t slot, best = -1, home_slot
-        cdef int64_t n, m, factor = self._factor, load
-        cdef double capacity, longest = 0.0, queue, score, best_score = 0.0
+        cdef Py_ssize_t slot, best = -1, home_slot, n_slots = self._n_slots
+        cdef int64_t n, m, factor = self._factor
+        cdef double capacity, longest = 0.0, score, best_score = 0.0
+        cdef double *share
+        cdef double *queue
         home = self.pick(hash_key, adapter, exclude, weight)
         if home is None or not affinity:
             return home
@@ -542,31 +579,35 @@ cdef class Ring:
             use_excl = self._mark_excluded(exclude)
         if PyUnicode_GET_LENGTH(adapter) != 0:
             member = (<_Members>self._members[adapter]).bits
-        n = self._n_live
-        m = self._total_now() + w
-        home_slot = <Py_ssize_t>self._slot_of[home]
-        if queues:  # the longest engine queue among the candidates
-            for slot in range(self._n_slots):
-                if self._candidate(slot, member, use_excl, n, m, factor):
-                    queue = <double>queues.get(self._keys[slot], 0.0)
-                    if queue > longest:
-                        longest = queue
-        capacity = <double>(factor * m) / (100.0 * <double>n)
-        for slot in range(self._n_slots):
-            if not self._candidate(slot, member, use_excl, n, m, factor):
-                continue
-            key = self._keys[slot]
-            load = self._load_at(slot)
-            score = prefix_weight * <double>affinity.get(key, 0.0)
-            score += load_weight * (1.0 - <double>load / capacity)
-            if longest > 0.0:
-                queue = <double>queues.get(key, 0.0)
-                score += queue_weight * (1.0 - queue / longest)
-            else:
-                score += queue_weight
-            if best < 0 or score > best_score or (score == best_score and slot == home_slot):
-                best = slot
-                best_score = score
+        share = <double *>calloc(2 * n_slots, sizeof(double))
+        if share == NULL:
+            raise MemoryError()
+        queue = share + n_slots
+        try:
+            self._per_slot(affinity, share)
+            if queues:
+                self._per_slot(queues, queue)
+            n = self._n_live
+            m = self._total_now() + w
+            home_slot = <Py_ssize_t>self._slot_of[home]
+            for slot in range(n_slots):  # the longest engine queue among the candidates
+                if queue[slot] > longest and self._candidate(slot, member, use_excl, n, m, factor):
+                    longest = queue[slot]
+            capacity = <double>(factor * m) / (100.0 * <double>n)
+            for slot in range(n_slots):
+                if not self._candidate(slot, member, use_excl, n, m, factor):
+                    continue
+                score = prefix_weight * share[slot]
+                score += load_weight * (1.0 - <double>self._load_at(slot) / capacity)
+                if longest > 0.0:
+                    score += queue_weight * (1.0 - queue[slot] / longest)
+                else:
+                    score += queue_weight
+                if best < 0 or score > best_score or (score == best_score and slot == home_slot):
+                    best = slot
+                    best_score = score
+        finally:
+            free(share)
         if best < 0:
             return home
         return self._keys[best]
@@ -624,6 +665,15 @@ cdef class Ring:
         if member != NULL and not member[slot]:
             return False
         return not (use_excl and self._excl[slot] == self._excl_epoch)
+
+    @cython.final
+    cdef int _per_slot(self, object values, double *out) except -1:
+        """``out[slot]`` = the value of each endpoint key in ``values`` (others ignored)."""
+        for key, value in values.items():
+            found = self._slot_of.get(key)
+            if found is not None:
+                out[<Py_ssize_t>found] = <double>value
+        return 0
 
     @cython.final
     cdef inline bint _candidate(self, Py_ssize_t slot, const uint8_t *member, bint use_excl,

@@ -13,6 +13,7 @@ replica that got them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lb.kv_events import KVIndex
@@ -28,10 +29,11 @@ __all__ = ["PromptBlocks", "prompt_blocks", "pick", "remember"]
 _BYTES_PER_TOKEN = 4
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PromptBlocks:
     """A request's prompt as the prefix indexes see it."""
 
+    head: str  # the first block's text: the ring key of a prompt no replica holds
     approximate: list[int]  # lb.prefix_index's chained byte-block hashes
     engine: list[int] | None = None  # the engine's block hashes, when its KV events are followed
 
@@ -49,9 +51,9 @@ def prompt_blocks(parsed: ParsedRequest, model: Model, adapter: str) -> PromptBl
             span = (settings.block_chars * settings.max_blocks
                     // (_BYTES_PER_TOKEN * tokens.block_size))
             engine = tokens.block_hashes(ids, adapter, max(1, span)) or None
-    if not approximate and engine is None:
+    if not text:
         return None
-    return PromptBlocks(approximate, engine)
+    return PromptBlocks(text[:settings.block_chars], approximate, engine)
 
 
 def pick(group: EndpointGroup, model: Model, adapter: str, key: str,
@@ -101,6 +103,16 @@ def _affinity(group: EndpointGroup, prompt: PromptBlocks,
 
 def _queues(group: EndpointGroup, fresh_after: float) -> dict[str, float]:
     """Replica -> its engine's queue (waiting requests, plus a full KV cache as queued work),
-    from readings newer than ``fresh_after``; a stale replica counts as an empty queue."""
-    return {replica: reading.queued for replica, reading in group.engine.items()
-            if reading.read_at >= fresh_after}
+    from readings newer than ``fresh_after``; a stale replica counts as an empty queue.
+
+    Kept on the group between picks: built again only when a reading changed or the oldest
+    one it holds went stale (a scrape every few seconds, against thousands of picks)."""
+    cached = group.queue_cache
+    if cached is not None and cached[0] == group.engine_version and cached[1] >= fresh_after:
+        return cached[2]
+    fresh = [(replica, reading) for replica, reading in group.engine.items()
+             if reading.read_at >= fresh_after]
+    queues = {replica: reading.queued for replica, reading in fresh}
+    oldest = min((reading.read_at for _, reading in fresh), default=math.inf)
+    group.queue_cache = (group.engine_version, oldest, queues)
+    return queues

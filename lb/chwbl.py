@@ -91,6 +91,30 @@ class SharedCount:
         return self._table.value(self._index)
 
 
+def block_hashes(text: str, block_bytes: int, max_blocks: int) -> list[int]:
+    """Chained 64-bit hashes of the full ``block_bytes`` blocks of ``text``'s UTF-8, at most
+    ``max_blocks``: block i is MurmurHash3 (x64-128, first 64 bits) of its bytes, seeded with
+    block i-1's hash folded to the 32 bits a seed takes, so equal hashes mean equal prefixes,
+    not just equal blocks. A partial last block is left out, as an engine's prefix cache
+    leaves it out. The CacheAware strategy's approximate index is keyed by these."""
+    _check_str(text, "text")
+    if block_bytes < 1 or max_blocks < 0:
+        raise ValueError("block_bytes must be at least 1 and max_blocks at least 0")
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "surrogatepass")
+    count = min(len(data) // block_bytes, max_blocks)
+    hashes = []
+    parent = 0
+    for start in range(0, count * block_bytes, block_bytes):
+        seed = (parent ^ (parent >> 32)) & 0xFFFFFFFF
+        parent = mmh3.hash64(data[start:start + block_bytes], seed=seed, x64arch=True,
+                             signed=False)[0]
+        hashes.append(parent)
+    return hashes
+
+
 def _check_str(value: object, what: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be str, not {type(value).__name__}")
@@ -306,6 +330,9 @@ class Ring:
         if home is None or not affinity:
             return home
         excluded = self._excluded_slots(exclude)
+        # every value of an endpoint's key is read (as the Cython twin reads them all)
+        share = self._per_slot(affinity)
+        queue = self._per_slot(queues) if queues else {}
         n = len(self._slot_of)
         m = self._total_now() + weight
         candidates = [slot for slot, key in enumerate(self._keys)
@@ -313,16 +340,17 @@ class Ring:
                       and self._load_at(slot) * n * 100 < m * self._factor]
         if not candidates:
             return home
+        longest = max(max(queue.get(slot, 0.0) for slot in candidates), 0.0)
         capacity = float(self._factor * m) / (100.0 * n)
-        waiting = [float(queues.get(self._keys[slot], 0.0)) if queues else 0.0
-                   for slot in candidates]
-        longest = max(waiting)
         home_slot = self._slot_of[home]
         best, best_score = -1, 0.0
-        for slot, queue in zip(candidates, waiting):
-            score = prefix_weight * float(affinity.get(self._keys[slot], 0.0))
+        for slot in candidates:
+            score = prefix_weight * share.get(slot, 0.0)
             score += load_weight * (1.0 - self._load_at(slot) / capacity)
-            score += queue_weight * (1.0 - queue / longest) if longest > 0.0 else queue_weight
+            if longest > 0.0:
+                score += queue_weight * (1.0 - queue.get(slot, 0.0) / longest)
+            else:
+                score += queue_weight
             if best < 0 or score > best_score or (score == best_score and slot == home_slot):
                 best, best_score = slot, score
         return self._keys[best]
@@ -398,6 +426,11 @@ class Ring:
         merged = list(merge(old, new))
         self._hashes = [h for h, _, _ in merged]
         self._owners = [o for _, _, o in merged]
+
+    def _per_slot(self, values: Mapping[str, float]) -> dict[int, float]:
+        """slot -> the value of each endpoint key in ``values`` (others ignored)."""
+        return {self._slot_of[key]: float(value) for key, value in values.items()
+                if key in self._slot_of}
 
     def _excluded_slots(self, exclude: Collection[str]) -> set[int]:
         if isinstance(exclude, str):

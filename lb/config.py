@@ -88,6 +88,9 @@ class StaticEndpoint:
     address: str
     key: str = ""
     adapters: tuple[str, ...] = ()
+    # added to the Model's KV-event ports (cacheAware.kvEvents) for this replica: replicas that
+    # share a host publish on ports + their rank
+    kv_port_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +108,8 @@ class Config:
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 
     def static_endpoints(self, model: str) -> list[Endpoint]:
-        return [Endpoint(e.key or f"{model}/{e.address}", e.address, frozenset(e.adapters))
-                for e in self.endpoints.get(model, ())]
+        return [Endpoint(e.key or f"{model}/{e.address}", e.address, frozenset(e.adapters),
+                         e.kv_port_offset) for e in self.endpoints.get(model, ())]
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -97,8 +97,7 @@ class EngineScraper:
                 for key, endpoint in list(group.endpoints.items())]
         await asyncio.gather(*jobs)
         for group in self._registry.groups().values():
-            for key in [k for k in group.engine if k not in group.endpoints]:
-                del group.engine[key]
+            group.prune_readings()
 
     async def _scrape(self, session: aiohttp.ClientSession, model: str, group: EndpointGroup,
                       key: str, address: str) -> None:
@@ -113,7 +112,7 @@ class EngineScraper:
             log.debug("engine metrics of %s (%s) unreadable: %s", key, address, exc)
             return
         if key in group.endpoints:  # it may have left while we read
-            group.engine[key] = reading
+            group.set_reading(key, reading)
 
     def fresh(self, group: EndpointGroup) -> dict[str, EngineReading]:
         return fresh_readings(group, self._config.stale_after_seconds, self._clock())

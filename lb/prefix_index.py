@@ -2,8 +2,9 @@
 which blocks of which prompt.
 
 No engine cooperation is needed: the gateway cuts each prompt (the conversation rendered from
-its start, as ``lb.parse.conversation_text`` does) into fixed-size blocks of bytes and chains
-their hashes, so block ``i``'s hash stands for the whole prefix up to its end. Whoever was sent
+its start, ``lb.parse.prefix_of(..., "Conversation")``) into fixed-size blocks of bytes and
+chains their hashes (``block_hashes``, in the ring core and its twin), so block ``i``'s hash
+stands for the whole prefix up to its end. Whoever was sent
 that hash recently very likely still holds the prefix in its KV cache. The index remembers, per
 replica, the blocks it was sent, least recently routed forgotten first, up to a capacity sized
 like the replica's prefix cache: it forgets about when the engine would have evicted.
@@ -19,27 +20,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-import mmh3
+from lb.ring import block_hashes
 
 __all__ = ["PrefixIndex", "block_hashes"]
-
-_SEED_MASK = 0xFFFFFFFF
-
-
-def block_hashes(text: str, block_bytes: int, max_blocks: int) -> list[int]:
-    """Chained 64-bit hashes of the full ``block_bytes`` blocks of ``text``'s UTF-8, at most
-    ``max_blocks``: block i is MurmurHash3 of its bytes seeded with block i-1's hash (folded to
-    the 32 bits a seed takes), so equal hashes mean equal prefixes, not just equal blocks. A
-    partial last block is left out, as an engine's prefix cache leaves it out."""
-    data = text.encode("utf-8", "surrogatepass")
-    count = min(len(data) // block_bytes, max_blocks)
-    hashes = []
-    parent = 0
-    for start in range(0, count * block_bytes, block_bytes):
-        parent = mmh3.hash64(data[start:start + block_bytes], (parent ^ (parent >> 32))
-                             & _SEED_MASK, True, False)[0]
-        hashes.append(parent)
-    return hashes
 
 
 class PrefixIndex:
@@ -71,7 +54,8 @@ class PrefixIndex:
             held = holders.get(block, 0)
             if depth:
                 held &= alive
-                self._note_dropped(alive & ~held, depth, depths)
+                if held != alive:  # some replicas' prefixes end here
+                    self._note_dropped(alive & ~held, depth, depths)
             if not held:
                 return depths
             alive = held

@@ -132,9 +132,9 @@ class Proxy:
         active = self._metrics.active_gauge(model.name)
         active.inc()
         try:
-            key = _routing_key(parsed, model, session)
             prompt = (prompt_blocks(parsed, model, adapter)
                       if model.spec.load_balancing.strategy == "CacheAware" else None)
+            key = _routing_key(parsed, model, session, prompt)
             await self._forward(model, adapter, parsed, key, prompt, path, scope, send,
                                 exchange, began)
         finally:
@@ -433,7 +433,8 @@ def _request_headers(headers: list[tuple[bytes, bytes]],
     return length, ctype, session
 
 
-def _routing_key(parsed: ParsedRequest, model: Model, session: bytes) -> str:
+def _routing_key(parsed: ParsedRequest, model: Model, session: bytes,
+                 prompt: PromptBlocks | None) -> str:
     """What the ring hashes (besides the adapter): the client's session id when it sent one,
     else the prompt's prefix (CacheAware: its first block, the home of a prompt no replica
     is known to hold); only PrefixHash and CacheAware read it."""
@@ -443,7 +444,7 @@ def _routing_key(parsed: ParsedRequest, model: Model, session: bytes) -> str:
     if session:
         return "\x1esession:" + session.decode("latin-1")  # apart from every prompt's text
     if balancing.strategy == "CacheAware":
-        return prefix_of(parsed, balancing.cache_aware.block_chars, "Conversation")
+        return prompt.head if prompt is not None else ""
     return prefix_of(parsed, balancing.prefix_hash.prefix_char_length,
                      balancing.prefix_hash.prefix_from)
 

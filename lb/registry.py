@@ -117,7 +117,13 @@ class EndpointGroup:
         # Keys that failed their active health checks; read on every pick, so a bare set that
         # stays empty unless checks are on and a replica fails them.
         self.unhealthy: set[str] = set()
-        self.engine: dict[str, EngineReading] = {}  # the replicas' own metrics, when scraped
+        # The replicas' own metrics, when scraped; written through ``set_reading`` and
+        # ``prune_readings`` so ``engine_version`` tells readers (CacheAware's queue cache)
+        # when to look again.
+        self.engine: dict[str, EngineReading] = {}
+        self.engine_version = 0
+        # CacheAware's engine queues: (engine_version, oldest reading's time, replica -> queue)
+        self.queue_cache: tuple[int, float, dict[str, float]] | None = None
         # CacheAware's record of which prompt blocks this worker sent to which replica
         self.prefix_index: PrefixIndex | None = None
         self._changed = Change()
@@ -150,6 +156,16 @@ class EndpointGroup:
                 self.ring.set_adapters(key, endpoint.adapters)
             self.endpoints[key] = endpoint
         self.notify()
+
+    def set_reading(self, key: str, reading: EngineReading) -> None:
+        self.engine[key] = reading
+        self.engine_version += 1
+
+    def prune_readings(self) -> None:
+        """Drop the readings of replicas that left."""
+        for key in [k for k in self.engine if k not in self.endpoints]:
+            del self.engine[key]
+            self.engine_version += 1
 
     def set_load_factor(self, factor: int) -> None:
         self.ring.mean_load_factor = factor
@@ -217,6 +233,7 @@ class Registry:
         group.outliers = old.outliers
         group.unhealthy = old.unhealthy
         group.engine = old.engine
+        group.engine_version = old.engine_version + 1
         group.prefix_index = old.prefix_index
         group.update(old.endpoints.values())
 

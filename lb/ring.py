@@ -13,17 +13,17 @@ from lb.chwbl import MAX_ENDPOINTS, MAX_WEIGHT
 from lb.loads import LoadTable
 
 __all__ = ["Ring", "LoadTable", "SharedCount", "IMPLEMENTATION", "MAX_ENDPOINTS", "MAX_WEIGHT",
-           "hash64"]
+           "hash64", "block_hashes"]
 
 if os.environ.get("KVGATE_PURE_RING") == "1":
-    from lb.chwbl import Ring, SharedCount, hash64
+    from lb.chwbl import Ring, SharedCount, block_hashes, hash64
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from lb._chwbl import Ring, SharedCount, hash64
+        from lb._chwbl import Ring, SharedCount, block_hashes, hash64
     except ImportError:
-        from lb.chwbl import Ring, SharedCount, hash64
+        from lb.chwbl import Ring, SharedCount, block_hashes, hash64
 
         IMPLEMENTATION = "python"
         logging.getLogger(__name__).warning(

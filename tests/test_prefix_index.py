@@ -19,7 +19,7 @@ def test_blocks_chain_the_whole_prefix() -> None:
     b = block_hashes("w" * 64 + "y" * 64, 64, 10)
     assert len(a) == 2  # the partial last block is left out, as an engine leaves it
     assert a[1] != b[1]  # same block bytes, different prefix before them
-    assert a[0] == mmh3.hash64(b"x" * 64, 0, True, False)[0]
+    assert a[0] == mmh3.hash64(b"x" * 64, seed=0, signed=False)[0]
     assert block_hashes("x" * 640, 64, 3) == block_hashes("x" * 192, 64, 3)
     assert block_hashes("é" * 40, 64, 9) == block_hashes("é" * 32, 64, 9)  # counted in bytes
     assert block_hashes("short", 64, 9) == []

@@ -86,6 +86,21 @@ def test_native_hash64_every_tail_length() -> None:
         native_hash_matches_mmh3("a" + "日" * length)
 
 
+@settings(max_examples=300, deadline=None)
+@given(TEXT, st.sampled_from([1, 3, 4, 16, 64]), st.integers(0, 40))
+def test_block_hashes_agree(text: str, block_bytes: int, max_blocks: int) -> None:
+    """CacheAware's chained block hashes: the same list from both, over odd sizes, non-ASCII
+    and lone surrogates; a bad argument raises the same type."""
+    assert native.block_hashes(text, block_bytes, max_blocks) == chwbl.block_hashes(
+        text, block_bytes, max_blocks)
+
+
+def test_block_hashes_reject_alike() -> None:
+    for args in (("abc", 0, 3), ("abc", 4, -1), (b"abc", 4, 3), (None, 4, 3)):
+        assert outcome(lambda m: m.block_hashes(*args), native) == outcome(
+            lambda m: m.block_hashes(*args), chwbl)
+
+
 def test_native_hash64_rejects_non_str() -> None:
     for bad in (None, 1, b"abc"):
         with pytest.raises(TypeError):

@@ -1,6 +1,6 @@
 """What a change costs the gateway per request, counted in instructions rather than timed.
 
-    python -m bench instructions [--baseline DIR] [--signals] [--requests 2000]
+    python -m bench instructions [--baseline DIR] [--signals] [--cache-aware] [--requests 2000]
 
 CPU time per request moves by ±15% between two runs on a shared virtual machine, more than the
 change being judged. Instructions retired do not: each gateway runs under valgrind's callgrind,
@@ -12,6 +12,11 @@ and the session header on), another checkout (``kvgate@base``, e.g. a worktree o
 release; its ring core built in place), and this checkout with token-weighted loads and the
 conversation key on as well (``kvgate+signals``). The target: a change costs at most 5% per
 request.
+
+``--cache-aware`` counts the scheduler's own cost instead: PrefixHash and CacheAware over 64
+replicas (endpoints that all lead to the one backend), on a chat whose ~4 KB system prompt and
+question make 16 blocks to hash, match and remember; the target is CacheAware within 10% of
+PrefixHash per request.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ from bench.results import check, save, table, targets_table
 SHAPES = {"json": "", "sse-20": ', "stream": true'}
 BODY = '{"model": "m", "messages": [{"role": "user", "content": "Hello there, how are you?"}]%s}'
 MAX_COST = 1.05  # this checkout ÷ the baseline, per request
+# --cache-aware: a long shared system prompt (16 blocks of 256 bytes) before each question
+LONG_BODY = ('{"model": "m", "messages": [{"role": "system", "content": "%s"}, '
+             '{"role": "user", "content": "Which clause covers late delivery?"}]%%s}'
+             % ("You answer questions about the contract filed below, citing clauses. " * 60))
+CACHE_AWARE_REPLICAS = 64
+CACHE_AWARE_MAX_COST = 1.10  # CacheAware ÷ PrefixHash, per request
 # Token loads and the conversation key on; engine scraping is on by default (every 2 s). A
 # shorter interval would put more scrapes into the counted window under callgrind, which runs
 # the gateway ~50× slower than native: the window would hold ~50× the scrapes it really does.
@@ -47,19 +58,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="another kvgate checkout to compare with (kvgate@base)")
     parser.add_argument("--signals", action="store_true",
                         help="also count kvgate with token loads and the conversation key on")
+    parser.add_argument("--cache-aware", action="store_true",
+                        help="count PrefixHash and CacheAware at 64 replicas on a long prompt "
+                        "instead")
     parser.add_argument("--requests", type=int, default=2000, help="requests counted per shape")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "hey"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed (apt-get install valgrind hey)")
-    variants = _variants(args.baseline, args.signals)
-    counts = _count_all(variants, args.requests)
-    result = {"settings": {"requests": args.requests, "baseline": str(args.baseline or "")},
-              "instructions": counts, "targets": _targets(counts)}
+    if args.cache_aware:
+        variants, body, replicas = _cache_aware_variants(), LONG_BODY, CACHE_AWARE_REPLICAS
+    else:
+        variants, body, replicas = _variants(args.baseline, args.signals), BODY, 1
+    counts = _count_all(variants, args.requests, body, replicas)
+    targets = _cache_aware_targets(counts) if args.cache_aware else _targets(counts)
+    result = {"settings": {"requests": args.requests, "baseline": str(args.baseline or ""),
+                           "replicas": replicas, "body_bytes": len(body)},
+              "instructions": counts, "targets": targets}
     text = _markdown(result)
     print("\n" + text)
-    written = save(args.out, "instructions", result, text)
+    written = save(args.out, "instructions-cache-aware" if args.cache_aware else "instructions",
+                   result, text)
     print("wrote " + ", ".join(map(str, written)))
     return 0
 
@@ -75,8 +95,14 @@ def _variants(baseline: Path | None, signals: bool) -> dict[str, tuple[Path, str
     return variants
 
 
-def _count_all(variants: dict[str, tuple[Path, str, str]],
-               requests: int) -> dict[str, dict[str, float]]:
+def _cache_aware_variants() -> dict[str, tuple[Path, str, str]]:
+    here = Path(__file__).resolve().parents[2]
+    return {"PrefixHash": (here, "loadBalancing: {strategy: PrefixHash}", ""),
+            "CacheAware": (here, "loadBalancing: {strategy: CacheAware}", "")}
+
+
+def _count_all(variants: dict[str, tuple[Path, str, str]], requests: int, body: str = BODY,
+               replicas: int = 1) -> dict[str, dict[str, float]]:
     """k instructions per request, by variant and shape."""
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -87,14 +113,15 @@ def _count_all(variants: dict[str, tuple[Path, str, str]],
         wait_for_port(backend_port)
         counts = {}
         for name, (root, balancing, extra) in variants.items():
-            config = _config(tmp, name, backend_port, balancing, extra)
-            counts[name] = _count(root, config, tmp / f"{_slug(name)}.callgrind", requests)
+            config = _config(tmp, name, backend_port, balancing, extra, replicas)
+            counts[name] = _count(root, config, tmp / f"{_slug(name)}.callgrind", requests, body)
             print(f"  {name:15s} " + "  ".join(f"{shape} {k:,.1f}k" for shape, k in
                                               counts[name].items()), flush=True)
     return counts
 
 
-def _count(root: Path, config: tuple[Path, int], out: Path, requests: int) -> dict[str, float]:
+def _count(root: Path, config: tuple[Path, int], out: Path, requests: int,
+           body: str = BODY) -> dict[str, float]:
     """One gateway under callgrind: per shape, zero the counters, serve, read the count."""
     path, port = config
     module = "kvgate" if (root / "kvgate" / "cli.py").exists() else "lb.cli"
@@ -107,24 +134,24 @@ def _count(root: Path, config: tuple[Path, int], out: Path, requests: int) -> di
         wait_for_port(port, timeout=300)
         result = {}
         for shape, extra in SHAPES.items():
-            _hey(port, extra, 200)  # warm-up: first-request paths, pools, caches
+            _hey(port, body % extra, 200)  # warm-up: first-request paths, pools, caches
             subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
                            capture_output=True)
-            _hey(port, extra, requests)
+            _hey(port, body % extra, requests)
             result[shape] = _dumped_total(proc.pid, out) / requests / 1e3
         return result
     finally:
         stop(proc)
 
 
-def _hey(port: int, extra: str, requests: int) -> None:
+def _hey(port: int, body: str, requests: int) -> None:
     done = subprocess.run(["hey", "-n", str(requests), "-c", "8", "-m", "POST",
-                           "-T", "application/json", "-d", BODY % extra,
+                           "-T", "application/json", "-d", body,
                            f"http://127.0.0.1:{port}/v1/chat/completions"],
                           capture_output=True, text=True, check=True)
     served = re.search(r"\[200\]\s+(\d+) responses", done.stdout)
     if served is None or int(served.group(1)) != requests:
-        raise RuntimeError(f"not every request was answered with 200:\n{done.stdout[-800:]}")
+        raise RuntimeError(f"not every request was answered with 200:\n{done.stdout[-2500:]}")
 
 
 def _dumped_total(pid: int, out: Path) -> int:
@@ -142,15 +169,21 @@ def _dumped_total(pid: int, out: Path) -> int:
 
 
 def _config(tmp: Path, name: str, backend_port: int, balancing: str,
-            extra: str) -> tuple[Path, int]:
+            extra: str, replicas: int = 1) -> tuple[Path, int]:
+    """A static config; with ``replicas`` > 1, that many endpoints (keys r0, r1, ...) all
+    leading to the one backend, so the ring and the scorer work at that size."""
     port = free_port()
+    address = f"127.0.0.1:{backend_port}"
+    endpoints = (f'[{{address: "{address}"}}]' if replicas == 1 else
+                 "[" + ", ".join(f'{{address: "{address}", key: r{i}}}'
+                                 for i in range(replicas)) + "]")
     path = tmp / f"{_slug(name)}.yaml"
     path.write_text(
         f"server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}\n" + extra
         + "models:\n- apiVersion: kvgate.dev/v1\n  kind: Model\n  metadata: {name: m}\n"
         "  spec:\n    url: hf://bench/m\n    engine: VLLM\n    features: [TextGeneration]\n"
         f"    {balancing}\n"
-        f'endpoints:\n  m: [{{address: "127.0.0.1:{backend_port}"}}]\n')
+        f"endpoints:\n  m: {endpoints}\n")
     return path, port
 
 
@@ -167,14 +200,24 @@ def _targets(counts: dict[str, dict[str, float]]) -> list[dict[str, object]]:
             for name in counts if name != "kvgate@base" for shape in SHAPES]
 
 
+def _cache_aware_targets(counts: dict[str, dict[str, float]]) -> list[dict[str, object]]:
+    return [check(f"CacheAware ÷ PrefixHash at {CACHE_AWARE_REPLICAS} replicas, instructions "
+                  f"per {shape} request", counts["CacheAware"][shape] / counts["PrefixHash"][shape],
+                  CACHE_AWARE_MAX_COST) for shape in SHAPES]
+
+
 def _markdown(result: dict) -> str:  # type: ignore[type-arg]
     counts = result["instructions"]
-    base = counts.get("kvgate@base")
+    base_name = "PrefixHash" if "PrefixHash" in counts else "kvgate@base"
+    base = counts.get(base_name)
+    settings = result["settings"]
     rows = [(name, shape, f"{k:,.1f}", f"{k / base[shape]:.3f}" if base else "-")
             for name, by_shape in counts.items() for shape, k in by_shape.items()]
-    lines = [f"Gateway instructions per request under callgrind ({result['settings']['requests']} "
-             "requests per shape after a warm-up; start-up excluded), one fast backend.", "",
-             table(("path", "response", "k instructions/request", "÷ kvgate@base"), rows, "ll")]
+    lines = [f"Gateway instructions per request under callgrind ({settings['requests']} "
+             "requests per shape after a warm-up; start-up excluded), one fast backend "
+             f"behind {settings.get('replicas', 1)} endpoint(s), {settings.get('body_bytes', 0):,}"
+             "-byte requests.", "",
+             table(("path", "response", "k instructions/request", f"÷ {base_name}"), rows, "ll")]
     if result["targets"]:
         lines += ["", targets_table(result["targets"])]
     return "\n".join(lines) + "\n"

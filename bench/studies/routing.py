@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -57,6 +58,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                               "prefixCharLength": 2000}}),
     "PrefixHash+Tokens": ("PrefixHash", {"loadUnit": "Tokens"}),
     "LeastQueue": ("LeastQueue", {}),
+    # Scheduler II: the gateway's own prefix index (approximate) ...
+    "CacheAware": ("CacheAware", {}),
+    # ... and the replicas' KV events on top (precise; ports are chosen per run).
+    "CacheAware+KVEvents": ("CacheAware", {"cacheAware": {"kvEvents": {}}}),
 }
 STRATEGIES = ("Random", "LeastLoad", "PrefixHash")  # the default: KubeAI's comparison
 PRESETS = {"kubeai": list(STRATEGIES), "all": list(VARIANTS)}
@@ -302,6 +307,7 @@ class Stack:
         self.sim: Optional[subprocess.Popen[bytes]] = None
         self.gateway: Optional[subprocess.Popen[bytes]] = None
         self.addresses = s.endpoints or [f"127.0.0.1:{sim_port + i}" for i in range(s.replicas)]
+        self.kv_port = 0  # the first KV-event port, when the variant follows KV events
 
     @property
     def api_url(self) -> str:
@@ -322,15 +328,32 @@ class Stack:
             cmd += [flags[key], str(value)]
         if s.capacity is not None:
             cmd += ["--capacity", str(s.capacity)]
+        if self.kv_port:  # replica i publishes on port + i and replays on port + n + i
+            cmd += ["--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+                "endpoint": f"tcp://*:{self.kv_port}",
+                "replay_endpoint": f"tcp://*:{self.kv_port + s.replicas}"})]
         return cmd
+
+    def _follows_kv_events(self, balancing: dict) -> dict:
+        """For a KV-events variant on the simulator: ports for this run, in the Model."""
+        if "kvEvents" not in balancing.get("cacheAware", {}) or self.s.endpoints:
+            return balancing
+        self.kv_port = consecutive_free_ports(2 * self.s.replicas)
+        events = {"port": self.kv_port, "replayPort": self.kv_port + self.s.replicas,
+                  "topic": "kv"}
+        return {**balancing, "cacheAware": {**balancing["cacheAware"], "kvEvents": events}}
 
     async def __aenter__(self) -> "Stack":
         sim_cpu, gw_cpu = self._cpus()
         config = self.workdir / f"gateway-{self.strategy}.yaml"
         strategy, balancing = self.s.load_balancing(self.strategy)
+        balancing = self._follows_kv_events(balancing)
         config.write_text(gateway_config({self.s.model: self.addresses}, self.gateway_port,
                                          strategy=strategy, load_factor=self.s.load_factor,
-                                         load_balancing=balancing, settings=GATEWAY_SETTINGS))
+                                         load_balancing=balancing, settings=GATEWAY_SETTINGS,
+                                         engine="Sim" if self.kv_port else "VLLM",
+                                         kv_port_offsets=bool(self.kv_port)))
         try:
             if not self.s.endpoints:
                 self.sim = launch(self._sim_cmd(), self.workdir / "sim.log", sim_cpu)
