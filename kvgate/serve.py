@@ -4,7 +4,7 @@ This module binds the sockets, loads the API credentials, builds the `Gateway` a
 `ClusterOperator` (`lb_operator.kube.manager`) on one registry, and stops both on a signal so the
 Lease is released. Namespace-scoped like KubeAI: by default the Pod's own namespace (or the
 kubeconfig context's); ``--namespace a,b`` (or repeated) manages several, with the Lease in the
-first.
+first; a Model name used in several belongs to the oldest Model (`lb_operator.kube.names`).
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def add_parser(commands: argparse._SubParsersAction, name: str, help_text: str) 
                                              "$KUBECONFIG or ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("-n", "--namespace", action="append", default=[],
-                        help="namespace to manage; repeat or comma-separate for several "
-                             "(default: the Pod's or the context's namespace)")
+                        help="namespace to manage; repeat or comma-separate for several; a "
+                             "Model name used in several is served from the oldest Model, ties "
+                             "going to the namespace given first (default: the Pod's or the "
+                             "context's namespace)")
     parser.add_argument("--lease-name", default=DEFAULT_LEASE_NAME, help="leader election Lease")
     parser.add_argument("--identity", help="leader election identity (default: host name + suffix)")
     add_listen_args(parser)

@@ -121,6 +121,8 @@ async def test_conflicting_writes_are_retried_with_a_fresh_read(
 
 
 async def test_lease_contention_has_one_leader_at_a_time(kube: FakeKube) -> None:
+    """Three electors, one Lease. Timings are several times what a loaded machine needs for a
+    renewal, and the fault lasts until the step-down is seen: no deadline races the scheduler."""
     clients = [kube.api_client() for _ in range(3)]
     running: list[str] = []
     overlaps: list[list[str]] = []
@@ -136,20 +138,26 @@ async def test_lease_contention_has_one_leader_at_a_time(kube: FakeKube) -> None
                 running.remove(name)
         return leader_task
 
-    electors = [LeaderElector(KubeApi(c), NS, identity=f"e{i}", lease_duration=0.6,
-                              renew_deadline=0.4, retry_period=0.05,
+    electors = [LeaderElector(KubeApi(c), NS, identity=f"e{i}", lease_duration=6.0,
+                              renew_deadline=4.0, retry_period=0.1,
                               leader_tasks=[task_for(f"e{i}")]) for i, c in enumerate(clients)]
     tasks = [asyncio.create_task(e.run()) for e in electors]
     try:
         await eventually(lambda: sum(e.is_leader for e in electors) == 1, what="a leader")
-        await asyncio.sleep(0.3)
         leader = next(e for e in electors if e.is_leader)
-        assert running == [leader.identity]
-        # The API fails for longer than the renew deadline: the leader steps down and stops
-        # its tasks; after the fault someone (maybe the same one) leads again.
-        kube.fail_for(0.8, 500, path="/leases")
-        await eventually(lambda: not running, timeout=2, what="the leader stepping down")
-        await eventually(lambda: sum(e.is_leader for e in electors) == 1, timeout=5,
+        await eventually(lambda: running == [leader.identity], what="the leader's task")
+        await asyncio.sleep(0.5)
+        assert running == [leader.identity] and leader.is_leader
+        # The API fails for longer than the renew deadline: the leader steps down and stops its
+        # tasks, and nobody leads while the Lease cannot be written.
+        kube.fail_for(60, 500, path="/leases")
+        await eventually(lambda: not running, timeout=15, what="the leader stepping down")
+        assert not any(e.is_leader for e in electors)
+        await asyncio.sleep(0.5)
+        assert not running and not any(e.is_leader for e in electors)
+        # After the fault someone (maybe the same one) leads again.
+        kube.clear_faults()
+        await eventually(lambda: sum(e.is_leader for e in electors) == 1, timeout=20,
                          what="a new term")
         assert sum(e.terms for e in electors) == 2
     finally:

@@ -5,7 +5,7 @@
 - the gateway replicas to scrape: the Ready Pods matching a label selector (the chart's pod
   labels) in the operator's namespace, at `podIP:<the container port named "metrics">`. Outside a
   cluster, where no gateway Pod matches, this process's own metrics are read in-process;
-- `set_replicas` through the scale subresource of the Model's namespace (`ScaleWriter`);
+- `set_replicas` through the scale subresource of the Model that owns the name (`ScaleWriter`);
 - its state in a ConfigMap (`ConfigMapStateStore`), so the next leader continues from it.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, generate_latest
@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from lb.model import GROUP, PLURAL, VERSION, Model, ModelValidationError
 from lb_operator.autoscaler import Target
 from lb_operator.kube.client import MERGE_PATCH, KubeApi, or_none
+from lb_operator.kube.names import NameOwners
 from lb_operator.kube.pods import is_ready
-from lb_operator.kube.watch import Informer
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,15 @@ METRICS_PORT_NAME = "metrics"
 STATE_KEY = "state.json"  # the state's key in its ConfigMap
 
 
-def watched_models(informers: Iterable[Informer]) -> Callable[[], list[Model]]:
-    """A `models` source: every valid Model the informers hold that is not being deleted."""
-    informers = list(informers)
+def watched_models(owners: NameOwners) -> Callable[[], list[Model]]:
+    """A `models` source: every valid Model the informers hold that owns its name (see
+    `lb_operator.kube.names`; a Model being deleted owns nothing)."""
 
     def models() -> list[Model]:
         found = []
-        for informer in informers:
+        for namespace, informer in owners.informers.items():
             for obj in list(informer.items.values()):
-                if (obj.get("metadata") or {}).get("deletionTimestamp"):
+                if not owners.owns(namespace, (obj.get("metadata") or {}).get("name", "")):
                     continue
                 try:
                     found.append(Model.from_dict(obj))
@@ -104,19 +104,18 @@ class ScaleWriter:
 
 
 class ScaleByName:
-    """`set_replicas(name, n)`: the scale subresource of the namespace the Model is watched in
-    (Model names are unique across the managed namespaces, as for the gateway's registry)."""
+    """`set_replicas(name, n)`: the scale subresource of the Model that owns the name (Model
+    names are unique per namespace; across namespaces `owners` says whose it is)."""
 
-    def __init__(self, api: KubeApi, informers: Mapping[str, Informer]) -> None:
-        self.informers = dict(informers)  # namespace -> its Model informer
-        self.writers = {ns: ScaleWriter(api, ns) for ns in self.informers}
+    def __init__(self, api: KubeApi, owners: NameOwners) -> None:
+        self.owners = owners
+        self.writers = {ns: ScaleWriter(api, ns) for ns in owners.namespaces}
 
     async def __call__(self, name: str, replicas: int) -> None:
-        for namespace, informer in self.informers.items():
-            if f"{namespace}/{name}" in informer.items:
-                await self.writers[namespace](name, replicas)
-                return
-        raise LookupError(f"model {name} is not watched")
+        namespace = self.owners.owner(name)
+        if namespace is None:
+            raise LookupError(f"model {name} is not watched")
+        await self.writers[namespace](name, replicas)
 
 
 class ConfigMapStateStore:

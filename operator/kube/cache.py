@@ -26,11 +26,12 @@ from typing import Any, Mapping
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from lb.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, Model, parse_model_url
+from lb.model import GROUP, PLURAL, VERSION, Model, parse_model_url
 
-from lb_operator.kube.apply import condition, now_timestamp
+from lb_operator.kube.apply import condition
 from lb_operator.kube.client import MERGE_PATCH, KubeApi, or_none
 from lb_operator.kube.engines import CACHE_MOUNT, Credentials, cache_claim_name, cache_dir, credentials
+from lb_operator.kube.events import record_event
 from lb_operator.kube.pods import MODEL_LABEL, owner_reference
 from lb_operator.system_config import CacheProfile, SystemConfig
 
@@ -169,23 +170,9 @@ class _Kube:
         await self.core.patch_namespaced_persistent_volume_claim(name, namespace, patch, _content_type=MERGE_PATCH)
 
     async def event(self, model: Model, uid: str, kind: str, reason: str, message: str) -> None:
-        """Record an Event on the Model; a repeat bumps the count of the same Event, as kubectl shows."""
-        name, now = f"{model.name}.cache-{reason.lower()}", now_timestamp()
-        body = {"apiVersion": "v1", "kind": "Event",
-                "metadata": {"name": name, "namespace": model.namespace},
-                "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": model.name,
-                                   "namespace": model.namespace, "uid": uid},
-                "reason": reason, "message": message, "type": kind, "count": 1,
-                "firstTimestamp": now, "lastTimestamp": now, "source": {"component": "kvgate-operator"}}
-        try:
-            await self.core.create_namespaced_event(model.namespace, body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            old = await self.get(self.core.read_namespaced_event, name, model.namespace) or {}
-            await self.core.patch_namespaced_event(
-                name, model.namespace, {"count": int(old.get("count") or 1) + 1, "lastTimestamp": now,
-                                        "message": message}, _content_type=MERGE_PATCH)
+        await record_event(self.api, namespace=model.namespace, model=model.name, uid=uid, kind=kind,
+                           reason=reason, message=message,
+                           event_name=f"{model.name}.cache-{reason.lower()}")
 
 
 async def ensure_cache(api: KubeApi, obj: Mapping[str, Any], config: SystemConfig) -> CacheState:

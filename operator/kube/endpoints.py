@@ -9,7 +9,8 @@ Pod's port annotation, adapters from its ``adapter.kvgate.dev/<name>`` labels). 
 
 Two replicas fed by the same API server therefore hold the same endpoints, and so pick the same
 replica for the same prefix. The registry is keyed by model name: when several namespaces are
-managed, a Model name must be unique across them (the later one wins otherwise).
+managed and two Models share a name, only the one `lb_operator.kube.names` makes the owner is
+in the registry; when the owner goes, the next in line enters it with its endpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Iterable, Sequence
 from lb.model import Model, ModelValidationError
 from lb.registry import Endpoint, Registry
 from lb_operator.kube.engines import MODEL_PORT
+from lb_operator.kube.names import NameOwners
 from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX, MODEL_LABEL, PORT_ANNOTATION, Pod, is_ready
 from lb_operator.kube.watch import Informer, Obj
 from lb_operator.system_config import SystemConfig
@@ -69,11 +71,16 @@ def endpoints_from_pods(pods: Sequence[Pod], *, address_override: str | None = N
 
 
 class EndpointSync:
-    def __init__(self, registry: Registry, config: SystemConfig) -> None:
+    """Keeps the registry in step with the informers; ``owners`` settles which Model a name
+    claimed in several namespaces stands for."""
+
+    def __init__(self, registry: Registry, config: SystemConfig, owners: NameOwners) -> None:
         self.registry = registry
         self.config = config
-        self._models: dict[Key, Model] = {}
+        self.owners = owners
+        self._models: dict[Key, Model] = {}  # valid Models, owners or not
         self._pods: dict[Key, dict[str, Pod]] = {}  # model -> pod name -> pod
+        self._served: dict[str, Key] = {}  # model name -> the Model in the registry
         self._published: dict[Key, list[Endpoint]] = {}
 
     def attach(self, model_informers: Iterable[Informer], pod_informers: Iterable[Informer]) -> None:
@@ -85,18 +92,13 @@ class EndpointSync:
     def on_model(self, etype: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace", "default"), meta.get("name", ""))
-        if etype == "DELETED":
-            self._forget(key)
-            return
-        try:
-            model = Model.from_dict(obj)
-        except ModelValidationError as exc:
-            log.warning("model %s/%s: invalid, not served: %s", *key, exc)
-            self._forget(key)
-            return
-        self._models[key] = model
-        self.registry.set_model(model)
-        self._publish(key)
+        self._models.pop(key, None)
+        if etype != "DELETED":
+            try:
+                self._models[key] = Model.from_dict(obj)
+            except ModelValidationError as exc:
+                log.warning("model %s/%s: invalid, not served: %s", *key, exc)
+        self._settle(key[1])
 
     def on_pod(self, etype: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
@@ -109,15 +111,30 @@ class EndpointSync:
             pods.pop(meta.get("name", ""), None)
         else:
             pods[meta.get("name", "")] = obj
-        if key in self._models:
+        if self._served.get(model) == key:
             self._publish(key)
 
-    def _forget(self, key: Key) -> None:
-        if self._models.pop(key, None) is None:
-            return
-        self._published.pop(key, None)
-        self.registry.set_endpoints(key[1], [])
-        self.registry.delete_model(key[1])
+    def _serving(self, name: str) -> Key | None:
+        """The Model to serve under that name: its owner, if the owner's spec is valid. While
+        every Model of the name is being deleted, the one served so far stays until it is gone
+        (its Pods are stopping; nobody else wants the name)."""
+        namespace = self.owners.owner(name)
+        key = (namespace, name) if namespace is not None else self._served.get(name)
+        return key if key in self._models else None
+
+    def _settle(self, name: str) -> None:
+        """Put the name's owner (and only it) in the registry, with its endpoints."""
+        key, served = self._serving(name), self._served.get(name)
+        if served is not None and served != key:
+            del self._served[name]
+            self._published.pop(served, None)
+            if key is None:
+                self.registry.set_endpoints(name, [])
+                self.registry.delete_model(name)
+        if key is not None:
+            self._served[name] = key
+            self.registry.set_model(self._models[key])
+            self._publish(key)
 
     def _publish(self, key: Key) -> None:
         model = self._models[key]

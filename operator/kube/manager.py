@@ -11,7 +11,8 @@ namespace, and keeps its state in a ConfigMap there).
 
 ``ClusterOperator`` is that composition, usable on its own (the tests run two of them against
 one API server). Namespace-scoped like KubeAI: ``ClusterOptions.namespaces``, with the Lease in
-the first.
+the first; a Model name claimed in several of them belongs to one Model
+(`lb_operator.kube.names`), the only one served, reconciled into Pods and autoscaled.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lb_operator.kube.autoscaling import (DEFAULT_GATEWAY_SELECTOR, ConfigMapSta
 from lb_operator.kube.client import KubeApi
 from lb_operator.kube.endpoints import EndpointSync
 from lb_operator.kube.leader import DEFAULT_LEASE_NAME, LeaderElector, LeaderTask
+from lb_operator.kube.names import NameOwners
 from lb_operator.kube.reconciler import JOB_SELECTOR, POD_SELECTOR, ReconcileHook, Reconciler
 from lb_operator.kube.scaler import ClusterScaler
 from lb_operator.kube.watch import Informer
@@ -84,16 +86,17 @@ class ClusterOperator:
         self.options = options
         self.metrics = metrics
         self.model_informers = [self._model_informer(ns) for ns in options.namespaces]
+        self.owners = NameOwners(dict(zip(options.namespaces, self.model_informers)))
         self.pod_informers = [self._pod_informer(ns) for ns in options.namespaces]
         self.job_informers = [self._job_informer(ns) for ns in options.namespaces]
-        self.endpoints = EndpointSync(registry, system)
+        self.endpoints = EndpointSync(registry, system, self.owners)
         self.endpoints.attach(self.model_informers, self.pod_informers)
         self.adapters = (ClusterAdapters(api, self.model_informers) if options.adapters
                          else None)
         self.autoscaler: Autoscaler | None = None  # built on first leadership (needs the session)
         self._session: aiohttp.ClientSession | None = None
         builtin_hooks, builtin_tasks = self._builtin_extensions()
-        self.reconciler = Reconciler(api, system, model_informers=self.model_informers,
+        self.reconciler = Reconciler(api, system, owners=self.owners,
                                      pod_informers=self.pod_informers, workers=options.workers,
                                      resync_seconds=options.resync_seconds,
                                      backoff=options.backoff, hooks=[*builtin_hooks, *hooks],
@@ -166,10 +169,10 @@ class ClusterOperator:
         api, home = self.api, self.options.namespaces[0]
         config = self.system.model_autoscaling
         return Autoscaler(
-            config, models=watched_models(self.model_informers),
+            config, models=watched_models(self.owners),
             gateways=GatewayTargets(api, home, self.options.gateway_selector,
                                     fallback_port=self.options.metrics_port, local=self.metrics),
-            set_replicas=ScaleByName(api, dict(zip(self.options.namespaces, self.model_informers))),
+            set_replicas=ScaleByName(api, self.owners),
             store=ConfigMapStateStore(api, home, config.state_config_map_name),
             session=self._session, registry=self.metrics)
 

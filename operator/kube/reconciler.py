@@ -11,6 +11,13 @@ that changes while it is being reconciled runs once more afterwards. A failing k
 with exponential backoff and jitter; a Model that cannot be planned (invalid spec, unknown
 profile) gets a ``Valid=False`` condition and is left until it changes.
 
+Names shared across managed namespaces (`lb_operator.kube.names`): before anything else, the
+same name is read fresh in the other namespaces; a Model that does not own its name gets no
+Pods (any it had are deleted), a ``Valid=False`` condition with reason ``NameConflict`` naming
+the owner's namespace, and a Warning Event when it starts losing. Every event on a Model
+queues every Model of that name, so the next in line is reconciled (and takes the name over)
+as soon as the owner is deleted.
+
 Cache profiles (`lb_operator.kube.cache`): before planning, ``ensure_cache`` takes one step (PVC,
 loader Job, finalizer); until the cache is loaded no Pod is planned, the ``CacheReady`` condition
 says why, and the key comes back after a growing delay or when a cache Job changes (the Job
@@ -42,6 +49,8 @@ from lb_operator.kube.apply import apply_plan, condition, ensure_files, pods_aft
 from lb_operator.kube.cache import CACHE_FINALIZER, JOB_KIND_LABEL, CacheState, ensure_cache
 from lb_operator.kube.client import KubeApi
 from lb_operator.kube.engines import PodSpecError
+from lb_operator.kube.events import record_event
+from lb_operator.kube.names import CONFLICT_REASON, NameOwners, conflict_message, fresh_owner
 from lb_operator.kube.pods import ENGINE_LABEL, MODEL_LABEL, Pod, owner_reference, plan_pods, replica_status
 from lb_operator.kube.watch import TRANSIENT_ERRORS, Informer, Obj
 from lb_operator.retry import Backoff
@@ -127,14 +136,15 @@ class WorkQueue:
 class Reconciler:
     """Reconciles every Model the informers know of, and again whenever it or its Pods change."""
 
-    def __init__(self, api: KubeApi, config: SystemConfig, *, model_informers: Iterable[Informer],
+    def __init__(self, api: KubeApi, config: SystemConfig, *, owners: NameOwners,
                  pod_informers: Iterable[Informer], workers: int = 2, resync_seconds: float = 60.0,
                  backoff: Backoff = Backoff(initial=0.1, maximum=10.0),
                  hooks: Sequence[ReconcileHook] = (), job_informers: Iterable[Informer] = (),
                  cache_backoff: Backoff = Backoff(initial=2.0, maximum=60.0)) -> None:
         self.api = api
         self.config = config
-        self.model_informers = list(model_informers)
+        self.owners = owners  # the Model informers, by namespace in flag order
+        self.model_informers = list(owners.informers.values())
         self.pod_informers = list(pod_informers)
         self.workers = workers
         self.resync_seconds = resync_seconds
@@ -168,9 +178,11 @@ class Reconciler:
             self.queue.close()
 
     def _on_model(self, etype: str, obj: Obj) -> None:
-        meta = obj.get("metadata") or {}
-        if etype != "DELETED":  # Pods go with their owner (garbage collection)
-            self.enqueue(meta.get("namespace", "default"), meta.get("name", ""))
+        """Every Model of that name: a change to one may settle who owns the name. A deleted
+        Model itself needs nothing (Pods go with their owner: garbage collection)."""
+        name = (obj.get("metadata") or {}).get("name", "")
+        for present in self.owners.present(name):
+            self.enqueue(present["metadata"].get("namespace", "default"), name)
 
     def _on_dependent(self, etype: str, obj: Obj) -> None:
         """A model Pod changed, or a cache Job (completed, failed, deleted): both carry their
@@ -221,6 +233,10 @@ class Reconciler:
         if (obj.get("metadata") or {}).get("deletionTimestamp"):
             await self._finalize(obj)
             return
+        owner = await fresh_owner(self.api, self.owners.namespaces, obj)
+        if owner is not None and owner != namespace:
+            await self._name_taken(obj, owner)
+            return
         try:
             model = Model.from_dict(obj)
         except ModelValidationError as exc:
@@ -253,6 +269,24 @@ class Reconciler:
         log.warning("model %s/%s: not reconciled: %s", meta["namespace"], meta["name"], message)
         await write_status(self.api, obj, conditions=[
             condition(VALID, False, reason, message, _generation(obj))])
+
+    async def _name_taken(self, obj: dict[str, Any], owner: str) -> None:
+        """A Model whose name another namespace owns: no Pods, and its status and an Event say
+        which namespace has the name. The Event is recorded once per loss, not on every pass."""
+        meta = obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        message = conflict_message(name, owner)
+        listed = await self.api.list_pods(namespace, label_selector=model_pod_selector(name))
+        pods = [p for p in listed.get("items") or () if not p["metadata"].get("deletionTimestamp")]
+        await asyncio.gather(*(self.api.delete_pod(namespace, p["metadata"]["name"], p["metadata"].get("uid"))
+                               for p in pods))
+        if not _has_condition(obj, VALID, CONFLICT_REASON, message):
+            log.warning("model %s/%s: %s", namespace, name, message)
+            await record_event(self.api, namespace=namespace, model=name, uid=meta.get("uid", ""),
+                               kind="Warning", reason=CONFLICT_REASON, message=message,
+                               event_name=f"{name}.{CONFLICT_REASON.lower()}")
+        await write_status(self.api, obj, replica_status([]), [
+            condition(VALID, False, CONFLICT_REASON, message, _generation(obj))])
 
     async def _cache(self, model: Model, obj: dict[str, Any]
                      ) -> tuple[dict[str, Any], CacheState | None]:
@@ -297,6 +331,12 @@ class Reconciler:
 
 def _generation(obj: dict[str, Any]) -> int | None:
     return (obj.get("metadata") or {}).get("generation")
+
+
+def _has_condition(obj: dict[str, Any], kind: str, reason: str, message: str) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") == kind and c.get("reason") == reason and c.get("message") == message
+               for c in conditions)
 
 
 def _owner(obj: dict[str, Any]) -> dict[str, Any] | None:
