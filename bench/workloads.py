@@ -23,6 +23,8 @@ before it, so a smaller workload is a prefix of a larger one with the same seed.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
@@ -446,6 +448,97 @@ def system_prompt_threads(n: int, seed: int = 0, *, prompts: int = 24,
                      "question_chars": list(question_chars), "max_tokens": max_tokens})
 
 
+DOCUMENT_CHARS = (6000, 12000)  # ~1,500-3,000 tokens each in the simulator's tokenizer
+
+
+def document_threads(n: int, seed: int = 0, *, documents: int = 32,
+                     doc_chars: tuple[int, int] = DOCUMENT_CHARS, zipf_s: float = 1.1,
+                     questions: tuple[int, int] = (1, 4),
+                     question_chars: tuple[int, int] = (60, 300),
+                     max_tokens: int = DEFAULT_MAX_TOKENS) -> Workload:
+    """`n` users reading `documents` long documents, chosen by Zipf popularity (exponent
+    `zipf_s`: the top document draws ~1/4 of the users at 32 documents): the first message
+    is the whole document followed by a question, then `questions` - 1 follow-ups in the same
+    conversation. Hot documents outgrow one replica's share of the load, so where the
+    overflow goes (a replica that already holds the document, or any) decides their TTFT."""
+    docs = [_document(_thread_rng(seed, "document", d),
+                      _thread_rng(seed, "document-size", d).randint(*doc_chars), d)
+            for d in range(documents)]
+    weights = [1.0 / (rank + 1) ** zipf_s for rank in range(documents)]
+    total = sum(weights)
+    cumulative = list(itertools.accumulate(w / total for w in weights))
+    threads = []
+    for i in range(n):
+        rng = _thread_rng(seed, "document-user", i)
+        gen = _TextGen(rng)
+        d = min(bisect.bisect_left(cumulative, rng.random()), documents - 1)
+        asks = [gen.text(rng.randint(*question_chars), first=(j == 0))
+                for j in range(rng.randint(*questions))]
+        first = f"Read this document, then answer my question.\n\n{docs[d]}\n\nQuestion: {asks[0]}"
+        threads.append(ChatThread(f"doc-{seed}-{i}", (first, *asks[1:]), max_tokens=max_tokens,
+                                  group=f"doc-{d}"))
+    return Workload("documents", seed, tuple(threads),
+                    {"documents": documents, "doc_chars": list(doc_chars), "zipf_s": zipf_s,
+                     "questions": list(questions), "max_tokens": max_tokens})
+
+
+def _document(rng: random.Random, target: int, index: int) -> str:
+    """A report of about `target` characters, titled so no two documents share a block."""
+    gen = _TextGen(rng)
+    parts = [f"Report {index}: {gen.topic} in {gen.place}."]
+    while sum(len(p) + 1 for p in parts) < target:
+        parts.append(gen.fill(rng.choice(DETAILS + FOLLOW_UPS)))
+    return _cut(" ".join(parts), target)
+
+
+AGENT_TOOLS_CHARS = (2000, 3000)
+AGENT_OBSERVATION_CHARS = (200, 600)
+
+
+def agentic_threads(n: int, seed: int = 0, *, families: int = 8,
+                    tools_chars: tuple[int, int] = AGENT_TOOLS_CHARS,
+                    steps: tuple[int, int] = (3, 8),
+                    observation_chars: tuple[int, int] = AGENT_OBSERVATION_CHARS,
+                    max_tokens: int = DEFAULT_MAX_TOKENS) -> Workload:
+    """`n` agent runs: each opens with its family's tool definitions (a system prompt shared by
+    the `families` kinds of agent) and a unique task, then loops `steps` times, each step
+    sending the whole context grown by the model's last action and the tool's observation."""
+    tools = [_tool_definitions(_thread_rng(seed, "agent-tools", f),
+                               _thread_rng(seed, "agent-tools-size", f).randint(*tools_chars), f)
+             for f in range(families)]
+    seen: set[str] = set()
+    threads = []
+    for i in range(n):
+        rng = _thread_rng(seed, "agent", i)
+
+        def make(rng: random.Random = rng, i: int = i) -> tuple[str, ...]:
+            gen = _TextGen(rng)
+            task = f"Task {i}: " + gen.text(rng.randint(120, 300), first=True)
+            observations = tuple(
+                f"Observation {k + 1}: " + gen.text(rng.randint(*observation_chars))
+                for k in range(rng.randint(*steps)))
+            return (task, *observations)
+
+        threads.append(ChatThread(f"agent-{seed}-{i}", _unique_first(make, seen),
+                                  system_prompt=tools[i % families], max_tokens=max_tokens,
+                                  group=f"family-{i % families}"))
+    return Workload("agentic", seed, tuple(threads),
+                    {"families": families, "tools_chars": list(tools_chars),
+                     "steps": list(steps), "observation_chars": list(observation_chars),
+                     "max_tokens": max_tokens})
+
+
+def _tool_definitions(rng: random.Random, target: int, family: int) -> str:
+    gen = _TextGen(rng)
+    parts = [f"You are agent family {family}: you solve tasks about {gen.topic} by calling "
+             "tools. Answer with one tool call per step. Tools:"]
+    tool = 1
+    while sum(len(p) + 1 for p in parts) < target:
+        parts.append(f"tool_{tool}(query): " + gen.fill(rng.choice(DETAILS)))
+        tool += 1
+    return _cut(" ".join(parts), target)
+
+
 def unique_prompt_threads(n: int, seed: int = 0, *,
                           messages: tuple[int, int] = MULTI_TURN_MESSAGES,
                           prompt_chars: tuple[int, int] = MULTI_TURN_CHARS,
@@ -482,6 +575,8 @@ def _tagged(gen: _TextGen, rng: random.Random, chars: tuple[int, int], i: int, j
 WORKLOADS = {
     "multi-turn": multi_turn_threads,
     "system-prompt": system_prompt_threads,
+    "documents": document_threads,
+    "agentic": agentic_threads,
     "unique-prompts": unique_prompt_threads,
 }
 
@@ -496,5 +591,5 @@ def make_workload(name: str, n_threads: int, seed: int = 0, **kwargs: object) ->
         fn = WORKLOADS[name]
     except KeyError:
         raise KeyError(f"unknown workload {name!r}; known: multi-turn, shared-prefix, "
-                       "system-prompt, unique-prompts") from None
+                       f"{', '.join(n for n in WORKLOADS if n != 'multi-turn')}") from None
     return fn(n_threads, seed, **kwargs)  # type: ignore[operator]

@@ -1,6 +1,7 @@
 """Reproduce KubeAI's prefix-hash study on this machine: strategies x concurrency, one command.
 
-    python -m bench routing [--quick] [--workload multi-turn|shared-prefix|system-prompt|unique]
+    python -m bench routing [--quick] [--workload multi-turn|shared-prefix|system-prompt|documents|
+                                                  agentic|unique]
                             [--concurrency 40,80,160] [--replicas 8]
                             [--strategies Random,LeastLoad,PrefixHash|all] [--out bench/results]
                             [--endpoints host:port,...]
@@ -69,7 +70,7 @@ PRESETS = {"kubeai": list(STRATEGIES), "all": list(VARIANTS)}
 # default 2 s, so a queue that forms is seen within a few steps.
 GATEWAY_SETTINGS = {"engineMetrics": {"intervalSeconds": 0.5}}
 WORKLOADS = {"multi-turn": "multi-turn", "shared-prefix": "shared-prefix",
-             "system-prompt": "system-prompt",
+             "system-prompt": "system-prompt", "documents": "documents", "agentic": "agentic",
              "unique": "unique-prompts", "unique-prompts": "unique-prompts"}
 DEFAULTS = {  # (concurrency, warm-up s, window s, drain cap s, simulator clock)
     "full": ([40, 80, 160], 20.0, 40.0, 30.0, 1.0),
