@@ -19,12 +19,14 @@ import time
 import zlib
 from typing import Any, Awaitable, Callable
 
+from lb.admission import Admission
 from lb.balancer import Balancer, Lease
 from lb.cache_aware import PromptBlocks, prompt_blocks
 from lb.config import Config
 from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, anthropic_error_body, as_anthropic,
                        bad_request, model_not_found, upstream_error_body)
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
+from lb.keys import Tenant
 from lb.metrics import GatewayMetrics
 from lb.model import Model, split_model_adapter
 from lb.parse import (ParsedRequest, check_content_type, estimated_tokens, parse_request,
@@ -80,8 +82,10 @@ class _Exchange:
 
 class Proxy:
     def __init__(self, config: Config, registry: Registry, balancer: Balancer,
-                 metrics: GatewayMetrics, pool: Callable[[], UpstreamPool]) -> None:
+                 metrics: GatewayMetrics, pool: Callable[[], UpstreamPool],
+                 admission: Admission | None = None) -> None:
         self._config = config
+        self._admission = admission  # None: API keys off
         self._registry = registry
         self._balancer = balancer
         self._metrics = metrics
@@ -100,9 +104,12 @@ class Proxy:
                                                                      self._session_header)
             if content_type != b"application/json" or kind == "transcriptions":
                 check_content_type(kind, content_type)
+            # Keys on: the key is checked before the body is read (a 401 costs no upload).
+            tenant = (None if self._admission is None
+                      else self._admission.authenticate(scope["headers"]))
             body = await self._read_body(content_length, receive)
             await self._serve(kind, path, scope, body, content_type, session, receive, send,
-                              exchange, began)
+                              exchange, began, tenant)
         except GatewayError as exc:
             exchange.status = exc.status
             if not exchange.started:
@@ -120,12 +127,15 @@ class Proxy:
 
     async def _serve(self, kind: str, path: bytes, scope: Scope, body: bytes,
                      content_type: bytes, session: bytes, receive: Receive, send: Send,
-                     exchange: _Exchange, began: float) -> None:
+                     exchange: _Exchange, began: float, tenant: Tenant | None) -> None:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
         if _FEATURES[kind] not in model.spec.features and not _also_served(kind, model):
             raise _not_served(model, kind, scope["path"])
+        if tenant is not None:  # 403 / 429, and the client's key taken off the headers
+            assert self._admission is not None
+            send = self._admission.admit(tenant, parsed, model.name, scope).wrap(send)
         hook = scope.get(DISCONNECT_HOOK)
         watcher = (_DisconnectHook(hook, exchange) if hook is not None
                    else _DisconnectWatch(receive, exchange))
