@@ -58,10 +58,11 @@ class ApiKeysConfig:
 @dataclass(frozen=True, slots=True)
 class KeyLimits:
     requests_per_minute: int = setting(0, doc="Requests admitted per minute (a burst of this "
-                                       "many, then one every 60/N s); 0: no limit.", minimum=0)
+                                       "many, then one every 60/N s); 0: no limit.", minimum=0,
+                                       maximum=10**9)
     tokens_per_minute: int = setting(0, doc="Tokens per minute: prompt bytes / 4 + max_tokens at "
                                      "admission, corrected by the response's usage; 0: no limit.",
-                                     minimum=0)
+                                     minimum=0, maximum=10**10)
 
 
 @dataclass(frozen=True, slots=True)
