@@ -5,7 +5,8 @@ The proxy asks this module only when keys are on (``apiKeys.enabled``); with key
 request path pays one ``is None`` test. An admitted request's ``send`` is wrapped
 (``Ticket.wrap``) to add the rate-limit headers to the response head and, when the key has a
 token limit, to read the response's ``usage`` (the JSON body, or the last SSE event that
-carries one) and correct the estimate charged at admission by what the model server counted.
+carries one) and correct the estimate charged at admission by what the model server counted;
+an error answer from the model server gives the estimate back.
 """
 
 from __future__ import annotations
@@ -112,7 +113,10 @@ class _Meter:
     def _start(self, message: dict[str, Any]) -> None:
         headers = list(message.get("headers", ())) + self._ticket.headers
         message["headers"] = headers
-        if not self._ticket.tenant.tpm or not 200 <= message["status"] < 300:
+        if not self._ticket.tenant.tpm:
+            return
+        if not 200 <= message["status"] < 300:
+            self._ticket.reconcile(0)  # the model server refused it: no tokens were spent
             return
         ctype = b""
         for name, value in headers:

@@ -219,6 +219,11 @@ def test_tokens_per_minute_are_corrected_by_the_usage(keyed):
         assert raw.headers["x-ratelimit-limit-tokens"] == "1000"
     assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 100  # said at admission
     assert metric(gw, "kvgate_key_tokens_total", key="thrifty") == 12
+    # The model server refuses one: its estimate is given back.
+    with pytest.raises(openai.BadRequestError):
+        chat(c.with_options(default_headers={"x-test-plan": json.dumps({"status": 400})}),
+             max_tokens=100)
+    assert metric(gw, "kvgate_key_tokens_total", key="thrifty") == 12
     with pytest.raises(openai.RateLimitError) as limited:
         chat(c, max_tokens=990)  # 12 used + 990 + the prompt > 1,000
     assert "tokens per min" in limited.value.message
@@ -313,3 +318,24 @@ def test_keys_off_by_default_pass_the_header_through(gw):
     chat(client(gw, "anything"))
     assert backend.last.headers["Authorization"] == "Bearer anything"
     assert "kvgate_key_" not in metrics_text(gw)
+
+
+def test_anthropic_clients_send_their_key_as_x_api_key(make_gateway, tmp_path):
+    import anthropic
+
+    path = tmp_path / "keys.yaml"
+    secrets = write_keys(path, a={"models": ["m"], "limits": {"tokensPerMinute": 100000}})
+    gw = make_gateway({"apiKeys": {"enabled": True, "file": str(path)}})
+    gw.model_with("m", [gw.sim("m", "r0")])
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=secrets["a"], max_retries=0, timeout=30)
+    message = sdk.messages.create(model="m", max_tokens=4,
+                                  messages=[{"role": "user", "content": "hi"}])
+    # Anthropic's usage (input + output tokens) corrects the estimate.
+    assert metric(gw, "kvgate_key_tokens_total", key="a") == \
+        message.usage.input_tokens + message.usage.output_tokens
+    wrong = anthropic.Anthropic(base_url=gw.url, api_key="sk-kvg-wrong", max_retries=0,
+                                timeout=30)
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        wrong.messages.create(model="m", max_tokens=4,
+                              messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.response.json()["error"]["type"] == "authentication_error"
