@@ -339,3 +339,18 @@ def test_anthropic_clients_send_their_key_as_x_api_key(make_gateway, tmp_path):
         wrong.messages.create(model="m", max_tokens=4,
                               messages=[{"role": "user", "content": "hi"}])
     assert refused.value.response.json()["error"]["type"] == "authentication_error"
+
+
+def test_config_mistakes_are_named(tmp_path, monkeypatch):
+    from lb.app import Gateway
+    from lb.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="apiKeys.file"):
+        config_from_dict({"apiKeys": {"enabled": True}})
+    path = tmp_path / "keys.yaml"
+    write_keys(path, a={})
+    monkeypatch.delenv("KVGATE_TEST_NO_SUCH_KEY", raising=False)
+    config = config_from_dict({"apiKeys": {"enabled": True, "file": str(path),
+                                           "upstreamKeyEnv": {"m": "KVGATE_TEST_NO_SUCH_KEY"}}})
+    with pytest.raises(ConfigError, match="KVGATE_TEST_NO_SUCH_KEY is not set"):
+        Gateway(config)
