@@ -2,32 +2,25 @@
 not use, 429 past its limits, and OpenAI's ``x-ratelimit-*`` headers on what is admitted.
 
 The proxy asks this module only when keys are on (``apiKeys.enabled``); with keys off the
-request path pays one ``is None`` test. An admitted request's ``send`` is wrapped
-(``Ticket.wrap``) to add the rate-limit headers to the response head and, when the key has a
-token limit, to read the response's ``usage`` (the JSON body, or the last SSE event that
-carries one) and correct the estimate charged at admission by what the model server counted;
-an error answer from the model server gives the estimate back.
+request path pays a few ``is None`` tests. An admitted request gets a ``Ticket``: the proxy puts
+its rate-limit headers on the response head and, when the answer is complete, hands it the
+answer's last reads (``Ticket.settle``), where the usage is (a JSON body's end, or the last SSE
+event with ``include_usage``), to correct the estimate charged at admission by what the model
+server counted; an error answer from the model server gives the estimate back. Nothing is done
+per chunk: a wrapper around ``send`` cost ~1 µs a message, 20 µs a 20-chunk stream.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Awaitable, Callable
-
-import orjson
+import re
+from typing import Any
 
 from lb.errors import GatewayError
 from lb.keys import KEY_HEADERS, KeyExpired, KeyStore, Tenant
 from lb.limits import Decision, LimitTable, duration_text
 from lb.metrics import GatewayMetrics
 from lb.parse import ParsedRequest, estimated_tokens
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-# A JSON answer larger than this is passed on without reading its usage (the estimate stays).
-_USAGE_BODY_LIMIT = 4 * 1024 * 1024
-# How much of a stream's end is kept to find its usage event in.
-_SSE_TAIL = 16 * 1024
 
 
 class Admission:
@@ -80,8 +73,18 @@ class Ticket:
         self.estimate = estimate
         self.headers = headers
 
-    def wrap(self, send: Send) -> Send:
-        return _Meter(self, send)
+    def settle(self, status: int, last: bytes, before: bytes = b"") -> None:
+        """The answer is complete: ``last`` is its last read, ``before`` the one before it.
+        Correct the estimate by the usage found at their end; an error answer gives the
+        estimate back."""
+        if not self.tenant.tpm:
+            return
+        if not 200 <= status < 300:
+            self.reconcile(0)  # the model server refused it: no tokens were spent
+            return
+        used = usage_in(before[-_TAIL:] + last[-_TAIL:] if before else last[-_TAIL:])
+        if used is not None:
+            self.reconcile(used)
 
     def reconcile(self, used: int) -> None:
         """The model server counted ``used`` tokens: correct the estimate charged."""
@@ -91,123 +94,46 @@ class Ticket:
             self._admission.metrics.key_tokens_corrected(self.tenant.name, delta)
 
 
-class _Meter:
-    """``send`` with the rate-limit headers on the head, reading the answer's usage."""
-
-    __slots__ = ("_ticket", "_send", "_mode", "_parts", "_size")
-
-    def __init__(self, ticket: Ticket, send: Send) -> None:
-        self._ticket = ticket
-        self._send = send
-        self._mode = ""  # "json" or "sse" while the body is watched for its usage
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self._start(message)
-        elif self._mode:
-            self._body(message)
-        await self._send(message)
-
-    def _start(self, message: dict[str, Any]) -> None:
-        headers = list(message.get("headers", ())) + self._ticket.headers
-        message["headers"] = headers
-        if not self._ticket.tenant.tpm:
-            return
-        if not 200 <= message["status"] < 300:
-            self._ticket.reconcile(0)  # the model server refused it: no tokens were spent
-            return
-        ctype = b""
-        for name, value in headers:
-            if name == b"content-encoding" and value.strip().lower() != b"identity":
-                return  # compressed: its usage is not worth inflating for
-            if name == b"content-type":
-                ctype = value
-        if ctype.startswith(b"application/json"):
-            self._mode = "json"
-        elif ctype.startswith(b"text/event-stream"):
-            self._mode = "sse"
-
-    def _body(self, message: dict[str, Any]) -> None:
-        chunk = message.get("body", b"")
-        if chunk:
-            self._parts.append(chunk)
-            self._size += len(chunk)
-            if self._mode == "json" and self._size > _USAGE_BODY_LIMIT:
-                self._mode, self._parts = "", []
-                return
-            if self._mode == "sse" and self._size > 2 * _SSE_TAIL and len(self._parts) > 2:
-                tail = b"".join(self._parts)[-_SSE_TAIL:]
-                self._parts, self._size = [tail], len(tail)
-        if message.get("more_body", False):
-            return
-        body = b"".join(self._parts)
-        self._parts = []
-        used = _json_usage(body) if self._mode == "json" else _sse_usage(body)
-        self._mode = ""
-        if used is not None:
-            self._ticket.reconcile(used)
+# How much of an answer's end is searched for its usage: the usage object is its last part.
+_TAIL = 16 * 1024
+_TOTAL = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+_INPUT = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
+_OUTPUT = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
 
 
-def _json_usage(body: bytes) -> int | None:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return _tokens(payload.get("usage")) if isinstance(payload, dict) else None
-
-
-def _sse_usage(tail: bytes) -> int | None:
-    """The usage of the last event that carries one (OpenAI's final chunk with
-    ``stream_options.include_usage``)."""
-    at = tail.rfind(b'"usage"')
-    while at >= 0:
-        start = tail.rfind(b"data:", 0, at)
-        end = tail.find(b"\n", at)
-        if start < 0:
+def usage_in(tail: bytes) -> int | None:
+    """The tokens of the last usage object in the end of an answer: ``total_tokens`` (OpenAI's
+    chat, completions, embeddings and Responses APIs), else ``input_tokens`` +
+    ``output_tokens`` (Anthropic's). A search, not a parse: the usage is the last thing in a
+    JSON answer and in the last event of a stream with ``include_usage``, and a key in quotes
+    cannot occur inside a JSON string (its quotes would be escaped)."""
+    at = tail.rfind(b'"total_tokens"')
+    if at >= 0:
+        found = _TOTAL.match(tail, at)
+        return int(found.group(1)) if found else None
+    counts = []
+    for key, pattern in ((b'"input_tokens"', _INPUT), (b'"output_tokens"', _OUTPUT)):
+        at = tail.rfind(key)
+        found = pattern.match(tail, at) if at >= 0 else None
+        if found is None:
             return None
-        try:
-            payload = orjson.loads(tail[start + 5:end if end >= 0 else len(tail)])
-        except orjson.JSONDecodeError:
-            payload = None
-        if isinstance(payload, dict):
-            used = _tokens(payload.get("usage"))
-            if used is None and isinstance(payload.get("response"), dict):
-                used = _tokens(payload["response"].get("usage"))  # Responses API's last event
-            if used is not None:
-                return used
-        at = tail.rfind(b'"usage"', 0, start)
-    return None
-
-
-def _tokens(usage: Any) -> int | None:
-    """Total tokens of a usage object: OpenAI's ``total_tokens``, else input + output."""
-    if not isinstance(usage, dict):
-        return None
-    total = usage.get("total_tokens")
-    if type(total) is int and total >= 0:
-        return total
-    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens",
-                                    "output_tokens")]
-    counted = [p for p in parts if type(p) is int and p >= 0]
-    return sum(counted) if counted else None
+        counts.append(int(found.group(1)))
+    return sum(counts)
 
 
 def _limit_headers(tenant: Tenant, decision: Decision) -> list[tuple[bytes, bytes]]:
     """OpenAI's rate-limit headers, for the limits the key has."""
     headers = []
     if tenant.rpm:
-        headers += [(b"x-ratelimit-limit-requests", str(tenant.rpm).encode()),
-                    (b"x-ratelimit-remaining-requests",
-                     str(decision.remaining_requests).encode()),
+        headers += ((b"x-ratelimit-limit-requests", tenant.rpm_text),
+                    (b"x-ratelimit-remaining-requests", b"%d" % decision.remaining_requests),
                     (b"x-ratelimit-reset-requests",
-                     duration_text(decision.reset_requests_ns).encode())]
+                     duration_text(decision.reset_requests_ns).encode()))
     if tenant.tpm:
-        headers += [(b"x-ratelimit-limit-tokens", str(tenant.tpm).encode()),
-                    (b"x-ratelimit-remaining-tokens", str(decision.remaining_tokens).encode()),
+        headers += ((b"x-ratelimit-limit-tokens", tenant.tpm_text),
+                    (b"x-ratelimit-remaining-tokens", b"%d" % decision.remaining_tokens),
                     (b"x-ratelimit-reset-tokens",
-                     duration_text(decision.reset_tokens_ns).encode())]
+                     duration_text(decision.reset_tokens_ns).encode()))
     return headers
 
 

@@ -158,12 +158,15 @@ def keys_to_dict(keys: KeysFile) -> dict[str, Any]:
 class Tenant:
     """A key as the request path uses it: its name, models, limits and limit-table slot."""
 
-    __slots__ = ("name", "rpm", "tpm", "priority", "expires", "slot", "_pattern", "_allowed")
+    __slots__ = ("name", "rpm", "tpm", "rpm_text", "tpm_text", "priority", "expires", "slot",
+                 "_pattern", "_allowed")
 
     def __init__(self, key: ApiKey, slot: int) -> None:
         self.name = key.name
         self.rpm = key.limits.requests_per_minute
         self.tpm = key.limits.tokens_per_minute
+        self.rpm_text = b"%d" % self.rpm  # the x-ratelimit-limit-* values, made once
+        self.tpm_text = b"%d" % self.tpm
         self.priority = key.priority
         self.expires = expiry_of(key.expires_at) if key.expires_at else float("inf")
         self.slot = slot

@@ -9,10 +9,12 @@ describes, with no window edge at which twice the limit gets through.
 
 The TATs live in an anonymous shared memory map created before the workers fork, the way the
 ring's in-flight loads do (``lb.loads``): one 32-byte entry per key (64-bit tag of the key's
-hash, requests TAT, tokens TAT, spare) in a fixed open-addressing table. A check-and-update
-reads and writes two words and must be atomic across processes, so it runs under the table's
-process-shared lock (a futex when uncontended: well under a microsecond). Times are
-``CLOCK_MONOTONIC`` nanoseconds, one clock for every process of the machine.
+hash, requests TAT, tokens TAT, a lock word) in a fixed open-addressing table. A
+check-and-charge reads and writes two words and must be atomic across processes: the C core
+(``lb/_limits.pyx``, built with the ring's) takes a spin lock in the entry's lock word
+(``_atomic.h``), its pure twin here (``PyBudgets``) the table's process-shared semaphore; all
+processes of one install run the same one. Times are ``CLOCK_MONOTONIC`` nanoseconds, one
+clock for every process of the machine.
 
 Several gateway *replicas* (pods) do not share this table: each enforces the limits on what it
 serves (the README says so).
@@ -20,24 +22,25 @@ serves (the README says so).
 
 from __future__ import annotations
 
-import math
 import mmap
 import multiprocessing
 import time
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 __all__ = ["LimitTable", "Decision", "WINDOW_NS", "duration_text"]
 
 WINDOW_NS = 60_000_000_000  # the limits are per minute
+_HEADER_WORDS = 8  # LimitTable.HEADER // 8
+_ENTRY_WORDS = 4  # LimitTable.ENTRY // 8: tag, requests TAT, tokens TAT, the C core's lock
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The outcome of one admission, for the response's headers and the 429's message.
 
     ``remaining_*`` and ``reset_*_ns`` describe the budget after the request (or, when refused,
     as it stands); ``retry_after_ns`` is how long until the refused request would fit.
-    ``refused`` is "", "requests" or "tokens" (the first limit that refused it)."""
+    ``refused`` is "", "requests" or "tokens" (the first limit that refused it). A tuple: one
+    is made per request."""
 
     refused: str
     remaining_requests: int
@@ -60,7 +63,8 @@ class LimitTable:
     ENTRY = 32
     _WORDS = ENTRY // 8
 
-    def __init__(self, capacity: int = 1 << 16) -> None:
+    def __init__(self, capacity: int = 1 << 16, pure: bool = False) -> None:
+        """``pure``: use the Python twin even when the C core is built (the tests run both)."""
         if not isinstance(capacity, int) or not 2 <= capacity <= 1 << 24:
             raise ValueError("capacity must be an int in [2, 16777216]")
         self.capacity = capacity
@@ -68,6 +72,11 @@ class LimitTable:
         self._tags = memoryview(self.buffer).cast("Q")
         self._words = memoryview(self.buffer).cast("q")
         self._lock = multiprocessing.get_context("fork").Lock()
+        core = PyBudgets if pure or _Budgets is None else _Budgets
+        self.budgets = core(self._words, Decision, self._lock)
+        # The hot calls, bound once: ``table.admit(...)`` is the chosen twin's own method.
+        self.admit = self.budgets.admit
+        self.adjust_tokens = self.budgets.adjust_tokens
 
     def slot(self, tag: int) -> int:
         """The slot of ``tag`` (non-zero), inserted if new."""
@@ -90,48 +99,70 @@ class LimitTable:
     def _base(self, slot: int) -> int:
         return self.HEADER // 8 + self._WORDS * slot
 
+    def close(self) -> None:
+        del self.admit, self.adjust_tokens, self.budgets  # the C core holds a view
+        self._tags.release()
+        self._words.release()
+        self.buffer.close()
+
+
+class PyBudgets:
+    """The check-and-charge in Python, under the table's lock: the specification of the C core
+    (``lb._limits.Budgets``), used when it is not built."""
+
+    def __init__(self, words: memoryview, decision: type[Decision], lock: Any) -> None:
+        self._words = words
+        self._lock = lock
+
     def admit(self, slot: int, rpm: int, tpm: int, tokens: int,
               now: int | None = None) -> Decision:
         """Charge one request costing ``tokens`` to ``slot`` if both budgets allow it.
 
         A limit of 0 is no limit. Nothing is charged when either budget refuses."""
-        now = time.monotonic_ns() if now is None else now
-        words, at = self._words, self._base(slot)
+        if now is None:
+            now = time.monotonic_ns()
+        words, at = self._words, _HEADER_WORDS + _ENTRY_WORDS * slot
         r_step = WINDOW_NS // rpm if rpm else 0
         t_step = WINDOW_NS // tpm if tpm else 0
         with self._lock:
-            r_tat = max(words[at + 1], now)
-            t_tat = max(words[at + 2], now)
-            r_new = r_tat + r_step
-            t_new = t_tat + t_step * tokens
-            r_wait = r_new - now - WINDOW_NS
-            t_wait = t_new - now - WINDOW_NS
-            if r_wait > 0 or t_wait > 0:
-                return Decision("requests" if r_wait > 0 else "tokens",
-                                _left(r_tat - now, r_step), _left(t_tat - now, t_step),
-                                r_tat - now, t_tat - now,
-                                _retry_after(r_wait, t_wait, t_step * tokens))
-            if rpm:
-                words[at + 1] = r_new
-            if tpm:
-                words[at + 2] = t_new
-        return Decision("", _left(r_new - now, r_step), _left(t_new - now, t_step),
-                        r_new - now if rpm else 0, t_new - now if tpm else 0)
+            r_tat = words[at + 1]
+            t_tat = words[at + 2]
+            if r_tat < now:
+                r_tat = now
+            if t_tat < now:
+                t_tat = now
+            r_used = r_tat + r_step - now  # the window spent once this request is charged
+            t_used = t_tat + t_step * tokens - now
+            if r_used <= WINDOW_NS and t_used <= WINDOW_NS:
+                if rpm:
+                    words[at + 1] = r_used + now
+                if tpm:
+                    words[at + 2] = t_used + now
+                return Decision("", (WINDOW_NS - r_used) // r_step if rpm else -1,
+                                (WINDOW_NS - t_used) // t_step if tpm else -1,
+                                r_used if rpm else 0, t_used if tpm else 0)
+        r_wait, t_wait = r_used - WINDOW_NS, t_used - WINDOW_NS
+        return Decision("requests" if r_wait > 0 else "tokens",
+                        _left(r_tat - now, r_step), _left(t_tat - now, t_step),
+                        r_tat - now, t_tat - now, _retry_after(r_wait, t_wait, t_step * tokens))
 
     def adjust_tokens(self, slot: int, tpm: int, delta: int) -> None:
         """Correct the tokens charged to ``slot`` by ``delta`` (the response's usage minus the
         estimate charged at admission). A refund never banks more than a full budget."""
         if not tpm or not delta:
             return
-        words, at = self._words, self._base(slot)
+        words, at = self._words, _HEADER_WORDS + _ENTRY_WORDS * slot
         step = WINDOW_NS // tpm
         with self._lock:
             words[at + 2] = words[at + 2] + delta * step
 
-    def close(self) -> None:
-        self._tags.release()
-        self._words.release()
-        self.buffer.close()
+
+
+try:
+    from lb._limits import Budgets as _Budgets
+except ImportError:  # the C core is not built: the twin is used (lb.ring warns about the build)
+    _Budgets = None
+
 
 
 def _left(used_ns: int, step: int) -> int:
@@ -153,9 +184,9 @@ def duration_text(ns: int) -> str:
     """A duration the way OpenAI's ``x-ratelimit-reset-*`` headers write it: ``20ms``, ``1.5s``,
     ``6m0s``."""
     if ns < 1_000_000_000:
-        return f"{max(ns, 0) // 1_000_000}ms"
-    seconds = ns / 1e9
-    if seconds < 60:
-        return f"{math.ceil(seconds * 1000) / 1000:g}s"
-    minutes, rest = divmod(math.ceil(seconds), 60)
+        return f"{ns // 1_000_000 if ns > 0 else 0}ms"
+    if ns < WINDOW_NS:
+        ms = -(-ns // 1_000_000)  # rounded up to the millisecond
+        return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms / 1000:g}s"
+    minutes, rest = divmod(-(-ns // 1_000_000_000), 60)
     return f"{minutes}m{rest}s"

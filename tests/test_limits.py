@@ -1,5 +1,6 @@
 """The per-key budgets (lb.limits) on a clock the test controls: bursts, replenishment, refusals
-that charge nothing, usage corrections, and two processes sharing one table."""
+that charge nothing, usage corrections, and two processes sharing one table; each for the C
+core (lb/_limits.pyx) and its pure twin, and the two compared call by call."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import multiprocessing
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lb.limits import WINDOW_NS, LimitTable, duration_text
+from lb.limits import WINDOW_NS, LimitTable, PyBudgets, duration_text
 
 S = 1_000_000_000
 
 
-@pytest.fixture
-def table():
-    t = LimitTable(capacity=64)
+@pytest.fixture(params=["c", "python"])
+def table(request):
+    if request.param == "c":
+        pytest.importorskip("lb._limits", reason="the C core is not built")
+    t = LimitTable(capacity=64, pure=request.param == "python")
+    assert isinstance(t.budgets, PyBudgets) == (request.param == "python")
     yield t
     t.close()
 
@@ -86,3 +92,35 @@ def test_durations_as_openai_writes_them():
     assert duration_text(20_000_000) == "20ms"
     assert duration_text(int(1.5 * S)) == "1.5s"
     assert duration_text(360 * S) == "6m0s"
+
+
+CALLS = st.lists(st.one_of(
+    st.tuples(st.just("admit"), st.integers(0, 3), st.sampled_from([0, 1, 3, 60, 10**9]),
+              st.sampled_from([0, 10, 1000, 10**10]), st.integers(0, 5000),
+              st.integers(0, 3 * WINDOW_NS)),
+    st.tuples(st.just("adjust"), st.integers(0, 3), st.sampled_from([0, 1000, 10**10]),
+              st.integers(-5000, 5000))), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(CALLS)
+def test_the_twins_agree(calls):
+    """Every decision and every word of the table, after any sequence of calls."""
+    pytest.importorskip("lb._limits", reason="the C core is not built")
+    tables = [LimitTable(capacity=8), LimitTable(capacity=8, pure=True)]
+    try:
+        now = WINDOW_NS
+        for call in calls:
+            if call[0] == "admit":
+                _, slot, rpm, tpm, tokens, step = call
+                now += step // 7
+                a, b = (t.admit(slot, rpm, tpm, tokens, now) for t in tables)
+                assert a == b
+            else:
+                _, slot, tpm, delta = call
+                for t in tables:
+                    t.adjust_tokens(slot, tpm, delta)
+            assert bytes(tables[0].buffer) == bytes(tables[1].buffer)
+    finally:
+        for t in tables:
+            t.close()
