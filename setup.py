@@ -16,7 +16,8 @@ if os.environ.get("KVGATE_NO_EXT") != "1" and os.path.exists("lb/_chwbl.pyx"):
         pass
     else:
         ext_modules = cythonize(
-            [Extension("lb._chwbl", ["lb/_chwbl.pyx"], extra_compile_args=["-O3"])],
+            [Extension("lb._chwbl", ["lb/_chwbl.pyx"], extra_compile_args=["-O3"]),
+             Extension("lb._limits", ["lb/_limits.pyx"], extra_compile_args=["-O3"])],
             compiler_directives={"language_level": "3", "boundscheck": False,
                                  "wraparound": False, "cdivision": True},
         )

@@ -20,9 +20,12 @@ from typing import Sequence
 
 from lb.app import Gateway
 from lb.config import Config, ConfigError, load_config, static_registry
+from lb.keys import check_keys
+from lb.limits import LimitTable
 from lb.ring import LoadTable
 from lb.server import install_uvloop, run_workers, serve, tune_gc
 
+from kvgate import keys_cli
 from kvgate.process import add_listen_args, bind_listeners, log_to_stderr
 from kvgate.settings import with_listen_args
 
@@ -65,6 +68,7 @@ examples:
   kvgate up -f models.yaml       gateway + local model servers (`kvgate status` shows them)
   kvgate gateway -c config.yaml  the gateway alone, in front of static endpoints
   kvgate serve -c config.yaml    gateway + Kubernetes operator
+  kvgate keys create team-a --model 'llama-*' --rpm 60   an API key (apiKeys.enabled)
   kvgate sim --help              simulated vLLM replicas
 
 `kvgate COMMAND --help` describes a command's options."""
@@ -85,6 +89,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvgate {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_gateway(commands)
+    keys_cli.add_parser(commands)
     commands.add_parser("sim", help="run simulated vLLM replicas", add_help=False)
     for name, (module, help_text) in OPERATOR_COMMANDS.items():
         if name == command:
@@ -118,6 +123,7 @@ def _main_gateway(args: argparse.Namespace) -> int:
     log_to_stderr()
     try:
         config = with_listen_args(load_config(args.config), args)
+        check_keys(config.api_keys)
         return run_gateway(config, args.workers)
     except (ConfigError, OSError) as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
@@ -149,10 +155,12 @@ def _run_workers(config: Config, workers: int) -> int:
     """N processes, one port, one shared in-flight table: bounded loads hold across them."""
     server = config.server
     loads = LoadTable()
+    # API keys' limits, shared by the workers as the loads are.
+    limits = LimitTable() if config.api_keys.enabled else None
 
     def worker(index: int, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
         install_uvloop()
-        gateway = Gateway(config, static_registry(config, loads))
+        gateway = Gateway(config, static_registry(config, loads), limits=limits)
         gateway.metrics.share_active(loads)
         for model in config.models:  # every worker exports every model's shared gauge, even
             gateway.metrics.active_gauge(model.name)  # one it has served no request of yet

@@ -19,6 +19,7 @@ import sys
 
 from lb.app import Gateway
 from lb.config import Config, ConfigError
+from lb.keys import check_keys
 from lb.registry import Registry
 from lb.server import install_uvloop, serve
 from lb_operator.kube.autoscaling import DEFAULT_GATEWAY_SELECTOR
@@ -65,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
         options = ClusterOptions(namespaces=_namespaces(args), lease_name=args.lease_name,
                                  identity=args.identity, gateway_selector=args.gateway_selector,
                                  metrics_port=server.metrics_port or None)
+        check_keys(settings.gateway.api_keys)
         sock, metrics_sock = bind_listeners(server)
     except (ConfigError, OSError) as exc:
         print(f"kvgate: {exc}", file=sys.stderr)

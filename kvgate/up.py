@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from lb.app import Gateway
 from lb.config import ConfigError
+from lb.keys import check_keys
 from lb.registry import Registry
 from lb.server import install_uvloop, serve
 from lb_operator.local.engines import EngineUnavailable, check_engine
@@ -89,6 +90,7 @@ def prepare(args: argparse.Namespace) -> Up:
         raise ConfigError((), "`models`/`endpoints` are for `kvgate gateway`; "
                           "with `kvgate up`, Models come from the -f file", file=str(args.config))
     settings = _with_overrides(settings, args)
+    check_keys(settings.gateway.api_keys)
     models = read_models_file(args.file)
     for model in models.models:
         check_engine(model, settings.local, models.base_dir)

@@ -20,12 +20,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from lb.admission import Admission
 from lb.balancer import Balancer
 from lb.config import Config
 from lb.engine_metrics import EngineScraper
 from lb.errors import GatewayError, error_body
 from lb.health_checks import HealthChecker
+from lb.keys import KeyStore
 from lb.kv_events import KVEventSubscriber
+from lb.limits import LimitTable
 from lb.metrics import GatewayMetrics
 from lb.model import join_model_adapter
 from lb.parse import KINDS, ROOT_KINDS
@@ -46,7 +49,9 @@ class Gateway:
     """The data plane of one process: registry reader, balancer, proxy and their HTTP apps."""
 
     def __init__(self, config: Config, registry: Registry | None = None,
-                 scaler: Scaler | None = None) -> None:
+                 scaler: Scaler | None = None, limits: LimitTable | None = None) -> None:
+        """``limits``: the limit table shared with the other worker processes (made before
+        they fork); with API keys on and none given, this process gets its own."""
         self.config = config
         self.registry = registry or Registry()
         self.metrics = GatewayMetrics()
@@ -62,7 +67,13 @@ class Gateway:
         if config.health_checks.enabled:
             self.metrics.watch_health(self.registry.groups)
         self._pool: UpstreamPool | None = None
-        self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool)
+        self.admission: Admission | None = None
+        if config.api_keys.enabled:  # reads the keys file: a bad one fails here, at start
+            store = KeyStore(config.api_keys, limits or LimitTable())
+            self.admission = Admission(store, self.metrics)
+            self.metrics.watch_keys()
+        self.proxy = Proxy(config, self.registry, self.balancer, self.metrics, self.pool,
+                           self.admission)
         self.ready = False
         # Client path -> (request kind, the model server's path for it).
         self._routes = {prefix + suffix: (kind, b"/v1" + suffix.encode())
@@ -97,6 +108,8 @@ class Gateway:
             background.append(loop.create_task(self.engine_scraper.run()))
         if self.config.health_checks.enabled:
             background.append(loop.create_task(self.health_checker.run()))
+        if self.admission is not None:
+            background.append(loop.create_task(self.admission.store.watch()))
         self.ready = True
         try:
             yield
@@ -138,7 +151,10 @@ class Gateway:
 
     async def _list_models(self, request: Request) -> Response:
         """KubeAI's /v1/models: filtered by ?feature= (TextGeneration by default) and by
-        X-Label-Selector; each adapter listed as ``model_adapter``."""
+        X-Label-Selector; each adapter listed as ``model_adapter``; with API keys on, only
+        what the caller's key may use."""
+        tenant = (self.admission.authenticate(request.scope["headers"])
+                  if self.admission is not None else None)
         features = set(request.query_params.getlist("feature")) or {"TextGeneration"}
         selectors = [parse_header_selector(v)
                      for v in request.headers.getlist("x-label-selector")]
@@ -148,9 +164,10 @@ class Gateway:
                 continue
             if not all(matches(s, model.labels) for s in selectors):
                 continue
-            data.append(_model_entry(model.name, model))
-            data.extend(_model_entry(join_model_adapter(model.name, a.name), model, model.name)
-                        for a in model.spec.adapters)
+            entries = [_model_entry(model.name, model)]
+            entries += [_model_entry(join_model_adapter(model.name, a.name), model, model.name)
+                        for a in model.spec.adapters]
+            data += [e for e in entries if tenant is None or tenant.allows(e["id"])]
         return Response(orjson.dumps({"object": "list", "data": data}),
                         media_type="application/json")
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from lb.ejection import EjectionConfig
 from lb.engine_metrics import EngineMetricsConfig
 from lb.health_checks import HealthCheckConfig
+from lb.keys import ApiKeysConfig
 from lb.model import Model
 from lb.registry import Endpoint, Registry
 from lb.ring import LoadTable
@@ -104,6 +105,7 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     engine_metrics: EngineMetricsConfig = field(default_factory=EngineMetricsConfig)
     health_checks: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    api_keys: ApiKeysConfig = field(default_factory=ApiKeysConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 
@@ -150,6 +152,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("healthChecks.timeoutSeconds", f"must be at most healthChecks."
                           f"intervalSeconds ({checks.interval_seconds:g}): a check must end before "
                           "the next is due")
+    if config.api_keys.enabled and not config.api_keys.file:
+        raise ConfigError("apiKeys.file", "required when apiKeys.enabled is true (create one "
+                          "with `kvgate keys create`)")
     names = {m.name for m in config.models}
     for model, endpoints in config.endpoints.items():
         if model not in names:

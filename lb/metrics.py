@@ -90,6 +90,10 @@ class GatewayMetrics:
         self.first_bytes: dict[tuple[str, str], _Buckets] = {}
         self.waiting: dict[str, int] = {}  # requests in the waiting room, by model
         self.wait_times: dict[str, _Buckets] = {}  # time spent there, by model
+        # Per API key name (never the secret): admitted requests, tokens charged, refusals.
+        self.key_requests: dict[str, int] = {}
+        self.key_tokens: dict[str, int] = {}
+        self.key_rejections: dict[tuple[str, str], int] = {}
         r.register(_RequestCollector(self))
 
     def watch_rings(self, groups: Callable[[], dict[str, EndpointGroup]]) -> None:
@@ -98,6 +102,10 @@ class GatewayMetrics:
     def watch_engines(self, groups: Callable[[], dict[str, EndpointGroup]],
                       scraper: EngineScraper) -> None:
         self.registry.register(_EngineCollector(groups, scraper))
+
+    def watch_keys(self) -> None:
+        """Export the per-key series (only with API keys on)."""
+        self.registry.register(_KeyCollector(self))
 
     def watch_health(self, groups: Callable[[], dict[str, EndpointGroup]]) -> None:
         """Export each endpoint's active health (only when health checks are on: without
@@ -143,6 +151,16 @@ class GatewayMetrics:
 
     def waiting_room_rejected(self, model: str) -> None:
         self.rejected.labels(model).inc()
+
+    def key_admitted(self, key: str, tokens: int) -> None:
+        self.key_requests[key] = self.key_requests.get(key, 0) + 1
+        self.key_tokens[key] = self.key_tokens.get(key, 0) + tokens
+
+    def key_tokens_corrected(self, key: str, delta: int) -> None:
+        self.key_tokens[key] = self.key_tokens.get(key, 0) + delta
+
+    def key_rejected(self, key: str, reason: str) -> None:
+        self.key_rejections[key, reason] = self.key_rejections.get((key, reason), 0) + 1
 
 
 def _buckets(table: dict[tuple[str, str], _Buckets], key: tuple[str, str]) -> _Buckets:
@@ -190,6 +208,31 @@ def _histogram(name: str, doc: str, series: Iterable[tuple[tuple[str, ...], _Buc
     for values, buckets in series:
         family.add_metric(list(values), buckets.cumulative(), buckets.total)
     return family
+
+
+class _KeyCollector(Collector):
+    """Requests, tokens and refusals by API key name (this worker's own, as the request
+    counts are)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("kvgate_key_requests", "Requests admitted under an API "
+                                       "key.", labels=["key"])
+        for key, n in self._m.key_requests.items():
+            requests.add_metric([key], n)
+        tokens = CounterMetricFamily("kvgate_key_tokens", "Tokens charged to an API key: the "
+                                     "estimate at admission, corrected by the response's usage.",
+                                     labels=["key"])
+        for key, n in self._m.key_tokens.items():
+            tokens.add_metric([key], n)
+        rejections = CounterMetricFamily(
+            "kvgate_key_rejections", "Requests refused by reason: invalid_key (key \"unknown\"), "
+            "expired, model_not_allowed, requests or tokens (a limit).", labels=["key", "reason"])
+        for (key, reason), n in self._m.key_rejections.items():
+            rejections.add_metric([key, reason], n)
+        yield from (requests, tokens, rejections)
 
 
 class _RingCollector(Collector):

@@ -19,12 +19,14 @@ import time
 import zlib
 from typing import Any, Awaitable, Callable
 
+from lb.admission import Admission, Ticket
 from lb.balancer import Balancer, Lease
 from lb.cache_aware import PromptBlocks, prompt_blocks
 from lb.config import Config
 from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, anthropic_error_body, as_anthropic,
                        bad_request, model_not_found, upstream_error_body)
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
+from lb.keys import Tenant
 from lb.metrics import GatewayMetrics
 from lb.model import Model, split_model_adapter
 from lb.parse import (ParsedRequest, check_content_type, estimated_tokens, parse_request,
@@ -68,7 +70,7 @@ class ClientGone(Exception):
 class _Exchange:
     """Per-request state shared by the handler and its disconnect watcher."""
 
-    __slots__ = ("started", "finishing", "disconnected", "status", "model")
+    __slots__ = ("started", "finishing", "disconnected", "status", "model", "ticket")
 
     def __init__(self) -> None:
         self.started = False  # response headers sent
@@ -76,12 +78,15 @@ class _Exchange:
         self.disconnected = False
         self.status = 0
         self.model = "-"
+        self.ticket: Ticket | None = None  # API keys on: the request's charge and headers
 
 
 class Proxy:
     def __init__(self, config: Config, registry: Registry, balancer: Balancer,
-                 metrics: GatewayMetrics, pool: Callable[[], UpstreamPool]) -> None:
+                 metrics: GatewayMetrics, pool: Callable[[], UpstreamPool],
+                 admission: Admission | None = None) -> None:
         self._config = config
+        self._admission = admission  # None: API keys off
         self._registry = registry
         self._balancer = balancer
         self._metrics = metrics
@@ -100,9 +105,12 @@ class Proxy:
                                                                      self._session_header)
             if content_type != b"application/json" or kind == "transcriptions":
                 check_content_type(kind, content_type)
+            # Keys on: the key is checked before the body is read (a 401 costs no upload).
+            tenant = (None if self._admission is None
+                      else self._admission.authenticate(scope["headers"]))
             body = await self._read_body(content_length, receive)
             await self._serve(kind, path, scope, body, content_type, session, receive, send,
-                              exchange, began)
+                              exchange, began, tenant)
         except GatewayError as exc:
             exchange.status = exc.status
             if not exchange.started:
@@ -120,12 +128,15 @@ class Proxy:
 
     async def _serve(self, kind: str, path: bytes, scope: Scope, body: bytes,
                      content_type: bytes, session: bytes, receive: Receive, send: Send,
-                     exchange: _Exchange, began: float) -> None:
+                     exchange: _Exchange, began: float, tenant: Tenant | None) -> None:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
         if _FEATURES[kind] not in model.spec.features and not _also_served(kind, model):
             raise _not_served(model, kind, scope["path"])
+        if tenant is not None:  # 403 / 429, and the client's key taken off the headers
+            assert self._admission is not None
+            exchange.ticket = self._admission.admit(tenant, parsed, model.name, scope)
         hook = scope.get(DISCONNECT_HOOK)
         watcher = (_DisconnectHook(hook, exchange) if hook is not None
                    else _DisconnectWatch(receive, exchange))
@@ -241,13 +252,19 @@ class Proxy:
                      kind: str) -> None:
         """Pass the response through as it comes; never buffer a stream."""
         exchange.status = response.status
+        headers = response_headers(response.headers)
+        ticket = exchange.ticket
+        if ticket is not None:
+            headers += ticket.headers
         await send({"type": "http.response.start", "status": response.status,
-                    "headers": response_headers(response.headers)})
+                    "headers": headers})
         exchange.started = True
+        before = b""
         try:
             chunk = await response.read()
             while not response.at_end:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                before = chunk
                 chunk = await response.read()
         except BodyError as exc:
             log.warning("upstream closed mid-response: %s", exc)
@@ -255,9 +272,12 @@ class Proxy:
             if response.content_type != b"text/event-stream":
                 return  # a truncated non-SSE body: the connection is dropped, not faked complete
             chunk = _stream_error(kind)
+            ticket = None  # no usage to read: the estimate stands
         exchange.finishing = True
         # The last piece goes with the end of the body: one message for a one-piece response.
         await send({"type": "http.response.body", "body": chunk, "more_body": False})
+        if ticket is not None:
+            ticket.settle(response.status, chunk, before)
 
     async def _relay_renamed(self, response: UpstreamResponse, send: Send, exchange: _Exchange,
                              rename: ModelRename, kind: str) -> None:
@@ -281,21 +301,33 @@ class Proxy:
                 raise GatewayError(502, "The model server sent a malformed response.",
                                    code="upstream_error") from None
             exchange.status = response.status
+            headers = sized_headers(response.headers, len(body))
+            ticket = exchange.ticket
+            if ticket is not None:
+                headers += ticket.headers
             await send({"type": "http.response.start", "status": response.status,
-                        "headers": sized_headers(response.headers, len(body))})
+                        "headers": headers})
             exchange.started = True
             exchange.finishing = True
             await send({"type": "http.response.body", "body": body, "more_body": False})
+            if ticket is not None:
+                ticket.settle(response.status, body)
             return
         exchange.status = response.status
+        headers = sized_headers(response.headers, None)
+        ticket = exchange.ticket
+        if ticket is not None:
+            headers += ticket.headers
         await send({"type": "http.response.start", "status": response.status,
-                    "headers": sized_headers(response.headers, None)})
+                    "headers": headers})
         exchange.started = True
+        before = b""
         try:
             chunk = rename.feed(await response.read())
             while not response.at_end:
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    before = chunk
                 chunk = rename.feed(await response.read())
             chunk += rename.flush()
         except BodyError as exc:
@@ -304,8 +336,11 @@ class Proxy:
             if response.content_type != b"text/event-stream":
                 return  # a truncated non-SSE body: the connection is dropped, not faked complete
             chunk = rename.flush() + _stream_error(kind)
+            ticket = None  # no usage to read: the estimate stands
         exchange.finishing = True
         await send({"type": "http.response.body", "body": chunk, "more_body": False})
+        if ticket is not None:
+            ticket.settle(response.status, chunk, before)
 
     async def _relay_error(self, response: UpstreamResponse, send: Send,
                            exchange: _Exchange, kind: str) -> None:
@@ -337,6 +372,8 @@ class Proxy:
         exchange.started = True
         exchange.finishing = True
         await send({"type": "http.response.body", "body": body, "more_body": False})
+        if exchange.ticket is not None:
+            exchange.ticket.settle(response.status, b"")  # refused: the estimate is given back
 
     async def _read_body(self, declared: bytes, receive: Receive) -> bytes:
         limit = self._config.limits.max_body_bytes

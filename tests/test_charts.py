@@ -96,7 +96,10 @@ FULL_VALUES = {
     "gateway": {"logLevel": "debug", "retries": {"maxRetries": 5, "retryStatuses": [502, 503]},
                 "waitingRoom": {"maxWaitingPerModel": 50, "timeoutSeconds": 120.5, "retryAfterSeconds": 2},
                 "healthChecks": {"intervalSeconds": 5, "timeoutSeconds": 2, "path": "/ready",
-                                 "unhealthyThreshold": 3, "healthyThreshold": 1}},
+                                 "unhealthyThreshold": 3, "healthyThreshold": 1},
+                "apiKeys": {"enabled": True, "reloadSeconds": 5,
+                            "upstreamKeyEnv": {"llama-3-8b": "LLAMA_KEY"}}},
+    "apiKeysSecret": "team-keys",
     "resourceProfiles": {"nvidia-gpu-rtx4090": {
         "imageName": "nvidia-gpu", "requests": {"nvidia.com/gpu": 1, "cpu": "4", "memory": "16Gi"},
         "limits": {"nvidia.com/gpu": 1}, "nodeSelector": {"gpu": "rtx4090"},
@@ -416,6 +419,12 @@ def test_non_default_values_reach_the_config(kvgate_full: list[dict[str, Any]]) 
     checks = gateway.health_checks
     assert (checks.interval_seconds, checks.timeout_seconds, checks.path) == (5, 2, "/ready")
     assert (checks.unhealthy_threshold, checks.healthy_threshold) == (3, 1)
+    keys = gateway.api_keys
+    assert keys.enabled and keys.reload_seconds == 5 and keys.upstream_key_env == {"llama-3-8b": "LLAMA_KEY"}
+    pod = one(kvgate_full, "Deployment")["spec"]["template"]["spec"]
+    mounted = {v["name"]: v for v in pod["volumes"]}["api-keys"]["secret"]["secretName"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounted == "team-keys" and keys.file == mounts["api-keys"] + "/keys.yaml"
     assert system.image_for("Sim", "") == "registry.example.com/kvgate:0.1.0-rc1"
     assert system.resource_profiles["nvidia-gpu-rtx4090"].runtime_class_name == "nvidia"
     assert "nvidia-gpu-l4" in system.resource_profiles  # adding a profile keeps the others

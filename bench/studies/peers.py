@@ -35,6 +35,7 @@ run; compare ratios, not absolute numbers across runs.
 
     python -m bench peers [--duration 10] [--quick] [--litellm PATH] [--out bench/results]
     python -m bench peers --proxy-only [--duration 10] [--quick]
+    python -m bench peers --proxy-only --keys    # + kvgate+keys: API keys and limits on vs off
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ SHAPES = {"json": "", "sse-20": ',"stream":true'}
 PACED_SHAPES = {"sse-20-paced": ',"stream":true'}
 TARGETS = {"x_litellm": 50.0, "added_p50_ms": 0.5, "added_p99_ms": 3.0, "workers_ratio": 1.6,
            "cpu_us_request": 100.0, "cpu_us_stream": 150.0,
-           "x_base_cpu": 1.05}  # a change may cost at most 5% CPU per request (--baseline)
+           "x_base_cpu": 1.05,  # a change may cost at most 5% CPU per request (--baseline)
+           "x_keys_cpu": 1.10}  # API keys + limits on may cost at most 10% CPU per request (--keys)
 # The calibration behind the CPU targets: the bare uvicorn+aiohttp proxy's CPU per request
 # where the targets were set. ``bench/bare_proxy.py`` is measured again in the same run, so
 # kvgate's targets are read as ratios to it and do not move with how fast the machine is today.
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--signals", action="store_true",
                         help="add kvgate+signals: token-weighted loads, the conversation key "
                              "and engine scraping every 0.5 s, all on")
+    parser.add_argument("--keys", action="store_true",
+                        help="add kvgate+keys: API keys on, the client's key checked, per-key "
+                             "request and token limits charged (never reached) and usage read "
+                             "back")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     duration = 3 if args.quick else args.duration
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ring implementation: {IMPLEMENTATION}; cores: {os.cpu_count()}", flush=True)
     litellm = _find_litellm(args.litellm) if "litellm" not in skip else None
     load_before = os.getloadavg()[0]
-    extra = _extra_kvgates(args.baseline, args.signals)
+    extra = _extra_kvgates(args.baseline, args.signals, args.keys)
     rows, at_rate = _proxies(litellm, skip, duration, args.connections, args.rate,
                              paced=args.proxy_only, extra=extra, rounds=args.rounds)
     workers = _workers_scaling(duration, args.connections) if "workers" not in skip else {}
@@ -255,8 +261,21 @@ def _start_kvgate(tmp: Path, backend_port: int, port: int, workers: int = 1,
                   "--workers", str(workers)], cpu=cpu)
 
 
-def _extra_kvgates(baseline: Path | None, signals: bool) -> dict[str, Starter]:
-    """The optional kvgate paths: another checkout's gateway, and this one with every signal."""
+def _keys_config(tmp: Path) -> str:
+    """kvgate+keys: a keys file with the benchmark's key, limits far above any rate wrk
+    reaches (every request is checked and charged, none refused)."""
+    from lb.keys import hash_secret
+
+    keys = tmp / "keys.yaml"
+    keys.write_text(f"keys:\n- name: bench\n  hash: {hash_secret(MASTER_KEY)}\n  models: ['*']\n"
+                    "  limits: {requestsPerMinute: 100000000, tokensPerMinute: 10000000000}\n")
+    return f"apiKeys: {{enabled: true, file: {keys}}}\n"
+
+
+def _extra_kvgates(baseline: Path | None, signals: bool,
+                   keys: bool = False) -> dict[str, Starter]:
+    """The optional kvgate paths: another checkout's gateway, this one with every signal, and
+    this one with API keys and limits on."""
     extra: dict[str, Starter] = {}
     if baseline is not None:
         extra["kvgate@base"] = lambda tmp, backend, port: _start_checkout(
@@ -265,6 +284,10 @@ def _extra_kvgates(baseline: Path | None, signals: bool) -> dict[str, Starter]:
         extra["kvgate+signals"] = lambda tmp, backend, port: spawn(
             [sys.executable, "-m", "kvgate", "gateway", "-c",
              str(_kvgate_config(tmp, backend, port, SIGNALS_BALANCING, SIGNALS_CONFIG))], cpu=1)
+    if keys:
+        extra["kvgate+keys"] = lambda tmp, backend, port: spawn(
+            [sys.executable, "-m", "kvgate", "gateway", "-c",
+             str(_kvgate_config(tmp, backend, port, extra=_keys_config(tmp)))], cpu=1)
     return extra
 
 
@@ -585,6 +608,11 @@ def _targets(rows: list[Row], at_rate: list[dict[str, float]],
             checks.append(check(f"{variant} CPU ÷ kvgate@base CPU per JSON request",
                                 by[(variant, "json")].cpu_us / by[("kvgate@base", "json")].cpu_us,
                                 TARGETS["x_base_cpu"]))
+    for shape, what in (("json", "JSON request"), ("sse-20", "20-chunk stream")):
+        if ("kvgate+keys", shape) in by and ("kvgate", shape) in by:
+            checks.append(check(f"kvgate+keys CPU ÷ kvgate CPU per {what}",
+                                by[("kvgate+keys", shape)].cpu_us / by[("kvgate", shape)].cpu_us,
+                                TARGETS["x_keys_cpu"]))
     if ("litellm", "json") in by and ("kvgate", "json") in by:
         checks.append(check("kvgate req/s ÷ LiteLLM req/s (JSON)",
                             by[("kvgate", "json")].rps / by[("litellm", "json")].rps,

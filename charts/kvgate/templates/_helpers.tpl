@@ -79,6 +79,7 @@ config.yaml: the gateway's keys and the operator's keys in one file, read by `kv
   "routing" $v.gateway.routing
   "engineMetrics" $v.gateway.engineMetrics
   "healthChecks" $v.gateway.healthChecks
+  "apiKeys" $v.gateway.apiKeys
   "modelServers" $servers
   "resourceProfiles" $v.resourceProfiles
   "cacheProfiles" $v.cacheProfiles

@@ -1,0 +1,96 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: annotation_typing=False, binding=False, embedsignature=True
+"""The per-key budgets' check-and-charge in C: the twin of ``lb.limits.PyBudgets``.
+
+Same arithmetic, same ``Decision`` for every call (``tests/test_limits.py`` runs both side by
+side). Only the lock differs: the twin takes the table's process-shared semaphore, this takes a
+spin lock in the slot's spare word (``_atomic.h``), so an admission costs no system call and
+two keys never wait on each other. All processes sharing a table run one install, hence one of
+the two.
+"""
+
+from libc.stdint cimport int64_t
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+cdef extern from "_atomic.h":
+    void kv_spin_lock(int64_t *word) nogil
+    void kv_spin_unlock(int64_t *word) nogil
+
+cdef int64_t WINDOW = 60_000_000_000
+cdef int64_t HEADER_WORDS = 8
+cdef int64_t ENTRY_WORDS = 4
+
+
+cdef inline int64_t _monotonic_ns() nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+
+
+cdef inline int64_t _left(int64_t used, int64_t step):
+    if step == 0:
+        return -1
+    if used < 0:
+        used = 0
+    if used >= WINDOW:
+        return 0
+    return (WINDOW - used) // step
+
+
+cdef class Budgets:
+    """Check-and-charge over a ``LimitTable``'s words (a memoryview cast to ``q``)."""
+
+    cdef int64_t *_words
+    cdef object _view
+    cdef object _decision
+
+    def __cinit__(self, words, decision, lock=None):
+        cdef int64_t[::1] view = words
+        self._view = view
+        self._words = &view[0]
+        self._decision = decision
+
+    def admit(self, Py_ssize_t slot, int64_t rpm, int64_t tpm, int64_t tokens, now=None):
+        cdef int64_t t_now = _monotonic_ns() if now is None else <int64_t>now
+        cdef int64_t *entry = self._words + HEADER_WORDS + ENTRY_WORDS * slot
+        cdef int64_t r_step = WINDOW // rpm if rpm else 0
+        cdef int64_t t_step = WINDOW // tpm if tpm else 0
+        cdef int64_t r_tat, t_tat, r_used, t_used, r_wait, t_wait, cost
+        kv_spin_lock(entry + 3)
+        r_tat = entry[1]
+        t_tat = entry[2]
+        if r_tat < t_now:
+            r_tat = t_now
+        if t_tat < t_now:
+            t_tat = t_now
+        r_used = r_tat + r_step - t_now
+        t_used = t_tat + t_step * tokens - t_now
+        if r_used <= WINDOW and t_used <= WINDOW:
+            if rpm:
+                entry[1] = r_used + t_now
+            if tpm:
+                entry[2] = t_used + t_now
+            kv_spin_unlock(entry + 3)
+            return self._decision("", (WINDOW - r_used) // r_step if rpm else -1,
+                                  (WINDOW - t_used) // t_step if tpm else -1,
+                                  r_used if rpm else 0, t_used if tpm else 0, 0)
+        kv_spin_unlock(entry + 3)
+        r_wait = r_used - WINDOW
+        t_wait = t_used - WINDOW
+        cost = t_step * tokens
+        if cost > WINDOW:
+            wait = WINDOW
+        else:
+            wait = max(r_wait, t_wait, 0)
+        return self._decision("requests" if r_wait > 0 else "tokens",
+                              _left(r_tat - t_now, r_step), _left(t_tat - t_now, t_step),
+                              r_tat - t_now, t_tat - t_now, wait)
+
+    def adjust_tokens(self, Py_ssize_t slot, int64_t tpm, int64_t delta):
+        cdef int64_t *entry
+        if not tpm or not delta:
+            return
+        entry = self._words + HEADER_WORDS + ENTRY_WORDS * slot
+        kv_spin_lock(entry + 3)
+        entry[2] = entry[2] + delta * (WINDOW // tpm)
+        kv_spin_unlock(entry + 3)
