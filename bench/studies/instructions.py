@@ -1,6 +1,7 @@
 """What a change costs the gateway per request, counted in instructions rather than timed.
 
-    python -m bench instructions [--baseline DIR] [--signals] [--cache-aware] [--requests 2000]
+    python -m bench instructions [--baseline DIR] [--signals] [--keys] [--cache-aware]
+                                 [--requests 2000]
 
 CPU time per request moves by ±15% between two runs on a shared virtual machine, more than the
 change being judged. Instructions retired do not: each gateway runs under valgrind's callgrind,
@@ -12,6 +13,10 @@ and the session header on), another checkout (``kvgate@base``, e.g. a worktree o
 release; its ring core built in place), and this checkout with token-weighted loads and the
 conversation key on as well (``kvgate+signals``). The target: a change costs at most 5% per
 request.
+
+``--keys`` adds ``kvgate+keys``: API keys and per-key limits on (limits far above the load, so
+every request is checked and charged); the target: at most 10% over ``kvgate`` per request.
+Every path is sent the same Authorization header.
 
 ``--cache-aware`` counts the scheduler's own cost instead: PrefixHash and CacheAware over 64
 replicas (endpoints that all lead to the one backend), on a chat whose ~4 KB system prompt and
@@ -33,6 +38,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.procs import free_port, spawn, stop, wait_for_port
+from bench.studies.peers import MASTER_KEY, keys_config
 from bench.results import check, save, table, targets_table
 
 SHAPES = {"json": "", "sse-20": ', "stream": true'}
@@ -42,6 +48,8 @@ MAX_COST = 1.05  # this checkout ÷ the baseline, per request
 LONG_BODY = ('{"model": "m", "messages": [{"role": "system", "content": "%s"}, '
              '{"role": "user", "content": "Which clause covers late delivery?"}]%%s}'
              % ("You answer questions about the contract filed below, citing clauses. " * 60))
+KEYS = "apiKeys"  # marks the variant whose config gets a keys file (made in the run's tmp)
+KEYS_MAX_COST = 1.10  # keys + limits on ÷ off, per request
 CACHE_AWARE_REPLICAS = 64
 CACHE_AWARE_MAX_COST = 1.10  # CacheAware ÷ PrefixHash, per request
 # Token loads and the conversation key on; engine scraping is on by default (every 2 s). A
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="another kvgate checkout to compare with (kvgate@base)")
     parser.add_argument("--signals", action="store_true",
                         help="also count kvgate with token loads and the conversation key on")
+    parser.add_argument("--keys", action="store_true",
+                        help="also count kvgate with API keys and per-key limits on")
     parser.add_argument("--cache-aware", action="store_true",
                         help="count PrefixHash and CacheAware at 64 replicas on a long prompt "
                         "instead")
@@ -70,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache_aware:
         variants, body, replicas = _cache_aware_variants(), LONG_BODY, CACHE_AWARE_REPLICAS
     else:
-        variants, body, replicas = _variants(args.baseline, args.signals), BODY, 1
+        variants, body, replicas = _variants(args.baseline, args.signals, args.keys), BODY, 1
     counts = _count_all(variants, args.requests, body, replicas)
-    targets = _cache_aware_targets(counts) if args.cache_aware else _targets(counts)
+    targets = (_cache_aware_targets(counts) if args.cache_aware
+               else _targets(counts) + _keys_targets(counts))
     result = {"settings": {"requests": args.requests, "baseline": str(args.baseline or ""),
                            "replicas": replicas, "body_bytes": len(body)},
               "instructions": counts, "targets": targets}
@@ -84,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _variants(baseline: Path | None, signals: bool) -> dict[str, tuple[Path, str, str]]:
+def _variants(baseline: Path | None, signals: bool,
+              keys: bool = False) -> dict[str, tuple[Path, str, str]]:
     """name -> (checkout root, loadBalancing line, extra config) of each gateway counted."""
     here = Path(__file__).resolve().parents[2]
     variants = {"kvgate": (here, "loadBalancing: {strategy: PrefixHash}", "")}
@@ -92,6 +104,8 @@ def _variants(baseline: Path | None, signals: bool) -> dict[str, tuple[Path, str
         variants["kvgate@base"] = (baseline.resolve(), "loadBalancing: {strategy: PrefixHash}", "")
     if signals:
         variants["kvgate+signals"] = (here, *SIGNALS)
+    if keys:
+        variants["kvgate+keys"] = (here, "loadBalancing: {strategy: PrefixHash}", KEYS)
     return variants
 
 
@@ -113,6 +127,8 @@ def _count_all(variants: dict[str, tuple[Path, str, str]], requests: int, body: 
         wait_for_port(backend_port)
         counts = {}
         for name, (root, balancing, extra) in variants.items():
+            if extra is KEYS:
+                extra = keys_config(tmp)
             config = _config(tmp, name, backend_port, balancing, extra, replicas)
             counts[name] = _count(root, config, tmp / f"{_slug(name)}.callgrind", requests, body)
             print(f"  {name:15s} " + "  ".join(f"{shape} {k:,.1f}k" for shape, k in
@@ -147,6 +163,7 @@ def _count(root: Path, config: tuple[Path, int], out: Path, requests: int,
 def _hey(port: int, body: str, requests: int) -> None:
     done = subprocess.run(["hey", "-n", str(requests), "-c", "8", "-m", "POST",
                            "-T", "application/json", "-d", body,
+                           "-H", f"Authorization: Bearer {MASTER_KEY}",
                            f"http://127.0.0.1:{port}/v1/chat/completions"],
                           capture_output=True, text=True, check=True)
     served = re.search(r"\[200\]\s+(\d+) responses", done.stdout)
@@ -198,6 +215,14 @@ def _targets(counts: dict[str, dict[str, float]]) -> list[dict[str, object]]:
     return [check(f"{name} ÷ kvgate@base, instructions per {shape} request",
                   counts[name][shape] / base[shape], MAX_COST)
             for name in counts if name != "kvgate@base" for shape in SHAPES]
+
+
+def _keys_targets(counts: dict[str, dict[str, float]]) -> list[dict[str, object]]:
+    if "kvgate+keys" not in counts:
+        return []
+    return [check(f"kvgate+keys ÷ kvgate, instructions per {shape} request",
+                  counts["kvgate+keys"][shape] / counts["kvgate"][shape], KEYS_MAX_COST)
+            for shape in SHAPES]
 
 
 def _cache_aware_targets(counts: dict[str, dict[str, float]]) -> list[dict[str, object]]:

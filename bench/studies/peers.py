@@ -261,7 +261,7 @@ def _start_kvgate(tmp: Path, backend_port: int, port: int, workers: int = 1,
                   "--workers", str(workers)], cpu=cpu)
 
 
-def _keys_config(tmp: Path) -> str:
+def keys_config(tmp: Path) -> str:
     """kvgate+keys: a keys file with the benchmark's key, limits far above any rate wrk
     reaches (every request is checked and charged, none refused)."""
     from lb.keys import hash_secret
@@ -287,7 +287,7 @@ def _extra_kvgates(baseline: Path | None, signals: bool,
     if keys:
         extra["kvgate+keys"] = lambda tmp, backend, port: spawn(
             [sys.executable, "-m", "kvgate", "gateway", "-c",
-             str(_kvgate_config(tmp, backend, port, extra=_keys_config(tmp)))], cpu=1)
+             str(_kvgate_config(tmp, backend, port, extra=keys_config(tmp)))], cpu=1)
     return extra
 
 
