@@ -1,5 +1,6 @@
 """Pod manifests per engine and profile: exact commands, env, probes, volumes, images, patches, hash."""
 
+import json
 import subprocess
 import sys
 
@@ -156,6 +157,34 @@ def test_sim_pod():
 
 def test_sim_args_parse_with_the_real_cli():
     c = server(pod_for_model(model(engine="Sim"), CONFIG))
+    out = subprocess.run([sys.executable, "-m", "kvgate_sim", *c["args"], "--list-profiles"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+KV_EVENTS = {"strategy": "CacheAware",
+             "cacheAware": {"kvEvents": {"port": 5557, "replayPort": 5558, "topic": "kv"}}}
+
+
+@pytest.mark.parametrize("engine", ["VLLM", "Sim"])
+def test_kv_events_flag_on_every_pod_with_the_models_ports(engine):
+    """Every Pod publishes on the Model's ports (its own address), in vLLM's JSON; a flag the
+    Model's args give wins; an engine that does not publish gets none."""
+    c = server(pod_for_model(model(engine=engine, loadBalancing=KV_EVENTS), CONFIG))
+    at = c["args"].index("--kv-events-config")
+    assert json.loads(c["args"][at + 1]) == {
+        "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557",
+        "replay_endpoint": "tcp://*:5558", "topic": "kv"}
+    own = ["--kv-events-config", '{"enable_kv_cache_events": true}']
+    c = server(pod_for_model(model(engine=engine, loadBalancing=KV_EVENTS, args=own), CONFIG))
+    assert c["args"].count("--kv-events-config") == 1 and c["args"][-2:] == own
+    c = server(pod_for_model(model(engine="Infinity", features=["TextEmbedding"],
+                                   loadBalancing=KV_EVENTS), CONFIG))
+    assert "--kv-events-config" not in c.get("args", [])
+
+
+def test_sim_pod_kv_events_flag_parses_with_the_real_cli():
+    c = server(pod_for_model(model(engine="Sim", loadBalancing=KV_EVENTS), CONFIG))
     out = subprocess.run([sys.executable, "-m", "kvgate_sim", *c["args"], "--list-profiles"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from lb.model import Model
+from lb.kv_events import KVEventSubscriber
 from lb.registry import Registry
 from lb_operator.local.config import LocalConfig, LocalEngine
 from lb_operator.local.runtime import LocalRuntime, ReplicaView
@@ -119,3 +122,67 @@ async def test_files_are_written_per_replica_and_the_engine_is_pointed_at_them(
     finally:
         await session.close()
         await runtime.close()
+
+
+async def test_replicas_publish_kv_events_on_ports_offset_by_rank(tmp_path: Path) -> None:
+    """A Model with cacheAware.kvEvents: each local replica publishes on the ports + its rank
+    and its endpoint says so, so the gateway's subscriber follows every replica (real ZeroMQ
+    sockets); a replaced replica takes the freed rank."""
+    port = free_ports(6)
+    replay = port + 3
+    manifest = sim_model("m", min_replicas=2, strategy="CacheAware")
+    manifest["spec"]["loadBalancing"]["cacheAware"] = {
+        "kvEvents": {"port": port, "replayPort": replay, "topic": "kv"}}
+    model = Model.from_dict(manifest)
+    registry = Registry()
+    runtime = LocalRuntime(registry, LocalConfig(state_dir=str(tmp_path), grace_period_seconds=5))
+    subscriber = KVEventSubscriber(registry, recheck_seconds=0.1)
+    following = asyncio.create_task(subscriber.run())
+    try:
+        runtime.apply(model, tmp_path)
+        await until(lambda: len(registry.group("m").endpoints) == 2, timeout=30)
+        endpoints = registry.group("m").endpoints.values()
+        assert sorted(e.kv_port_offset for e in endpoints) == [0, 1]
+        await until(lambda: all(subscriber.index.trusted(e.key) for e in endpoints), timeout=30)
+        targets = subscriber.wanted()
+        assert sorted(t.port for t in targets.values()) == [port, port + 1]
+        assert sorted(t.replay_port for t in targets.values()) == [replay, replay + 1]
+
+        first = next(e.key for e in endpoints if e.kv_port_offset == 0)
+        pid = next(r.pid for r in runtime.replicas("m") if first.endswith(r.name))
+        os.kill(pid, signal.SIGKILL)  # a crash: its replacement takes rank 0 again
+
+        def replaced() -> bool:
+            group = registry.group("m").endpoints
+            return len(group) == 2 and first not in group and sorted(
+                e.kv_port_offset for e in group.values()) == [0, 1]
+        await until(replaced, timeout=30)
+        await until(lambda: all(subscriber.index.trusted(k)
+                                for k in registry.group("m").endpoints), timeout=30)
+    finally:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+        await runtime.close()
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports free now."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        socks = []
+        try:
+            for p in range(first, first + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("0.0.0.0", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError("no run of free ports")

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 
 from lb.model import ADAPTER_ENGINES, Model, ModelURL, parse_model_url
 
+from lb_operator.kv_events import kv_events_args
 from lb_operator.loader import ADAPTERS_DIR, LOADER_CONTAINER, LOADER_PORT
 from lb_operator.system_config import SecretNames, SystemConfig
 
@@ -358,7 +359,7 @@ def server_container(model: Model, config: SystemConfig) -> tuple[dict[str, Any]
     container: dict[str, Any] = {"name": SERVER_CONTAINER}
     if parts.command:
         container["command"] = parts.command
-    args = parts.args + list(model.spec.args)
+    args = parts.args + kv_events_args(model) + list(model.spec.args)
     if args:
         container["args"] = args
     env = merge_env(parts.env, cred_env, user_env)

@@ -31,6 +31,7 @@ from typing import Mapping
 
 from lb.model import Model, ModelURL, parse_model_url
 
+from lb_operator.kv_events import kv_events_args
 from lb_operator.local.config import LocalConfig, LocalEngine
 
 
@@ -118,8 +119,9 @@ FILES_SUFFIX = ".files"  # a replica's spec.files live in <its directory>/<repli
 
 
 def render_launch(model: Model, config: LocalConfig, *, port: int, state: Path,
-                  base_dir: Path, replica: str = "replica") -> Launch:
-    """The replica's command line: engine template, then the Model's own args and env."""
+                  base_dir: Path, replica: str = "replica", rank: int = 0) -> Launch:
+    """The replica's command line: engine template, then its KV-event flag (ports offset by
+    its ``rank``), then the Model's own args and env."""
     engine = engine_for(model, config)
     if not engine.command:
         raise EngineUnavailable(f"local.engines.{model.spec.engine}.command: empty")
@@ -129,8 +131,8 @@ def render_launch(model: Model, config: LocalConfig, *, port: int, state: Path,
               "name": model.name, "model": model_location(model, base_dir), "state": str(state),
               "files": str(root)}
     fill, point = _filler(values, model.spec.engine), _pointer(model, root)
-    argv = tuple(point(fill(a)) for a in engine.command) + _lora_args(model) + tuple(
-        point(a) for a in model.spec.args)
+    argv = (tuple(point(fill(a)) for a in engine.command) + _lora_args(model)
+            + tuple(kv_events_args(model, rank)) + tuple(point(a) for a in model.spec.args))
     env = {k: point(fill(v)) for k, v in engine.env.items()} | _lora_env(model) | {
         k: point(v) for k, v in model.spec.env.items()}
     setup = tuple(tuple(fill(a) for a in step) for step in engine.setup)

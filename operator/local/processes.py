@@ -88,6 +88,9 @@ class ReplicaProcess:
     port: int
     launch_hash: str
     log_path: Path
+    # Its place among the model's live replicas (lowest free first): replicas share this host,
+    # so per-replica ports a Model declares once (its KV events) are offset by it.
+    rank: int = 0
     state: str = "pending"  # pending -> starting -> ready <-> unhealthy; stopping; exited
     process: asyncio.subprocess.Process | None = None
     created: float = field(default_factory=time.monotonic)

@@ -153,9 +153,12 @@ class ModelController:
     def _new_replica(self) -> ReplicaProcess:
         name = f"{self.model.name}-{self.runtime.next_id(self.model.name)}"
         host = self.runtime.config.replica_host
+        taken = {r.rank for r in self.replicas}
+        rank = next(i for i in range(len(taken) + 1) if i not in taken)
         replica = ReplicaProcess(name=name, model=self.model.name, host=host,
                                  port=free_port(host), launch_hash=self.expected,
-                                 log_path=self.runtime.log_dir / self.model.name / f"{name}.log")
+                                 log_path=self.runtime.log_dir / self.model.name / f"{name}.log",
+                                 rank=rank)
         self.replicas.append(replica)
         return replica
 
@@ -177,7 +180,7 @@ class ModelController:
         try:
             launch = render_launch(self.model, config, port=replica.port,
                                    state=replica.log_path.parent, base_dir=self.base_dir,
-                                   replica=replica.name)
+                                   replica=replica.name, rank=replica.rank)
             if launch.files:
                 await asyncio.to_thread(write_files, launch)
             await replica.start(launch)
@@ -452,7 +455,8 @@ class LocalRuntime:
         controller = self.controllers.get(model)
         replicas = controller.replicas if controller else []
         self.registry.set_endpoints(model, [
-            Endpoint(ENDPOINT_PREFIX + r.name, r.address, r.adapters) for r in replicas if r.ready])
+            Endpoint(ENDPOINT_PREFIX + r.name, r.address, r.adapters, r.rank)
+            for r in replicas if r.ready])
         self._changed()
 
     def replica_ready(self, model: Model, replica: ReplicaProcess) -> None:
