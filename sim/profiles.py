@@ -122,6 +122,16 @@ L4_LLAMA31_8B = Profile(name="l4-llama3.1-8b", num_kv_blocks=5120)
 # token rate stays well within two CPU cores.
 CPU_SCALED = scale_profile(L4_LLAMA31_8B, capacity=1 / 8, time_scale=2.0, name="cpu-scaled")
 
+# Llama-3.1-8B on one H200, from the step costs measured there (bf16, CUDA-graph decode; the
+# project's reference notes): ~3.7x an L4's prefill rate, 4x its fixed step cost, a sixteenth of
+# its per-token context cost. KV: ~106 GB free after weights at 128 KiB a token, ~50k blocks.
+H200_LLAMA31_8B = Profile(name="h200-llama3.1-8b", num_kv_blocks=50_000, step_fixed_s=0.00728,
+                          prefill_token_s=2.7e-5, decode_seq_s=1.68e-5, context_token_s=2.84e-8)
+
+# One eighth of that replica, for the routing study's second hardware profile (its clock is
+# set by the study so token rates stay within two cores, as for cpu-scaled).
+CPU_SCALED_H200 = scale_profile(H200_LLAMA31_8B, capacity=1 / 8, name="cpu-scaled-h200")
+
 FAST = Profile(
     name="fast",
     num_kv_blocks=8192,
@@ -137,7 +147,8 @@ FAST = Profile(
     natural_output_tokens=16,
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (L4_LLAMA31_8B, CPU_SCALED, FAST)}
+PROFILES: dict[str, Profile] = {p.name: p for p in (L4_LLAMA31_8B, CPU_SCALED, H200_LLAMA31_8B,
+                                                    CPU_SCALED_H200, FAST)}
 
 
 def get_profile(name: str, **overrides: Any) -> Profile:

@@ -98,7 +98,13 @@ WORKLOAD_TIMING = {"system-prompt": (15.0, 30.0)}
 # Threads made before the runs (generating text mid-run would stall the load generator's loop):
 # one question per thread, so a run uses about one thread per request.
 WORKLOAD_POOL = {"system-prompt": 3000}
-SIM_DEFAULTS = {"cpu-scaled": {"num_kv_blocks": 1280}}
+# The H200 profile keeps the same KV blocks per replica (the workloads are sized to them), so the
+# two profiles differ in what the hardware measured: the costs of a step, prefill and context.
+SIM_DEFAULTS = {"cpu-scaled": {"num_kv_blocks": 1280}, "cpu-scaled-h200": {"num_kv_blocks": 1280}}
+# The clock per profile, times the run's (1 full, 0.5 quick): an H200 step is ~4x faster than
+# an L4's, so its simulated clock runs 4x slower to keep the token rate within two cores. TTFT
+# ratios between strategies do not depend on the clock; absolute times scale with it.
+CLOCK_FACTOR = {"cpu-scaled": 1.0, "cpu-scaled-h200": 4.0}
 # Above these a component may be distorting the numbers instead of routing (cores, 0..1 busy).
 CPU_LIMITS = {"gateway": 0.8, "loadgen": 0.8, "simulator": 0.9, "machine": 0.92, "other": 0.3}
 
@@ -203,8 +209,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         warmup, duration = WORKLOAD_TIMING.get(WORKLOADS[args.workload], (warmup, duration))
     strategies = expand_strategies(args.strategies)
     overrides = {**SIM_DEFAULTS.get(args.profile, {})}
-    if args.profile == "cpu-scaled":
-        overrides["time_scale"] = clock
+    if args.profile in CLOCK_FACTOR:
+        overrides["time_scale"] = clock * CLOCK_FACTOR[args.profile]
     overrides.update({k: v for k, v in (("time_scale", args.time_scale),
                                    ("num_kv_blocks", args.kv_blocks),
                                    ("max_num_seqs", args.max_num_seqs),
