@@ -154,3 +154,17 @@ def gateway_config(endpoints: dict[str, list[str]], port: int, *, metrics_port: 
                              for i, a in enumerate(addresses)]
                       for name, addresses in endpoints.items()},
     }, sort_keys=False)
+
+
+MASTER_KEY = "sk-kvgate-bench"  # the key every benchmark client sends
+
+
+def keys_config(tmp: Path) -> str:
+    """kvgate+keys: a keys file with the benchmark's key, limits far above any rate wrk
+    reaches (every request is checked and charged, none refused)."""
+    from lb.keys import hash_secret
+
+    keys = tmp / "keys.yaml"
+    keys.write_text(f"keys:\n- name: bench\n  hash: {hash_secret(MASTER_KEY)}\n  models: ['*']\n"
+                    "  limits: {requestsPerMinute: 100000000, tokensPerMinute: 10000000000}\n")
+    return f"apiKeys: {{enabled: true, file: {keys}}}\n"

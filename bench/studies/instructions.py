@@ -37,8 +37,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.procs import free_port, spawn, stop, wait_for_port
-from bench.studies.peers import MASTER_KEY, keys_config
+from bench.procs import MASTER_KEY, free_port, keys_config, spawn, stop, wait_for_port
 from bench.results import check, save, table, targets_table
 
 SHAPES = {"json": "", "sse-20": ', "stream": true'}

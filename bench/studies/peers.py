@@ -57,11 +57,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bench.load_tools import CHAT_BODY, run_hey, run_paced, run_wrk
-from bench.procs import (free_port, pinned, pinned_cmd, spawn, steal_seconds, stop, tree,
-                         tree_cpu_seconds, tree_rss_bytes, wait_for_port)
+from bench.procs import (MASTER_KEY, free_port, keys_config, pinned, pinned_cmd, spawn,
+                         steal_seconds, stop, tree, tree_cpu_seconds, tree_rss_bytes,
+                         wait_for_port)
 from bench.results import check, save, table, targets_table
 
-MASTER_KEY = "sk-kvgate-bench"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}  # LiteLLM wants it; the others ignore it
 SHAPES = {"json": "", "sse-20": ',"stream":true'}
 # --proxy-only's extra shape, served by a backend that paces its chunks 1 ms apart.
@@ -259,17 +259,6 @@ def _start_kvgate(tmp: Path, backend_port: int, port: int, workers: int = 1,
     config = _kvgate_config(tmp, backend_port, port)
     return spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
                   "--workers", str(workers)], cpu=cpu)
-
-
-def keys_config(tmp: Path) -> str:
-    """kvgate+keys: a keys file with the benchmark's key, limits far above any rate wrk
-    reaches (every request is checked and charged, none refused)."""
-    from lb.keys import hash_secret
-
-    keys = tmp / "keys.yaml"
-    keys.write_text(f"keys:\n- name: bench\n  hash: {hash_secret(MASTER_KEY)}\n  models: ['*']\n"
-                    "  limits: {requestsPerMinute: 100000000, tokensPerMinute: 10000000000}\n")
-    return f"apiKeys: {{enabled: true, file: {keys}}}\n"
 
 
 def _extra_kvgates(baseline: Path | None, signals: bool,
