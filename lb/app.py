@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from lb.admission import Admission
 from lb.balancer import Balancer
+from lb.batch.service import Batches
 from lb.config import Config
 from lb.engine_metrics import EngineScraper
 from lb.errors import GatewayError, error_body
@@ -80,6 +81,8 @@ class Gateway:
                         for prefix in API_PREFIXES for suffix, kind in KINDS.items()}
         self._routes.update({prefix + suffix: (kind, suffix.encode())
                              for prefix in ROOT_PREFIXES for suffix, kind in ROOT_KINDS.items()})
+        # Files and Batches: their lines come back through this app, as clients' requests do.
+        self.batches = Batches(config.batch, self)
         self._app = self._starlette()
 
     def pool(self) -> UpstreamPool:
@@ -110,11 +113,13 @@ class Gateway:
             background.append(loop.create_task(self.health_checker.run()))
         if self.admission is not None:
             background.append(loop.create_task(self.admission.store.watch()))
+        await self.batches.start()
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
+            await self.batches.stop()  # before the pool closes: its requests use it
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -137,6 +142,7 @@ class Gateway:
     def _starlette(self) -> Starlette:
         routes = [Route("/healthz", self._healthz), Route("/readyz", self._readyz)]
         routes += [Route(prefix + "/models", self._list_models) for prefix in API_PREFIXES]
+        routes += self.batches.api.routes(API_PREFIXES)
         return Starlette(routes=routes, lifespan=self.lifespan,
                          exception_handlers={HTTPException: _http_error,
                                              GatewayError: _gateway_error})

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lb.batch.config import BatchConfig
 from lb.ejection import EjectionConfig
 from lb.engine_metrics import EngineMetricsConfig
 from lb.health_checks import HealthCheckConfig
@@ -106,6 +107,7 @@ class Config:
     engine_metrics: EngineMetricsConfig = field(default_factory=EngineMetricsConfig)
     health_checks: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     api_keys: ApiKeysConfig = field(default_factory=ApiKeysConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 

@@ -1,0 +1,4 @@
+"""OpenAI's Files and Batches API on an embedded store: upload a JSONL file, create a batch,
+poll it, download the results. ``store`` keeps files and batches, ``jsonl`` reads and writes
+the batch file formats, ``runner`` runs batches through the gateway's own routing, ``api``
+serves the routes; ``service.Batches`` ties them to one gateway process's life."""

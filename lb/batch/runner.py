@@ -1,0 +1,351 @@
+"""Running batches: claim one, check its input, send its requests through the gateway's own
+routing, record each result as it comes, and write the output and error files.
+
+Each line goes through the gateway's ASGI app in-process (``call_app``), exactly as a client's
+request would: model and adapter resolution, prefix routing, the waiting room (scale from
+zero), retries on other replicas, ejection and metrics all apply, and no socket is involved.
+
+Results are committed in small groups as they arrive, so a process that dies loses at most the
+answers of requests still in flight; whoever takes the batch over (after its lease lapses) runs
+only the lines with no recorded result. Each recorded line is final: the output has every line
+exactly once, and a replica sees a line twice only if the process died while it was running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from lb.batch.config import BatchConfig
+from lb.batch.jsonl import check_input, error_line, response_line
+from lb.batch.store import FAILED, SUCCEEDED, Store
+from lb.proxy import DISCONNECT_HOOK
+
+log = logging.getLogger(__name__)
+
+App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
+                Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+_EXPIRED = "This request could not be executed before the completion window expired."
+_CANCELLED = "This request was not executed: the batch was cancelled."
+_BUSY = 429  # the waiting room is full: wait and send again, it is not the line's fault
+_FLUSH_EVERY = 256
+
+
+@dataclass(slots=True)
+class _Reply:
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+
+    def header(self, name: bytes) -> str:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return ""
+
+
+class Abort:
+    """Lets the runner end requests in flight the way a client does by hanging up: the proxy
+    registers its lost-connection callback (``DISCONNECT_HOOK``) here, so an aborted request
+    releases its replica and is counted as a client disconnect, not as an error."""
+
+    __slots__ = ("_callbacks",)
+
+    def __init__(self) -> None:
+        self._callbacks: dict[int, Callable[[], None]] = {}
+
+    def hook(self, key: int) -> Callable[[Callable[[], None] | None], None]:
+        def register(callback: Callable[[], None] | None) -> None:
+            if callback is None:
+                self._callbacks.pop(key, None)
+            else:
+                self._callbacks[key] = callback
+        return register
+
+    def fire(self) -> None:
+        for callback in list(self._callbacks.values()):
+            callback()
+        self._callbacks.clear()
+
+
+async def call_app(app: App, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
+                   abort: Abort | None = None) -> _Reply:
+    """One POST through an ASGI app in this process; the whole answer (status 0 if it was
+    aborted before one came)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "root_path": "", "query_string": b"", "client": None, "server": None,
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode()), *headers]}
+    if abort is not None:
+        scope[DISCONNECT_HOOK] = abort.hook(id(scope))
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Future()  # the "client" never goes away: park until cancelled
+        raise AssertionError("unreachable")
+
+    reply = _Reply()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            reply.status = message["status"]
+            reply.headers = list(message.get("headers", ()))
+        elif message["type"] == "http.response.body":
+            reply.chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return reply
+
+
+class _Stop(Exception):
+    """The batch must stop: cancelled, expired, or its lease lost."""
+
+
+class BatchRunner:
+    """The batch worker of one gateway process."""
+
+    def __init__(self, store: Store, app: App, config: BatchConfig) -> None:
+        self.store = store
+        self.app = app
+        self.config = config
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        """Claim batches and run them, until cancelled (their leases then lapse)."""
+        try:
+            while True:
+                await self._claim()
+                await asyncio.sleep(self.config.poll_seconds)
+        finally:
+            tasks = list(self._running.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _claim(self) -> None:
+        free = self.config.max_running - len(self._running)
+        if free <= 0:
+            return
+        try:
+            ids = await self.store.claim(self.owner, time.time(), self.config.lease_seconds, free)
+        except Exception as exc:  # a busy or broken disk: try again next time round
+            log.warning("batch store: cannot claim batches: %s", exc)
+            return
+        for batch_id in ids:
+            if batch_id not in self._running:
+                task = asyncio.get_running_loop().create_task(self._guarded(batch_id))
+                self._running[batch_id] = task
+
+    async def _guarded(self, batch_id: str) -> None:
+        try:
+            await _Run(self, batch_id).run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch %s: runner failed; it will be taken up again", batch_id)
+        finally:
+            self._running.pop(batch_id, None)
+
+
+class _Run:
+    """One batch, run by its lease holder from wherever it stopped."""
+
+    def __init__(self, runner: BatchRunner, batch_id: str) -> None:
+        self.runner = runner
+        self.store = runner.store
+        self.config = runner.config
+        self.owner = runner.owner
+        self.batch_id = batch_id
+        self.stop = asyncio.Event()
+        self.why = ""  # "cancelled", "expired" or "lost" once stop is set
+        self.results: list[tuple[int, int, bytes]] = []
+        self._flushed = asyncio.Event()
+        self._abort = Abort()
+
+    async def run(self) -> None:
+        batch = await self.store.get_batch(self.batch_id)
+        if batch is None:
+            return
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(batch))
+        try:
+            await self._advance(batch)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _advance(self, batch: dict[str, Any]) -> None:
+        status = batch["status"]
+        if status == "validating" and not await self._validate(batch):
+            return
+        if status in ("validating", "in_progress"):
+            await self._execute(batch)
+        if self.why == "lost":
+            return
+        if self.why == "expired" or (not self.why and status == "cancelling"):
+            self.why = self.why or "cancelled"
+        final = {"cancelled": "cancelled", "expired": "expired"}.get(self.why, "completed")
+        await self._finish(final)
+
+    # -- lease, cancel and expiry ----------------------------------------------------------
+
+    async def _keep_lease(self, batch: dict[str, Any]) -> None:
+        """Renew the lease a few times per lease period; notice a cancel (which may have come
+        through another process) and the end of the completion window."""
+        period = self.config.lease_seconds / 3
+        expires = batch.get("expires_at") or float("inf")
+        while True:
+            await asyncio.sleep(min(period, max(0.05, expires - time.time())))
+            status = await self.store.renew(self.batch_id, self.owner,
+                                            time.time() + self.config.lease_seconds)
+            if status is None:
+                self._halt("lost")
+                log.warning("batch %s: lease lost to another process", self.batch_id)
+                return
+            if status == "cancelling":
+                self._halt("cancelled")
+            elif time.time() >= expires and status in ("validating", "in_progress"):
+                self._halt("expired")
+
+    def _halt(self, why: str) -> None:
+        if not self.stop.is_set():
+            self.why = why
+            self.stop.set()
+            self._abort.fire()
+
+    # -- validating ------------------------------------------------------------------------
+
+    async def _validate(self, batch: dict[str, Any]) -> bool:
+        """Check the input file; True when the batch may run (now `in_progress`)."""
+        data = await self.store.file_bytes(batch["input_file_id"])
+        if data is None:
+            return await self._fail(batch, [{"code": "file_not_found", "param": "input_file_id",
+                                             "line": None, "message": "The input file "
+                                             f"{batch['input_file_id']} no longer exists."}])
+        checked = await asyncio.to_thread(check_input, data, batch["endpoint"])
+        if not checked.rows:
+            return await self._fail(batch, [{"code": "empty_file", "param": "input_file_id",
+                                             "line": None, "message": "The input file has no "
+                                             "request lines."}])
+        if len(checked.rows) > self.config.max_requests:
+            return await self._fail(batch, [{
+                "code": "too_many_requests", "param": "input_file_id", "line": None,
+                "message": f"The input file has {len(checked.rows)} requests; a batch may "
+                           f"hold {self.config.max_requests}."}])
+        if not checked.runnable:  # nothing would run: refuse the batch as OpenAI does
+            return await self._fail(batch, [e.as_dict() for e in checked.errors[:100]])
+        if not await self.store.add_requests(self.batch_id, self.owner, checked.rows):
+            return False
+        status = "cancelling" if self.stop.is_set() and self.why == "cancelled" else "in_progress"
+        return await self.store.update_batch(self.batch_id, self.owner, status,
+                                             in_progress_at=int(time.time()))
+
+    async def _fail(self, batch: dict[str, Any], errors: list[dict[str, Any]]) -> bool:
+        if await self.store.update_batch(self.batch_id, self.owner,
+                                         errors={"object": "list", "data": errors}):
+            await self.store.finalize(self.batch_id, self.owner, "failed", int(time.time()))
+        return False
+
+    # -- in progress -----------------------------------------------------------------------
+
+    async def _execute(self, batch: dict[str, Any]) -> None:
+        if self.stop.is_set():
+            return
+        pending = await self.store.pending(self.batch_id)
+        queue = iter(pending)
+        endpoint = batch["endpoint"]
+        headers = [(b"x-kvgate-batch-id", self.batch_id.encode())]
+        workers = [asyncio.get_running_loop().create_task(self._work(queue, endpoint, headers))
+                   for _ in range(min(self.config.concurrency, len(pending)))]
+        flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        stopped = asyncio.get_running_loop().create_task(self.stop.wait())
+        try:
+            await asyncio.wait([*workers, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if not stopped.done():
+                await asyncio.wait([asyncio.gather(*workers, return_exceptions=True), stopped],
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (*workers, stopped):
+                task.cancel()
+            await asyncio.gather(*workers, stopped, return_exceptions=True)
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await self._flush()
+        for task in workers:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _work(self, queue: Any, endpoint: str,
+                    headers: list[tuple[bytes, bytes]]) -> None:
+        for line, custom_id, body in queue:
+            if self.stop.is_set():
+                return
+            reply = await self._send(endpoint, body, headers)
+            if reply.status == 0:  # aborted: the line stays pending
+                return
+            state = SUCCEEDED if reply.status < 400 else FAILED
+            request_id = reply.header(b"x-request-id") or "req_" + uuid.uuid4().hex
+            self.results.append((line, state, response_line(custom_id, reply.status, request_id,
+                                                            b"".join(reply.chunks))))
+            if len(self.results) >= _FLUSH_EVERY:
+                self._flushed.set()
+
+    async def _send(self, endpoint: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> _Reply:
+        """The request through the gateway; a full waiting room is waited out, not recorded."""
+        while True:
+            reply = await call_app(self.runner.app, endpoint, body, headers, self._abort)
+            if reply.status != _BUSY or self.stop.is_set():
+                return reply
+            retry = reply.header(b"retry-after")
+            await asyncio.sleep(float(retry) if retry.isdigit() else 1.0)
+
+    async def _flush_loop(self) -> None:
+        """Commit results as they come, in groups: one transaction per group while the next
+        group gathers."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._flushed.wait(), 0.2)
+            self._flushed.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self.results:
+            return
+        results, self.results = self.results, []
+        if not await self.store.record(self.batch_id, self.owner, results):
+            self._halt("lost")
+
+    # -- the end ---------------------------------------------------------------------------
+
+    async def _finish(self, final: str) -> None:
+        """What did not run fails with the reason (expired, cancelled); the files are written.
+        A cancel that came as the last requests finished still ends the batch `cancelled`."""
+        if final == "completed":
+            if not await self.store.update_batch(self.batch_id, self.owner, "finalizing",
+                                                 finalizing_at=int(time.time())):
+                return
+            batch = await self.store.get_batch(self.batch_id)
+            if batch is not None and batch["status"] == "cancelling":
+                final = "cancelled"
+        if final != "completed":
+            code, message = (("batch_expired", _EXPIRED) if final == "expired"
+                             else ("batch_cancelled", _CANCELLED))
+            if not await self.store.fail_pending(
+                    self.batch_id, self.owner,
+                    lambda line, custom_id: error_line(custom_id, code, message)):
+                return
+        await self.store.finalize(self.batch_id, self.owner, final, int(time.time()))

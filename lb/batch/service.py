@@ -1,0 +1,45 @@
+"""One gateway process's Files and Batches API: its routes, its store and its runner."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from lb.batch.api import BatchApi
+from lb.batch.config import BatchConfig
+from lb.batch.runner import App, BatchRunner
+from lb.batch.store import SqliteStore
+
+
+class Batches:
+    """The API's routes now; the store and the runner from ``start`` (the gateway's lifespan)
+    until ``stop``. Off when no state directory is configured."""
+
+    def __init__(self, config: BatchConfig, app: App) -> None:
+        self.config = config
+        self.api = BatchApi(None, config)
+        self._app = app
+        self._store: SqliteStore | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config.state_dir)
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        self._store = await SqliteStore(Path(self.config.state_dir)).open()
+        self.api.store = self._store
+        runner = BatchRunner(self._store, self._app, self.config)
+        self._task = asyncio.get_running_loop().create_task(runner.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self.api.store = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None

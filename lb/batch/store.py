@@ -1,0 +1,456 @@
+"""Where files and batches live: the `Store` interface, and its embedded default (SQLite for the
+metadata, a directory for the file bodies) that needs no server.
+
+Every method is a coroutine; the SQLite default runs each one on a single thread of its own,
+so the event loop never waits on the disk and one connection is never shared between threads.
+Several processes may open the same directory (worker processes, or gateway replicas on a shared
+volume): SQLite's WAL and write locks keep them consistent, and a batch is run by whichever
+process holds its lease (`claim` / `renew`); every write a runner makes names its owner and is
+refused once the lease has passed to someone else, so a result is never recorded twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, BinaryIO, Callable, Iterable, Protocol, TypeVar
+
+import orjson
+
+T = TypeVar("T")
+
+# Request states in the `requests` table.
+PENDING, SUCCEEDED, FAILED = 0, 1, 2
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+_CHUNK = 256 * 1024
+
+
+class Store(Protocol):
+    """What the API and the runner need; a cluster may put a PVC or an object store behind it."""
+
+    async def create_file(self, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]: ...
+    async def get_file(self, file_id: str) -> dict[str, Any] | None: ...
+    async def list_files(self, purpose: str | None, after: str | None, limit: int,
+                         order: str) -> tuple[list[dict[str, Any]], bool]: ...
+    async def delete_file(self, file_id: str) -> bool: ...
+    def read_file(self, file_id: str) -> AsyncIterator[bytes]: ...
+    async def file_bytes(self, file_id: str) -> bytes | None: ...
+    async def create_batch(self, batch: dict[str, Any]) -> dict[str, Any]: ...
+    async def get_batch(self, batch_id: str) -> dict[str, Any] | None: ...
+    async def list_batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]: ...
+    async def cancel_batch(self, batch_id: str, now: int) -> dict[str, Any] | None: ...
+    async def claim(self, owner: str, now: float, lease: float, limit: int) -> list[str]: ...
+    async def renew(self, batch_id: str, owner: str, until: float) -> str | None: ...
+    async def update_batch(self, batch_id: str, owner: str, status: str | None = None,
+                           **fields: Any) -> bool: ...
+    async def add_requests(self, batch_id: str, owner: str, rows: list[tuple[int, str | None, bytes | None, int, bytes | None]]) -> bool: ...
+    async def pending(self, batch_id: str) -> list[tuple[int, str, bytes]]: ...
+    async def record(self, batch_id: str, owner: str, results: list[tuple[int, int, bytes]]) -> bool: ...
+    async def fail_pending(self, batch_id: str, owner: str, result: Callable[[int, str], bytes]) -> bool: ...
+    async def finalize(self, batch_id: str, owner: str, status: str, now: int) -> bool: ...
+    async def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    doc BLOB NOT NULL,
+    total INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
+CREATE TABLE IF NOT EXISTS requests (
+    batch_id TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    custom_id TEXT,
+    body BLOB,
+    state INTEGER NOT NULL,
+    result BLOB,
+    PRIMARY KEY (batch_id, line)
+) WITHOUT ROWID;
+"""
+
+
+class SqliteStore:
+    """The embedded store under one directory: ``batch.db`` and ``files/<id>``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._files = self.directory / "files"
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def open(self) -> SqliteStore:
+        await self._run(self._open)
+        return self
+
+    def _open(self) -> None:
+        self._files.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.directory / "batch.db", isolation_level=None, timeout=30,
+                             check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes, which WAL is
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in one write transaction (taken at once, so two processes never deadlock)."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the batch store is not open")
+        return self._db
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def create_file(self, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]:
+        return await self._run(self._create_file, filename, purpose, source)
+
+    def _create_file(self, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]:
+        file_id = "file-" + uuid.uuid4().hex
+        path = self._files / file_id
+        with open(path, "wb") as out:
+            shutil.copyfileobj(source, out, _CHUNK)
+            size = out.tell()
+        return self._write(lambda db: self._insert_file(db, file_id, filename, purpose, size))
+
+    @staticmethod
+    def _insert_file(db: sqlite3.Connection, file_id: str, filename: str, purpose: str,
+                     size: int) -> dict[str, Any]:
+        created = int(time.time())
+        db.execute("INSERT OR REPLACE INTO files (id, filename, purpose, bytes, created_at) "
+                   "VALUES (?, ?, ?, ?, ?)", (file_id, filename, purpose, size, created))
+        return _file_object((file_id, filename, purpose, size, created))
+
+    async def get_file(self, file_id: str) -> dict[str, Any] | None:
+        return await self._run(self._get_file, file_id)
+
+    def _get_file(self, file_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?",
+                                   (file_id,)).fetchone()
+        return _file_object(row) if row else None
+
+    async def list_files(self, purpose: str | None, after: str | None, limit: int,
+                         order: str) -> tuple[list[dict[str, Any]], bool]:
+        return await self._run(self._list_files, purpose, after, limit, order)
+
+    def _list_files(self, purpose: str | None, after: str | None, limit: int,
+                    order: str) -> tuple[list[dict[str, Any]], bool]:
+        newest_first = order != "asc"
+        where, args = ["1"], []
+        if purpose:
+            where.append("purpose = ?")
+            args.append(purpose)
+        if after:
+            op = "<" if newest_first else ">"
+            where.append(f"seq {op} COALESCE((SELECT seq FROM files WHERE id = ?), "
+                         f"{'-1' if newest_first else '1 << 62'})")
+            args.append(after)
+        rows = self._conn().execute(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE {' AND '.join(where)} "
+            f"ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?", (*args, limit + 1),
+        ).fetchall()
+        return [_file_object(r) for r in rows[:limit]], len(rows) > limit
+
+    async def delete_file(self, file_id: str) -> bool:
+        return await self._run(self._delete_file, file_id)
+
+    def _delete_file(self, file_id: str) -> bool:
+        deleted = self._write(lambda db: db.execute("DELETE FROM files WHERE id = ?",
+                                                    (file_id,)).rowcount)
+        if deleted:
+            (self._files / file_id).unlink(missing_ok=True)
+        return bool(deleted)
+
+    async def read_file(self, file_id: str) -> AsyncIterator[bytes]:
+        """The body in chunks, each read on the store's thread."""
+        handle = await self._run(_open_or_none, self._files / file_id)
+        if handle is None:
+            return
+        try:
+            while chunk := await self._run(handle.read, _CHUNK):
+                yield chunk
+        finally:
+            await self._run(handle.close)
+
+    async def file_bytes(self, file_id: str) -> bytes | None:
+        """The whole body, read on a thread of its own (a large input must not hold up the
+        store's thread), or None if there is no such file."""
+        if await self.get_file(file_id) is None:
+            return None
+        try:
+            return await asyncio.to_thread((self._files / file_id).read_bytes)
+        except FileNotFoundError:
+            return None
+
+    # -- batches ---------------------------------------------------------------------------
+
+    async def create_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return await self._run(self._write, lambda db: self._insert_batch(db, batch))
+
+    @staticmethod
+    def _insert_batch(db: sqlite3.Connection, batch: dict[str, Any]) -> dict[str, Any]:
+        db.execute("INSERT INTO batches (id, status, doc) VALUES (?, ?, ?)",
+                   (batch["id"], batch["status"], orjson.dumps(batch)))
+        return _batch_object((batch["status"], orjson.dumps(batch), 0, 0, 0))
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        return await self._run(self._get_batch, batch_id)
+
+    def _get_batch(self, batch_id: str, db: sqlite3.Connection | None = None) -> dict[str, Any] | None:
+        row = (db or self._conn()).execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?",
+                                           (batch_id,)).fetchone()
+        return _batch_object(row) if row else None
+
+    async def list_batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        return await self._run(self._list_batches, after, limit)
+
+    def _list_batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        where, args = "1", []
+        if after:
+            where = "seq < COALESCE((SELECT seq FROM batches WHERE id = ?), -1)"
+            args.append(after)
+        rows = self._conn().execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE {where} "
+                                    "ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        return [_batch_object(r) for r in rows[:limit]], len(rows) > limit
+
+    async def cancel_batch(self, batch_id: str, now: int) -> dict[str, Any] | None:
+        """Ask for a batch to stop: `cancelling` until its runner has written what finished.
+        A batch already over is returned unchanged (the caller tells the client)."""
+        return await self._run(self._write, lambda db: self._cancel(db, batch_id, now))
+
+    def _cancel(self, db: sqlite3.Connection, batch_id: str, now: int) -> dict[str, Any] | None:
+        batch = self._get_batch(batch_id, db)
+        if batch is None or batch["status"] not in ("validating", "in_progress"):
+            return batch
+        self._patch(db, batch_id, "cancelling", {"cancelling_at": now})
+        return self._get_batch(batch_id, db)
+
+    @staticmethod
+    def _patch(db: sqlite3.Connection, batch_id: str, status: str | None,
+               fields: dict[str, Any]) -> None:
+        (doc,) = db.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        merged = orjson.loads(doc) | fields
+        # A cancel wins over a runner moving on (it reads the status again before the end).
+        if status is not None and not (merged["status"] == "cancelling"
+                                       and status in ("in_progress", "finalizing")):
+            merged["status"] = status
+        db.execute("UPDATE batches SET doc = ?, status = ? WHERE id = ?",
+                   (orjson.dumps(merged), merged["status"], batch_id))
+
+    # -- running: leases -------------------------------------------------------------------
+
+    async def claim(self, owner: str, now: float, lease: float, limit: int) -> list[str]:
+        """Take (or keep) up to ``limit`` active batches whose lease is free, lapsed or ours."""
+        return await self._run(self._write, lambda db: self._claim(db, owner, now, lease, limit))
+
+    @staticmethod
+    def _claim(db: sqlite3.Connection, owner: str, now: float, lease: float,
+               limit: int) -> list[str]:
+        marks = ",".join("?" * len(ACTIVE))
+        ids = [row[0] for row in db.execute(
+            f"SELECT id FROM batches WHERE status IN ({marks}) AND "
+            "(owner IS NULL OR owner = ? OR lease_until < ?) ORDER BY seq LIMIT ?",
+            (*ACTIVE, owner, now, limit))]
+        db.executemany("UPDATE batches SET owner = ?, lease_until = ? WHERE id = ?",
+                       [(owner, now + lease, i) for i in ids])
+        return ids
+
+    async def renew(self, batch_id: str, owner: str, until: float) -> str | None:
+        """Extend our lease; the batch's status, or None if the lease is no longer ours."""
+        return await self._run(self._write, lambda db: self._renew(db, batch_id, owner, until))
+
+    @staticmethod
+    def _renew(db: sqlite3.Connection, batch_id: str, owner: str, until: float) -> str | None:
+        if not db.execute("UPDATE batches SET lease_until = ? WHERE id = ? AND owner = ?",
+                          (until, batch_id, owner)).rowcount:
+            return None
+        return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0]
+
+    async def update_batch(self, batch_id: str, owner: str, status: str | None = None,
+                           **fields: Any) -> bool:
+        """Set fields of the batch object (and its status), if the lease is ours."""
+        def update(db: sqlite3.Connection) -> bool:
+            if not _owns(db, batch_id, owner):
+                return False
+            self._patch(db, batch_id, status, fields)
+            return True
+        return await self._run(self._write, update)
+
+    # -- running: requests -----------------------------------------------------------------
+
+    async def add_requests(self, batch_id: str, owner: str,
+                           rows: list[tuple[int, str | None, bytes | None, int, bytes | None]]) -> bool:
+        """The validated input: (line, custom_id, body, state, result) per line, where lines
+        refused by validation are already FAILED with their error line as result."""
+        def add(db: sqlite3.Connection) -> bool:
+            if not _owns(db, batch_id, owner):
+                return False
+            db.execute("DELETE FROM requests WHERE batch_id = ?", (batch_id,))  # a re-run
+            db.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?)",
+                           [(batch_id, *row) for row in rows])
+            failed = sum(1 for row in rows if row[3] == FAILED)
+            db.execute("UPDATE batches SET total = ?, failed = ?, completed = 0 WHERE id = ?",
+                       (len(rows), failed, batch_id))
+            return True
+        return await self._run(self._write, add)
+
+    async def pending(self, batch_id: str) -> list[tuple[int, str, bytes]]:
+        return await self._run(lambda: self._conn().execute(
+            "SELECT line, custom_id, body FROM requests WHERE batch_id = ? AND state = ? "
+            "ORDER BY line", (batch_id, PENDING)).fetchall())
+
+    async def record(self, batch_id: str, owner: str, results: list[tuple[int, int, bytes]]) -> bool:
+        """Results of requests, (line, state, output line), in one transaction with the
+        counts; a line already recorded is left alone. False if the lease is not ours."""
+        return await self._run(self._write, lambda db: _record(db, batch_id, owner, results))
+
+    async def fail_pending(self, batch_id: str, owner: str,
+                           result: Callable[[int, str], bytes]) -> bool:
+        """Every request not run yet fails with ``result(line, custom_id)`` (expiry, cancel)."""
+        def fail(db: sqlite3.Connection) -> bool:
+            rows = db.execute("SELECT line, custom_id FROM requests WHERE batch_id = ? AND "
+                              "state = ?", (batch_id, PENDING)).fetchall()
+            return _record(db, batch_id, owner, [(line, FAILED, result(line, cid))
+                                                 for line, cid in rows])
+        return await self._run(self._write, fail)
+
+    async def finalize(self, batch_id: str, owner: str, status: str, now: int) -> bool:
+        """Write the output and error files from the recorded results (in input order), attach
+        them, end the batch in ``status`` and drop its request rows — all or nothing: the files
+        are named after the batch, so a finalize cut short is simply done again."""
+        return await self._run(self._finalize, batch_id, owner, status, now)
+
+    def _finalize(self, batch_id: str, owner: str, status: str, now: int) -> bool:
+        db = self._conn()
+        if not _owns(db, batch_id, owner):
+            return False
+        suffix = batch_id.removeprefix("batch_")
+        written = {SUCCEEDED: ("file-" + suffix + "-output", "batch_output.jsonl"),
+                   FAILED: ("file-" + suffix + "-errors", "batch_errors.jsonl")}
+        sizes = {state: self._write_results(db, batch_id, state, file_id)
+                 for state, (file_id, _) in written.items()}
+
+        def commit(db: sqlite3.Connection) -> bool:
+            if not _owns(db, batch_id, owner):
+                return False
+            fields: dict[str, Any] = {_STATUS_TIME[status]: now}
+            for state, key in ((SUCCEEDED, "output_file_id"), (FAILED, "error_file_id")):
+                file_id, filename = written[state]
+                if sizes[state] is None:
+                    continue
+                self._insert_file(db, file_id, filename, "batch_output", sizes[state])
+                fields[key] = file_id
+            self._patch(db, batch_id, status, fields)
+            db.execute("UPDATE batches SET owner = NULL, lease_until = 0 WHERE id = ?",
+                       (batch_id,))
+            db.execute("DELETE FROM requests WHERE batch_id = ?", (batch_id,))
+            return True
+        return self._write(commit)
+
+    def _write_results(self, db: sqlite3.Connection, batch_id: str, state: int,
+                       file_id: str) -> int | None:
+        """The result lines of one state into a file; its size, or None if there were none."""
+        cursor = db.execute("SELECT result FROM requests WHERE batch_id = ? AND state = ? "
+                            "ORDER BY line", (batch_id, state))
+        path = self._files / file_id
+        size = 0
+        with open(path.with_suffix(".tmp"), "wb") as out:
+            for (result,) in cursor:
+                out.write(result)
+                out.write(b"\n")
+                size += len(result) + 1
+            out.flush()
+            os.fsync(out.fileno())
+        if not size:
+            path.with_suffix(".tmp").unlink()
+            return None
+        os.replace(path.with_suffix(".tmp"), path)
+        return size
+
+
+def _record(db: sqlite3.Connection, batch_id: str, owner: str,
+            results: Iterable[tuple[int, int, bytes]]) -> bool:
+    if not _owns(db, batch_id, owner):
+        return False
+    done = {SUCCEEDED: 0, FAILED: 0}
+    for line, state, result in results:
+        done[state] += db.execute("UPDATE requests SET state = ?, result = ?, body = NULL "
+                                  "WHERE batch_id = ? AND line = ? AND state = ?",
+                                  (state, result, batch_id, line, PENDING)).rowcount
+    db.execute("UPDATE batches SET completed = completed + ?, failed = failed + ? WHERE id = ?",
+               (done[SUCCEEDED], done[FAILED], batch_id))
+    return True
+
+
+def _owns(db: sqlite3.Connection, batch_id: str, owner: str) -> bool:
+    row = db.execute("SELECT owner FROM batches WHERE id = ?", (batch_id,)).fetchone()
+    return row is not None and row[0] == owner
+
+
+def _open_or_none(path: Path) -> BinaryIO | None:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
+
+
+_FILE_COLUMNS = "id, filename, purpose, bytes, created_at"
+_BATCH_COLUMNS = "status, doc, total, completed, failed"
+_STATUS_TIME = {"completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
+                "cancelled": "cancelled_at"}
+
+
+def _file_object(row: tuple[Any, ...]) -> dict[str, Any]:
+    """OpenAI's File object."""
+    file_id, filename, purpose, size, created = row
+    return {"id": file_id, "object": "file", "bytes": size, "created_at": created,
+            "filename": filename, "purpose": purpose, "status": "processed",
+            "expires_at": None, "status_details": None}
+
+
+def _batch_object(row: tuple[Any, ...]) -> dict[str, Any]:
+    """OpenAI's Batch object: the stored document with its live status and counts."""
+    status, doc, total, completed, failed = row
+    batch = orjson.loads(doc)
+    batch["status"] = status
+    batch["request_counts"] = {"total": total, "completed": completed, "failed": failed}
+    return batch
