@@ -137,6 +137,9 @@ def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     local = settings.local
     if args.state_dir:
         local = dataclasses.replace(local, state_dir=args.state_dir)
+    if not gateway.batch.state_dir:  # the Batch API keeps its files beside the replicas' logs
+        batch = dataclasses.replace(gateway.batch, state_dir=str(Path(local.state_dir) / "batch"))
+        gateway = dataclasses.replace(gateway, batch=batch)
     return dataclasses.replace(settings, gateway=gateway, local=local)
 
 

@@ -11,8 +11,8 @@ from lb.schema import setting
 @dataclass(frozen=True, slots=True)
 class BatchConfig:
     state_dir: str = setting("", doc="Directory of the Files and Batches API's store (SQLite metadata and the "
-                             "file bodies). Empty turns the API off, except under `kvgate up` and `kvgate gateway`, "
-                             "which use `<state dir>/batch`. Every gateway process (and replica) sharing it shares "
+                             "file bodies). Empty turns the API off, except under `kvgate up`, which uses "
+                             "`<local.stateDir>/batch`. Every gateway process (and replica) sharing it shares "
                              "the files and batches; each batch is run by one of them at a time.")
     max_file_bytes: int = setting(200 * 1024 * 1024, doc="Largest file accepted by POST /files.", minimum=1)
     max_requests: int = setting(50_000, doc="Most request lines one batch may hold.", minimum=1)

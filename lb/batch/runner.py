@@ -36,7 +36,6 @@ App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
 _EXPIRED = "This request could not be executed before the completion window expired."
 _CANCELLED = "This request was not executed: the batch was cancelled."
 _BUSY = 429  # the waiting room is full: wait and send again, it is not the line's fault
-_FLUSH_EVERY = 256
 
 
 @dataclass(slots=True)
@@ -173,7 +172,8 @@ class _Run:
         self.stop = asyncio.Event()
         self.why = ""  # "cancelled", "expired" or "lost" once stop is set
         self.results: list[tuple[int, int, bytes]] = []
-        self._flushed = asyncio.Event()
+        self._committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wake = asyncio.Event()
         self._abort = Abort()
 
     async def run(self) -> None:
@@ -299,10 +299,8 @@ class _Run:
                 return
             state = SUCCEEDED if reply.status < 400 else FAILED
             request_id = reply.header(b"x-request-id") or "req_" + uuid.uuid4().hex
-            self.results.append((line, state, response_line(custom_id, reply.status, request_id,
-                                                            b"".join(reply.chunks))))
-            if len(self.results) >= _FLUSH_EVERY:
-                self._flushed.set()
+            await self._commit((line, state, response_line(custom_id, reply.status, request_id,
+                                                          b"".join(reply.chunks))))
 
     async def _send(self, endpoint: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> _Reply:
         """The request through the gateway; a full waiting room is waited out, not recorded."""
@@ -313,20 +311,32 @@ class _Run:
             retry = reply.header(b"retry-after")
             await asyncio.sleep(float(retry) if retry.isdigit() else 1.0)
 
+    async def _commit(self, result: tuple[int, int, bytes]) -> None:
+        """Record a result before taking the next line (so a crash re-runs only what was in
+        flight); results that arrive while a commit is under way go together in the next."""
+        self.results.append(result)
+        committed = self._committed
+        self._wake.set()
+        await committed
+
     async def _flush_loop(self) -> None:
-        """Commit results as they come, in groups: one transaction per group while the next
-        group gathers."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._flushed.wait(), 0.2)
-            self._flushed.clear()
+            await self._wake.wait()
+            self._wake.clear()
             await self._flush()
 
     async def _flush(self) -> None:
         if not self.results:
             return
         results, self.results = self.results, []
-        if not await self.store.record(self.batch_id, self.owner, results):
+        committed, self._committed = self._committed, asyncio.get_running_loop().create_future()
+        try:
+            recorded = await self.store.record(self.batch_id, self.owner, results)
+        except Exception as exc:  # the batch is left to its lease: taken up again later
+            log.warning("batch %s: cannot record results: %s", self.batch_id, exc)
+            recorded = False
+        committed.set_result(None)
+        if not recorded:
             self._halt("lost")
 
     # -- the end ---------------------------------------------------------------------------
