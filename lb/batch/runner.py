@@ -190,6 +190,9 @@ class _Run:
 
     async def _advance(self, batch: dict[str, Any]) -> None:
         status = batch["status"]
+        expires = batch.get("expires_at")
+        if expires and time.time() >= expires and status in ("validating", "in_progress"):
+            self._halt("expired")  # also a batch whose runner died while it expired
         if status == "validating" and not await self._validate(batch):
             return
         if status in ("validating", "in_progress"):
@@ -279,6 +282,7 @@ class _Run:
                 await asyncio.wait([asyncio.gather(*workers, return_exceptions=True), stopped],
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._abort.fire()  # requests in flight end as a client's that hung up would
             for task in (*workers, stopped):
                 task.cancel()
             await asyncio.gather(*workers, stopped, return_exceptions=True)
