@@ -342,3 +342,29 @@ def test_the_api_is_off_without_a_state_directory(gw):
     with pytest.raises(openai.NotFoundError) as exc:
         gw.client().files.list()
     assert exc.value.body["code"] == "batch_api_disabled"
+
+
+def test_replica_errors_and_broken_answers_go_to_the_error_file(make_gateway, tmp_path):
+    """A replica's error answer is kept with its status (in OpenAI's shape, as the gateway
+    rewrites it); an answer cut off mid-body is a 502, never a truncated success."""
+    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **FAST},
+                       "retries": {"maxRetries": 0}})
+    gw.model_with("ok", [gw.backend("fine")])
+    gw.model_with("bad", [gw.backend("refuses", status=422)])
+    gw.model_with("cut", [gw.backend("cuts", truncate=True)])
+    client = gw.client()
+    upload = client.files.create(file=("in.jsonl", jsonl(
+        [chat_line(f"{model}-{i}", "hi", model=model) for model in ("ok", "bad", "cut")
+         for i in range(3)])), purpose="batch")
+    batch = wait_batch(client, client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert batch.status == "completed"
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 6)
+    assert sorted(read_lines(client, batch.output_file_id)) == ["ok-0", "ok-1", "ok-2"]
+    errors = read_lines(client, batch.error_file_id)
+    for i in range(3):
+        refused, cut = errors[f"bad-{i}"]["response"], errors[f"cut-{i}"]["response"]
+        assert refused["status_code"] == 422
+        assert "refuses failed on purpose" in refused["body"]["error"]["message"]
+        assert cut["status_code"] == 502 and cut["body"]["error"]["code"] == "upstream_error"
+    gw.settle()

@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
 from lb.batch.store import FAILED, SUCCEEDED, Store
+from lb.errors import error_body
 from lb.proxy import DISCONNECT_HOOK
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
 
 _EXPIRED = "This request could not be executed before the completion window expired."
 _CANCELLED = "This request was not executed: the batch was cancelled."
+_BROKEN = "The model server closed the connection before its answer was complete."
 _BUSY = 429  # the waiting room is full: wait and send again, it is not the line's fault
 
 
@@ -43,6 +45,7 @@ class _Reply:
     status: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     chunks: list[bytes] = field(default_factory=list)
+    complete: bool = False  # the last body message came (a replica may break off mid-body)
 
     def header(self, name: bytes) -> str:
         for key, value in self.headers:
@@ -104,6 +107,7 @@ async def call_app(app: App, path: str, body: bytes, headers: list[tuple[bytes, 
             reply.headers = list(message.get("headers", ()))
         elif message["type"] == "http.response.body":
             reply.chunks.append(message.get("body", b""))
+            reply.complete = not message.get("more_body", False)
 
     await app(scope, receive, send)
     return reply
@@ -199,8 +203,8 @@ class _Run:
             await self._execute(batch)
         if self.why == "lost":
             return
-        if self.why == "expired" or (not self.why and status == "cancelling"):
-            self.why = self.why or "cancelled"
+        if not self.why and status == "cancelling":
+            self.why = "cancelled"
         final = {"cancelled": "cancelled", "expired": "expired"}.get(self.why, "completed")
         await self._finish(final)
 
@@ -253,8 +257,8 @@ class _Run:
             return await self._fail(batch, [e.as_dict() for e in checked.errors[:100]])
         if not await self.store.add_requests(self.batch_id, self.owner, checked.rows):
             return False
-        status = "cancelling" if self.stop.is_set() and self.why == "cancelled" else "in_progress"
-        return await self.store.update_batch(self.batch_id, self.owner, status,
+        # (a cancel that came meanwhile stays: the store never turns `cancelling` back)
+        return await self.store.update_batch(self.batch_id, self.owner, "in_progress",
                                              in_progress_at=int(time.time()))
 
     async def _fail(self, batch: dict[str, Any], errors: list[dict[str, Any]]) -> bool:
@@ -269,6 +273,8 @@ class _Run:
         if self.stop.is_set():
             return
         pending = await self.store.pending(self.batch_id)
+        if not pending:  # all done before a restart: only the files are left to write
+            return
         queue = iter(pending)
         endpoint = batch["endpoint"]
         headers = [(b"x-kvgate-batch-id", self.batch_id.encode())]
@@ -301,10 +307,12 @@ class _Run:
             reply = await self._send(endpoint, body, headers)
             if reply.status == 0:  # aborted: the line stays pending
                 return
-            state = SUCCEEDED if reply.status < 400 else FAILED
+            status, body = reply.status, b"".join(reply.chunks)
+            if not reply.complete:  # the replica broke off mid-body: what came is not an answer
+                status, body = 502, error_body(502, _BROKEN, code="upstream_error")
             request_id = reply.header(b"x-request-id") or "req_" + uuid.uuid4().hex
-            await self._commit((line, state, response_line(custom_id, reply.status, request_id,
-                                                          b"".join(reply.chunks))))
+            await self._commit((line, SUCCEEDED if status < 400 else FAILED,
+                                response_line(custom_id, status, request_id, body)))
 
     async def _send(self, endpoint: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> _Reply:
         """The request through the gateway; a full waiting room is waited out, not recorded."""
