@@ -1,7 +1,8 @@
 """The Batch API under `kvgate up`, for real: the store under the state directory by default,
 1,000 lines (some invalid) run on simulated replicas through the official `openai` SDK, and
 kvgate killed with SIGKILL mid-batch and started again on the same state directory: the batch
-resumes and its output holds every line exactly once, each with its own answer."""
+resumes at once (the lease's holder is a dead process of this host) and its output holds every
+line exactly once, each with its own answer."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import openai
 from tests.local_harness import FAST_LOCAL, UpProcess, sim_model, wait_for
 
 CHAT = sim_model("chat", min_replicas=2, strategy="PrefixHash")
-CONFIG = {"local": FAST_LOCAL, "batch": {"pollSeconds": 0.1, "leaseSeconds": 2, "concurrency": 4}}
+# A lease far longer than the test: the restarted kvgate must take the batch over because its
+# holder's process is gone, not because the lease ran out.
+CONFIG = {"local": FAST_LOCAL, "batch": {"pollSeconds": 0.1, "leaseSeconds": 3600, "concurrency": 4}}
 LINES = 1000
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
-from lb.batch.store import FAILED, SUCCEEDED, Store
+from lb.batch.store import FAILED, SUCCEEDED, Store, owner_name
 from lb.errors import error_body
 from lb.proxy import DISCONNECT_HOOK
 
@@ -124,7 +122,7 @@ class BatchRunner:
         self.store = store
         self.app = app
         self.config = config
-        self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.owner = owner_name()
         self._running: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import os
 import shutil
+import socket
 import sqlite3
 import time
 import uuid
@@ -110,6 +111,7 @@ class SqliteStore:
                              check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes, which WAL is
+        db.create_function("owner_gone", 1, owner_gone, deterministic=False)
         db.executescript(_SCHEMA)
         self._db = db
 
@@ -288,7 +290,8 @@ class SqliteStore:
         marks = ",".join("?" * len(ACTIVE))
         ids = [row[0] for row in db.execute(
             f"SELECT id FROM batches WHERE status IN ({marks}) AND "
-            "(owner IS NULL OR owner = ? OR lease_until < ?) ORDER BY seq LIMIT ?",
+            "(owner IS NULL OR owner = ? OR lease_until < ? OR owner_gone(owner)) "
+            "ORDER BY seq LIMIT ?",
             (*ACTIVE, owner, now, limit))]
         db.executemany("UPDATE batches SET owner = ?, lease_until = ? WHERE id = ?",
                        [(owner, now + lease, i) for i in ids])
@@ -419,6 +422,28 @@ def _record(db: sqlite3.Connection, batch_id: str, owner: str,
     db.execute("UPDATE batches SET completed = completed + ?, failed = failed + ? WHERE id = ?",
                (done[SUCCEEDED], done[FAILED], batch_id))
     return True
+
+
+def owner_name() -> str:
+    """A runner's name in leases: its host, its pid and a random part (a pid is reused)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether a lease's holder is a process of this host that no longer exists: its batches
+    are taken over at once (a gateway restarted on one machine resumes without waiting out
+    the lease). Anything unsure (another host, a pid now in use) leaves it to the lease."""
+    host, _, rest = owner.partition("/")
+    pid = rest.partition("/")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _owns(db: sqlite3.Connection, batch_id: str, owner: str) -> bool:
