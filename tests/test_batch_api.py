@@ -9,6 +9,7 @@ short leases so that batches start and end within the test's patience.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from typing import Any, Callable
 
@@ -368,3 +369,12 @@ def test_replica_errors_and_broken_answers_go_to_the_error_file(make_gateway, tm
         assert "refuses failed on purpose" in refused["body"]["error"]["message"]
         assert cut["status_code"] == 502 and cut["body"]["error"]["code"] == "upstream_error"
     gw.settle()
+
+
+def test_a_broken_store_is_a_503_not_a_traceback(bgw, tmp_path):
+    client = bgw.client()
+    shutil.rmtree(tmp_path / "batch" / "files")  # the volume of file bodies is gone
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.files.create(file=("in.jsonl", jsonl([chat_line("a", "b")])), purpose="batch")
+    assert exc.value.status_code == 503 and exc.value.body["code"] == "store_unavailable"
+    assert client.batches.list().data == []  # the metadata still answers

@@ -9,7 +9,9 @@ own thread, so no route waits on the disk in the event loop.
 
 from __future__ import annotations
 
+import logging
 import re
+import sqlite3
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -25,6 +27,8 @@ from lb.batch.config import BatchConfig
 from lb.batch.jsonl import ENDPOINTS
 from lb.batch.store import Store
 from lb.errors import GatewayError, bad_request
+
+log = logging.getLogger(__name__)
 
 _WINDOW = re.compile(r"([1-9][0-9]{0,6})([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -47,7 +51,7 @@ class BatchApi:
             ("/batches/{batch_id}", self._batch, ["GET"]),
             ("/batches/{batch_id}/cancel", self._cancel, ["POST"]),
         ]
-        return [Route(prefix + path, endpoint, methods=methods)
+        return [Route(prefix + path, _guarded(endpoint), methods=methods)
                 for prefix in prefixes for path, endpoint, methods in table]
 
     def _store(self) -> Store:
@@ -186,6 +190,19 @@ class BatchApi:
             raise GatewayError(409, f"The batch {batch_id} is {batch['status']} and can no "
                                "longer be cancelled.", code="batch_not_cancellable")
         return _json(batch)
+
+
+def _guarded(endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """A store that cannot answer (a full disk, a broken volume) is a 503 in OpenAI's shape,
+    not a traceback."""
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("batch store: %s %s failed: %s", request.method, request.url.path, exc)
+            raise GatewayError(503, "The batch store is unavailable; try again later.",
+                               code="store_unavailable") from None
+    return guarded
 
 
 async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
