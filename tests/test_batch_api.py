@@ -373,7 +373,11 @@ def test_replica_errors_and_broken_answers_go_to_the_error_file(make_gateway, tm
 
 def test_a_broken_store_is_a_503_not_a_traceback(bgw, tmp_path):
     client = bgw.client()
+    kept = client.files.create(file=("in.jsonl", jsonl([chat_line("a", "b")])), purpose="batch")
     shutil.rmtree(tmp_path / "batch" / "files")  # the volume of file bodies is gone
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.files.content(kept.id)
+    assert exc.value.status_code == 503
     with pytest.raises(openai.InternalServerError) as exc:
         client.files.create(file=("in.jsonl", jsonl([chat_line("a", "b")])), purpose="batch")
     assert exc.value.status_code == 503 and exc.value.body["code"] == "store_unavailable"

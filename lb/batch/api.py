@@ -122,7 +122,11 @@ class BatchApi:
         found = await store.get_file(file_id)
         if found is None:
             raise _no_file(file_id)
-        return StreamingResponse(store.read_file(file_id), media_type="application/octet-stream",
+        chunks = store.read_file(file_id)
+        first = await anext(chunks, b"")  # a body gone missing is found before the answer starts
+        if not first and found["bytes"]:
+            raise OSError(f"the body of {file_id} is missing")
+        return StreamingResponse(_chained(first, chunks), media_type="application/octet-stream",
                                  headers={"content-length": str(found["bytes"])})
 
     # -- batches ---------------------------------------------------------------------------
@@ -203,6 +207,13 @@ def _guarded(endpoint: Callable[[Request], Any]) -> Callable[[Request], Any]:
             raise GatewayError(503, "The batch store is unavailable; try again later.",
                                code="store_unavailable") from None
     return guarded
+
+
+async def _chained(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
 async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:

@@ -111,7 +111,7 @@ class SqliteStore:
                              check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes, which WAL is
-        db.create_function("owner_gone", 1, owner_gone, deterministic=False)
+        db.create_function("owner_gone", 1, owner_gone)
         db.executescript(_SCHEMA)
         self._db = db
 
@@ -119,7 +119,7 @@ class SqliteStore:
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)  # idle by now: nothing to wait for
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
