@@ -251,18 +251,20 @@ def test_expiry_ends_the_batch_and_keeps_what_finished(held):
     gw, backend = held
     client = gw.client()
     gw.call(backend.release)
+    # 60 lines of 1 s each, 8 at a time, need 8 s; the window (3 s, from a whole second) ends
+    # after the first round and long before the last.
     upload = client.files.create(file=("in.jsonl", jsonl(
-        [chat_line(f"r{i}", f"q{i}", model="m") for i in range(30)])), purpose="batch")
-    gw.call(lambda: setattr(backend.plan, "header_delay", 0.5))
+        [chat_line(f"r{i}", f"q{i}", model="m") for i in range(60)])), purpose="batch")
+    gw.call(lambda: setattr(backend.plan, "header_delay", 1.0))
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                  completion_window="2s")
-    assert batch.expires_at == batch.created_at + 2
+                                  completion_window="3s")
+    assert batch.expires_at == batch.created_at + 3
     batch = wait_batch(client, batch.id)
     assert batch.status == "expired" and batch.expired_at
     done = read_lines(client, batch.output_file_id)
     errors = read_lines(client, batch.error_file_id)
     assert done and errors and set(done).isdisjoint(errors)
-    assert set(done) | set(errors) == {f"r{i}" for i in range(30)}
+    assert set(done) | set(errors) == {f"r{i}" for i in range(60)}
     assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
     assert batch.request_counts.completed == len(done)
     gw.settle()
