@@ -139,6 +139,12 @@ def test_thousand_lines_with_invalid_ones_mixed_in(bgw):
     codes = [json.loads(x)["error"]["code"] for x in error_lines if json.loads(x)["error"]]
     assert codes.count("invalid_json_line") == invalid_json
     assert codes.count("duplicate_custom_id") == 1
+    usages = [line["response"]["body"]["usage"] for line in output.values()]
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usages) > 0
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usages) > 0
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
+    assert batch.usage.input_tokens_details.cached_tokens == sum(
+        u["prompt_tokens_details"]["cached_tokens"] for u in usages)
     out_file = client.files.retrieve(batch.output_file_id)
     assert out_file.purpose == "batch_output"
     bgw.settle()

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from lb.batch.store import FAILED, PENDING
+from lb.batch.store import FAILED, NO_USAGE, PENDING, Usage
 
 # The endpoints a batch may name: those kvgate serves that OpenAI's Batch API also runs.
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -114,16 +114,36 @@ def _check_request(number: int, item: dict[str, Any], endpoint: str) -> LineErro
     return None
 
 
-def response_line(custom_id: str, status: int, request_id: str, body: bytes) -> bytes:
-    """The output (or error) line of a request that got an answer."""
+def response_line(custom_id: str, status: int, request_id: str,
+                  body: bytes) -> tuple[bytes, Usage]:
+    """The output (or error) line of a request that got an answer, and the tokens its
+    answer reports (OpenAI's `usage`; none for a body without one)."""
     try:
         parsed: Any = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         parsed = body.decode("utf-8", "replace")
-    return orjson.dumps({"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id,
+    line = orjson.dumps({"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id,
                          "response": {"status_code": status, "request_id": request_id,
                                       "body": parsed},
                          "error": None})
+    return line, usage_of(parsed)
+
+
+def usage_of(body: Any) -> Usage:
+    """(input, cached, output, reasoning) tokens from an answer's `usage`, wrong types as 0."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return NO_USAGE
+    prompt = usage.get("prompt_tokens_details")
+    completion = usage.get("completion_tokens_details")
+    return (_count(usage.get("prompt_tokens")),
+            _count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else 0,
+            _count(usage.get("completion_tokens")),
+            _count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else 0)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def error_line(custom_id: str | None, code: str, message: str, line: int | None = None) -> bytes:

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
-from lb.batch.store import FAILED, SUCCEEDED, Store, owner_name
+from lb.batch.store import FAILED, SUCCEEDED, Result, Store, owner_name
 from lb.errors import error_body
 from lb.proxy import DISCONNECT_HOOK
 
@@ -173,7 +173,7 @@ class _Run:
         self.batch_id = batch_id
         self.stop = asyncio.Event()
         self.why = ""  # "cancelled", "expired" or "lost" once stop is set
-        self.results: list[tuple[int, int, bytes]] = []
+        self.results: list[Result] = []
         self._committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wake = asyncio.Event()
         self._abort = Abort()
@@ -309,8 +309,8 @@ class _Run:
             if not reply.complete:  # the replica broke off mid-body: what came is not an answer
                 status, body = 502, error_body(502, _BROKEN, code="upstream_error")
             request_id = reply.header(b"x-request-id") or "req_" + uuid.uuid4().hex
-            await self._commit((line, SUCCEEDED if status < 400 else FAILED,
-                                response_line(custom_id, status, request_id, body)))
+            output, usage = response_line(custom_id, status, request_id, body)
+            await self._commit((line, SUCCEEDED if status < 400 else FAILED, output, usage))
 
     async def _send(self, endpoint: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> _Reply:
         """The request through the gateway; a full waiting room is waited out, not recorded."""
@@ -321,7 +321,7 @@ class _Run:
             retry = reply.header(b"retry-after")
             await asyncio.sleep(float(retry) if retry.isdigit() else 1.0)
 
-    async def _commit(self, result: tuple[int, int, bytes]) -> None:
+    async def _commit(self, result: Result) -> None:
         """Record a result before taking the next line (so a crash re-runs only what was in
         flight); results that arrive while a commit is under way go together in the next."""
         self.results.append(result)

@@ -28,6 +28,11 @@ T = TypeVar("T")
 
 # Request states in the `requests` table.
 PENDING, SUCCEEDED, FAILED = 0, 1, 2
+# Tokens of one answer: (input, of which cached, output, of which reasoning).
+Usage = tuple[int, int, int, int]
+NO_USAGE: Usage = (0, 0, 0, 0)
+# A recorded request: (line, state, its output or error line, its tokens).
+Result = tuple[int, int, bytes, Usage]
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 _CHUNK = 256 * 1024
@@ -53,7 +58,7 @@ class Store(Protocol):
                            **fields: Any) -> bool: ...
     async def add_requests(self, batch_id: str, owner: str, rows: list[tuple[int, str | None, bytes | None, int, bytes | None]]) -> bool: ...
     async def pending(self, batch_id: str) -> list[tuple[int, str, bytes]]: ...
-    async def record(self, batch_id: str, owner: str, results: list[tuple[int, int, bytes]]) -> bool: ...
+    async def record(self, batch_id: str, owner: str, results: list[Result]) -> bool: ...
     async def fail_pending(self, batch_id: str, owner: str, result: Callable[[int, str], bytes]) -> bool: ...
     async def finalize(self, batch_id: str, owner: str, status: str, now: int) -> bool: ...
     async def close(self) -> None: ...
@@ -76,6 +81,10 @@ CREATE TABLE IF NOT EXISTS batches (
     total INTEGER NOT NULL DEFAULT 0,
     completed INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
     lease_until REAL NOT NULL DEFAULT 0
 );
@@ -232,7 +241,7 @@ class SqliteStore:
     def _insert_batch(db: sqlite3.Connection, batch: dict[str, Any]) -> dict[str, Any]:
         db.execute("INSERT INTO batches (id, status, doc) VALUES (?, ?, ?)",
                    (batch["id"], batch["status"], orjson.dumps(batch)))
-        return _batch_object((batch["status"], orjson.dumps(batch), 0, 0, 0))
+        return _batch_object((batch["status"], orjson.dumps(batch), 0, 0, 0, 0, 0, 0, 0))
 
     async def get_batch(self, batch_id: str) -> dict[str, Any] | None:
         return await self._run(self._get_batch, batch_id)
@@ -341,9 +350,9 @@ class SqliteStore:
             "SELECT line, custom_id, body FROM requests WHERE batch_id = ? AND state = ? "
             "ORDER BY line", (batch_id, PENDING)).fetchall())
 
-    async def record(self, batch_id: str, owner: str, results: list[tuple[int, int, bytes]]) -> bool:
-        """Results of requests, (line, state, output line), in one transaction with the
-        counts; a line already recorded is left alone. False if the lease is not ours."""
+    async def record(self, batch_id: str, owner: str, results: list[Result]) -> bool:
+        """Results of requests in one transaction with the counts and token sums; a line
+        already recorded is left alone. False if the lease is not ours."""
         return await self._run(self._write, lambda db: _record(db, batch_id, owner, results))
 
     async def fail_pending(self, batch_id: str, owner: str,
@@ -352,7 +361,7 @@ class SqliteStore:
         def fail(db: sqlite3.Connection) -> bool:
             rows = db.execute("SELECT line, custom_id FROM requests WHERE batch_id = ? AND "
                               "state = ?", (batch_id, PENDING)).fetchall()
-            return _record(db, batch_id, owner, [(line, FAILED, result(line, cid))
+            return _record(db, batch_id, owner, [(line, FAILED, result(line, cid), NO_USAGE)
                                                  for line, cid in rows])
         return await self._run(self._write, fail)
 
@@ -411,16 +420,21 @@ class SqliteStore:
 
 
 def _record(db: sqlite3.Connection, batch_id: str, owner: str,
-            results: Iterable[tuple[int, int, bytes]]) -> bool:
+            results: Iterable[Result]) -> bool:
     if not _owns(db, batch_id, owner):
         return False
     done = {SUCCEEDED: 0, FAILED: 0}
-    for line, state, result in results:
-        done[state] += db.execute("UPDATE requests SET state = ?, result = ?, body = NULL "
-                                  "WHERE batch_id = ? AND line = ? AND state = ?",
-                                  (state, result, batch_id, line, PENDING)).rowcount
-    db.execute("UPDATE batches SET completed = completed + ?, failed = failed + ? WHERE id = ?",
-               (done[SUCCEEDED], done[FAILED], batch_id))
+    tokens = [0, 0, 0, 0]
+    for line, state, result, usage in results:
+        if db.execute("UPDATE requests SET state = ?, result = ?, body = NULL "
+                      "WHERE batch_id = ? AND line = ? AND state = ?",
+                      (state, result, batch_id, line, PENDING)).rowcount:
+            done[state] += 1
+            tokens = [a + b for a, b in zip(tokens, usage)]
+    db.execute("UPDATE batches SET completed = completed + ?, failed = failed + ?, "
+               "input_tokens = input_tokens + ?, cached_tokens = cached_tokens + ?, "
+               "output_tokens = output_tokens + ?, reasoning_tokens = reasoning_tokens + ? "
+               "WHERE id = ?", (done[SUCCEEDED], done[FAILED], *tokens, batch_id))
     return True
 
 
@@ -459,7 +473,8 @@ def _open_or_none(path: Path) -> BinaryIO | None:
 
 
 _FILE_COLUMNS = "id, filename, purpose, bytes, created_at"
-_BATCH_COLUMNS = "status, doc, total, completed, failed"
+_BATCH_COLUMNS = ("status, doc, total, completed, failed, input_tokens, cached_tokens, "
+                  "output_tokens, reasoning_tokens")
 _STATUS_TIME = {"completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
                 "cancelled": "cancelled_at"}
 
@@ -474,8 +489,12 @@ def _file_object(row: tuple[Any, ...]) -> dict[str, Any]:
 
 def _batch_object(row: tuple[Any, ...]) -> dict[str, Any]:
     """OpenAI's Batch object: the stored document with its live status and counts."""
-    status, doc, total, completed, failed = row
+    status, doc, total, completed, failed, inputs, cached, outputs, reasoning = row
     batch = orjson.loads(doc)
     batch["status"] = status
     batch["request_counts"] = {"total": total, "completed": completed, "failed": failed}
+    batch["usage"] = {"input_tokens": inputs, "input_tokens_details": {"cached_tokens": cached},
+                      "output_tokens": outputs,
+                      "output_tokens_details": {"reasoning_tokens": reasoning},
+                      "total_tokens": inputs + outputs}
     return batch
