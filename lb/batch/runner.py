@@ -1,14 +1,16 @@
 """Running batches: claim one, check its input, send its requests through the gateway's own
 routing, record each result as it comes, and write the output and error files.
 
-Each line goes through the gateway's ASGI app in-process (``call_app``), exactly as a client's
-request would: model and adapter resolution, prefix routing, the waiting room (scale from
-zero), retries on other replicas, ejection and metrics all apply, and no socket is involved.
+Each line goes through the gateway's ASGI app in-process (``lb.batch.loopback``), exactly as a
+client's request would: model and adapter resolution, prefix routing, the waiting room (scale
+from zero), retries on other replicas, ejection and metrics all apply, and no socket is involved.
 
-Results are committed in small groups as they arrive, so a process that dies loses at most the
-answers of requests still in flight; whoever takes the batch over (after its lease lapses) runs
-only the lines with no recorded result. Each recorded line is final: the output has every line
-exactly once, and a replica sees a line twice only if the process died while it was running.
+A worker commits each result before it takes the next line (results that arrive together share
+one transaction), so a process that dies loses only the answers of requests in flight; whoever
+takes the batch over (at once if the holder's process is gone from this host, else when its
+lease lapses) runs only the lines with no recorded result. Each recorded line is final: the
+output has every line exactly once, and a replica sees a line twice only if it was in flight
+when the process died.
 """
 
 from __future__ import annotations
@@ -18,101 +20,20 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
+from lb.batch.loopback import Abort, App, Reply, call_app
 from lb.batch.store import FAILED, SUCCEEDED, Result, Store, owner_name
 from lb.errors import error_body
-from lb.proxy import DISCONNECT_HOOK
 
 log = logging.getLogger(__name__)
-
-App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
-                Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 _EXPIRED = "This request could not be executed before the completion window expired."
 _CANCELLED = "This request was not executed: the batch was cancelled."
 _BROKEN = "The model server closed the connection before its answer was complete."
 _BUSY = 429  # the waiting room is full: wait and send again, it is not the line's fault
-
-
-@dataclass(slots=True)
-class _Reply:
-    status: int = 0
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    chunks: list[bytes] = field(default_factory=list)
-    complete: bool = False  # the last body message came (a replica may break off mid-body)
-
-    def header(self, name: bytes) -> str:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value.decode("latin-1")
-        return ""
-
-
-class Abort:
-    """Lets the runner end requests in flight the way a client does by hanging up: the proxy
-    registers its lost-connection callback (``DISCONNECT_HOOK``) here, so an aborted request
-    releases its replica and is counted as a client disconnect, not as an error."""
-
-    __slots__ = ("_callbacks",)
-
-    def __init__(self) -> None:
-        self._callbacks: dict[int, Callable[[], None]] = {}
-
-    def hook(self, key: int) -> Callable[[Callable[[], None] | None], None]:
-        def register(callback: Callable[[], None] | None) -> None:
-            if callback is None:
-                self._callbacks.pop(key, None)
-            else:
-                self._callbacks[key] = callback
-        return register
-
-    def fire(self) -> None:
-        for callback in list(self._callbacks.values()):
-            callback()
-        self._callbacks.clear()
-
-
-async def call_app(app: App, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
-                   abort: Abort | None = None) -> _Reply:
-    """One POST through an ASGI app in this process; the whole answer (status 0 if it was
-    aborted before one came)."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "root_path": "", "query_string": b"", "client": None, "server": None,
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode()), *headers]}
-    if abort is not None:
-        scope[DISCONNECT_HOOK] = abort.hook(id(scope))
-    delivered = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Future()  # the "client" never goes away: park until cancelled
-        raise AssertionError("unreachable")
-
-    reply = _Reply()
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            reply.status = message["status"]
-            reply.headers = list(message.get("headers", ()))
-        elif message["type"] == "http.response.body":
-            reply.chunks.append(message.get("body", b""))
-            reply.complete = not message.get("more_body", False)
-
-    await app(scope, receive, send)
-    return reply
-
-
-class _Stop(Exception):
-    """The batch must stop: cancelled, expired, or its lease lost."""
 
 
 class BatchRunner:
@@ -312,7 +233,7 @@ class _Run:
             output, usage = response_line(custom_id, status, request_id, body)
             await self._commit((line, SUCCEEDED if status < 400 else FAILED, output, usage))
 
-    async def _send(self, endpoint: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> _Reply:
+    async def _send(self, endpoint: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Reply:
         """The request through the gateway; a full waiting room is waited out, not recorded."""
         while True:
             reply = await call_app(self.runner.app, endpoint, body, headers, self._abort)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lb.batch.api import BatchApi
 from lb.batch.config import BatchConfig
-from lb.batch.runner import App, BatchRunner
+from lb.batch.loopback import App
+from lb.batch.runner import BatchRunner
 from lb.batch.store import SqliteStore
 
 
