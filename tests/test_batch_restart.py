@@ -145,3 +145,36 @@ def test_sigkill_mid_batch_loses_and_duplicates_nothing(setup) -> None:
     twice = {n: c for n, c in received.items() if c > 1}
     assert all(c == 2 for c in twice.values())
     assert len(twice) <= CONCURRENCY  # only what was in flight at the kill ran again
+
+
+def test_cancel_through_any_worker_stops_the_batch(setup) -> None:
+    """The cancel lands on whichever worker the kernel picks; the one running the batch sees it
+    in the store, aborts what is in flight and writes what finished."""
+    gateway, backend = setup
+    backend.plan.header_delay = 0.2
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="k",
+                           max_retries=3, timeout=30)
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "m", "input": "x" * (i + 1)}} for i in range(200)]
+    upload = client.files.create(file=("in.jsonl", "\n".join(map(json.dumps, lines)).encode()),
+                                 purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 60
+    while len(backend.seen) < 3 * CONCURRENCY:
+        assert time.monotonic() < deadline, "the batch did not start"
+        time.sleep(0.01)
+    for _ in range(4):  # over fresh connections: both workers get a chance to take it
+        with openai.OpenAI(base_url=client.base_url, api_key="k", max_retries=3) as other:
+            assert other.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    deadline = time.monotonic() + 60
+    while (batch := client.batches.retrieve(batch.id)).status != "cancelled":
+        assert batch.status == "cancelling" and time.monotonic() < deadline, batch
+        time.sleep(0.05)
+    assert batch.request_counts.total == 200
+    assert batch.request_counts.completed + batch.request_counts.failed == 200
+    assert 0 < batch.request_counts.completed < 200
+    while backend.in_flight:  # the aborted requests' connections were closed
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert len(backend.seen) < 200
