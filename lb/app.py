@@ -82,7 +82,7 @@ class Gateway:
         self._routes.update({prefix + suffix: (kind, suffix.encode())
                              for prefix in ROOT_PREFIXES for suffix, kind in ROOT_KINDS.items()})
         # Files and Batches: their lines come back through this app, as clients' requests do.
-        self.batches = Batches(config.batch, self)
+        self.batches = Batches(config.batch, self, self.admission)
         self._app = self._starlette()
 
     def pool(self) -> UpstreamPool:

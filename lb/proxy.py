@@ -107,7 +107,7 @@ class Proxy:
                 check_content_type(kind, content_type)
             # Keys on: the key is checked before the body is read (a 401 costs no upload).
             tenant = (None if self._admission is None
-                      else self._admission.authenticate(scope["headers"]))
+                      else scope.get(TENANT) or self._admission.authenticate(scope["headers"]))
             body = await self._read_body(content_length, receive)
             await self._serve(kind, path, scope, body, content_type, session, receive, send,
                               exchange, began, tenant)
@@ -453,6 +453,9 @@ class _DisconnectWatch:
 _WATCH_AFTER = 0.02
 # The scope key under which kvgate's server (lb.server) offers a lost-connection callback.
 DISCONNECT_HOOK = "kvgate.on_disconnect"
+# The scope key of a request made inside the gateway on a tenant's behalf (a batch's line): its
+# Tenant, already authenticated. Only code in this process can set it; a client sends headers.
+TENANT = "kvgate.tenant"
 
 
 def _request_headers(headers: list[tuple[bytes, bytes]],

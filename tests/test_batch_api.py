@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import time
 from typing import Any, Callable
 
@@ -390,3 +391,97 @@ def test_a_broken_store_is_a_503_not_a_traceback(bgw, tmp_path):
         client.files.create(file=("in.jsonl", jsonl([chat_line("a", "b")])), purpose="batch")
     assert exc.value.status_code == 503 and exc.value.body["code"] == "store_unavailable"
     assert client.batches.list().data == []  # the metadata still answers
+
+
+def test_with_api_keys_each_key_sees_its_own_and_lines_run_under_it(make_gateway, tmp_path):
+    """Keys on: the routes need a key; a key sees only its own files and batches; a batch's
+    lines run under the key that created it (its model globs apply), and once that key is
+    revoked the lines left fail with 401."""
+    from tests.test_gateway_api_keys import write_keys
+
+    path = tmp_path / "keys.yaml"
+    secrets = write_keys(path, a={"models": ["chat"]}, b={"models": ["*"]})
+    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **FAST},
+                       "apiKeys": {"enabled": True, "file": str(path), "reloadSeconds": 0.1}})
+    backend = gw.backend("b1")
+    gw.model_with("chat", [backend])
+    gw.model_with("other", [backend])
+    with pytest.raises(openai.AuthenticationError):
+        gw.client().files.list()  # the harness's client sends a key nobody issued
+    a = openai.OpenAI(base_url=gw.url + "/v1", api_key=secrets["a"], max_retries=0, timeout=30)
+    b = openai.OpenAI(base_url=gw.url + "/v1", api_key=secrets["b"], max_retries=0, timeout=30)
+    upload = a.files.create(file=("in.jsonl", jsonl(
+        [chat_line("mine", "hi"), chat_line("not-mine", "hi", model="other")])), purpose="batch")
+    assert [f.id for f in a.files.list()] == [upload.id] and not b.files.list().data
+    with pytest.raises(openai.NotFoundError):
+        b.files.content(upload.id)
+    with pytest.raises(openai.NotFoundError):
+        b.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                         completion_window="24h")
+    batch = wait_batch(a, a.batches.create(input_file_id=upload.id,
+                                           endpoint="/v1/chat/completions",
+                                           completion_window="24h").id)
+    assert batch.status == "completed" and not b.batches.list().data
+    with pytest.raises(openai.NotFoundError):
+        b.batches.retrieve(batch.id)
+    assert list(read_lines(a, batch.output_file_id)) == ["mine"]
+    refused = read_lines(a, batch.error_file_id)["not-mine"]["response"]
+    assert refused["status_code"] == 403 and refused["body"]["error"]["code"] == "model_not_allowed"
+    with pytest.raises(openai.NotFoundError):
+        b.files.content(batch.output_file_id)
+    assert all("authorization" not in {k.lower() for k in seen.headers} for seen in backend.seen)
+
+    gw.call(backend.hold)
+    upload = a.files.create(file=("in.jsonl", jsonl(
+        [chat_line(f"r{i}", f"q{i}") for i in range(20)])), purpose="batch")
+    batch = a.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+    gw.wait_for(lambda: backend.in_flight == FAST["concurrency"], 30, "the batch's requests")
+    write_keys(path, b={"models": ["*"]})  # a's key is revoked
+    time.sleep(0.5)  # reloaded within reloadSeconds; the held lines were admitted before
+    with pytest.raises(openai.AuthenticationError):
+        a.batches.list()
+    gw.call(backend.release)
+    db = sqlite3.connect(f"file:{tmp_path / 'batch' / 'batch.db'}?mode=ro", uri=True)
+    deadline = time.monotonic() + 30
+    while db.execute("SELECT status FROM batches WHERE id = ?", (batch.id,)).fetchone()[0] \
+            != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    db.close()
+    again = write_keys(path, a={"models": ["chat"]})  # the name back, under a new secret
+    a = openai.OpenAI(base_url=gw.url + "/v1", api_key=again["a"], max_retries=0, timeout=30)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            batch = a.batches.retrieve(batch.id)
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert batch.request_counts.completed == FAST["concurrency"]
+    errors = read_lines(a, batch.error_file_id)
+    assert len(errors) == 20 - FAST["concurrency"]
+    assert {e["response"]["status_code"] for e in errors.values()} == {401}
+    gw.settle()
+
+
+def test_lines_past_the_keys_rate_limit_wait_rather_than_fail(make_gateway, tmp_path):
+    """A key of 60 requests a minute has 60 at once, then one a second: a batch of 63 lines
+    under it finishes with every line answered, the last three after waiting their turn."""
+    from tests.test_gateway_api_keys import write_keys
+
+    path = tmp_path / "keys.yaml"
+    secrets = write_keys(path, a={"models": ["*"], "limits": {"requestsPerMinute": 60}})
+    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **FAST},
+                       "apiKeys": {"enabled": True, "file": str(path)}})
+    gw.model_with("chat", [gw.backend("b1")])
+    a = openai.OpenAI(base_url=gw.url + "/v1", api_key=secrets["a"], max_retries=0, timeout=30)
+    upload = a.files.create(file=("in.jsonl", jsonl(
+        [chat_line(f"r{i}", f"q{i}") for i in range(63)])), purpose="batch")
+    batch = wait_batch(a, a.batches.create(input_file_id=upload.id,
+                                           endpoint="/v1/chat/completions",
+                                           completion_window="24h").id)
+    assert batch.status == "completed" and batch.request_counts.completed == 63
+    assert batch.error_file_id is None
+    assert gw.metric("kvgate_key_rejections_total", key="a", reason="requests") > 0

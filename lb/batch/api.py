@@ -36,11 +36,20 @@ _MAX_JSON = 1024 * 1024  # a batch-create body is a few hundred bytes
 
 
 class BatchApi:
-    """The routes, over a store (None: the API is off and every route says how to turn it on)."""
+    """The routes, over a store (None: the API is off and every route says how to turn it on).
 
-    def __init__(self, store: Store | None, config: BatchConfig) -> None:
+    With API keys on, every route needs a key (``authenticate``: the key's name, or a 401) and
+    a key sees only its own files and batches; a batch's lines run under the key that made it.
+    """
+
+    def __init__(self, store: Store | None, config: BatchConfig,
+                 authenticate: Callable[[list[tuple[bytes, bytes]]], str] | None = None) -> None:
         self.store = store
         self.config = config
+        self.authenticate = authenticate
+
+    def _tenant(self, request: Request) -> str | None:
+        return None if self.authenticate is None else self.authenticate(request.scope["headers"])
 
     def routes(self, prefixes: tuple[str, ...]) -> list[Route]:
         table: list[tuple[str, Callable[[Request], Any], list[str]]] = [
@@ -64,18 +73,19 @@ class BatchApi:
 
     async def _files(self, request: Request) -> Response:
         store = self._store()
+        tenant = self._tenant(request)
         if request.method == "POST":
-            return _json(await self._upload(store, request))
+            return _json(await self._upload(store, request, tenant))
         params = request.query_params
         order = params.get("order", "desc")
         if order not in ("asc", "desc"):
             raise bad_request("order must be `asc` or `desc`.", param="order")
         files, more = await store.list_files(params.get("purpose") or None,
                                              params.get("after") or None,
-                                             _limit(params.get("limit"), 10_000), order)
+                                             _limit(params.get("limit"), 10_000), order, tenant)
         return _json(_page(files, more))
 
-    async def _upload(self, store: Store, request: Request) -> dict[str, Any]:
+    async def _upload(self, store: Store, request: Request, tenant: str | None) -> dict[str, Any]:
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
             raise GatewayError(415, "Upload a file as multipart/form-data, with the fields "
@@ -100,18 +110,19 @@ class BatchApi:
             if upload.size is not None and upload.size > limit:
                 raise _file_too_large(limit)
             return await store.create_file(upload.filename or "upload.jsonl", "batch",
-                                           upload.file)
+                                           upload.file, tenant)
         finally:
             await form.close()
 
     async def _file(self, request: Request) -> Response:
         store = self._store()
         file_id = request.path_params["file_id"]
+        tenant = self._tenant(request)
         if request.method == "DELETE":
-            if not await store.delete_file(file_id):
+            if not await store.delete_file(file_id, tenant):
                 raise _no_file(file_id)
             return _json({"id": file_id, "object": "file", "deleted": True})
-        found = await store.get_file(file_id)
+        found = await store.get_file(file_id, tenant)
         if found is None:
             raise _no_file(file_id)
         return _json(found)
@@ -119,7 +130,7 @@ class BatchApi:
     async def _content(self, request: Request) -> Response:
         store = self._store()
         file_id = request.path_params["file_id"]
-        found = await store.get_file(file_id)
+        found = await store.get_file(file_id, self._tenant(request))
         if found is None:
             raise _no_file(file_id)
         chunks = store.read_file(file_id)
@@ -133,14 +144,16 @@ class BatchApi:
 
     async def _batches(self, request: Request) -> Response:
         store = self._store()
+        tenant = self._tenant(request)
         if request.method == "POST":
-            return _json(await self._create(store, await _json_body(request)))
+            return _json(await self._create(store, await _json_body(request), tenant))
         params = request.query_params
         batches, more = await store.list_batches(params.get("after") or None,
-                                                 _limit(params.get("limit"), 100))
+                                                 _limit(params.get("limit"), 100), tenant)
         return _json(_page(batches, more))
 
-    async def _create(self, store: Store, body: dict[str, Any]) -> dict[str, Any]:
+    async def _create(self, store: Store, body: dict[str, Any],
+                      tenant: str | None) -> dict[str, Any]:
         endpoint = body.get("endpoint")
         if endpoint not in ENDPOINTS:
             raise bad_request(f"endpoint must be one of {', '.join(ENDPOINTS)}; got "
@@ -150,7 +163,7 @@ class BatchApi:
         file_id = body.get("input_file_id")
         if not isinstance(file_id, str) or not file_id:
             raise bad_request("input_file_id is required.", param="input_file_id")
-        found = await store.get_file(file_id)
+        found = await store.get_file(file_id, tenant)
         if found is None:
             raise _no_file(file_id, param="input_file_id")
         if found["purpose"] != "batch":
@@ -164,7 +177,7 @@ class BatchApi:
             "output_file_id": None, "error_file_id": None, "created_at": now,
             "in_progress_at": None, "expires_at": now + window, "finalizing_at": None,
             "completed_at": None, "failed_at": None, "expired_at": None,
-            "cancelling_at": None, "cancelled_at": None, "metadata": metadata})
+            "cancelling_at": None, "cancelled_at": None, "metadata": metadata}, tenant)
 
     def _window(self, value: Any) -> int:
         """OpenAI's `24h`, or any `<n>s|m|h|d` up to batch.maxWindowSeconds."""
@@ -179,7 +192,7 @@ class BatchApi:
     async def _batch(self, request: Request) -> Response:
         store = self._store()
         batch_id = request.path_params["batch_id"]
-        found = await store.get_batch(batch_id)
+        found = await store.get_batch(batch_id, self._tenant(request))
         if found is None:
             raise _no_batch(batch_id)
         return _json(found)
@@ -187,7 +200,7 @@ class BatchApi:
     async def _cancel(self, request: Request) -> Response:
         store = self._store()
         batch_id = request.path_params["batch_id"]
-        batch = await store.cancel_batch(batch_id, int(time.time()))
+        batch = await store.cancel_batch(batch_id, int(time.time()), self._tenant(request))
         if batch is None:
             raise _no_batch(batch_id)
         if batch["status"] not in ("cancelling", "cancelled"):

@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from lb.proxy import DISCONNECT_HOOK
+from lb.proxy import DISCONNECT_HOOK, TENANT
 
 App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                 Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
@@ -59,7 +59,7 @@ class Abort:
 
 
 async def call_app(app: App, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
-                   abort: Abort | None = None) -> Reply:
+                   abort: Abort | None = None, tenant: Any = None) -> Reply:
     """One POST through an ASGI app in this process; the whole answer (status 0 if it was
     aborted before one came)."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
@@ -69,6 +69,8 @@ async def call_app(app: App, path: str, body: bytes, headers: list[tuple[bytes, 
                          (b"content-length", str(len(body)).encode()), *headers]}
     if abort is not None:
         scope[DISCONNECT_HOOK] = abort.hook(id(scope))
+    if tenant is not None:  # API keys on: the line runs under the key that made its batch
+        scope[TENANT] = tenant
     delivered = False
 
     async def receive() -> dict[str, Any]:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
@@ -39,10 +39,13 @@ _BUSY = 429  # the waiting room is full: wait and send again, it is not the line
 class BatchRunner:
     """The batch worker of one gateway process."""
 
-    def __init__(self, store: Store, app: App, config: BatchConfig) -> None:
+    def __init__(self, store: Store, app: App, config: BatchConfig,
+                 tenants: Callable[[str], Any] | None = None) -> None:
         self.store = store
         self.app = app
         self.config = config
+        # API keys on: the live Tenant of a key name (None once revoked or expired).
+        self.tenants = tenants
         self.owner = owner_name()
         self._running: dict[str, asyncio.Task[None]] = {}
 
@@ -98,11 +101,13 @@ class _Run:
         self._committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wake = asyncio.Event()
         self._abort = Abort()
+        self.tenant: str | None = None
 
     async def run(self) -> None:
         batch = await self.store.get_batch(self.batch_id)
         if batch is None:
             return
+        self.tenant = await self.store.batch_tenant(self.batch_id)
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(batch))
         try:
             await self._advance(batch)
@@ -236,7 +241,12 @@ class _Run:
     async def _send(self, endpoint: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Reply:
         """The request through the gateway; a full waiting room is waited out, not recorded."""
         while True:
-            reply = await call_app(self.runner.app, endpoint, body, headers, self._abort)
+            tenant = None
+            if self.tenant is not None and self.runner.tenants is not None:
+                tenant = self.runner.tenants(self.tenant)
+                if tenant is None:
+                    return _revoked(self.tenant)
+            reply = await call_app(self.runner.app, endpoint, body, headers, self._abort, tenant)
             if reply.status != _BUSY or self.stop.is_set():
                 return reply
             retry = reply.header(b"retry-after")
@@ -290,3 +300,10 @@ class _Run:
                     lambda line, custom_id: error_line(custom_id, code, message)):
                 return
         await self.store.finalize(self.batch_id, self.owner, final, int(time.time()))
+
+
+def _revoked(name: str) -> Reply:
+    """The answer to a line whose batch's API key is no longer valid."""
+    body = error_body(401, f"The API key `{name}` that created this batch has been revoked or "
+                      "has expired.", code="invalid_api_key")
+    return Reply(401, [(b"content-type", b"application/json")], [body], True)

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 from lb.batch.api import BatchApi
 from lb.batch.config import BatchConfig
 from lb.batch.loopback import App
 from lb.batch.runner import BatchRunner
 from lb.batch.store import SqliteStore
+from lb.admission import Admission
 
 
 class Batches:
     """The API's routes now; the store and the runner from ``start`` (the gateway's lifespan)
-    until ``stop``. Off when no state directory is configured."""
+    until ``stop``. Off when no state directory is configured. With API keys (``admission``),
+    the routes need a key and a batch's lines run under the key that created it."""
 
-    def __init__(self, config: BatchConfig, app: App) -> None:
+    def __init__(self, config: BatchConfig, app: App, admission: Admission | None = None) -> None:
         self.config = config
-        self.api = BatchApi(None, config)
+        self._admission = admission
+        self.api = BatchApi(None, config, None if admission is None else self._authenticate)
         self._app = app
         self._store: SqliteStore | None = None
         self._task: asyncio.Task[None] | None = None
@@ -32,8 +37,22 @@ class Batches:
             return
         self._store = await SqliteStore(Path(self.config.state_dir)).open()
         self.api.store = self._store
-        runner = BatchRunner(self._store, self._app, self.config)
+        runner = BatchRunner(self._store, self._app, self.config,
+                             None if self._admission is None else self._tenant)
         self._task = asyncio.get_running_loop().create_task(runner.run())
+
+    def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> str:
+        assert self._admission is not None
+        return self._admission.authenticate(headers).name
+
+    def _tenant(self, name: str) -> Any:
+        """The key named ``name`` as it is now: None once revoked (gone from the file) or
+        expired."""
+        assert self._admission is not None
+        for tenant in self._admission.store.tenants.values():
+            if tenant.name == name:
+                return tenant if tenant.expires > time.time() else None
+        return None
 
     async def stop(self) -> None:
         if self._task is not None:

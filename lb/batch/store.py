@@ -41,17 +41,21 @@ _CHUNK = 256 * 1024
 class Store(Protocol):
     """What the API and the runner need; a cluster may put a PVC or an object store behind it."""
 
-    async def create_file(self, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]: ...
-    async def get_file(self, file_id: str) -> dict[str, Any] | None: ...
-    async def list_files(self, purpose: str | None, after: str | None, limit: int,
-                         order: str) -> tuple[list[dict[str, Any]], bool]: ...
-    async def delete_file(self, file_id: str) -> bool: ...
+    async def create_file(self, filename: str, purpose: str, source: BinaryIO,
+                          tenant: str | None = None) -> dict[str, Any]: ...
+    async def get_file(self, file_id: str, tenant: str | None = None) -> dict[str, Any] | None: ...
+    async def list_files(self, purpose: str | None, after: str | None, limit: int, order: str,
+                         tenant: str | None = None) -> tuple[list[dict[str, Any]], bool]: ...
+    async def delete_file(self, file_id: str, tenant: str | None = None) -> bool: ...
     def read_file(self, file_id: str) -> AsyncIterator[bytes]: ...
     async def file_bytes(self, file_id: str) -> bytes | None: ...
-    async def create_batch(self, batch: dict[str, Any]) -> dict[str, Any]: ...
-    async def get_batch(self, batch_id: str) -> dict[str, Any] | None: ...
-    async def list_batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]: ...
-    async def cancel_batch(self, batch_id: str, now: int) -> dict[str, Any] | None: ...
+    async def create_batch(self, batch: dict[str, Any], tenant: str | None = None) -> dict[str, Any]: ...
+    async def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, Any] | None: ...
+    async def list_batches(self, after: str | None, limit: int,
+                           tenant: str | None = None) -> tuple[list[dict[str, Any]], bool]: ...
+    async def cancel_batch(self, batch_id: str, now: int,
+                           tenant: str | None = None) -> dict[str, Any] | None: ...
+    async def batch_tenant(self, batch_id: str) -> str | None: ...
     async def claim(self, owner: str, now: float, lease: float, limit: int) -> list[str]: ...
     async def renew(self, batch_id: str, owner: str, until: float) -> str | None: ...
     async def update_batch(self, batch_id: str, owner: str, status: str | None = None,
@@ -71,7 +75,8 @@ CREATE TABLE IF NOT EXISTS files (
     filename TEXT NOT NULL,
     purpose TEXT NOT NULL,
     bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    tenant TEXT
 );
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -86,7 +91,8 @@ CREATE TABLE IF NOT EXISTS batches (
     output_tokens INTEGER NOT NULL DEFAULT 0,
     reasoning_tokens INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
-    lease_until REAL NOT NULL DEFAULT 0
+    lease_until REAL NOT NULL DEFAULT 0,
+    tenant TEXT
 );
 CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
 CREATE TABLE IF NOT EXISTS requests (
@@ -152,41 +158,47 @@ class SqliteStore:
 
     # -- files -----------------------------------------------------------------------------
 
-    async def create_file(self, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]:
-        return await self._run(self._create_file, filename, purpose, source)
+    async def create_file(self, filename: str, purpose: str, source: BinaryIO,
+                          tenant: str | None = None) -> dict[str, Any]:
+        return await self._run(self._create_file, filename, purpose, source, tenant)
 
-    def _create_file(self, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]:
+    def _create_file(self, filename: str, purpose: str, source: BinaryIO,
+                     tenant: str | None) -> dict[str, Any]:
         file_id = "file-" + uuid.uuid4().hex
         path = self._files / file_id
         with open(path, "wb") as out:
             shutil.copyfileobj(source, out, _CHUNK)
             size = out.tell()
-        return self._write(lambda db: self._insert_file(db, file_id, filename, purpose, size))
+        return self._write(lambda db: self._insert_file(db, file_id, filename, purpose, size,
+                                                        tenant))
 
     @staticmethod
     def _insert_file(db: sqlite3.Connection, file_id: str, filename: str, purpose: str,
-                     size: int) -> dict[str, Any]:
+                     size: int, tenant: str | None) -> dict[str, Any]:
         created = int(time.time())
-        db.execute("INSERT OR REPLACE INTO files (id, filename, purpose, bytes, created_at) "
-                   "VALUES (?, ?, ?, ?, ?)", (file_id, filename, purpose, size, created))
+        db.execute("INSERT OR REPLACE INTO files (id, filename, purpose, bytes, created_at, "
+                   "tenant) VALUES (?, ?, ?, ?, ?, ?)",
+                   (file_id, filename, purpose, size, created, tenant))
         return _file_object((file_id, filename, purpose, size, created))
 
-    async def get_file(self, file_id: str) -> dict[str, Any] | None:
-        return await self._run(self._get_file, file_id)
+    async def get_file(self, file_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        return await self._run(self._get_file, file_id, tenant)
 
-    def _get_file(self, file_id: str) -> dict[str, Any] | None:
-        row = self._conn().execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?",
-                                   (file_id,)).fetchone()
+    def _get_file(self, file_id: str, tenant: str | None) -> dict[str, Any] | None:
+        mine, args = _of(tenant)
+        row = self._conn().execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?{mine}",
+                                   (file_id, *args)).fetchone()
         return _file_object(row) if row else None
 
-    async def list_files(self, purpose: str | None, after: str | None, limit: int,
-                         order: str) -> tuple[list[dict[str, Any]], bool]:
-        return await self._run(self._list_files, purpose, after, limit, order)
+    async def list_files(self, purpose: str | None, after: str | None, limit: int, order: str,
+                         tenant: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        return await self._run(self._list_files, purpose, after, limit, order, tenant)
 
-    def _list_files(self, purpose: str | None, after: str | None, limit: int,
-                    order: str) -> tuple[list[dict[str, Any]], bool]:
+    def _list_files(self, purpose: str | None, after: str | None, limit: int, order: str,
+                    tenant: str | None) -> tuple[list[dict[str, Any]], bool]:
         newest_first = order != "asc"
-        where, args = ["1"], []
+        mine, args = _of(tenant)
+        where = ["1" + mine]
         if purpose:
             where.append("purpose = ?")
             args.append(purpose)
@@ -201,12 +213,13 @@ class SqliteStore:
         ).fetchall()
         return [_file_object(r) for r in rows[:limit]], len(rows) > limit
 
-    async def delete_file(self, file_id: str) -> bool:
-        return await self._run(self._delete_file, file_id)
+    async def delete_file(self, file_id: str, tenant: str | None = None) -> bool:
+        return await self._run(self._delete_file, file_id, tenant)
 
-    def _delete_file(self, file_id: str) -> bool:
-        deleted = self._write(lambda db: db.execute("DELETE FROM files WHERE id = ?",
-                                                    (file_id,)).rowcount)
+    def _delete_file(self, file_id: str, tenant: str | None) -> bool:
+        mine, args = _of(tenant)
+        deleted = self._write(lambda db: db.execute(f"DELETE FROM files WHERE id = ?{mine}",
+                                                    (file_id, *args)).rowcount)
         if deleted:
             (self._files / file_id).unlink(missing_ok=True)
         return bool(deleted)
@@ -225,7 +238,7 @@ class SqliteStore:
     async def file_bytes(self, file_id: str) -> bytes | None:
         """The whole body, read on a thread of its own (a large input must not hold up the
         store's thread), or None if there is no such file."""
-        if await self.get_file(file_id) is None:
+        if await self.get_file(file_id) is None:  # the caller checked whose it is
             return None
         try:
             return await asyncio.to_thread((self._files / file_id).read_bytes)
@@ -234,46 +247,61 @@ class SqliteStore:
 
     # -- batches ---------------------------------------------------------------------------
 
-    async def create_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return await self._run(self._write, lambda db: self._insert_batch(db, batch))
+    async def create_batch(self, batch: dict[str, Any], tenant: str | None = None) -> dict[str, Any]:
+        return await self._run(self._write, lambda db: self._insert_batch(db, batch, tenant))
 
     @staticmethod
-    def _insert_batch(db: sqlite3.Connection, batch: dict[str, Any]) -> dict[str, Any]:
-        db.execute("INSERT INTO batches (id, status, doc) VALUES (?, ?, ?)",
-                   (batch["id"], batch["status"], orjson.dumps(batch)))
+    def _insert_batch(db: sqlite3.Connection, batch: dict[str, Any],
+                      tenant: str | None) -> dict[str, Any]:
+        db.execute("INSERT INTO batches (id, status, doc, tenant) VALUES (?, ?, ?, ?)",
+                   (batch["id"], batch["status"], orjson.dumps(batch), tenant))
         return _batch_object((batch["status"], orjson.dumps(batch), 0, 0, 0, 0, 0, 0, 0))
 
-    async def get_batch(self, batch_id: str) -> dict[str, Any] | None:
-        return await self._run(self._get_batch, batch_id)
+    async def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        return await self._run(self._get_batch, batch_id, tenant)
 
-    def _get_batch(self, batch_id: str, db: sqlite3.Connection | None = None) -> dict[str, Any] | None:
-        row = (db or self._conn()).execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?",
-                                           (batch_id,)).fetchone()
+    def _get_batch(self, batch_id: str, tenant: str | None = None,
+                   db: sqlite3.Connection | None = None) -> dict[str, Any] | None:
+        mine, args = _of(tenant)
+        row = (db or self._conn()).execute(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?{mine}", (batch_id, *args)
+        ).fetchone()
         return _batch_object(row) if row else None
 
-    async def list_batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        return await self._run(self._list_batches, after, limit)
+    async def batch_tenant(self, batch_id: str) -> str | None:
+        """The API key name the batch was created under (its lines run under it)."""
+        row = await self._run(lambda: self._conn().execute(
+            "SELECT tenant FROM batches WHERE id = ?", (batch_id,)).fetchone())
+        return row[0] if row else None
 
-    def _list_batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        where, args = "1", []
+    async def list_batches(self, after: str | None, limit: int,
+                           tenant: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        return await self._run(self._list_batches, after, limit, tenant)
+
+    def _list_batches(self, after: str | None, limit: int,
+                      tenant: str | None) -> tuple[list[dict[str, Any]], bool]:
+        mine, args = _of(tenant)
+        where = "1" + mine
         if after:
-            where = "seq < COALESCE((SELECT seq FROM batches WHERE id = ?), -1)"
+            where += " AND seq < COALESCE((SELECT seq FROM batches WHERE id = ?), -1)"
             args.append(after)
         rows = self._conn().execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE {where} "
                                     "ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
         return [_batch_object(r) for r in rows[:limit]], len(rows) > limit
 
-    async def cancel_batch(self, batch_id: str, now: int) -> dict[str, Any] | None:
+    async def cancel_batch(self, batch_id: str, now: int,
+                           tenant: str | None = None) -> dict[str, Any] | None:
         """Ask for a batch to stop: `cancelling` until its runner has written what finished.
         A batch already over is returned unchanged (the caller tells the client)."""
-        return await self._run(self._write, lambda db: self._cancel(db, batch_id, now))
+        return await self._run(self._write, lambda db: self._cancel(db, batch_id, now, tenant))
 
-    def _cancel(self, db: sqlite3.Connection, batch_id: str, now: int) -> dict[str, Any] | None:
-        batch = self._get_batch(batch_id, db)
+    def _cancel(self, db: sqlite3.Connection, batch_id: str, now: int,
+                tenant: str | None) -> dict[str, Any] | None:
+        batch = self._get_batch(batch_id, tenant, db)
         if batch is None or batch["status"] not in ("validating", "in_progress"):
             return batch
         self._patch(db, batch_id, "cancelling", {"cancelling_at": now})
-        return self._get_batch(batch_id, db)
+        return self._get_batch(batch_id, tenant, db)
 
     @staticmethod
     def _patch(db: sqlite3.Connection, batch_id: str, status: str | None,
@@ -385,11 +413,13 @@ class SqliteStore:
             if not _owns(db, batch_id, owner):
                 return False
             fields: dict[str, Any] = {_STATUS_TIME[status]: now}
+            (tenant,) = db.execute("SELECT tenant FROM batches WHERE id = ?",
+                                   (batch_id,)).fetchone()
             for state, key in ((SUCCEEDED, "output_file_id"), (FAILED, "error_file_id")):
                 file_id, filename = written[state]
                 if sizes[state] is None:
                     continue
-                self._insert_file(db, file_id, filename, "batch_output", sizes[state])
+                self._insert_file(db, file_id, filename, "batch_output", sizes[state], tenant)
                 fields[key] = file_id
             self._patch(db, batch_id, status, fields)
             db.execute("UPDATE batches SET owner = NULL, lease_until = 0 WHERE id = ?",
@@ -458,6 +488,12 @@ def owner_gone(owner: str) -> bool:
     except OSError:
         return False
     return False
+
+
+def _of(tenant: str | None) -> tuple[str, list[Any]]:
+    """The SQL condition (and its argument) that keeps a caller to its own key's files and
+    batches; with API keys off (None) everything is everyone's."""
+    return ("", []) if tenant is None else (" AND tenant = ?", [tenant])
 
 
 def _owns(db: sqlite3.Connection, batch_id: str, owner: str) -> bool:
