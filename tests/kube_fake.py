@@ -48,7 +48,8 @@ DEVIATIONS = """\
 - No kubelet/scheduler/controllers: pods stay Pending until a test sets their status (set_pod_ready);
   a deleted pod disappears at once unless `pod_termination_delay` is set (then it is Terminating for
   that long, with deletionTimestamp); Jobs never run.
-- Garbage collection (ownerReferences) runs synchronously inside the DELETE; foreground deletion
+- Garbage collection (ownerReferences) runs synchronously inside the DELETE, and inside a CREATE
+  whose owners are all gone already (the object is added, then deleted); foreground deletion
   deletes dependents first instead of using the foregroundDeletion finalizer.
 - Strategic merge patch knows only common merge keys (containers, env, ports, volumes, conditions, ...)
   and the $patch: delete/replace directives; server-side apply (apply-patch+yaml) answers 415.
@@ -902,7 +903,19 @@ class FakeKube:
             elif not rt.custom:
                 obj["status"] = {}
         self._normalize_secret(rt, obj)
-        return self._commit(rt, obj, "ADDED", None)
+        created = self._commit(rt, obj, "ADDED", None)
+        if self._orphaned(obj):  # its owners are gone: the garbage collector removes it
+            self._delete(rt, namespace, meta["name"], {"propagationPolicy": "Background"})
+        return created
+
+    def _orphaned(self, obj: dict[str, Any]) -> bool:
+        """Whether every owner the object names is gone (a create that raced its owner's
+        deletion, e.g. a reconcile already running when its Model was deleted)."""
+        refs = obj["metadata"].get("ownerReferences") or []
+        if not refs:
+            return False
+        alive = {o["metadata"].get("uid") for o in self._store.values()}
+        return not any(ref.get("uid") in alive for ref in refs)
 
     def _update(self, rt: ResourceType, old: dict[str, Any], body: Any,
                 subresource: str | None) -> dict[str, Any]:

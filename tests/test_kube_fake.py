@@ -290,6 +290,15 @@ async def test_finalizers_deletion_timestamp_and_gc(kube: FakeKube, api: Any) ->
         await custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "m")
     assert err.value.status == 404
     assert kube.objects("pods", NS) == []  # garbage-collected
+    # A dependent created after its owner is gone (a reconcile that raced the deletion) is
+    # collected too; one with a living owner among its owners is kept.
+    await core.create_namespaced_pod(NS, pod("late", ownerReferences=[ref]))
+    assert kube.get("pods", "late") is None
+    other = await custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, model("o"))
+    alive = {**ref, "name": "o", "uid": other["metadata"]["uid"], "controller": False}
+    await core.create_namespaced_pod(NS, pod("kept", ownerReferences=[ref, alive]))
+    assert kube.get("pods", "kept") is not None
+    await core.delete_namespaced_pod("kept", NS)
 
     # Plain deletion, preconditions, propagationPolicy, deletecollection.
     p = await core.create_namespaced_pod(NS, pod("x", {"app": "m"}))
