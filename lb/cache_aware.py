@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from lb.kv_events import KVIndex
 from lb.model import Model
 from lb.parse import ParsedRequest, prefix_of
-from lb.prefix_index import PrefixIndex, block_hashes
+from lb.ring import PrefixIndex, block_hashes
 from lb.prompt_tokens import for_model
 from lb.registry import EndpointGroup
 

@@ -18,26 +18,41 @@ without sharing memory or taking a lock on the request path.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from operator import index as as_index
+from typing import Iterable, Sequence
 
-from lb.ring import block_hashes
+__all__ = ["PrefixIndex"]
 
-__all__ = ["PrefixIndex", "block_hashes"]
+_MAX_BLOCK = (1 << 64) - 1
 
 
 class PrefixIndex:
     """Per replica, the block hashes it was recently sent (LRU, ``capacity`` each); and, per
     block, which replicas hold it (a bit mask), so a match walks the prompt's blocks once
-    whatever the number of replicas."""
+    whatever the number of replicas.
+
+    Block hashes are unsigned 64-bit ints (what ``block_hashes`` gives): any other value
+    raises (TypeError, or OverflowError out of range) before anything changes, so the Cython
+    twin (``lb._prefix_index``) can hold them in C and still behave alike."""
 
     def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self._holders: dict[int, int] = {}  # block hash -> mask of replica bits
         self._recent: dict[str, OrderedDict[int, None]] = {}  # replica -> blocks, oldest first
         self._bit: dict[str, int] = {}
         self._key_of_bit: list[str | None] = []
+
+    @property
+    def capacity(self) -> int:
+        """Blocks kept per replica; a lower one takes effect at the replica's next record."""
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        value = as_index(value)
+        if value < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity = value
 
     def __len__(self) -> int:
         """Blocks remembered, summed over the replicas."""
@@ -46,6 +61,7 @@ class PrefixIndex:
     def match(self, blocks: Sequence[int]) -> dict[str, int]:
         """Replica -> how many of ``blocks``, from the first, it is believed to hold (replicas
         holding none are left out)."""
+        blocks = _checked(blocks)
         holders = self._holders
         depths: dict[str, int] = {}
         alive = 0
@@ -64,6 +80,7 @@ class PrefixIndex:
 
     def record(self, key: str, blocks: Sequence[int]) -> None:
         """``key`` was sent a request with these blocks: it holds them now (most recent)."""
+        blocks = _checked(blocks)
         if not blocks:
             return
         recent = self._recent.get(key)
@@ -79,7 +96,7 @@ class PrefixIndex:
             else:
                 recent[block] = None
                 holders[block] = holders.get(block, 0) | bit
-        while len(recent) > self.capacity:
+        while len(recent) > self._capacity:
             self._drop(recent.popitem(last=False)[0], bit)
 
     def forget(self, key: str) -> None:
@@ -124,3 +141,18 @@ class PrefixIndex:
             if key is not None:
                 depths[key] = depth
             mask ^= low
+
+
+def _checked(blocks: Iterable[int]) -> Sequence[int]:
+    """``blocks`` as a list or tuple of unsigned 64-bit ints, or the error the C twin raises."""
+    if not isinstance(blocks, (list, tuple)):
+        try:
+            blocks = list(blocks)
+        except TypeError:
+            raise TypeError("blocks must be a sequence of ints") from None
+    for block in blocks:
+        if not isinstance(block, int):
+            raise TypeError(f"a block hash must be int, not {type(block).__name__}")
+        if not 0 <= block <= _MAX_BLOCK:
+            raise OverflowError("a block hash must be in [0, 2**64)")
+    return blocks

@@ -22,8 +22,7 @@ from typing import Iterable
 
 from lb.ejection import Outliers
 from lb.model import Model
-from lb.prefix_index import PrefixIndex
-from lb.ring import LoadTable, Ring
+from lb.ring import LoadTable, PrefixIndex, Ring
 
 
 

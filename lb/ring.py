@@ -1,7 +1,9 @@
-"""Chooses the ring implementation at import: the Cython core when built, else the pure twin.
+"""Chooses the native cores at import: the Cython ring (and CacheAware's prefix index) when
+built, else the pure twins.
 
 Mirrors aiohttp's `_http_parser.pyx` / `http_parser.py` pairing. Set ``KVGATE_PURE_RING=1`` to
-force the twin (the tests run both). ``IMPLEMENTATION`` says which one is live.
+force the twins (the tests run both). ``IMPLEMENTATION`` says which ring is live;
+``INDEX_IMPLEMENTATION`` which prefix index (``lb._prefix_index`` or ``lb.prefix_index``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from lb.chwbl import MAX_ENDPOINTS, MAX_WEIGHT
 from lb.loads import LoadTable
 
 __all__ = ["Ring", "LoadTable", "SharedCount", "IMPLEMENTATION", "MAX_ENDPOINTS", "MAX_WEIGHT",
-           "hash64", "block_hashes"]
+           "hash64", "block_hashes", "PrefixIndex", "INDEX_IMPLEMENTATION"]
+
+_log = logging.getLogger(__name__)
+_BUILD = "Build it with `python setup.py build_ext --inplace` (or `make build`)."
 
 if os.environ.get("KVGATE_PURE_RING") == "1":
     from lb.chwbl import Ring, SharedCount, block_hashes, hash64
+    from lb.prefix_index import PrefixIndex
 
-    IMPLEMENTATION = "python"
+    IMPLEMENTATION = INDEX_IMPLEMENTATION = "python"
 else:
     try:
         from lb._chwbl import Ring, SharedCount, block_hashes, hash64
@@ -26,9 +32,17 @@ else:
         from lb.chwbl import Ring, SharedCount, block_hashes, hash64
 
         IMPLEMENTATION = "python"
-        logging.getLogger(__name__).warning(
-            "kvgate: the Cython ring (lb._chwbl) is not built; using the pure-Python twin. "
-            "Build it with `python setup.py build_ext --inplace` (or `make build`)."
-        )
+        _log.warning("kvgate: the Cython ring (lb._chwbl) is not built; using the pure-Python "
+                     "twin. " + _BUILD)
     else:
         IMPLEMENTATION = "cython"
+    try:
+        from lb._prefix_index import PrefixIndex
+    except ImportError:
+        from lb.prefix_index import PrefixIndex
+
+        INDEX_IMPLEMENTATION = "python"
+        _log.warning("kvgate: the Cython prefix index (lb._prefix_index) is not built; using "
+                     "the pure-Python twin. " + _BUILD)
+    else:
+        INDEX_IMPLEMENTATION = "cython"

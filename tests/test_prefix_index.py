@@ -11,7 +11,8 @@ import mmh3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.prefix_index import PrefixIndex, block_hashes
+from lb.prefix_index import PrefixIndex
+from lb.ring import block_hashes
 
 
 def test_blocks_chain_the_whole_prefix() -> None:
@@ -44,8 +45,8 @@ def prefix_depth(held: list[list[int]], blocks: list[int]) -> int:
 def test_match_is_the_longest_held_prefix(sent: list[tuple[str, list[int]]],
                                           query: list[int]) -> None:
     """With room for everything, a replica holds every prefix it was sent."""
-    def chain(path: list[int]) -> list[int]:  # chained ids, like chained hashes
-        return [hash(tuple(path[:i + 1])) for i in range(len(path))]
+    def chain(path: list[int]) -> list[int]:  # chained ids (uint64), like chained hashes
+        return [hash(tuple(path[:i + 1])) & 0xFFFF_FFFF_FFFF_FFFF for i in range(len(path))]
 
     index = PrefixIndex(capacity=1000)
     held: dict[str, list[list[int]]] = {}
