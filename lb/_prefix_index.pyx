@@ -25,7 +25,7 @@ match and a record sit on every CacheAware request's path:
 
 cimport cython
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.long cimport PyLong_AsUnsignedLongLong, PyLong_Check
+from cpython.long cimport PyLong_Check
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -160,6 +160,13 @@ cdef class PrefixIndex:
     def match(self, blocks) -> dict:
         """Replica -> how many of ``blocks``, from the first, it is believed to hold (replicas
         holding none are left out)."""
+        return self._match(blocks, False)
+
+    def shares(self, blocks) -> dict:
+        """Replica -> the share (0..1] of ``blocks`` ``match`` finds it holding."""
+        return self._match(blocks, True)
+
+    cdef dict _match(self, object blocks, bint share):
         cdef Py_ssize_t n = self._load(blocks), depth, w, words = self._words, found
         cdef uint64_t *alive = self._alive
         cdef uint64_t *mask
@@ -179,14 +186,14 @@ cdef class PrefixIndex:
                 held = alive[w] & mask[w] if mask != NULL else 0
                 dropped = alive[w] & ~held
                 if dropped:  # some replicas' prefixes end here
-                    self._note(dropped, w, depth, depths)
+                    self._note(dropped, w, depth, depths, n if share else 0)
                 alive[w] = held
                 left |= held
             if not left:
                 return depths
         for w in range(words):
             if alive[w]:
-                self._note(alive[w], w, n, depths)
+                self._note(alive[w], w, n, depths, n if share else 0)
         return depths
 
     def record(self, key, blocks) -> None:
@@ -245,7 +252,9 @@ cdef class PrefixIndex:
             item = <object>items[i]
             if not PyLong_Check(item):
                 raise TypeError(f"a block hash must be int, not {type(item).__name__}")
-            self._blocks[i] = PyLong_AsUnsignedLongLong(item)  # OverflowError outside uint64
+            # Cython's conversion reads the digits in place (PyLong_AsUnsignedLongLong goes
+            # through a byte array: ten times the cost); OverflowError outside uint64.
+            self._blocks[i] = <uint64_t>item
         return n
 
     cdef int32_t _bit_of(self, object key) except -1:
@@ -302,16 +311,17 @@ cdef class PrefixIndex:
         return 0
 
     cdef int _note(self, uint64_t mask, Py_ssize_t word, Py_ssize_t depth,
-                   dict depths) except -1:
-        """``depths[key] = depth`` for each replica in ``mask`` (word ``word``), lowest bit
-        first, as the twin notes them."""
+                   dict depths, Py_ssize_t of) except -1:
+        """``depths[key] = depth`` (``depth / of`` when ``of``) for each replica in ``mask``
+        (word ``word``), lowest bit first, as the twin notes them."""
         cdef uint64_t low
         keys = self._key_of_bit
+        value = depth if of == 0 else <double>depth / <double>of  # exact as Python's int / int
         while mask:
             low = mask & (~mask + 1)
             key = <object>PyList_GET_ITEM(keys, word * WORD_BITS + kv_ctz64(low))
             if key is not None:
-                depths[key] = depth
+                depths[key] = value
             mask ^= low
         return 0
 

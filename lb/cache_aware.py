@@ -84,11 +84,8 @@ def remember(group: EndpointGroup, model: Model, replica: str, prompt: PromptBlo
 def _affinity(group: EndpointGroup, prompt: PromptBlocks,
               kv_index: KVIndex | None) -> dict[str, float]:
     """Replica -> share (0..1] of the prompt it holds; replicas holding none are left out."""
-    affinity: dict[str, float] = {}
-    blocks = prompt.approximate
-    if blocks and group.prefix_index is not None:
-        for replica, depth in group.prefix_index.match(blocks).items():
-            affinity[replica] = depth / len(blocks)
+    index = group.prefix_index
+    affinity = index.shares(prompt.approximate) if index is not None else {}
     engine = prompt.engine
     if engine and kv_index is not None:
         for replica in group.endpoints:

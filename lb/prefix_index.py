@@ -78,6 +78,12 @@ class PrefixIndex:
         self._note_dropped(alive, len(blocks), depths)
         return depths
 
+    def shares(self, blocks: Sequence[int]) -> dict[str, float]:
+        """Replica -> the share (0..1] of ``blocks`` ``match`` finds it holding: what
+        CacheAware scores, in one call (the C twin divides as it notes each depth)."""
+        blocks = _checked(blocks)
+        return {key: depth / len(blocks) for key, depth in self.match(blocks).items()}
+
     def record(self, key: str, blocks: Sequence[int]) -> None:
         """``key`` was sent a request with these blocks: it holds them now (most recent)."""
         blocks = _checked(blocks)

@@ -80,6 +80,8 @@ class Twins(RuleBasedStateMachine):
             blocks = sent[:data.draw(st.integers(0, len(sent)))] + blocks[:2]
         self.both(lambda i: i.match(blocks))
         self.both(lambda i: i.match(tuple(blocks)))
+        self.both(lambda i: i.shares(blocks))
+        self.both(lambda i: i.shares(iter(blocks)))
 
     @rule(key=st.sampled_from(KEYS + ["never"]))
     def forget(self, key: str) -> None:
@@ -94,6 +96,7 @@ class Twins(RuleBasedStateMachine):
     def odd(self, key: Any, blocks: Any, capacity: Any) -> None:
         """Bad blocks, keys and capacities raise alike and change neither index."""
         self.both(lambda i: i.match(blocks))
+        self.both(lambda i: i.shares(blocks))
         self.both(lambda i: i.record(key, blocks))
         self.both(lambda i: i.blocks_of(key))
         self.both(lambda i: setattr(i, "capacity", capacity))
@@ -155,6 +158,7 @@ def _random_history(seed: int, steps: int) -> None:
         elif op < 0.85:  # draw first: both twins must see the same query
             query = blocks[:rng.randrange(len(blocks) + 1)] + [7, 8][:rng.randrange(3)]
             both(lambda i: i.match(query))
+            both(lambda i: i.shares(query))
         elif op < 0.95:
             both(lambda i: i.forget(key))
         else:
