@@ -126,6 +126,10 @@ def hash64(key: str) -> int:
     return _hash_str(key)
 
 
+# A typed mask: with the bare literal, Cython computes ``x & 0xFFFFFFFF`` on Python ints.
+cdef uint64_t MASK32 = 0xFFFFFFFFULL
+
+
 def block_hashes(text: str, block_bytes: int, max_blocks: int) -> list:
     """Chained hashes of the full ``block_bytes`` blocks of ``text``'s UTF-8, at most
     ``max_blocks`` (the twin, ``lb.chwbl.block_hashes``, says why): one pass over the bytes,
@@ -154,7 +158,7 @@ def block_hashes(text: str, block_bytes: int, max_blocks: int) -> list:
         count = limit
     for i in range(count):
         parent = kv_murmur3_64(data + i * size, <size_t>size,
-                               (parent ^ (parent >> 32)) & 0xFFFFFFFF)
+                               (parent ^ (parent >> 32)) & MASK32)
         out.append(parent)
     return out
 
