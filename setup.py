@@ -1,5 +1,5 @@
-"""Builds the Cython cores (the ring, the limits, CacheAware's prefix index) when a compiler
-and Cython are available.
+"""Builds the Cython cores (the ring, the per-key budgets, CacheAware's prefix index) when a
+compiler and Cython are available.
 
 Without them the package still installs: the pure-Python twins (`lb.chwbl`, `lb.prefix_index`)
 are used instead and `lb.ring.IMPLEMENTATION` says so.
