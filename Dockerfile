@@ -21,7 +21,7 @@ RUN python -m venv /opt/kvgate \
  && /opt/kvgate/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/kvgate/bin/pip install /wheels/kvgate-*.whl \
  && cd / \
- && /opt/kvgate/bin/python -c "import lb.ring; assert lb.ring.IMPLEMENTATION == 'cython', lb.ring.IMPLEMENTATION" \
+ && /opt/kvgate/bin/python -c "import lb.ring as r; assert r.IMPLEMENTATION == 'cython' == r.INDEX_IMPLEMENTATION, (r.IMPLEMENTATION, r.INDEX_IMPLEMENTATION)" \
  && /opt/kvgate/bin/python -m compileall -q /opt/kvgate
 
 # --- runtime: slim Python, no compiler, non-root, nothing written outside /tmp ---------------
