@@ -15,6 +15,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -47,9 +48,20 @@ class Gateway:
         wait_for_port(self.port)
 
     def kill(self) -> None:
+        """SIGKILL every process of the gateway, and wait until none still listens: the
+        workers die after the leader is reaped, and a restart racing their sockets would
+        find the port taken (or a test would talk to a dying worker)."""
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            except OSError:
+                return
+            assert time.monotonic() < deadline, "the killed gateway still listens"
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
