@@ -44,6 +44,28 @@ def pinned(pid: int, cpu: int) -> None:
                        capture_output=True)
 
 
+def consecutive_free_ports(n: int) -> int:
+    """A base port whose next `n` ports are free now on every interface (a simulator binds
+    base..base+n-1, KV-event publishers bind ``tcp://*:port``)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n >= 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
 def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

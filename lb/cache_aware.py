@@ -39,10 +39,11 @@ class PromptBlocks:
 
 
 def prompt_blocks(parsed: ParsedRequest, model: Model, adapter: str) -> PromptBlocks | None:
-    """The blocks of this request's prompt (None: nothing to match, e.g. embeddings)."""
+    """The blocks of this request's prompt (None: nothing to match, e.g. embeddings). A prompt
+    of token ids has no text, so only the engine's blocks (when followed) can match it."""
     settings = model.spec.load_balancing.cache_aware
     text = prefix_of(parsed, settings.block_chars * settings.max_blocks, "Conversation")
-    approximate = block_hashes(text, settings.block_chars, settings.max_blocks)
+    approximate = block_hashes(text, settings.block_chars, settings.max_blocks) if text else []
     engine = None
     if settings.kv_events is not None:
         tokens = for_model(model)
@@ -51,7 +52,7 @@ def prompt_blocks(parsed: ParsedRequest, model: Model, adapter: str) -> PromptBl
             span = (settings.block_chars * settings.max_blocks
                     // (_BYTES_PER_TOKEN * tokens.block_size))
             engine = tokens.block_hashes(ids, adapter, max(1, span)) or None
-    if not text:
+    if not text and engine is None:
         return None
     return PromptBlocks(text[:settings.block_chars], approximate, engine)
 

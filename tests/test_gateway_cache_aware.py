@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import socket
 import time
-import urllib.request
 from typing import Any, Callable
 
 import openai
 import pytest
 
+from bench.procs import consecutive_free_ports
 from kvgate_sim import Replica, get_profile
 from kvgate_sim.kv_events import KVEventsConfig
 from lb import prompt_tokens
@@ -145,29 +144,6 @@ def test_an_unknown_prompt_goes_to_the_rings_home(gw: GatewayHarness) -> None:
 # -- the precise index: the engines' own KV events ---------------------------------------------
 
 
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free ports."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        if first + count > 65535:
-            continue
-        try:
-            held = []
-            for port in range(first, first + count):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise AssertionError("no run of free ports")
-
-
 def requests_served(replica: Replica) -> int:
     return replica.snapshot()["http"]["requests"]
 
@@ -187,7 +163,7 @@ def test_kv_events_steer_requests_to_the_replica_that_holds_them(gw: GatewayHarn
     approximate index knows nothing) and whose ring home is a: with KV events followed they go
     to b; without, to a. Both replicas share one host, so replica i publishes on the model's
     KV-event ports + i (its endpoint's ``kv_port_offset``), as local mode runs them."""
-    port = free_ports(4)
+    port = consecutive_free_ports(4)
     replay = port + 2
 
     async def start(rank: int) -> Replica:

@@ -18,6 +18,7 @@ from lb.kv_events import KVEventSubscriber
 from lb.registry import Registry
 from lb_operator.local.config import LocalConfig, LocalEngine
 from lb_operator.local.runtime import LocalRuntime, ReplicaView
+from bench.procs import consecutive_free_ports
 from tests.local_harness import pid_alive, sim_model
 
 
@@ -128,7 +129,7 @@ async def test_replicas_publish_kv_events_on_ports_offset_by_rank(tmp_path: Path
     """A Model with cacheAware.kvEvents: each local replica publishes on the ports + its rank
     and its endpoint says so, so the gateway's subscriber follows every replica (real ZeroMQ
     sockets); a replaced replica takes the freed rank."""
-    port = free_ports(6)
+    port = consecutive_free_ports(6)
     replay = port + 3
     manifest = sim_model("m", min_replicas=2, strategy="CacheAware")
     manifest["spec"]["loadBalancing"]["cacheAware"] = {
@@ -163,26 +164,3 @@ async def test_replicas_publish_kv_events_on_ports_offset_by_rank(tmp_path: Path
         following.cancel()
         await asyncio.gather(following, return_exceptions=True)
         await runtime.close()
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive ports free now."""
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        socks = []
-        try:
-            for p in range(first, first + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("0.0.0.0", p))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise AssertionError("no run of free ports")

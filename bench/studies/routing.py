@@ -42,7 +42,8 @@ import aiohttp
 
 from bench import report
 from bench.loadgen import LoadConfig, LoadGenerator, LoadResult, ThreadPool
-from bench.procs import cpu_seconds, free_port, gateway_config, spawn, stop
+from bench.procs import (consecutive_free_ports, cpu_seconds, free_port, gateway_config, spawn,
+                         stop)
 from kvgate_sim.metrics import parse_metrics
 from kvgate_sim.profiles import get_profile, scale_profile
 
@@ -277,29 +278,6 @@ def launch(cmd: list[str], log: Path, cpu: Optional[int] = None) -> subprocess.P
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(log, "ab") as fh:
         return spawn(cmd, cpu, stdout=fh, stderr=subprocess.STDOUT, env=env)
-
-
-def consecutive_free_ports(n: int) -> int:
-    """A base port whose next `n` ports are free now (the simulator binds base..base+n-1)."""
-    import socket
-
-    for _ in range(50):
-        base = free_port()
-        if base + n >= 65535:
-            continue
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + i))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no run of {n} free ports found")
 
 
 class Stack:
