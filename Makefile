@@ -1,7 +1,8 @@
 # `make run` starts kvgate with examples/local.yaml (`kvgate up`: simulated models on this
 # machine); `make test` runs the test suite (what CI runs, through .ci/run). Both set everything
 # up on a fresh machine: a virtualenv in .venv, the package with its dependencies, the Cython
-# ring core (rebuilt only when its sources change), and (for the tests) helm.
+# ring core (rebuilt only when its sources change), and (for the tests) helm and the Debian packages
+# the tests run as real servers (.ci/system-packages.txt, installed when root).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ CHWBL := lb/_chwbl$(EXT_SUFFIX)
 LIMITS := lb/_limits$(EXT_SUFFIX)
 PREFIX_INDEX := lb/_prefix_index$(EXT_SUFFIX)
 
-.PHONY: install build helm run test clean bench-routing bench-ring bench-upstream bench-peers \
+.PHONY: install build helm system-packages run test clean bench-routing bench-ring bench-upstream bench-peers \
 	bench-proxy bench-scale bench-profile bench-instructions
 
 $(STAMP): pyproject.toml setup.py
@@ -39,10 +40,14 @@ $(BIN)/helm: charts/fetch_helm.py | $(STAMP)
 
 helm: $(BIN)/helm
 
+# Debian packages some tests run as real servers (.ci/system-packages.txt); installed when root.
+system-packages:
+	bash .ci/system-packages.sh
+
 run: build
 	$(BIN)/kvgate up -f examples/local.yaml
 
-test: build helm
+test: build helm system-packages
 	$(BIN)/python -m pytest -q
 
 # One target per study of `python -m bench` (bench/README.md); options go in ARGS,
