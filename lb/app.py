@@ -59,7 +59,7 @@ class Gateway:
         self.metrics.watch_rings(self.registry.groups)
         # the replicas' KV events, for models that enable them: the precise prefix index
         self.kv_events = KVEventSubscriber(self.registry)
-        self.balancer = Balancer(self.registry, scaler or StaticScaler(), config.waiting_room,
+        self.balancer = Balancer(self.registry, scaler or StaticScaler(), config.queue,
                                  self.metrics, config.engine_metrics.stale_after_seconds,
                                  self.kv_events.index)
         self.engine_scraper = EngineScraper(self.registry, config.engine_metrics)

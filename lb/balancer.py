@@ -1,10 +1,11 @@
-"""Picking a replica for a request, and waiting for one when there is none.
+"""Picking a replica for a request, and queueing it when no replica can take it.
 
 A pick is a lease: the endpoint's in-flight count goes up at the pick and down exactly once
 when the attempt ends, whatever way it ends. With no endpoint for the model (or none with the
-adapter), the request enters the waiting room: it asks the Scaler for a replica, then sleeps on
-the model's change event and re-evaluates on every endpoint change, until a replica appears,
-its deadline passes, the model is deleted, or the client leaves (its task is cancelled).
+adapter), or every one at the Model's ``replicaCapacity``, the request queues
+(``lb.flow_queue``: by priority class, fair across tenants, with deadlines): it asks the Scaler
+for a replica and is served when a replica is released, the endpoints change, or its deadline
+passes, the model is deleted, or the client leaves (its task is cancelled).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from lb import cache_aware
 from lb.cache_aware import PromptBlocks
-from lb.config import WaitingRoomConfig
 from lb.ejection import EjectionConfig, Outliers
 from lb.errors import GatewayError, model_not_found
+from lb.flow_queue import ModelQueue, QueueConfig, TICK_SECONDS, Waiter, priority_class
+from lb.keys import Tenant
 from lb.kv_events import KVIndex
 from lb.metrics import GatewayMetrics
 from lb.model import Model
@@ -38,12 +41,15 @@ class Lease:
     address: str
     ticket: int
     weight: int
+    queue: ModelQueue | None = None  # the model's queue, pumped when this replica frees up
     released: bool = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.group.ring.release(self.ticket, self.weight)
+            if self.queue is not None and self.queue.count:
+                self.queue.pump()
 
     def succeeded(self) -> None:
         outliers = self.group.outliers
@@ -61,7 +67,7 @@ class Lease:
 
 
 class Balancer:
-    def __init__(self, registry: Registry, scaler: Scaler, config: WaitingRoomConfig,
+    def __init__(self, registry: Registry, scaler: Scaler, config: QueueConfig,
                  metrics: GatewayMetrics, engine_stale_after: float = 10.0,
                  kv_index: KVIndex | None = None) -> None:
         self._registry = registry
@@ -71,94 +77,158 @@ class Balancer:
         self._metrics = metrics
         self._stale_after = engine_stale_after
         self._turn = 0  # LeastQueue's tie-break rotation
-        self._waiting: dict[str, int] = {}
+        self._queues: dict[str, ModelQueue] = {}
+        self._pumps: dict[str, asyncio.Task[None]] = {}
         self._scaling: dict[str, asyncio.Task[None]] = {}
 
     def waiting(self, model: str) -> int:
-        return self._waiting.get(model, 0)
+        """Requests of ``model`` queued in this worker."""
+        queue = self._queues.get(model)
+        return queue.count if queue is not None else 0
 
     def try_acquire(self, model: Model, adapter: str, key: str, exclude: list[str],
-                    weight: int = 1, prompt: PromptBlocks | None = None) -> Lease | None:
+                    weight: int = 1, prompt: PromptBlocks | None = None,
+                    queued: bool = False) -> Lease | None:
         """A lease on the best endpoint for this request (routing ``key``: its prompt prefix or
         session; ``weight``: 1, or its estimated tokens; ``prompt``: its blocks, for
-        CacheAware), or None if there is none now.
+        CacheAware), or None if there is none now — or, for a newcomer (not ``queued``),
+        while requests of a model with a ``replicaCapacity`` queue: it must not pass them.
 
         Synchronous so the common case costs no coroutine; ``wait`` is the slow path.
         """
         group = self._registry.group(model.name)
+        capacity = model.spec.load_balancing.replica_capacity
+        queue = None
+        if capacity:
+            queue = self.queue(model.name)
+            if not queued and queue.anywhere():
+                return None
         ejected = group.outliers.current() if group.outliers is not None else None
         unhealthy = group.unhealthy  # failed active health checks; empty unless checks are on
+        pick = self._pick_capped if capacity else self._pick
         if ejected or unhealthy:
             skip = [*exclude, *(ejected or ()), *unhealthy]
-            picked = self._pick(group, model, adapter, key, skip, weight, prompt)
+            picked = pick(group, model, adapter, key, skip, weight, prompt)
             if picked is None and exclude:
                 # A replica not tried yet, even ejected or unhealthy, before one tried already.
-                picked = self._pick(group, model, adapter, key, exclude, weight, prompt)
+                picked = pick(group, model, adapter, key, exclude, weight, prompt)
         else:
             skip = exclude
-            picked = self._pick(group, model, adapter, key, skip, weight, prompt)
+            picked = pick(group, model, adapter, key, skip, weight, prompt)
         if picked is None and skip:
             # Every replica that could serve was tried already, ejected or unhealthy: go back
             # to one rather than wait for a replica that may never come.
-            picked = self._pick(group, model, adapter, key, (), weight, prompt)
+            picked = pick(group, model, adapter, key, (), weight, prompt)
         if picked is None:
             return None
         ticket = group.ring.acquire(picked, weight)
         if prompt is not None:
             cache_aware.remember(group, model, picked, prompt)
-        return Lease(group, picked, group.endpoints[picked].address, ticket, weight)
+        return Lease(group, picked, group.endpoints[picked].address, ticket, weight,
+                     queue if queue is not None else self._queues.get(model.name))
+
+    def queue(self, name: str) -> ModelQueue:
+        """The model's queue in this worker (made on first use, kept: its class counts are
+        shared with the other workers)."""
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = ModelQueue(
+                name, self._config, self._registry.loads,
+                lambda waiter: self._serve_waiter(name, waiter))
+            self._metrics.watch_queue(name, queue.counts)
+        return queue
 
     async def wait(self, model: Model, adapter: str, key: str, exclude: list[str],
-                   weight: int = 1, prompt: PromptBlocks | None = None) -> Lease:
-        """Wait in the model's waiting room for an endpoint, then lease it."""
+                   weight: int = 1, prompt: PromptBlocks | None = None,
+                   scope: dict[str, Any] | None = None, tenant: Tenant | None = None) -> Lease:
+        """Queue the request until a replica can take it, then lease that replica."""
         name = model.name
-        if self.waiting(name) >= self._config.max_waiting_per_model:
-            self._metrics.waiting_room_rejected(name)
-            retry_after = str(self._config.retry_after_seconds)
-            raise GatewayError(429, f"Too many requests are waiting for model `{name}` to have "
-                               "a ready replica; retry later.", code="waiting_room_full",
-                               headers={"retry-after": retry_after})
-        self._enter(name)
+        cls = priority_class(self._config, scope or _NO_SCOPE,
+                             tenant.priority if tenant is not None else None)
+        queue = self.queue(name)
         loop = asyncio.get_running_loop()
+        waiter = Waiter(loop.create_future(), tenant.name if tenant is not None else "",
+                        adapter, key, exclude, weight, prompt)
+        try:
+            displaced = queue.enter(waiter, cls)
+        except GatewayError:
+            self._metrics.queue_rejected(name, cls, "full")
+            raise
+        if displaced is not None:
+            assert displaced.band is not None
+            self._metrics.queue_rejected(name, displaced.band.cls.name, "shed")
+            if not displaced.future.done():
+                displaced.future.set_exception(queue.full())
+        timeout = self._config.timeout_of(queue.band_of(cls).cls)
+        waiter.timer = loop.call_later(timeout, self._expire, queue, waiter, adapter, timeout)
         started = time.monotonic()
-        deadline = started + self._config.timeout_seconds
         try:
             self._ask_scaler(name)
-            while True:
-                changed = self._registry.group(name).changed()
-                current = self._registry.get_model(name)
-                if current is None:
-                    raise model_not_found(name)
-                lease = self.try_acquire(current, adapter, key, exclude, weight, prompt)
-                if lease is not None:
-                    return lease
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _no_replica(name, adapter, self._config.timeout_seconds)
-                # A bare future and one timer per waiter, not asyncio.timeout around
-                # Event.wait (a Timeout object, a coroutine and two running-loop lookups
-                # more): thousands of waiters wake together when a replica appears. The timer
-                # resolves the future with False; a cancelled task (client gone) raises here.
-                waiter = changed.wait(loop)
-                timer = loop.call_later(remaining, _expire, waiter)
-                try:
-                    fired = await waiter
-                finally:
-                    timer.cancel()
-                    changed.discard(waiter)
-                if not fired:
-                    raise _no_replica(name, adapter, self._config.timeout_seconds)
+            self._start_pump(name)
+            queue.pump()  # room may be free already (a newcomer queued behind others)
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled() \
+                    and waiter.future.exception() is None:
+                waiter.future.result().release()  # served as the client left
+            raise
         finally:
-            self._leave(name, time.monotonic() - started)
+            queue.leave(waiter)
+            self._metrics.waited(name, time.monotonic() - started)
 
-    def _enter(self, name: str) -> None:
-        self._waiting[name] = self._waiting.get(name, 0) + 1
-        self._metrics.waiting_changed(name, self._waiting[name])
+    def _serve_waiter(self, name: str, waiter: Waiter) -> Lease | None:
+        model = self._registry.get_model(name)
+        if model is None:
+            return None  # the pump task ends the queue with 404s
+        return self.try_acquire(model, waiter.adapter, waiter.key, waiter.exclude,
+                                waiter.weight, waiter.prompt, queued=True)
 
-    def _leave(self, name: str, waited: float) -> None:
-        self._waiting[name] -= 1
-        self._metrics.waiting_changed(name, self._waiting[name])
-        self._metrics.waited(name, waited)
+    def _expire(self, queue: ModelQueue, waiter: Waiter, adapter: str, timeout: float) -> None:
+        """A waiter's deadline passed: 503, saying whether no replica could serve it or every
+        one that could stayed at its capacity (then with Retry-After)."""
+        if not waiter.queued or waiter.future.done():
+            return
+        queue.leave(waiter)
+        assert waiter.band is not None
+        self._metrics.queue_rejected(queue.model, waiter.band.cls.name, "timeout")
+        endpoints = self._registry.group(queue.model).endpoints.values()
+        if any(not adapter or adapter in e.adapters for e in endpoints):
+            error = GatewayError(503, f"Every replica of model `{queue.model}` stayed at its capacity "
+                                 f"for {timeout:g}s.", code="queue_timeout",
+                                 headers={"retry-after": str(self._config.retry_after_seconds)})
+        else:
+            error = _no_replica(queue.model, adapter, timeout)
+        waiter.future.set_exception(error)
+
+    def _start_pump(self, name: str) -> None:
+        if name not in self._pumps:
+            task = asyncio.get_running_loop().create_task(self._pump_loop(name))
+            self._pumps[name] = task
+            task.add_done_callback(lambda _: self._pumps.pop(name, None))
+
+    async def _pump_loop(self, name: str) -> None:
+        """While requests of ``name`` queue: serve them on every endpoint change, and every
+        tick while replicas exist (room freed by other workers' requests); end them with 404
+        if the model goes."""
+        queue = self._queues[name]
+        loop = asyncio.get_running_loop()
+        while queue.count:
+            group = self._registry.group(name)
+            changed = group.changed()
+            if self._registry.get_model(name) is None:
+                queue.fail_all(model_not_found(name))
+                return
+            queue.pump()
+            if not queue.count:
+                return
+            waiter = changed.wait(loop)
+            timer = loop.call_later(TICK_SECONDS, _wake, waiter) if group.endpoints else None
+            try:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                changed.discard(waiter)
 
     def _ask_scaler(self, name: str) -> None:
         """One scale-up call in flight per model, however many requests wait."""
@@ -172,6 +242,24 @@ class Balancer:
         self._scaling.pop(name, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("scaling model %s from zero failed: %s", name, task.exception())
+
+    def _pick_capped(self, group: EndpointGroup, model: Model, adapter: str, key: str,
+                     exclude: list[str] | tuple[()], weight: int,
+                     prompt: PromptBlocks | None) -> str | None:
+        """``_pick`` among the replicas below the Model's ``replicaCapacity`` (a replica with
+        nothing in flight takes even a request heavier than the capacity)."""
+        capacity = model.spec.load_balancing.replica_capacity
+        ring = group.ring
+        full: list[str] = []
+        while True:
+            picked = self._pick(group, model, adapter, key, [*exclude, *full] if full else exclude,
+                                weight, prompt)
+            if picked is None:
+                return None
+            load = ring.load(picked)
+            if not load or load + weight <= capacity:
+                return picked
+            full.append(picked)
 
     def _pick(self, group: EndpointGroup, model: Model, adapter: str, key: str,
               exclude: list[str] | tuple[()], weight: int,
@@ -214,10 +302,13 @@ def _least_queue(group: EndpointGroup, adapter: str, exclude: list[str] | tuple[
     return best
 
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    """A waiter's deadline passed: wake it with False (unless the change came first)."""
+def _wake(waiter: asyncio.Future[bool]) -> None:
+    """The pump's tick: wake it (unless an endpoint change came first)."""
     if not waiter.done():
         waiter.set_result(False)
+
+
+_NO_SCOPE: dict[str, Any] = {"headers": []}
 
 
 def _no_replica(name: str, adapter: str, timeout: float) -> GatewayError:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from lb.batch.config import BatchConfig
 from lb.ejection import EjectionConfig
 from lb.engine_metrics import EngineMetricsConfig
+from lb.flow_queue import QueueConfig
 from lb.health_checks import HealthCheckConfig
 from lb.keys import ApiKeysConfig
 from lb.model import Model
@@ -59,14 +60,6 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class WaitingRoomConfig:
-    max_waiting_per_model: int = setting(10_000, doc="Requests queued per model before 429s.", minimum=0)
-    timeout_seconds: float = setting(600.0, doc="How long a request may wait for a replica (a cold model server "
-                                     "can take minutes to load weights).", exclusive_minimum=0)
-    retry_after_seconds: int = setting(5, doc="Retry-After of the 429 sent when the queue is full.", minimum=0)
-
-
-@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     connect_timeout_seconds: float = setting(10.0, doc="Connect timeout to a replica.", exclusive_minimum=0)
     read_timeout_seconds: float = setting(600.0, doc="Longest silence allowed from a model server.",
@@ -100,7 +93,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retries: RetryConfig = field(default_factory=RetryConfig)
-    waiting_room: WaitingRoomConfig = field(default_factory=WaitingRoomConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     ejection: EjectionConfig = field(default_factory=EjectionConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)

@@ -8,11 +8,11 @@ looks.
 Per-request figures (active requests, requests by code, duration, time to first byte) are
 plain integers and bucket counts updated on the event loop and turned into metric families at
 scrape time: prometheus-client's own metric objects take a lock per update, which costs ~1 µs
-each and seven updates per request. The waiting room's gauge and histogram are kept the same
+each and seven updates per request. The queue's gauge and histogram are kept the same
 way: it is rare, but when a replica appears thousands of requests leave it at once, and
 prometheus-client's gauge set and histogram observe cost ~3.5 µs per request there, against
 ~0.4 µs. Ring counters (lookups, walk length, fallbacks) are read from the rings at scrape
-time too. Rare events (retries, a full waiting room) use ordinary metrics.
+time too. Rare events (retries, a full queue) use ordinary metrics.
 
 With several worker processes (``kvgate gateway --workers N``) the active-requests gauge and the
 per-endpoint in-flight counts are read from the shared load table, so they cover every worker
@@ -80,15 +80,17 @@ class GatewayMetrics:
         self.retries = Counter("kvgate_upstream_retries_total",
                                "Attempts retried on another replica.", ["model", "reason"],
                                registry=r)
-        self.rejected = Counter("kvgate_waiting_room_rejected_total",
-                                "Requests refused because the waiting room was full.",
-                                ["model"], registry=r)
+        self.rejected = Counter("kvgate_queue_rejected_total",
+                                "Queued requests refused or ended: the queue full (newcomer refused), "
+                                "shed (displaced by a higher class or smaller flow), or timeout.",
+                                ["model", "priority", "reason"], registry=r)
         self.active: dict[str, ActiveCount | SharedCount] = {}
         self._loads: LoadTable | None = None
         self.codes: dict[tuple[str, str, int], int] = {}
         self.durations: dict[tuple[str, str], _Buckets] = {}
         self.first_bytes: dict[tuple[str, str], _Buckets] = {}
-        self.waiting: dict[str, int] = {}  # requests in the waiting room, by model
+        # requests queued for a replica, by model: class -> count over every worker
+        self.queues: dict[str, Callable[[], dict[str, int]]] = {}
         self.wait_times: dict[str, _Buckets] = {}  # time spent there, by model
         # Per API key name (never the secret): admitted requests, tokens charged, refusals.
         self.key_requests: dict[str, int] = {}
@@ -140,8 +142,9 @@ class GatewayMetrics:
     def retried(self, model: str, reason: str) -> None:
         self.retries.labels(model, reason).inc()
 
-    def waiting_changed(self, model: str, count: int) -> None:
-        self.waiting[model] = count
+    def watch_queue(self, model: str, counts: Callable[[], dict[str, int]]) -> None:
+        """Report ``model``'s queue: ``counts`` gives its requests per priority class."""
+        self.queues[model] = counts
 
     def waited(self, model: str, seconds: float) -> None:
         buckets = self.wait_times.get(model)
@@ -149,8 +152,8 @@ class GatewayMetrics:
             buckets = self.wait_times[model] = _Buckets()
         buckets.observe(seconds)
 
-    def waiting_room_rejected(self, model: str) -> None:
-        self.rejected.labels(model).inc()
+    def queue_rejected(self, model: str, priority: str, reason: str) -> None:
+        self.rejected.labels(model, priority, reason).inc()
 
     def key_admitted(self, key: str, tokens: int) -> None:
         self.key_requests[key] = self.key_requests.get(key, 0) + 1
@@ -192,12 +195,18 @@ class _RequestCollector(Collector):
         yield _histogram("kvgate_time_to_first_byte_seconds",
                          "Time from request to the first response byte from upstream.",
                          self._m.first_bytes.items())
-        waiting = GaugeMetricFamily("kvgate_waiting_requests",
-                                    "Requests waiting for a ready replica.", labels=["model"])
-        for model, n in self._m.waiting.items():
-            waiting.add_metric([model], n)
+        waiting = GaugeMetricFamily("kvgate_waiting_requests", "Requests queued for a replica (none ready "
+                                    "yet, or all at capacity), over every worker.", labels=["model"])
+        by_class = GaugeMetricFamily("kvgate_queued_requests", "Requests queued for a replica, by priority "
+                                     "class, over every worker.", labels=["model", "priority"])
+        for model, counts in list(self._m.queues.items()):
+            per_class = counts()
+            waiting.add_metric([model], sum(per_class.values()))
+            for priority, n in per_class.items():
+                by_class.add_metric([model, priority], n)
         yield waiting
-        yield _histogram("kvgate_waiting_seconds", "Time spent in the waiting room.",
+        yield by_class
+        yield _histogram("kvgate_waiting_seconds", "Time spent queued for a replica.",
                          (((model,), buckets) for model, buckets in self._m.wait_times.items()),
                          labels=["model"])
 

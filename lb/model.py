@@ -418,6 +418,12 @@ class LoadBalancing(_Resource):
         doc="What a replica's load counts, for PrefixHash's bound and LeastLoad: in-flight requests, or "
         "their estimated tokens (prompt bytes / 4 + max_tokens), so a long prompt weighs what it costs.",
     )
+    replica_capacity: int = _field(
+        0, doc="Most in-flight load (in loadUnit) one replica is given; when every replica that could serve a "
+        "request is there, the request queues in the gateway (by priority class, fair across API keys) "
+        "instead of piling onto a model server. 0: no cap beyond the strategy's own bound.",
+        minimum=0, maximum=1 << 30,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -147,7 +147,7 @@ class Proxy:
                       if model.spec.load_balancing.strategy == "CacheAware" else None)
             key = _routing_key(parsed, model, session, prompt)
             await self._forward(model, adapter, parsed, key, prompt, path, scope, send,
-                                exchange, began)
+                                exchange, began, tenant)
         finally:
             active.dec()
             watcher.cancel()
@@ -178,7 +178,7 @@ class Proxy:
 
     async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, key: str,
                        prompt: PromptBlocks | None, path: bytes, scope: Scope, send: Send,
-                       exchange: _Exchange, began: float) -> None:
+                       exchange: _Exchange, began: float, tenant: Tenant | None) -> None:
         headers = request_headers(scope["headers"], parsed.content_type)
         if adapter:  # served under the adapter's name; the answer gets the client's back
             body = with_model(parsed, adapter)
@@ -192,7 +192,8 @@ class Proxy:
         attempts = self._config.retries.max_retries + 1
         for attempt in range(attempts):
             lease = (self._balancer.try_acquire(model, adapter, key, tried, weight, prompt)
-                     or await self._balancer.wait(model, adapter, key, tried, weight, prompt))
+                     or await self._balancer.wait(model, adapter, key, tried, weight, prompt,
+                                                  scope, tenant))
             tried.append(lease.key)
             last = attempt == attempts - 1
             try:
@@ -420,7 +421,7 @@ class _DisconnectWatch:
 
     The watcher (a task parked in ``receive()``) starts only after ``_WATCH_AFTER`` seconds:
     most non-streaming requests are done by then and never pay for a task, while anything that
-    lasts (a generation, a stream, the waiting room) is watched from then on.
+    lasts (a generation, a stream, the queue) is watched from then on.
     """
 
     __slots__ = ("_receive", "_exchange", "_handler", "_timer", "_task")

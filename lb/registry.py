@@ -3,7 +3,7 @@
 The control plane (Kubernetes operator, local runtime, or a static config) writes Models and
 each model's ready endpoints here; the gateway only reads. Each model owns an EndpointGroup:
 its ring (which also carries the in-flight accounting for every strategy) and an event that
-fires on every endpoint change, so the waiting room re-evaluates instead of waiting for a
+fires on every endpoint change, so the queue re-evaluates instead of waiting for a
 specific replica (KubeAI's adapter wait never re-checks). The group also keeps what the gateway
 learns of its replicas off the control plane's record: their health, from its own attempts
 (``lb.ejection``) and from active checks (``lb.health_checks``), and their own load as last
@@ -66,7 +66,7 @@ KV_FULL_AS_QUEUED = 4.0
 
 
 class Change:
-    """The next change of a group's endpoints, as a one-shot signal for the waiting room.
+    """The next change of a group's endpoints, as a one-shot signal for the queue.
 
     Like an ``asyncio.Event`` that is set once, but a waiter is a bare future: ``Event.wait``
     adds a coroutine per waiter and a running-loop lookup (a ``getpid()`` in CPython 3.11),

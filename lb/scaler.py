@@ -15,7 +15,7 @@ class Scaler(Protocol):
         """Make sure at least one replica of ``model`` is wanted (scale 0 -> 1).
 
         Must be idempotent and cheap when replicas are already wanted; it is called by every
-        request that enters the waiting room. Errors are logged by the caller, not raised to
+        request that queues while the model has no replica. Errors are logged by the caller, not raised to
         the client: the request keeps waiting until its deadline.
         """
         ...

@@ -176,7 +176,7 @@ class GatewayReplica:
         self.registry = Registry()
         self.operator = ClusterOperator(self.api, self.registry, self.system, self.options)
         config = config_from_dict({"server": {"logLevel": "warning"},
-                                   "waitingRoom": {"timeoutSeconds": 15}})
+                                   "queue": {"timeoutSeconds": 15}})
         self.gateway = Gateway(config, self.registry, self.operator.scaler)
         self.operator.metrics = self.gateway.metrics.registry
         sock, metrics_sock = bind("127.0.0.1", 0), bind("127.0.0.1", 0)

@@ -24,7 +24,7 @@ def loop_thread() -> Iterator[LoopThread]:
 
 @pytest.fixture
 def make_gateway(loop_thread: LoopThread) -> Iterator[Callable[..., GatewayHarness]]:
-    """Factory: ``make_gateway({"waitingRoom": {"timeoutSeconds": 1}})`` starts a gateway with
+    """Factory: ``make_gateway({"queue": {"timeoutSeconds": 1}})`` starts a gateway with
     that config (camelCase, merged over the defaults); ``static=True`` serves the config's
     models and endpoints. All are stopped after the test."""
     started: list[GatewayHarness] = []

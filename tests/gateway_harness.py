@@ -485,14 +485,16 @@ def model_manifest(name: str, *, engine: str = "VLLM",
                    prefix_char_length: int = 100,
                    prefix_from: str = "FirstUserMessage",
                    load_unit: str = "Requests",
-                   cache_aware: dict[str, Any] | None = None) -> dict[str, Any]:
+                   cache_aware: dict[str, Any] | None = None,
+                   replica_capacity: int = 0) -> dict[str, Any]:
     return {
         "apiVersion": "kvgate.dev/v1", "kind": "Model",
         "metadata": {"name": name, "labels": dict(labels or {})},
         "spec": {
             "url": f"hf://test/{name}", "engine": engine, "features": list(features),
             "adapters": [{"name": a, "url": f"hf://test/{a}"} for a in adapters],
-            "loadBalancing": {"strategy": strategy, "loadUnit": load_unit, "prefixHash": {
+            "loadBalancing": {"strategy": strategy, "loadUnit": load_unit,
+                              "replicaCapacity": replica_capacity, "prefixHash": {
                 "meanLoadFactor": mean_load_factor, "replication": replication,
                 "prefixCharLength": prefix_char_length, "prefixFrom": prefix_from},
                 "cacheAware": dict(cache_aware or {})},
@@ -637,8 +639,8 @@ class GatewayHarness:
 
     def client(self, prefix: str = "/v1", **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("timeout", 30)
-        client = openai.OpenAI(base_url=self.url + prefix, api_key="test-key", max_retries=0,
-                               **kwargs)
+        kwargs.setdefault("api_key", "test-key")
+        client = openai.OpenAI(base_url=self.url + prefix, max_retries=0, **kwargs)
         self._clients.append(client)
         return client
 

@@ -94,7 +94,7 @@ FULL_VALUES = {
     "service": {"type": "LoadBalancer", "port": 8080, "annotations": {"a": "b"}, "labels": {"team": "ml"}},
     "ports": {"http": 8001, "metrics": 9091},
     "gateway": {"logLevel": "debug", "retries": {"maxRetries": 5, "retryStatuses": [502, 503]},
-                "waitingRoom": {"maxWaitingPerModel": 50, "timeoutSeconds": 120.5, "retryAfterSeconds": 2},
+                "queue": {"maxQueuedPerModel": 50, "timeoutSeconds": 120.5, "retryAfterSeconds": 2},
                 "healthChecks": {"intervalSeconds": 5, "timeoutSeconds": 2, "path": "/ready",
                                  "unhealthyThreshold": 3, "healthyThreshold": 1},
                 "apiKeys": {"enabled": True, "reloadSeconds": 5,
@@ -381,8 +381,8 @@ def test_the_rendered_config_loads_with_the_gateways_own_loader(kvgate_default: 
     assert (gateway.server.host, gateway.server.port, gateway.server.metrics_port) == \
         ("0.0.0.0", ports["http"], ports["metrics"])
     assert gateway.retries.max_retries == 3 and gateway.retries.retry_statuses == (500, 502, 503, 504)
-    assert gateway.waiting_room.max_waiting_per_model == 10_000
-    assert gateway.waiting_room.timeout_seconds == 600
+    assert gateway.queue.max_queued_per_model == 10_000
+    assert gateway.queue.timeout_seconds == 600
     assert not gateway.health_checks.enabled  # the replicas' readiness probes gate endpoints
     # Every engine has images; the simulator runs from this chart's own image.
     assert set(data["modelServers"]) == set(ENGINES)
@@ -415,7 +415,7 @@ def test_non_default_values_reach_the_config(kvgate_full: list[dict[str, Any]]) 
     gateway, system = settings.gateway, settings.system
     assert (gateway.server.port, gateway.server.metrics_port, gateway.server.log_level) == (8001, 9091, "debug")
     assert gateway.retries.max_retries == 5 and gateway.retries.retry_statuses == (502, 503)
-    assert gateway.waiting_room.timeout_seconds == 120.5
+    assert gateway.queue.timeout_seconds == 120.5
     checks = gateway.health_checks
     assert (checks.interval_seconds, checks.timeout_seconds, checks.path) == (5, 2, "/ready")
     assert (checks.unhealthy_threshold, checks.healthy_threshold) == (3, 1)
@@ -488,8 +488,8 @@ INVALID_KVGATE = [
     (["--set", "resourceProfiles.cpu.tolerations[0].operator=Maybe"], "operator"),
     (["--set", "gateway.retries.maxRetries=100"], "maxRetries"),
     (["--set", "gateway.retries.retryStatuses={404}"], "retryStatuses"),
-    (["--set", "gateway.waitingRoom.timeoutSeconds=0"], "timeoutSeconds"),
-    (["--set", "gateway.waitingRoom.maxWaitingPerModel=-5"], "maxWaitingPerModel"),
+    (["--set", "gateway.queue.timeoutSeconds=0"], "timeoutSeconds"),
+    (["--set", "gateway.queue.maxQueuedPerModel=-5"], "maxQueuedPerModel"),
     (["--set", "gateway.logLevel=loud"], "logLevel"),
     (["--set", "gateway.upstream.keepaliveSeconds=0"], "keepaliveSeconds"),
     (["--set", "gateway.retries.maxRetry=1"], "maxRetry"),
@@ -699,9 +699,9 @@ def _exposed_metric_names() -> set[str]:
     metrics.finished("m", "chat", 200, 0.2)
     metrics.first_byte_after("m", "chat", 0.05)
     metrics.retried("m", "connect")
-    metrics.waiting_changed("m", 1)
+    metrics.watch_queue("m", lambda: {"default": 1})
     metrics.waited("m", 0.5)
-    metrics.waiting_room_rejected("m")
+    metrics.queue_rejected("m", "default", "full")
     text = generate_latest(metrics.registry).decode()
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 

@@ -87,7 +87,7 @@ async def churn(gw, stop: asyncio.Event, full: list, partial: list) -> int:
 
 
 async def test_counters_return_to_zero_after_chaos(make_gateway):
-    gw = make_gateway({"waitingRoom": {"timeoutSeconds": 0.25, "maxWaitingPerModel": 10},
+    gw = make_gateway({"queue": {"timeoutSeconds": 0.25, "maxQueuedPerModel": 10},
                        "upstream": {"readTimeoutSeconds": 5}})
     # Truncated JSON bodies are dropped by returning mid-response; uvicorn logs each one.
     gw.allow_errors("ASGI callable returned without completing response")

@@ -34,9 +34,9 @@ MODEL = yaml.safe_dump({"models": [model_manifest("m", adapters=["lora"])]})
     ("server:\n  hots: 1.2.3.4\n", "hots: unknown key"),
     ("limits:\n  maxBodyBytes: true\n", "limits.maxBodyBytes: expected an integer, got True"),
     ("limits:\n  maxBodyBytes: 0\n", "limits.maxBodyBytes"),
-    ("waitingRoom:\n  timeoutSeconds: 0\n", "waitingRoom.timeoutSeconds"),
-    ("waitingRoom:\n  timeoutSeconds: soon\n", "waitingRoom.timeoutSeconds"),
-    ("waitingRoom:\n  maxWaitingPerModel: -5\n", "waitingRoom.maxWaitingPerModel"),
+    ("queue:\n  timeoutSeconds: 0\n", "queue.timeoutSeconds"),
+    ("queue:\n  timeoutSeconds: soon\n", "queue.timeoutSeconds"),
+    ("queue:\n  maxQueuedPerModel: -5\n", "queue.maxQueuedPerModel"),
     ("upstream:\n  connectTimeoutSeconds: -1\n", "upstream.connectTimeoutSeconds"),
     ("upstream: 5\n", "upstream: expected a mapping"),
     ("bogus: {}\n", "bogus: unknown key"),
@@ -74,7 +74,7 @@ def test_defaults_and_values(tmp_path):
         server: {host: 0.0.0.0, port: 8080, metricsPort: 0, logLevel: warning}
         limits: {maxBodyBytes: 1024}
         retries: {maxRetries: 1, retryStatuses: [502, 503]}
-        waitingRoom: {maxWaitingPerModel: 3, timeoutSeconds: 2, retryAfterSeconds: 1}
+        queue: {maxQueuedPerModel: 3, timeoutSeconds: 2, retryAfterSeconds: 1}
         upstream: {connectTimeoutSeconds: 1, readTimeoutSeconds: 30, maxIdlePerHost: 10}
         endpoints:
           m:
@@ -86,8 +86,8 @@ def test_defaults_and_values(tmp_path):
         "0.0.0.0", 8080, 0)
     assert config.limits.max_body_bytes == 1024
     assert config.retries.retry_statuses == (502, 503)
-    assert config.waiting_room.timeout_seconds == 2.0
-    assert isinstance(config.waiting_room.timeout_seconds, float)
+    assert config.queue.timeout_seconds == 2.0
+    assert isinstance(config.queue.timeout_seconds, float)
     assert [m.name for m in config.models] == ["m"]
     endpoints = config.static_endpoints("m")
     assert [(e.key, e.address, e.adapters) for e in endpoints] == [

@@ -260,8 +260,8 @@ def test_not_found_errors(zoo):
     assert b1.total_calls + b2.total_calls == 0
 
 
-def test_rate_limit_error_when_waiting_room_full(make_gateway):
-    gw = make_gateway({"waitingRoom": {"maxWaitingPerModel": 1, "retryAfterSeconds": 7}})
+def test_rate_limit_error_when_queue_full(make_gateway):
+    gw = make_gateway({"queue": {"maxQueuedPerModel": 1, "retryAfterSeconds": 7}})
     backend = gw.backend("late")
     gw.add_model("cold")
     client = gw.client()
@@ -271,7 +271,7 @@ def test_rate_limit_error_when_waiting_room_full(make_gateway):
         gw.wait_for(lambda: gw.balancer.waiting("cold") == 1, what="one waiter")
         with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(model="cold", messages=messages)
-        _assert_openai_error(info.value, 429, "waiting_room_full")
+        _assert_openai_error(info.value, 429, "queue_full")
         assert info.value.response.headers["retry-after"] == "7"
         status, headers, body = gw.post_json("/v1/chat/completions",
                                              {"model": "cold", "messages": messages})
@@ -280,7 +280,7 @@ def test_rate_limit_error_when_waiting_room_full(make_gateway):
         gw.set_endpoints("cold", [backend])
         assert waiter.result(10).system_fingerprint == "late"
     assert backend.total_calls == 1
-    assert gw.metric("kvgate_waiting_room_rejected_total", model="cold") == 2
+    assert gw.metric("kvgate_queue_rejected_total", model="cold", priority="default", reason="full") == 2
     gw.settle()
 
 

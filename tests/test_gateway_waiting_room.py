@@ -118,7 +118,7 @@ def test_adapter_appearing_later_releases_waiters(gw):
 
 
 def test_full_room_gives_429_with_retry_after(make_gateway):
-    gw = make_gateway({"waitingRoom": {"maxWaitingPerModel": 2, "retryAfterSeconds": 3}})
+    gw = make_gateway({"queue": {"maxQueuedPerModel": 2, "retryAfterSeconds": 3}})
     gw.add_model("m")
     gw.add_model("other")
     client = gw.client()
@@ -131,7 +131,7 @@ def test_full_room_gives_429_with_retry_after(make_gateway):
         assert status == 429
         assert headers["retry-after"] == "3"
         error = json.loads(body)["error"]
-        assert error["code"] == "waiting_room_full" and "`m`" in error["message"]
+        assert error["code"] == "queue_full" and "`m`" in error["message"]
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model="m", messages=MESSAGES)
         # The bound is per model: another cold model still has room.
@@ -141,20 +141,20 @@ def test_full_room_gives_429_with_retry_after(make_gateway):
         gw.set_endpoints("m", [backend])
         gw.set_endpoints("other", [backend])
         assert all(f.result(10).system_fingerprint == "b" for f in [*futures, other])
-    assert gw.metric("kvgate_waiting_room_rejected_total", model="m") == 2
+    assert gw.metric("kvgate_queue_rejected_total", model="m", priority="default", reason="full") == 2
     assert gw.metric("kvgate_requests_total", model="m", code="429") == 2
     gw.settle()
 
 
 def test_zero_sized_room_rejects_at_once(make_gateway):
-    gw = make_gateway({"waitingRoom": {"maxWaitingPerModel": 0}})
+    gw = make_gateway({"queue": {"maxQueuedPerModel": 0}})
     gw.add_model("m")
     with pytest.raises(openai.RateLimitError):
         gw.client().chat.completions.create(model="m", messages=MESSAGES)
 
 
 def test_deadline_gives_503_with_a_clear_message(make_gateway):
-    gw = make_gateway({"waitingRoom": {"timeoutSeconds": 0.4}})
+    gw = make_gateway({"queue": {"timeoutSeconds": 0.4}})
     gw.add_model("m", adapters=["lora"])
     began = time.monotonic()
     with pytest.raises(openai.InternalServerError) as info:
@@ -241,7 +241,7 @@ def test_failing_scaler_is_logged_and_the_request_keeps_waiting(make_gateway):
     """Scaler errors are the control plane's problem: logged, while the request waits on."""
     from tests.gateway_harness import ERRORS
 
-    gw = make_gateway({"waitingRoom": {"timeoutSeconds": 5}})
+    gw = make_gateway({"queue": {"timeoutSeconds": 5}})
     gw.allow_errors("scaling model m from zero failed")
     backend = gw.backend("late")
 

@@ -288,7 +288,7 @@ async def test_kvgate_serve_command(kube: FakeKube, api: KubeApi, kubelet: Kubel
     kubeconfig = kube.write_kubeconfig(str(tmp_path / "kubeconfig"))
     config = tmp_path / "kvgate.yaml"
     config.write_text(yaml.safe_dump({"server": {"logLevel": "warning"},
-                                      "waitingRoom": {"timeoutSeconds": 15},
+                                      "queue": {"timeoutSeconds": 15},
                                       "modelRollouts": {"surge": 1}}))
     import socket
 

@@ -302,7 +302,7 @@ def _config(port: int, metrics_port: int, backend_port: int, static: bool) -> st
     endpoints = f'endpoints:\n  m: [{{address: "127.0.0.1:{backend_port}"}}]\n' if static else ""
     return (f"server: {{host: 127.0.0.1, port: {port}, metricsPort: {metrics_port}, "
             "logLevel: warning}\n"
-            "waitingRoom: {maxWaitingPerModel: 50000, timeoutSeconds: 300}\n"
+            "queue: {maxQueuedPerModel: 50000, timeoutSeconds: 300}\n"
             "models:\n- apiVersion: kvgate.dev/v1\n  kind: Model\n  metadata: {name: m}\n"
             "  spec:\n    url: hf://bench/m\n    engine: VLLM\n    features: [TextGeneration]\n"
             "    loadBalancing: {strategy: PrefixHash}\n" + endpoints)

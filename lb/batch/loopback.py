@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from lb.flow_queue import LOWEST, PRIORITY
 from lb.proxy import DISCONNECT_HOOK, TENANT
 
 App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
@@ -60,7 +61,7 @@ class Abort:
 
 async def call_app(app: App, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
                    abort: Abort | None = None, tenant: Any = None) -> Reply:
-    """One POST through an ASGI app in this process; the whole answer (status 0 if it was
+    """One POST through an ASGI app in this process, in the lowest priority class; the whole answer (status 0 if it was
     aborted before one came)."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
@@ -71,6 +72,7 @@ async def call_app(app: App, path: str, body: bytes, headers: list[tuple[bytes, 
         scope[DISCONNECT_HOOK] = abort.hook(id(scope))
     if tenant is not None:  # API keys on: the line runs under the key that made its batch
         scope[TENANT] = tenant
+    scope[PRIORITY] = LOWEST  # offline work fills the room interactive requests leave
     delivered = False
 
     async def receive() -> dict[str, Any]:

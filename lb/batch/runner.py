@@ -2,7 +2,7 @@
 routing, record each result as it comes, and write the output and error files.
 
 Each line goes through the gateway's ASGI app in-process (``lb.batch.loopback``), exactly as a
-client's request would: model and adapter resolution, prefix routing, the waiting room (scale
+client's request would: model and adapter resolution, prefix routing, the queue (scale
 from zero), retries on other replicas, ejection and metrics all apply, and no socket is involved.
 
 A worker commits each result before it takes the next line (results that arrive together share
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _EXPIRED = "This request could not be executed before the completion window expired."
 _CANCELLED = "This request was not executed: the batch was cancelled."
 _BROKEN = "The model server closed the connection before its answer was complete."
-_BUSY = 429  # the waiting room is full: wait and send again, it is not the line's fault
+_BUSY = 429  # the queue is full (or shed the line): wait and send again, it is not the line's fault
 
 
 class BatchRunner:
@@ -239,7 +239,7 @@ class _Run:
             await self._commit((line, SUCCEEDED if status < 400 else FAILED, output, usage))
 
     async def _send(self, endpoint: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Reply:
-        """The request through the gateway; a full waiting room is waited out, not recorded."""
+        """The request through the gateway; a full queue is waited out, not recorded."""
         while True:
             tenant = None
             if self.tenant is not None and self.runner.tenants is not None:

@@ -72,7 +72,7 @@ config.yaml: the gateway's keys and the operator's keys in one file, read by `kv
 {{- $config := dict
   "server" (dict "host" "0.0.0.0" "port" (int $v.ports.http) "metricsPort" (int $v.ports.metrics) "logLevel" $v.gateway.logLevel)
   "retries" $v.gateway.retries
-  "waitingRoom" $v.gateway.waitingRoom
+  "queue" $v.gateway.queue
   "limits" $v.gateway.limits
   "upstream" $v.gateway.upstream
   "ejection" $v.gateway.ejection
