@@ -2,7 +2,8 @@
 
 ``POST /v1/traces`` (protobuf ``ExportTraceServiceRequest``) is answered 200 with an empty
 ``ExportTraceServiceResponse``; ``GET /count`` says how many spans came so far, so a benchmark
-can wait until a gateway has exported everything it traced before reading its CPU count.
+can wait until a gateway has exported everything it traced before reading its CPU count;
+``GET /instances`` lists the ``service.instance.id`` of the processes that sent them (JSON).
 
     python -m bench.otlp_sink --port 4318
 """
@@ -10,6 +11,7 @@ can wait until a gateway has exported everything it traced before reading its CP
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 _lock = threading.Lock()
 _spans = 0
+_instances: set[str] = set()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -29,12 +32,20 @@ class _Handler(BaseHTTPRequestHandler):
         request = ExportTraceServiceRequest.FromString(body)
         count = sum(len(scope.spans) for resource in request.resource_spans
                     for scope in resource.scope_spans)
+        instances = {attribute.value.string_value for resource in request.resource_spans
+                     for attribute in resource.resource.attributes
+                     if attribute.key == "service.instance.id"}
         with _lock:
             _spans += count
+            _instances.update(instances)
         self._reply(ExportTraceServiceResponse().SerializeToString(), "application/x-protobuf")
 
     def do_GET(self) -> None:  # noqa: N802
-        self._reply(str(_spans).encode(), "text/plain")
+        with _lock:
+            if self.path == "/instances":
+                self._reply(json.dumps(sorted(_instances)).encode(), "application/json")
+            else:
+                self._reply(str(_spans).encode(), "text/plain")
 
     def _reply(self, body: bytes, content_type: str) -> None:
         self.send_response(200)

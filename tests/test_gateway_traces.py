@@ -4,7 +4,7 @@ simulator shows what it received on /sim/traceparents) and honoured from the cli
 tracing off, no OpenTelemetry module loaded in the serving process.
 
 The in-process gateway exports to the SDK's in-memory exporter; the OTLP test runs
-`kvgate gateway --workers 2` for real and receives its spans over OTLP/HTTP.
+`kvgate gateway --workers 2` for real and receives its spans over OTLP/HTTP (bench.otlp_sink).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import urllib.request
 from collections import defaultdict
 from typing import Any, Iterator
 
+import openai
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -294,3 +295,53 @@ def test_with_tracing_off_the_serving_process_loads_no_opentelemetry(switch):
         assert loaded == []
     else:
         assert "opentelemetry.sdk.trace" in loaded
+
+
+def test_every_worker_exports_its_spans_over_otlp(loop_thread, tmp_path):
+    """`kvgate gateway --workers 2` with tracing on and the standard OTEL_* variables: each
+    worker sets the SDK up after the fork and its spans reach an OTLP/HTTP receiver."""
+    from bench.procs import free_port, spawn, stop, wait_for_port
+    from kvgate_sim.cluster import Replica
+
+    replica = loop_thread.run(Replica("fast", "m").start())
+    sink_port, port = free_port(), free_port()
+    sink = spawn([sys.executable, "-m", "bench.otlp_sink", "--port", str(sink_port)])
+    config = tmp_path / "kvgate.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}, metricsPort: 0, logLevel: warning}}\n"
+        "tracing: {enabled: true}\nmodels:\n- apiVersion: kvgate.dev/v1\n  kind: Model\n"
+        "  metadata: {name: m}\n  spec: {url: hf://t/m, engine: VLLM, "
+        "features: [TextGeneration]}\n"
+        f"endpoints:\n  m: [{{address: \"{replica.address}\"}}]\n")
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_TRACES_EXPORTER": "otlp"}
+    env.pop("OTEL_SDK_DISABLED", None)
+    gateway = spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
+                     "--workers", "2"], env=env)
+    try:
+        wait_for_port(sink_port)
+        wait_for_port(port, timeout=60)
+        requests = 24
+        for i in range(requests):  # a connection each: SO_REUSEPORT spreads them over workers
+            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0, timeout=30) as client:
+                client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=2)
+        deadline = time.monotonic() + 60
+        while True:
+            spans = int(_get(sink_port, "/count"))
+            instances = json.loads(_get(sink_port, "/instances"))
+            if spans >= 4 * requests and len(instances) == 2:
+                break
+            assert time.monotonic() < deadline, (spans, instances)
+            time.sleep(0.1)
+        assert spans == 4 * requests  # request, parse, pick, upstream: each exported once
+    finally:
+        stop(gateway)
+        stop(sink)
+        loop_thread.run(replica.stop())
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.read().decode()
