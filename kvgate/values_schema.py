@@ -23,7 +23,7 @@ from lb_operator.system_config import SystemConfig
 CHART_PART = "values.schema.chart.json"
 # The chart's `gateway:` block: server.logLevel (the chart owns host and ports) and these sections.
 GATEWAY_SECTIONS = ("retries", "queue", "limits", "upstream", "ejection", "routing", "engineMetrics",
-                    "healthChecks", "apiKeys")
+                    "healthChecks", "apiKeys", "tracing")
 # System keys the chart has no value for; extraConfig can still set them.
 NOT_IN_VALUES = frozenset({"allowPodAddressOverride"})
 

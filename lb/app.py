@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from lb import tracing
 from lb.admission import Admission
 from lb.balancer import Balancer
 from lb.batch.service import Batches
@@ -50,10 +51,15 @@ class Gateway:
     """The data plane of one process: registry reader, balancer, proxy and their HTTP apps."""
 
     def __init__(self, config: Config, registry: Registry | None = None,
-                 scaler: Scaler | None = None, limits: LimitTable | None = None) -> None:
+                 scaler: Scaler | None = None, limits: LimitTable | None = None,
+                 span_exporter: Any = None) -> None:
         """``limits``: the limit table shared with the other worker processes (made before
-        they fork); with API keys on and none given, this process gets its own."""
+        they fork); with API keys on and none given, this process gets its own.
+        ``span_exporter``: where spans go instead of the OTEL_* environment's exporter (the
+        tests' in-memory one); tracing is on with one."""
+        tracing.check(config.tracing)  # a bad OTEL_* environment fails here, at start
         self.config = config
+        self._span_exporter = span_exporter
         self.registry = registry or Registry()
         self.metrics = GatewayMetrics()
         self.metrics.watch_rings(self.registry.groups)
@@ -114,11 +120,16 @@ class Gateway:
         if self.admission is not None:
             background.append(loop.create_task(self.admission.store.watch()))
         await self.batches.start()
+        # Here, in each worker after the fork: the SDK's export thread lives in this process.
+        self.proxy.tracing = tracing.start(self.config.tracing, self._span_exporter)
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
+            traces, self.proxy.tracing = self.proxy.tracing, None
+            if traces is not None:  # the last spans flushed off the loop
+                await asyncio.to_thread(traces.shutdown)
             await self.batches.stop()  # before the pool closes: its requests use it
             for task in background:
                 task.cancel()

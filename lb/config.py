@@ -25,6 +25,7 @@ from lb.model import Model
 from lb.registry import Endpoint, Registry
 from lb.ring import LoadTable
 from lb.schema import SchemaError, decode_object, read_yaml, setting
+from lb.tracing import TracingConfig
 
 ConfigError = SchemaError  # the name callers of the config loaders know
 
@@ -101,6 +102,7 @@ class Config:
     health_checks: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     api_keys: ApiKeysConfig = field(default_factory=ApiKeysConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 

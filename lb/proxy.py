@@ -17,7 +17,7 @@ import logging
 import re
 import time
 import zlib
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from lb.admission import Admission, Ticket
 from lb.balancer import Balancer, Lease
@@ -35,6 +35,9 @@ from lb.registry import Registry
 from lb.rewrite import ModelRename
 from lb.selectors import matches, parse_selector
 from lb.upstream import identity_encoding, request_headers, response_headers, sized_headers
+
+if TYPE_CHECKING:
+    from lb.tracing import Trace, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class ClientGone(Exception):
 class _Exchange:
     """Per-request state shared by the handler and its disconnect watcher."""
 
-    __slots__ = ("started", "finishing", "disconnected", "status", "model", "ticket")
+    __slots__ = ("started", "finishing", "disconnected", "status", "model", "ticket", "trace")
 
     def __init__(self) -> None:
         self.started = False  # response headers sent
@@ -79,6 +82,7 @@ class _Exchange:
         self.status = 0
         self.model = "-"
         self.ticket: Ticket | None = None  # API keys on: the request's charge and headers
+        self.trace: Trace | None = None  # tracing on: the request's spans (lb.tracing)
 
 
 class Proxy:
@@ -94,12 +98,15 @@ class Proxy:
         self._retry_statuses = frozenset(config.retries.retry_statuses)
         self._ejection = config.ejection
         self._session_header = config.routing.session_header.lower().encode()
+        self.tracing: Tracing | None = None  # set by the gateway's lifespan when tracing is on
 
     async def handle(self, kind: str, path: bytes, scope: Scope, receive: Receive,
                      send: Send) -> None:
         """Serve one request of ``kind``; ``path`` is the model server's path for it."""
         began = time.perf_counter()
         exchange = _Exchange()
+        if self.tracing is not None:
+            exchange.trace = self.tracing.begin(kind, scope)
         try:
             content_length, content_type, session = _request_headers(scope["headers"],
                                                                      self._session_header)
@@ -125,6 +132,8 @@ class Proxy:
         finally:
             self._metrics.finished(exchange.model, kind, exchange.status or 500,
                                    time.perf_counter() - began)
+            if exchange.trace is not None:
+                exchange.trace.finish(exchange.status or 500)
 
     async def _serve(self, kind: str, path: bytes, scope: Scope, body: bytes,
                      content_type: bytes, session: bytes, receive: Receive, send: Send,
@@ -132,6 +141,8 @@ class Proxy:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
         exchange.model = model.name
+        if exchange.trace is not None:
+            exchange.trace.parsed(parsed, model, adapter)
         if _FEATURES[kind] not in model.spec.features and not _also_served(kind, model):
             raise _not_served(model, kind, scope["path"])
         if tenant is not None:  # 403 / 429, and the client's key taken off the headers
@@ -190,17 +201,29 @@ class Proxy:
         weight = estimated_tokens(parsed) if model.spec.load_balancing.load_unit == "Tokens" else 1
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1
+        trace = exchange.trace
         for attempt in range(attempts):
-            lease = (self._balancer.try_acquire(model, adapter, key, tried, weight, prompt)
-                     or await self._balancer.wait(model, adapter, key, tried, weight, prompt,
-                                                  scope, tenant))
+            if trace is not None:
+                trace.picking()
+            lease = self._balancer.try_acquire(model, adapter, key, tried, weight, prompt)
+            if lease is None:
+                if trace is not None:
+                    trace.queued()
+                lease = await self._balancer.wait(model, adapter, key, tried, weight, prompt,
+                                                  scope, tenant)
             tried.append(lease.key)
             last = attempt == attempts - 1
+            sent = headers
+            if trace is not None:
+                trace.picked(model, adapter, key, lease, weight)
+                sent = trace.attempt(lease, headers)
             try:
-                done = await self._attempt(lease, path, body, headers, send, exchange, last,
+                done = await self._attempt(lease, path, body, sent, send, exchange, last,
                                            began, parsed.kind, rename)
             finally:
                 lease.release()
+            if trace is not None:
+                trace.attempt_done(exchange.status, not done and not last)
             if done:
                 return
             if not last:  # a failed last attempt is not retried: the loop ends in a 502
@@ -239,6 +262,8 @@ class Proxy:
                 exchange.status = response.status
                 return False
             self._metrics.first_byte_after(exchange.model, kind, time.perf_counter() - began)
+            if exchange.trace is not None:
+                exchange.trace.first_byte()
             if response.status >= 400:  # the only cost an answer pays for this
                 await self._relay_error(response, send, exchange, kind)
             elif rename is None:

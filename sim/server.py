@@ -16,7 +16,9 @@ Surface (what a vLLM OpenAI server answers, plus a small `/sim/*` admin API):
   `GET /version`, `POST /reset_prefix_cache`;
 - `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` (vLLM's messages and statuses);
 - `GET|POST /sim/faults` (failure injection), `GET /sim/stats` (JSON counters for tests/harness),
-  `GET /sim/cache` (the block hashes the prefix cache holds: what a KV-event subscriber mirrors).
+  `GET /sim/cache` (the block hashes the prefix cache holds: what a KV-event subscriber mirrors),
+  `GET /sim/traceparents` (the W3C `traceparent` of recent inference requests, by their
+  `X-Request-Id`: what a gateway propagated).
 
 With `kv_events` enabled, the engine's prefix-cache changes go out in vLLM's KV-event format
 (`kvgate_sim.kv_events`).
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # vLLM's CompletionRequest defaults max_tokens to 16 (OpenAI's default); chat has no default.
+# Inference requests whose traceparent is remembered (the oldest forgotten first).
+TRACEPARENTS_KEPT = 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
@@ -143,6 +147,8 @@ class SimServer:
             self.lora.preload(name, path)
         self.registry = make_registry(self.engine, model_name, enable_lora)
         self.stats = ServerStats()
+        # X-Request-Id ("" when absent) -> the traceparent that came with it, newest last
+        self.traceparents: dict[str, str] = {}
         self.created = int(time.time())
         self.app = self._build_app()
 
@@ -174,6 +180,7 @@ class SimServer:
         r.add_post("/sim/faults", self._plain(self.set_faults))
         r.add_get("/sim/stats", self._plain(self.sim_stats))
         r.add_get("/sim/cache", self._plain(self.sim_cache))
+        r.add_get("/sim/traceparents", self._plain(self.sim_traceparents))
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -210,6 +217,7 @@ class SimServer:
             st.by_path[request.path] = st.by_path.get(request.path, 0) + 1
             st.active += 1
             status = 500
+            self._remember_traceparent(request)
             try:
                 early = await self._pre_checks(request)
                 if early is not None:
@@ -234,6 +242,18 @@ class SimServer:
                 if status < 400:
                     st.completed += 1
         return wrapped
+
+    def _remember_traceparent(self, request: web.Request) -> None:
+        """Keep the request's traceparent (if any) under its X-Request-Id, bounded."""
+        traceparent = request.headers.get("traceparent")
+        if traceparent is None:
+            return
+        kept = self.traceparents
+        request_id = request.headers.get("x-request-id", "")
+        kept.pop(request_id, None)
+        kept[request_id] = traceparent
+        if len(kept) > TRACEPARENTS_KEPT:
+            del kept[next(iter(kept))]
 
     async def _pre_checks(self, request: web.Request) -> Optional[web.StreamResponse]:
         f = self.faults
@@ -594,6 +614,10 @@ class SimServer:
         kv = self.engine.kv
         return _json({"block_size": kv.block_size, "block_hashes": kv.cached_hashes(),
                       "kv_events": self.kv_events.describe() if self.kv_events else None})
+
+    async def sim_traceparents(self, _request: web.Request) -> web.StreamResponse:
+        """The traceparents recent inference requests carried, by X-Request-Id ("" for none)."""
+        return _json(self.traceparents)
 
     def snapshot(self) -> dict:
         """Counters of this replica for tests and the harness (also served on /sim/stats)."""

@@ -521,12 +521,14 @@ class GatewayHarness:
     ``config`` is a camelCase dict merged over quiet defaults (see lb.config), or a Config.
     ``static``: the registry holds the config's ``models`` and ``endpoints``, as `kvgate
     gateway` serves them (static-endpoints mode); otherwise tests add models themselves.
+    ``span_exporter``: tracing on, the spans exported there (the SDK's in-memory exporter).
     """
 
     def __init__(self, loop: LoopThread, config: dict[str, Any] | Config | None = None,
-                 static: bool = False) -> None:
+                 static: bool = False, span_exporter: Any = None) -> None:
         self.loop = loop
         self.static = static
+        self.span_exporter = span_exporter  # tracing on, spans to this exporter (lb.tracing)
         if not isinstance(config, Config):
             config = config_from_dict(_deep_merge({"server": {"logLevel": "warning"}},
                                                   config or {}))
@@ -542,7 +544,8 @@ class GatewayHarness:
 
     async def _start(self) -> None:
         self.gateway = Gateway(self.config,
-                               static_registry(self.config) if self.static else None)
+                               static_registry(self.config) if self.static else None,
+                               span_exporter=self.span_exporter)
         self.registry = self.gateway.registry
         self.balancer = self.gateway.balancer
         sock, metrics_sock = bind(HOST, 0), bind(HOST, 0)

@@ -1,7 +1,7 @@
 """What a change costs the gateway per request, counted in instructions rather than timed.
 
-    python -m bench instructions [--baseline DIR] [--signals] [--keys] [--cache-aware]
-                                 [--requests 2000]
+    python -m bench instructions [--baseline DIR] [--signals] [--keys] [--traces]
+                                 [--cache-aware] [--requests 2000]
 
 CPU time per request moves by ±15% between two runs on a shared virtual machine, more than the
 change being judged. Instructions retired do not: each gateway runs under valgrind's callgrind,
@@ -17,6 +17,11 @@ request.
 ``--keys`` adds ``kvgate+keys``: API keys and per-key limits on (limits far above the load, so
 every request is checked and charged); the target: at most 10% over ``kvgate`` per request.
 Every path is sent the same Authorization header.
+
+``--traces`` adds ``kvgate+traces``: OpenTelemetry tracing on, exporting OTLP/HTTP to
+``bench.otlp_sink``; each count is read only once the sink has every span of the window, so the
+export thread's encoding and sending are counted too. It prints the cost of tracing on; the
+cost of tracing off is ``kvgate`` against ``--baseline`` (a checkout without tracing).
 
 ``--cache-aware`` counts the scheduler's own cost instead: PrefixHash and CacheAware over 64
 replicas (endpoints that all lead to the one backend), on a chat whose ~4 KB system prompt and
@@ -34,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -49,6 +55,8 @@ LONG_BODY = ('{"model": "m", "messages": [{"role": "system", "content": "%s"}, '
              % ("You answer questions about the contract filed below, citing clauses. " * 60))
 KEYS = "apiKeys"  # marks the variant whose config gets a keys file (made in the run's tmp)
 KEYS_MAX_COST = 1.10  # keys + limits on ÷ off, per request
+TRACES = "tracing: {enabled: true}\n"  # marks the traced variant (its gateway exports to a sink)
+SPANS_PER_REQUEST = 4  # the request, parse, pick, one upstream attempt
 CACHE_AWARE_REPLICAS = 64
 CACHE_AWARE_MAX_COST = 1.10  # CacheAware ÷ PrefixHash, per request
 # Token loads and the conversation key on; engine scraping is on by default (every 2 s). A
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also count kvgate with token loads and the conversation key on")
     parser.add_argument("--keys", action="store_true",
                         help="also count kvgate with API keys and per-key limits on")
+    parser.add_argument("--traces", action="store_true",
+                        help="also count kvgate with OpenTelemetry tracing on (OTLP to a sink)")
     parser.add_argument("--cache-aware", action="store_true",
                         help="count PrefixHash and CacheAware at 64 replicas on a long prompt "
                         "instead")
@@ -79,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache_aware:
         variants, body, replicas = _cache_aware_variants(), LONG_BODY, CACHE_AWARE_REPLICAS
     else:
-        variants, body, replicas = _variants(args.baseline, args.signals, args.keys), BODY, 1
+        variants, body, replicas = (_variants(args.baseline, args.signals, args.keys,
+                                              args.traces), BODY, 1)
     counts = _count_all(variants, args.requests, body, replicas)
     targets = (_cache_aware_targets(counts) if args.cache_aware
                else _targets(counts) + _keys_targets(counts))
@@ -94,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _variants(baseline: Path | None, signals: bool,
-              keys: bool = False) -> dict[str, tuple[Path, str, str]]:
+def _variants(baseline: Path | None, signals: bool, keys: bool = False,
+              traces: bool = False) -> dict[str, tuple[Path, str, str]]:
     """name -> (checkout root, loadBalancing line, extra config) of each gateway counted."""
     here = Path(__file__).resolve().parents[2]
     variants = {"kvgate": (here, "loadBalancing: {strategy: PrefixHash}", "")}
@@ -105,6 +116,8 @@ def _variants(baseline: Path | None, signals: bool,
         variants["kvgate+signals"] = (here, *SIGNALS)
     if keys:
         variants["kvgate+keys"] = (here, "loadBalancing: {strategy: PrefixHash}", KEYS)
+    if traces:
+        variants["kvgate+traces"] = (here, "loadBalancing: {strategy: PrefixHash}", TRACES)
     return variants
 
 
@@ -129,38 +142,83 @@ def _count_all(variants: dict[str, tuple[Path, str, str]], requests: int, body: 
             if extra is KEYS:
                 extra = keys_config(tmp)
             config = _config(tmp, name, backend_port, balancing, extra, replicas)
-            counts[name] = _count(root, config, tmp / f"{_slug(name)}.callgrind", requests, body)
+            sink = stack.enter_context(_Sink()) if extra is TRACES else None
+            counts[name] = _count(root, config, tmp / f"{_slug(name)}.callgrind", requests, body,
+                                  sink)
             print(f"  {name:15s} " + "  ".join(f"{shape} {k:,.1f}k" for shape, k in
                                               counts[name].items()), flush=True)
     return counts
 
 
 def _count(root: Path, config: tuple[Path, int], out: Path, requests: int,
-           body: str = BODY) -> dict[str, float]:
-    """One gateway under callgrind: per shape, zero the counters, serve, read the count."""
+           body: str = BODY, sink: _Sink | None = None) -> dict[str, float]:
+    """One gateway under callgrind: per shape, zero the counters, serve, read the count (with
+    a ``sink``: once every span of the requests served reached it)."""
     path, port = config
     module = "kvgate" if (root / "kvgate" / "cli.py").exists() else "lb.cli"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    if sink is not None:
+        env.update(sink.environment())
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                              sys.executable, "-m", module, "gateway", "-c", str(path)],
-                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         wait_for_port(port, timeout=300)
         result = {}
+        served = 0
         for shape, extra in SHAPES.items():
             _hey(port, body % extra, 200)  # warm-up: first-request paths, pools, caches
+            served += 200
+            if sink is not None:
+                sink.wait_for(served * SPANS_PER_REQUEST)
             subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
                            capture_output=True)
             _hey(port, body % extra, requests)
+            served += requests
+            if sink is not None:
+                sink.wait_for(served * SPANS_PER_REQUEST)
             result[shape] = _dumped_total(proc.pid, out) / requests / 1e3
         return result
     finally:
         stop(proc)
 
 
+class _Sink:
+    """``bench.otlp_sink`` on a free port, for the traced gateway to export to."""
+
+    def __enter__(self) -> _Sink:
+        self.port = free_port()
+        self.proc = spawn([sys.executable, "-m", "bench.otlp_sink", "--port", str(self.port)])
+        wait_for_port(self.port)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop(self.proc)
+
+    def environment(self) -> dict[str, str]:
+        """OTLP/HTTP to the sink, batches sent every 200 ms, a queue no burst overflows."""
+        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "false",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200",
+                "OTEL_BSP_MAX_QUEUE_SIZE": "1000000", "OTEL_TRACES_SAMPLER": "always_on"}
+
+    def wait_for(self, spans: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/count", timeout=30) as r:
+                received = int(r.read())
+            if received >= spans:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sink got {received} spans of {spans}")
+            time.sleep(0.2)
+
+
 def _hey(port: int, body: str, requests: int) -> None:
-    done = subprocess.run(["hey", "-n", str(requests), "-c", "8", "-m", "POST",
+    # -t 120: under callgrind a traced gateway's export thread holds up requests past hey's 20 s
+    done = subprocess.run(["hey", "-n", str(requests), "-c", "8", "-t", "120", "-m", "POST",
                            "-T", "application/json", "-d", body,
                            "-H", f"Authorization: Bearer {MASTER_KEY}",
                            f"http://127.0.0.1:{port}/v1/chat/completions"],
@@ -224,6 +282,16 @@ def _keys_targets(counts: dict[str, dict[str, float]]) -> list[dict[str, object]
             for shape in SHAPES]
 
 
+def _traces_cost(counts: dict[str, dict[str, float]]) -> list[str]:
+    """Tracing on ÷ off per request, printed: a cost to know, not a target."""
+    if "kvgate+traces" not in counts:
+        return []
+    return ["", "Tracing on (OTLP export included) ÷ kvgate: " + ", ".join(
+        f"{counts['kvgate+traces'][shape] / counts['kvgate'][shape]:.3f} per {shape} request "
+        f"(+{counts['kvgate+traces'][shape] - counts['kvgate'][shape]:,.1f}k instructions)"
+        for shape in SHAPES) + "."]
+
+
 def _cache_aware_targets(counts: dict[str, dict[str, float]]) -> list[dict[str, object]]:
     return [check(f"CacheAware ÷ PrefixHash at {CACHE_AWARE_REPLICAS} replicas, instructions "
                   f"per {shape} request", counts["CacheAware"][shape] / counts["PrefixHash"][shape],
@@ -244,4 +312,5 @@ def _markdown(result: dict) -> str:  # type: ignore[type-arg]
              table(("path", "response", "k instructions/request", f"÷ {base_name}"), rows, "ll")]
     if result["targets"]:
         lines += ["", targets_table(result["targets"])]
+    lines += _traces_cost(counts)
     return "\n".join(lines) + "\n"

@@ -80,6 +80,7 @@ config.yaml: the gateway's keys and the operator's keys in one file, read by `kv
   "engineMetrics" $v.gateway.engineMetrics
   "healthChecks" $v.gateway.healthChecks
   "apiKeys" $v.gateway.apiKeys
+  "tracing" $v.gateway.tracing
   "modelServers" $servers
   "resourceProfiles" $v.resourceProfiles
   "cacheProfiles" $v.cacheProfiles
