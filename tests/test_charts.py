@@ -753,7 +753,18 @@ def _dockerfile_stages() -> list[list[tuple[str, str]]]:
             stages.append([])
         if stages:
             stages[-1].append((instruction.upper(), rest.strip()))
-    return stages
+    return [_with_parent(stages, i) for i in range(len(stages))]
+
+
+def _with_parent(stages: list[list[tuple[str, str]]], index: int) -> list[tuple[str, str]]:
+    """A stage's instructions with those of the stage it starts FROM (by name) in front, so a
+    final stage built on a shared base is checked as the image it makes."""
+    stage = stages[index]
+    parent = stage[0][1].split()[0]
+    for i, other in enumerate(stages[:index]):
+        if other[0][1].split()[-1] == parent and " AS " in other[0][1].upper():
+            return _with_parent(stages, i) + stage[1:]
+    return stage
 
 
 def test_dockerfile_builds_the_extension_then_runs_as_the_charts_non_root_user(kvgate_default: list[dict[str, Any]]) -> None:
