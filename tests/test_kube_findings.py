@@ -6,7 +6,8 @@ API server over HTTP (kubernetes_asyncio), with the gateway driven by the openai
 - a 4xx the API server will keep answering (here the Priority admission plugin's 403) is logged
   with the server's message, reported as a condition and an Event, and not retried at full rate;
 - the scale subresource has a selector; a clamped replica count is said so;
-- Events for scaling, rollouts, invalid Models, rate-limited per Model;
+- Events for scaling, rollouts, invalid Models, rate-limited per Model, as `kubectl describe
+  model` shows them (the real kubectl against the fake);
 - an informer's back-off starts over after a healthy watch (the second outage is short too).
 """
 
@@ -15,6 +16,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import re
+import sys
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import openai
@@ -149,7 +154,8 @@ async def _selector_of(api: KubeApi) -> dict[str, Any] | None:
 
 async def test_events_tell_what_happened_to_a_model(kube: FakeKube, api: KubeApi,
                                                     kubelet: Kubelet,  # noqa: F811
-                                                    replica: GatewayReplica) -> None:  # noqa: F811
+                                                    replica: GatewayReplica,  # noqa: F811
+                                                    tmp_path: Path) -> None:
     await create_model(api, model_body("m", replicas=1))
     await eventually(lambda: len(ready_pods(kubelet.pods("m"))) == 1, what="one replica")
     await patch_model(api, "m", {"spec": {"replicas": 2}})
@@ -165,6 +171,28 @@ async def test_events_tell_what_happened_to_a_model(kube: FakeKube, api: KubeApi
     listed_events = await api.core.list_namespaced_event(
         NS, field_selector="involvedObject.kind=Model,involvedObject.name=m")
     assert {e.reason for e in listed_events.items} >= {"Scaled", "RollingOut", "RolledOut"}
+    # And kubectl itself, as a user would look.
+    described = await kubectl_describe(kube, tmp_path, "model", "m")
+    events = described.split("\nEvents:", 1)[1]
+    for reason in ("Scaled", "RollingOut", "RolledOut"):
+        assert re.search(rf"^\s*Normal\s+{reason}\s+\S+\s+kvgate-operator\s", events, re.M), described
+
+
+# Installed beside helm by `make helm` (charts/fetch_helm.py --kubectl); KUBECTL names another.
+KUBECTL = Path(os.environ.get("KUBECTL") or Path(sys.prefix) / "bin" / "kubectl")
+
+
+async def kubectl_describe(kube: FakeKube, tmp_path: Path, *what: str) -> str:
+    if not KUBECTL.exists():
+        pytest.skip(f"{KUBECTL} is missing: `make helm` installs it (or set KUBECTL)")
+    config = kube.write_kubeconfig(str(tmp_path / "kubeconfig"))
+    proc = await asyncio.create_subprocess_exec(
+        str(KUBECTL), "--kubeconfig", config, "describe", *what,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "")})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
 
 
 async def test_events_are_aggregated_and_rate_limited_per_model(kube: FakeKube, api: KubeApi) -> None:  # noqa: F811
