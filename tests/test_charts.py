@@ -874,7 +874,9 @@ async def test_role_covers_every_api_call_of_a_running_operator(helm: Any, tmp_p
     namespace."""
     import aiohttp
 
-    from tests.cluster_harness import NS as HARNESS_NS, GatewayReplica, Kubelet, eventually, model_body
+    import dataclasses
+
+    from tests.cluster_harness import FAST, NS as HARNESS_NS, GatewayReplica, Kubelet, eventually, model_body
     from tests.kube_fake import FakeKube, ResourceType
     from lb_operator.system_config import system_config_from_dict
 
@@ -889,8 +891,10 @@ async def test_role_covers_every_api_call_of_a_running_operator(helm: Any, tmp_p
     (adapter / "adapter_config.json").write_text("{}")
     async with FakeKube(extra_types=[storage_class]) as kube, Kubelet(kube):
         kube.create("storageclasses", {"metadata": {"name": "nfs"}, "provisioner": "nfs"}, namespace=None)
-        first = await GatewayReplica(kube, system, identity="a", register_pod=True).start()
-        second = await GatewayReplica(kube, system, identity="b", register_pod=True).start()
+        # The simulated kubelet's loader sidecars share this machine: a file:// adapter is theirs.
+        options = dataclasses.replace(FAST, allow_file_urls=True)
+        first = await GatewayReplica(kube, system, options, identity="a", register_pod=True).start()
+        second = await GatewayReplica(kube, system, options, identity="b", register_pod=True).start()
         await eventually(lambda: first.leading or second.leading, what="a leader")
         leader = first if first.leading else second
         # The test itself writes through the fake's direct helpers, which are not recorded.
