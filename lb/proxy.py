@@ -24,7 +24,8 @@ from lb.balancer import Balancer, Lease
 from lb.cache_aware import PromptBlocks, prompt_blocks
 from lb.config import Config
 from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, anthropic_error_body, as_anthropic,
-                       bad_request, model_not_found, upstream_error_body)
+                       bad_request, model_not_found, model_unavailable,
+                       upstream_error_body)
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
 from lb.keys import Tenant
 from lb.metrics import GatewayMetrics
@@ -166,6 +167,8 @@ class Proxy:
     def _resolve(self, requested: str, scope: Scope) -> tuple[Model, str]:
         name, adapter = split_model_adapter(requested)
         model = self._registry.get_model(name)
+        if model is None and (reason := self._registry.unavailable(name)) is not None:
+            raise model_unavailable(name, reason)
         if model is None or not self._selected(model, scope):
             raise model_not_found(requested)
         if adapter:

@@ -175,12 +175,26 @@ class EndpointGroup:
 
 
 class Registry:
-    """Models by name and an EndpointGroup per model."""
+    """Models by name and an EndpointGroup per model; and the names of Models the control plane
+    knows but cannot run (invalid spec or profile), with why: not listed, not served, and a
+    request for one is told the reason instead of "does not exist"."""
 
     def __init__(self, loads: LoadTable | None = None) -> None:
         self.loads = loads  # shared with the other worker processes, if any
         self._models: dict[str, Model] = {}
         self._groups: dict[str, EndpointGroup] = {}
+        self._unavailable: dict[str, str] = {}
+
+    def set_unavailable(self, name: str, reason: str | None) -> None:
+        """Record why the Model ``name`` cannot run (None: it can, or it is gone)."""
+        if reason is None:
+            self._unavailable.pop(name, None)
+        else:
+            self._unavailable[name] = reason
+
+    def unavailable(self, name: str) -> str | None:
+        """Why the Model ``name`` cannot run, if the control plane said so."""
+        return self._unavailable.get(name)
 
     def set_model(self, model: Model) -> None:
         self._models[model.name] = model

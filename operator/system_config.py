@@ -109,7 +109,8 @@ class ModelServerPods:
 
 @dataclass(frozen=True, slots=True)
 class ModelLoading:
-    image: str = setting("ghcr.io/kvgate/kvgate-model-loader:0.1.0", doc="Image of the cache-loading Job.",
+    image: str = setting("ghcr.io/kvgate/kvgate-model-loader:0.1.0",
+                         doc="Image of the adapter-loader sidecars and cache-loading Jobs (the Dockerfile's model-loader target).",
                          pattern=_IMAGE)
 
 

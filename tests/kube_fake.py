@@ -44,7 +44,8 @@ DEVIATIONS = """\
 - No authentication/authorization (RBAC is not enforced; `requests`/`rbac_usage()` record what was used).
 - No schema validation, pruning, defaulting or CEL rules for Models; built-in objects get only minimal
   validation (names, pod containers) and no defaulting (e.g. no restartPolicy/imagePullPolicy defaults).
-- Namespaces need not exist. No admission (quotas, limit ranges, service accounts).
+- Namespaces need not exist. No admission (quotas, limit ranges, service accounts) but the
+  Priority plugin's check that a Pod's priorityClassName exists.
 - No kubelet/scheduler/controllers: pods stay Pending until a test sets their status (set_pod_ready);
   a deleted pod disappears at once unless `pod_termination_delay` is set (then it is Terminating for
   that long, with deletionTimestamp); Jobs never run.
@@ -106,6 +107,7 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "namespaces", "Namespace", namespaced=False, status=True,
                  field_labels=("status.phase",)),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
+    ResourceType("scheduling.k8s.io", "v1", "priorityclasses", "PriorityClass", namespaced=False),
     ResourceType("batch", "v1", "jobs", "Job", status=True, generation=True,
                  field_labels=("status.successful",)),
 )
@@ -176,8 +178,21 @@ def conflict(rt: ResourceType, name: str, why: str = "the object has been modifi
 
 
 def invalid(rt: ResourceType, name: str, why: str) -> KubeError:
+    """422 as the API server words it: the message, and each field error as a cause."""
+    field_name, _, message = why.partition(": ")
+    kind = "FieldValueRequired" if message.startswith("Required value") else "FieldValueInvalid"
     return KubeError(422, f'{rt.kind} "{name}" is invalid: {why}', "Invalid",
-                     {**_details(rt, name), "kind": rt.kind})
+                     {**_details(rt, name), "kind": rt.kind,
+                      "causes": [{"reason": kind, "message": message or why, "field": field_name}]})
+
+
+def forbidden(rt: ResourceType, name: str, why: str) -> KubeError:
+    return KubeError(403, f'{_resource_name(rt)} "{name}" is forbidden: {why}', "Forbidden",
+                     _details(rt, name))
+
+
+# The Priority admission plugin's built-in classes; others must exist as PriorityClass objects.
+SYSTEM_PRIORITY_CLASSES = ("system-cluster-critical", "system-node-critical")
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -852,6 +867,15 @@ class FakeKube:
         if rt.key == ("batch", "jobs") and not isinstance((obj.get("spec") or {}).get("template"), dict):
             raise invalid(rt, name, "spec.template: Required value")
 
+    def _admit(self, rt: ResourceType, obj: dict[str, Any]) -> None:
+        """The Priority admission plugin: a Pod naming a PriorityClass that does not exist is
+        forbidden (a 4xx that retrying cannot fix until the Pod names another class)."""
+        priority_class = (obj.get("spec") or {}).get("priorityClassName") if rt.key == ("", "pods") else None
+        if priority_class and priority_class not in SYSTEM_PRIORITY_CLASSES and self.get(
+                "priorityclasses", priority_class, namespace=None) is None:
+            raise forbidden(rt, obj["metadata"]["name"],
+                            f"no PriorityClass with name {priority_class} was found")
+
     @staticmethod
     def _normalize_secret(rt: ResourceType, obj: dict[str, Any]) -> None:
         if rt.key == ("", "secrets") and "stringData" in obj:
@@ -884,6 +908,7 @@ class FakeKube:
             raise invalid(rt, meta["name"], "metadata.resourceVersion: Invalid value: "
                                             "resourceVersion should not be set on objects to be created")
         self._validate(rt, obj)
+        self._admit(rt, obj)
         if self._key(rt, namespace, meta["name"]) in self._store:
             raise KubeError(409, f'{_resource_name(rt)} "{meta["name"]}" already exists',
                             "AlreadyExists", _details(rt, meta["name"]))

@@ -753,7 +753,18 @@ def _dockerfile_stages() -> list[list[tuple[str, str]]]:
             stages.append([])
         if stages:
             stages[-1].append((instruction.upper(), rest.strip()))
-    return stages
+    return [_with_parent(stages, i) for i in range(len(stages))]
+
+
+def _with_parent(stages: list[list[tuple[str, str]]], index: int) -> list[tuple[str, str]]:
+    """A stage's instructions with those of the stage it starts FROM (by name) in front, so a
+    final stage built on a shared base is checked as the image it makes."""
+    stage = stages[index]
+    parent = stage[0][1].split()[0]
+    for i, other in enumerate(stages[:index]):
+        if other[0][1].split()[-1] == parent and " AS " in other[0][1].upper():
+            return _with_parent(stages, i) + stage[1:]
+    return stage
 
 
 def test_dockerfile_builds_the_extension_then_runs_as_the_charts_non_root_user(kvgate_default: list[dict[str, Any]]) -> None:
@@ -863,7 +874,9 @@ async def test_role_covers_every_api_call_of_a_running_operator(helm: Any, tmp_p
     namespace."""
     import aiohttp
 
-    from tests.cluster_harness import NS as HARNESS_NS, GatewayReplica, Kubelet, eventually, model_body
+    import dataclasses
+
+    from tests.cluster_harness import FAST, NS as HARNESS_NS, GatewayReplica, Kubelet, eventually, model_body
     from tests.kube_fake import FakeKube, ResourceType
     from lb_operator.system_config import system_config_from_dict
 
@@ -878,8 +891,10 @@ async def test_role_covers_every_api_call_of_a_running_operator(helm: Any, tmp_p
     (adapter / "adapter_config.json").write_text("{}")
     async with FakeKube(extra_types=[storage_class]) as kube, Kubelet(kube):
         kube.create("storageclasses", {"metadata": {"name": "nfs"}, "provisioner": "nfs"}, namespace=None)
-        first = await GatewayReplica(kube, system, identity="a", register_pod=True).start()
-        second = await GatewayReplica(kube, system, identity="b", register_pod=True).start()
+        # The simulated kubelet's loader sidecars share this machine: a file:// adapter is theirs.
+        options = dataclasses.replace(FAST, allow_file_urls=True)
+        first = await GatewayReplica(kube, system, options, identity="a", register_pod=True).start()
+        second = await GatewayReplica(kube, system, options, identity="b", register_pod=True).start()
         await eventually(lambda: first.leading or second.leading, what="a leader")
         leader = first if first.leading else second
         # The test itself writes through the fake's direct helpers, which are not recorded.

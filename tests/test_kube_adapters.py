@@ -7,6 +7,7 @@ simulated vLLM replicas as the model servers and the gateway driven with the ope
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -14,9 +15,13 @@ import openai
 import pytest
 
 from lb.model import GROUP, PLURAL, VERSION
-from tests.cluster_harness import (GatewayReplica, Kubelet, chat, create_model, eventually,
+from tests.cluster_harness import (FAST, GatewayReplica, Kubelet, chat, create_model, eventually,
                                    model_body, patch_model, sdk)
 from tests.kube_fake import FakeKube
+
+# The simulated kubelet's loader sidecars run on this machine: file:// adapters are theirs to read.
+FILE_URLS = dataclasses.replace(FAST, allow_file_urls=True)
+
 
 @pytest.fixture
 async def kube() -> AsyncIterator[FakeKube]:
@@ -39,7 +44,7 @@ def adapter_source(root: Path, name: str) -> str:
 
 async def test_adapters_follow_the_spec_on_every_ready_replica(kube: FakeKube, kubelet: Kubelet,
                                                                tmp_path: Path) -> None:
-    node = await GatewayReplica(kube).start()
+    node = await GatewayReplica(kube, options=FILE_URLS).start()
     try:
         async with sdk(node) as client:
             await create_model(node.api, model_body("m", replicas=2))
@@ -77,7 +82,7 @@ async def test_adapters_follow_the_spec_on_every_ready_replica(kube: FakeKube, k
 async def test_a_deleted_models_failing_adapter_worker_stops(kube: FakeKube, kubelet: Kubelet,
                                                              tmp_path: Path) -> None:
     """A pass that keeps failing is retried while the Model exists, and no longer once it is gone."""
-    node = await GatewayReplica(kube).start()
+    node = await GatewayReplica(kube, options=FILE_URLS).start()
     try:
         missing = [{"name": "a1", "url": f"file://{tmp_path / 'missing'}"}]  # every fetch fails
         await create_model(node.api, model_body("m", replicas=1, adapters=missing))

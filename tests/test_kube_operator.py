@@ -121,6 +121,7 @@ async def test_profiles_files_and_labels_applied(kube: FakeKube, api: KubeApi,
         "nodeSelector": {"pool": "gpu-x"},
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "runtimeClassName": "nvidia"}}})
+    kube.create("priorityclasses", {"metadata": {"name": "high"}, "value": 1000}, namespace=None)
     node = await GatewayReplica(kube, system).start()
     try:
         files = [{"path": "/config/chat.jinja", "content": "{{ messages }}"}]

@@ -744,7 +744,8 @@ def test_crd_resource_definition() -> None:
     assert spec["names"] == {"kind": "Model", "listKind": "ModelList", "plural": "models", "singular": "model"}
     assert (version["name"], version["served"], version["storage"]) == ("v1", True, True)
     assert version["subresources"] == {
-        "status": {}, "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas.all"}}
+        "status": {}, "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas.all",
+                                "labelSelectorPath": ".status.selector"}}
     for column in version["additionalPrinterColumns"]:
         if column["jsonPath"] == ".metadata.creationTimestamp":
             assert column["type"] == "date"

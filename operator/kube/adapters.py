@@ -23,9 +23,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import aiohttp
 
 from lb.model import Adapter, Model, parse_model_url
-from lb_operator.adapters import AdapterSync, Replica, SyncWorkers
+from lb_operator.adapters import AdapterSync, Replica, SyncResult, SyncWorkers
 from lb_operator.kube.client import MERGE_PATCH, KubeApi
 from lb_operator.kube.endpoints import pod_endpoint
+from lb_operator.kube.events import EventRecorder
 from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX
 from lb_operator.kube.reconciler import ReconcileContext
 from lb_operator.kube.watch import Informer, Obj
@@ -44,8 +45,10 @@ class ClusterAdapters:
     `model_informers` tell whether a Model still exists; their DELETED events stop its worker."""
 
     def __init__(self, api: KubeApi, model_informers: Iterable[Informer], *,
-                 retry: Backoff = Backoff(initial=1.0, maximum=30.0), timeout: float = 60.0) -> None:
+                 retry: Backoff = Backoff(initial=1.0, maximum=30.0), timeout: float = 60.0,
+                 events: EventRecorder | None = None) -> None:
         self.api = api
+        self.events = events or EventRecorder(api)
         self.model_informers = list(model_informers)
         self.timeout = timeout
         self.passes = 0  # completed sync passes (tests and debugging)
@@ -103,7 +106,29 @@ class ClusterAdapters:
             return True
         results = await sync.sync(*snapshot)
         self.passes += 1
+        await self._report(key, results)
         return all(result.ok for result in results)
+
+    async def _report(self, key: Key, results: Sequence[SyncResult]) -> None:
+        """Events on the Model: each adapter newly loaded on a replica, each failure (the rate
+        limit and aggregation of `EventRecorder` keep a retried failure from flooding)."""
+        obj = self._object(key)
+        if obj is None:
+            return
+        for result in results:
+            for name in sorted(result.loaded.keys() - result.replica.loaded.keys()):
+                await self.events.record(obj, "Normal", "AdapterLoaded",
+                                         f"adapter {name} loaded on {result.replica.key}")
+            for error in result.errors:
+                await self.events.record(obj, "Warning", "AdapterFailed",
+                                         f"{result.replica.key}: {error}")
+
+    def _object(self, key: Key) -> Obj | None:
+        for informer in self.model_informers:
+            obj = informer.items.get(f"{key[0]}/{key[1]}")
+            if obj is not None:
+                return obj
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

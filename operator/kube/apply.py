@@ -101,8 +101,10 @@ def now_timestamp() -> str:
 
 
 async def write_status(api: KubeApi, obj: dict[str, Any], replicas: dict[str, int] | None = None,
-                       conditions: Sequence[dict[str, Any]] = ()) -> None:
-    """Set status.replicas and conditions through the status subresource.
+                       conditions: Sequence[dict[str, Any]] = (), *,
+                       selector: str | None = None) -> None:
+    """Set status.replicas, conditions and the Pods' label selector (what the scale subresource
+    reports as status.selector) through the status subresource.
 
     The write carries the resourceVersion it was based on; on 409 (someone else changed the
     Model meanwhile: a spec edit, the autoscaler, the cache's status patch) it reads the Model
@@ -117,6 +119,8 @@ async def write_status(api: KubeApi, obj: dict[str, Any], replicas: dict[str, in
             status["replicas"] = dict(replicas)
         if conditions:
             status["conditions"] = merge_conditions(current.get("conditions") or (), conditions)
+        if selector is not None:
+            status["selector"] = selector
         if status == current:
             return
         body = dict(obj, status=status)

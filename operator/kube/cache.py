@@ -103,7 +103,8 @@ def _job(model: Model, config: SystemConfig, name: str, kind: str, args: list[st
     if owner_uid:
         metadata["ownerReferences"] = [owner_reference(model.name, owner_uid)]
     pods = config.model_server_pods
-    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": [claim, *creds.volumes]}
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "automountServiceAccountToken": False,  # no API calls
+                                "containers": [container], "volumes": [claim, *creds.volumes]}
     if pods.service_account_name:
         pod_spec["serviceAccountName"] = pods.service_account_name
     if pods.image_pull_secrets:

@@ -55,6 +55,39 @@ def default_namespace(kubeconfig: str | None = None, context: str | None = None)
     return ((chosen or {}).get("context") or {}).get("namespace") or "default"
 
 
+def api_error_status(exc: ApiException) -> dict[str, Any]:
+    """The ``Status`` object the API server sent with an error ({} when the body is not one)."""
+    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
+    try:
+        status = json.loads(body) if body else {}
+    except ValueError:
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def api_error_text(exc: ApiException) -> str:
+    """An API error as the server explained it: code, reason, its message and the causes in its
+    details (a 422 lists each invalid field there), e.g. for a log line, a condition or an Event."""
+    status = api_error_status(exc)
+    text = f"API error {exc.status} {status.get('reason') or exc.reason}"
+    if status.get("message"):
+        text += f": {status['message']}"
+    causes = [f"{c.get('field', '')}: {c.get('message', '')}".strip(": ")
+              for c in (status.get("details") or {}).get("causes") or () if isinstance(c, dict)]
+    causes = [c for c in causes if c and c not in text]
+    if causes:
+        text += f" ({'; '.join(causes)})"
+    return text
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """A 4xx that repeating the same request cannot fix (invalid, forbidden, ...). 409 (a
+    concurrent write) and 429 (throttled) pass by themselves, and so do 408/410 (timeouts,
+    expired watches): those are retried as usual."""
+    return (isinstance(exc, ApiException) and exc.status is not None and 400 <= exc.status < 500
+            and exc.status not in (408, 409, 410, 429))
+
+
 async def or_none(call: Awaitable[T]) -> T | None:
     """The call's answer, or None when the object does not exist (404); other errors raise."""
     try:

@@ -7,6 +7,12 @@ Pod's port annotation, adapters from its ``adapter.kvgate.dev/<name>`` labels). 
 ``allowPodAddressOverride`` in the system config, a Model's ``kvgate.dev/model-pod-ip`` (and
 ``-port``) annotation replaces every Pod's address (KubeAI's test hook).
 
+A Model that cannot run is not served: one whose spec does not parse, or whose ``Valid``
+condition the leader's reconciler set to False for its current generation (an unknown resource
+profile, a file:// URL in a cluster, ...). Its name goes to the registry as unavailable, with the
+condition's message: not listed in /v1/models, and a request for it is told why. A spec edit
+(a new generation) serves it again at once, before the reconciler has looked at it.
+
 Two replicas fed by the same API server therefore hold the same endpoints, and so pick the same
 replica for the same prefix. The registry is keyed by model name: when several namespaces are
 managed and two Models share a name, only the one `lb_operator.kube.names` makes the owner is
@@ -21,7 +27,7 @@ from typing import Iterable, Sequence
 from lb.model import Model, ModelValidationError
 from lb.registry import Endpoint, Registry
 from lb_operator.kube.engines import MODEL_PORT
-from lb_operator.kube.names import NameOwners
+from lb_operator.kube.names import CONFLICT_REASON, NameOwners
 from lb_operator.kube.pods import ADAPTER_LABEL_PREFIX, MODEL_LABEL, PORT_ANNOTATION, Pod, is_ready
 from lb_operator.kube.watch import Informer, Obj
 from lb_operator.system_config import SystemConfig
@@ -70,6 +76,21 @@ def endpoints_from_pods(pods: Sequence[Pod], *, address_override: str | None = N
     return sorted(endpoints, key=lambda e: e.key)
 
 
+def invalid_reason(obj: Obj) -> str | None:
+    """The message of a ``Valid=False`` condition computed for the Model's current generation
+    (a name conflict aside: the owner of the name is served, whatever its rivals' status)."""
+    meta = obj.get("metadata") or {}
+    for found in (obj.get("status") or {}).get("conditions") or ():
+        if found.get("type") != "Valid" or found.get("status") != "False":
+            continue
+        if found.get("reason") == CONFLICT_REASON:
+            return None
+        observed = found.get("observedGeneration")
+        if observed is None or observed == meta.get("generation"):
+            return found.get("message") or found.get("reason") or "invalid"
+    return None
+
+
 class EndpointSync:
     """Keeps the registry in step with the informers; ``owners`` settles which Model a name
     claimed in several namespaces stands for."""
@@ -79,6 +100,7 @@ class EndpointSync:
         self.config = config
         self.owners = owners
         self._models: dict[Key, Model] = {}  # valid Models, owners or not
+        self._invalid: dict[Key, str] = {}  # Models that cannot run -> why
         self._pods: dict[Key, dict[str, Pod]] = {}  # model -> pod name -> pod
         self._served: dict[str, Key] = {}  # model name -> the Model in the registry
         self._published: dict[Key, list[Endpoint]] = {}
@@ -93,11 +115,19 @@ class EndpointSync:
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace", "default"), meta.get("name", ""))
         self._models.pop(key, None)
+        self._invalid.pop(key, None)
         if etype != "DELETED":
             try:
-                self._models[key] = Model.from_dict(obj)
+                model = Model.from_dict(obj)
             except ModelValidationError as exc:
                 log.warning("model %s/%s: invalid, not served: %s", *key, exc)
+                self._invalid[key] = str(exc)
+            else:
+                reason = invalid_reason(obj)
+                if reason is None:
+                    self._models[key] = model
+                else:
+                    self._invalid[key] = reason
         self._settle(key[1])
 
     def on_pod(self, etype: str, obj: Obj) -> None:
@@ -135,6 +165,9 @@ class EndpointSync:
             self._served[name] = key
             self.registry.set_model(self._models[key])
             self._publish(key)
+        owner = self.owners.owner(name)
+        self.registry.set_unavailable(name, None if owner is None or key is not None
+                                      else self._invalid.get((owner, name)))
 
     def _publish(self, key: Key) -> None:
         model = self._models[key]

@@ -337,6 +337,21 @@ def merge_env(*groups: list[EnvVar]) -> list[EnvVar]:
     return list(merged.values())
 
 
+def check_cluster_urls(model: Model) -> None:
+    """file:// names a path on the machine of the local runtime; a Pod has no such path (the model
+    server would start on `/../models/...`, the loader answer 502 for an adapter forever). The
+    local runtime reads them; in a cluster the reconciler makes such a Model invalid, with the
+    field named (unless `ClusterOptions.allow_file_urls`: test clusters whose Pods share the
+    operator's filesystem)."""
+    places = [("spec.url", model.spec.url)] + [
+        (f"spec.adapters[{i}].url", a.url) for i, a in enumerate(model.spec.adapters)]
+    for place, url in places:
+        if parse_model_url(url).scheme == "file":
+            raise PodSpecError(f"{place}: {url!r}: file:// URLs name a path on the local runtime's "
+                               "machine and are not supported in a cluster; use hf://, pvc://, "
+                               "s3://, gs://, oss:// or ollama://")
+
+
 def server_container(model: Model, config: SystemConfig) -> tuple[dict[str, Any], list[Volume]]:
     """The `server` container (without image and resources) and the Pod volumes it mounts."""
     url = parse_model_url(model.spec.url)

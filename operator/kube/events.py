@@ -2,16 +2,26 @@
 
 One Event object per (Model, what happened): a repeat bumps its ``count`` and ``lastTimestamp``
 instead of adding another object, as kubectl's own aggregation presents it. Used by the cache
-(`lb_operator.kube.cache`: loaded, failed) and the reconciler (name conflicts).
+(`lb_operator.kube.cache`: loaded, failed), the reconciler (name conflicts) and, through the
+rate-limited `EventRecorder`, by the reconciler (scaled, rolled out, invalid, replicas clamped,
+API rejections) and the adapters (loaded, failed).
 """
 
 from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any, Callable, Mapping
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from lb.model import API_VERSION, KIND
 from lb_operator.kube.apply import now_timestamp
-from lb_operator.kube.client import MERGE_PATCH, KubeApi, or_none
+from lb_operator.kube.client import MERGE_PATCH, KubeApi, api_error_text, or_none
+from lb_operator.kube.watch import TRANSIENT_ERRORS
+
+log = logging.getLogger(__name__)
 
 SOURCE = "kvgate-operator"
 
@@ -36,3 +46,53 @@ async def record_event(api: KubeApi, *, namespace: str, model: str, uid: str, ki
         await api.core.patch_namespaced_event(
             event_name, namespace, {"count": count, "lastTimestamp": now, "message": message},
             _content_type=MERGE_PATCH)
+
+
+class EventRecorder:
+    """Events on Models, the way client-go's recorder keeps them useful and cheap:
+
+    - identical events (same Model, reason and message) are one Event object whose count grows
+      (`record_event`), so ``kubectl describe model`` shows "x5 over 3m" instead of five rows;
+    - a token bucket per Model (``burst`` events, then one more every ``refill_seconds``) drops
+      the excess, so a Model that flaps cannot flood the API server (``dropped`` counts them);
+    - a failure to write is logged, never raised: an Event reports what happened, it is not
+      state, and a reconcile must not fail (and retry) because its report could not be written.
+    """
+
+    def __init__(self, api: KubeApi, *, burst: int = 25, refill_seconds: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.api = api
+        self.burst = burst
+        self.refill_seconds = refill_seconds
+        self.clock = clock
+        self.dropped = 0
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, as of)
+
+    async def record(self, obj: Mapping[str, Any], kind: str, reason: str, message: str) -> bool:
+        """Record an Event on the Model ``obj`` (its API object); False if it was dropped."""
+        meta = obj.get("metadata") or {}
+        namespace, name = meta.get("namespace", "default"), meta.get("name", "")
+        if not self._take((namespace, name)):
+            self.dropped += 1
+            log.debug("model %s/%s: event %s dropped (rate limit): %s", namespace, name, reason, message)
+            return False
+        digest = hashlib.sha256(f"{kind}\0{reason}\0{message}".encode()).hexdigest()[:10]
+        try:
+            await record_event(self.api, namespace=namespace, model=name, uid=meta.get("uid", ""),
+                               kind=kind, reason=reason, message=message,
+                               event_name=f"{name}.{reason.lower()}.{digest}")
+        except (ApiException, *TRANSIENT_ERRORS) as exc:
+            log.warning("model %s/%s: could not record event %s: %s", namespace, name, reason,
+                        api_error_text(exc) if isinstance(exc, ApiException) else exc)
+            return False
+        return True
+
+    def _take(self, key: tuple[str, str]) -> bool:
+        now = self.clock()
+        tokens, since = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - since) / self.refill_seconds)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1, now)
+        return True

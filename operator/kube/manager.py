@@ -34,6 +34,7 @@ from lb_operator.kube.autoscaling import (DEFAULT_GATEWAY_SELECTOR, ConfigMapSta
                                           GatewayTargets, ScaleByName, watched_models)
 from lb_operator.kube.client import KubeApi
 from lb_operator.kube.endpoints import EndpointSync
+from lb_operator.kube.events import EventRecorder
 from lb_operator.kube.leader import DEFAULT_LEASE_NAME, LeaderElector, LeaderTask
 from lb_operator.kube.names import NameOwners
 from lb_operator.kube.reconciler import JOB_SELECTOR, POD_SELECTOR, ReconcileHook, Reconciler
@@ -61,6 +62,9 @@ class ClusterOptions:
     autoscaler: bool = True  # request-based autoscaling on the leader
     gateway_selector: str = DEFAULT_GATEWAY_SELECTOR  # this deployment's Pods, to scrape metrics
     metrics_port: int | None = None  # gateway Pods' metrics port when their spec names none
+    # file:// model and adapter URLs: invalid in a cluster (no Pod has the operator's files),
+    # allowed only where Pods share its filesystem (the tests' simulated kubelet)
+    allow_file_urls: bool = False
 
 
 class ClusterOperator:
@@ -91,8 +95,9 @@ class ClusterOperator:
         self.job_informers = [self._job_informer(ns) for ns in options.namespaces]
         self.endpoints = EndpointSync(registry, system, self.owners)
         self.endpoints.attach(self.model_informers, self.pod_informers)
-        self.adapters = (ClusterAdapters(api, self.model_informers) if options.adapters
-                         else None)
+        self.events = EventRecorder(api)
+        self.adapters = (ClusterAdapters(api, self.model_informers, events=self.events)
+                         if options.adapters else None)
         self.autoscaler: Autoscaler | None = None  # built on first leadership (needs the session)
         self._session: aiohttp.ClientSession | None = None
         builtin_hooks, builtin_tasks = self._builtin_extensions()
@@ -101,7 +106,8 @@ class ClusterOperator:
                                      resync_seconds=options.resync_seconds,
                                      backoff=options.backoff, hooks=[*builtin_hooks, *hooks],
                                      job_informers=self.job_informers,
-                                     cache_backoff=options.cache_backoff)
+                                     cache_backoff=options.cache_backoff, events=self.events,
+                                     allow_file_urls=options.allow_file_urls)
         self.elector = LeaderElector(
             api, options.namespaces[0], name=options.lease_name, identity=options.identity,
             lease_duration=options.lease_duration, renew_deadline=options.renew_deadline,

@@ -151,7 +151,9 @@ def _pod_spec(model: Model, config: SystemConfig, profile: ResourceProfile,
         "securityContext": copy.deepcopy(pods.pod_security_context),
         "imagePullSecrets": [dict(s) for s in pods.image_pull_secrets],
     }
-    spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    # Least privilege: neither the server nor the adapter-loader sidecar calls the Kubernetes API.
+    spec: dict[str, Any] = {"automountServiceAccountToken": False, "containers": [container],
+                            "volumes": volumes}
     spec.update({key: value for key, value in optional.items() if value})
     return spec
 
@@ -200,7 +202,7 @@ def pod_name(pod: Pod) -> str:
     return (pod.get("metadata") or {}).get("name", "")
 
 
-def _hash(pod: Pod) -> str:
+def pod_hash_of(pod: Pod) -> str:
     return ((pod.get("metadata") or {}).get("labels") or {}).get(POD_HASH_LABEL, "")
 
 
@@ -219,7 +221,7 @@ def _created(pod: Pod) -> float:
 
 def replica_state(pod: Pod, expected_hash: str) -> ReplicaState:
     """A Pod as the shared replica rules see it."""
-    return ReplicaState(ready=is_ready(pod), current=_hash(pod) == expected_hash,
+    return ReplicaState(ready=is_ready(pod), current=pod_hash_of(pod) == expected_hash,
                         created=_created(pod), scheduled=is_scheduled(pod), failed=is_failed(pod))
 
 

@@ -24,6 +24,21 @@ says why, and the key comes back after a growing delay or when a cache Job chang
 informers). A deleted Model holding the cache finalizer has its Pods deleted and its eviction
 Job run until the finalizer is dropped.
 
+API errors are logged with what the server said (its Status message, reason and causes). A 4xx
+other than 409/429 (the Pod is invalid, forbidden by admission, ...) cannot be fixed by repeating
+the same request: the Model gets ``Reconciled=False`` with the server's message and a Warning
+Event, and is left alone until its spec changes (a new generation) or ``rejected_retry_seconds``
+pass, instead of being retried at full rate forever.
+
+Events (`lb_operator.kube.events.EventRecorder`, rate-limited per Model): scaled, rolling out,
+rolled out, invalid, replicas clamped to the Model's bounds, rejected by the API server. A
+requested count outside [minReplicas, maxReplicas] is clamped, and said so: the
+``ReplicasClamped`` condition and an Event. ``status.selector`` holds the label selector of the
+Model's Pods (the scale subresource's ``labelSelectorPath``, for HPA and KEDA).
+
+In a cluster, file:// URLs (the Model's or an adapter's) make the Model invalid: no Pod has the
+operator's files (`lb_operator.kube.engines.check_cluster_urls`).
+
 Only the elected leader runs a ``Reconciler`` (see `lb_operator.kube.leader`).
 
 Hooks for other operator features (LoRA adapters, cache): ``Reconciler(hooks=[...])`` takes
@@ -38,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence
@@ -47,11 +63,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from lb.model import Model, ModelValidationError
 from lb_operator.kube.apply import apply_plan, condition, ensure_files, pods_after, write_status
 from lb_operator.kube.cache import CACHE_FINALIZER, JOB_KIND_LABEL, CacheState, ensure_cache
-from lb_operator.kube.client import KubeApi
-from lb_operator.kube.engines import PodSpecError
-from lb_operator.kube.events import record_event
+from lb_operator.kube.client import KubeApi, api_error_text, is_permanent
+from lb_operator.kube.engines import PodSpecError, check_cluster_urls
+from lb_operator.kube.events import EventRecorder, record_event
 from lb_operator.kube.names import CONFLICT_REASON, NameOwners, conflict_message, fresh_owner
-from lb_operator.kube.pods import ENGINE_LABEL, MODEL_LABEL, Pod, owner_reference, plan_pods, replica_status
+from lb_operator.kube.pods import (ENGINE_LABEL, MODEL_LABEL, Pod, PodPlan, is_ready, is_terminating,
+                                   owner_reference, plan_pods, pod_hash_of, replica_status)
 from lb_operator.kube.watch import TRANSIENT_ERRORS, Informer, Obj
 from lb_operator.retry import Backoff
 from lb_operator.system_config import SystemConfig
@@ -62,6 +79,8 @@ Key = tuple[str, str]  # (namespace, Model name)
 POD_SELECTOR = f"{MODEL_LABEL},{ENGINE_LABEL}"  # Pods this operator made (both labels set)
 JOB_SELECTOR = JOB_KIND_LABEL  # the cache's loader and eviction Jobs
 VALID = "Valid"  # condition: the spec and the profiles it names can be planned into Pods
+RECONCILED = "Reconciled"  # condition: False while the API server rejects what the operator asks
+CLAMPED = "ReplicasClamped"  # condition: spec.replicas is outside [minReplicas, maxReplicas]
 
 
 def model_pod_selector(name: str) -> str:
@@ -140,7 +159,9 @@ class Reconciler:
                  pod_informers: Iterable[Informer], workers: int = 2, resync_seconds: float = 60.0,
                  backoff: Backoff = Backoff(initial=0.1, maximum=10.0),
                  hooks: Sequence[ReconcileHook] = (), job_informers: Iterable[Informer] = (),
-                 cache_backoff: Backoff = Backoff(initial=2.0, maximum=60.0)) -> None:
+                 cache_backoff: Backoff = Backoff(initial=2.0, maximum=60.0),
+                 events: EventRecorder | None = None, allow_file_urls: bool = False,
+                 rejected_retry_seconds: float = 600.0) -> None:
         self.api = api
         self.config = config
         self.owners = owners  # the Model informers, by namespace in flag order
@@ -152,8 +173,15 @@ class Reconciler:
         self.hooks = list(hooks)
         self.job_informers = list(job_informers)
         self.cache_backoff = cache_backoff
+        self.events = events or EventRecorder(api)
+        self.allow_file_urls = allow_file_urls
+        self.rejected_retry_seconds = rejected_retry_seconds
         self.queue = WorkQueue()
         self.reconciles = 0  # completed reconciles (tests and debugging)
+        self._rejected: dict[Key, tuple[int | None, float]] = {}  # -> (generation, retry after)
+        self._generations: dict[Key, int | None] = {}  # generation each key was last read at
+        self._desired: dict[Key, int] = {}  # replicas last planned, to report scaling once
+        self._rolling: set[Key] = set()  # Models whose Pods are being replaced
         self._failures: dict[Key, int] = {}
         self._cache_waits: dict[Key, int] = {}  # consecutive passes that found the cache not ready
 
@@ -207,7 +235,12 @@ class Reconciler:
             key = await self.queue.get()
             try:
                 await self.reconcile(*key)
-            except (ApiException, RuntimeError, *TRANSIENT_ERRORS) as exc:
+            except ApiException as exc:
+                if is_permanent(exc):
+                    await self._reject(key, exc)
+                else:
+                    self._retry_later(key, exc)
+            except (RuntimeError, *TRANSIENT_ERRORS) as exc:
                 self._retry_later(key, exc)
             except Exception as exc:  # a bug must not kill the worker; keep retrying the key
                 log.exception("model %s/%s: reconcile failed", *key)
@@ -225,6 +258,37 @@ class Reconciler:
                     _describe(exc), delay)
         self.queue.add_after(key, delay)
 
+    async def _reject(self, key: Key, exc: ApiException) -> None:
+        """A permanent API error: say so on the Model (condition, Event), then leave it alone
+        for this generation until `rejected_retry_seconds` pass."""
+        why = api_error_text(exc)
+        generation = self._generations.get(key)
+        self._rejected[key] = (generation, time.monotonic() + self.rejected_retry_seconds)
+        log.warning("model %s/%s: rejected by the API server (%s); not retried for generation %s "
+                    "before %.0fs unless the spec changes", *key, why, generation,
+                    self.rejected_retry_seconds)
+        self.queue.add_after(key, self.rejected_retry_seconds)
+        try:
+            obj = await self.api.get_model(*key)
+            if obj is None:
+                return
+            await self.events.record(obj, "Warning", "APIRejected", why)
+            await write_status(self.api, obj, conditions=[
+                condition(RECONCILED, False, "APIRejected", why, _generation(obj))])
+        except (ApiException, RuntimeError, *TRANSIENT_ERRORS) as report_error:
+            log.warning("model %s/%s: could not report the rejection: %s", *key, _describe(report_error))
+
+    def _still_rejected(self, key: Key, obj: dict[str, Any]) -> bool:
+        """Whether the last rejection holds: same generation, long back-off not over."""
+        rejected = self._rejected.get(key)
+        if rejected is None:
+            return False
+        generation, retry_after = rejected
+        if generation == _generation(obj) and time.monotonic() < retry_after:
+            return True
+        del self._rejected[key]
+        return False
+
     async def reconcile(self, namespace: str, name: str) -> None:
         """Bring one Model's cache, Pods, files and status one step closer to its spec."""
         obj = await self.api.get_model(namespace, name)
@@ -233,6 +297,10 @@ class Reconciler:
         if (obj.get("metadata") or {}).get("deletionTimestamp"):
             await self._finalize(obj)
             return
+        key = (namespace, name)
+        if self._still_rejected(key, obj):
+            return
+        self._generations[key] = _generation(obj)
         owner = await fresh_owner(self.api, self.owners.namespaces, obj)
         if owner is not None and owner != namespace:
             await self._name_taken(obj, owner)
@@ -248,6 +316,8 @@ class Reconciler:
         listed = await self.api.list_pods(namespace, label_selector=model_pod_selector(name))
         pods = listed.get("items") or []
         try:
+            if not self.allow_file_urls:
+                check_cluster_urls(model)
             plan = plan_pods(model, self.config, pods, owner_uid=obj["metadata"].get("uid", ""))
         except PodSpecError as exc:
             await self._invalid(obj, "PodSpecError", str(exc))
@@ -258,15 +328,63 @@ class Reconciler:
         conditions = [condition(VALID, True, "Valid", generation=_generation(obj))]
         if cache is not None:
             conditions.append(cache.condition(_generation(obj)))
-        await write_status(self.api, obj, replica_status(after), conditions)
+        if _condition(obj, RECONCILED).get("status") == "False":
+            conditions.append(condition(RECONCILED, True, "Reconciled", generation=_generation(obj)))
+        conditions += await self._clamped(model, obj)
+        await write_status(self.api, obj, replica_status(after), conditions,
+                           selector=model_pod_selector(name))
+        await self._report_progress(key, obj, plan, after)
         context = ReconcileContext(self.api, model, obj, after)
         for hook in self.hooks:
             await hook(context)
 
+    async def _clamped(self, model: Model, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        """The ReplicasClamped condition (set while spec.replicas is out of bounds, cleared
+        after), and a Warning Event when clamping starts or the clamped request changes."""
+        spec = model.spec
+        requested = spec.replicas
+        if requested is not None and spec.clamp_replicas(requested) != requested:
+            bound = "maxReplicas" if spec.max_replicas is not None and requested > spec.max_replicas else "minReplicas"
+            message = (f"spec.replicas {requested} is outside [{spec.min_replicas}, "
+                       f"{spec.max_replicas if spec.max_replicas is not None else 'unbounded'}]: "
+                       f"running {spec.clamp_replicas(requested)} ({bound})")
+            if not _has_condition(obj, CLAMPED, "Clamped", message):
+                await self.events.record(obj, "Warning", CLAMPED, message)
+            return [condition(CLAMPED, True, "Clamped", message, _generation(obj))]
+        if _condition(obj, CLAMPED).get("status") == "True":
+            return [condition(CLAMPED, False, "WithinBounds", generation=_generation(obj))]
+        return []
+
+    async def _report_progress(self, key: Key, obj: dict[str, Any], plan: PodPlan,
+                               after: Sequence[Pod]) -> None:
+        """Events for what this pass changed: a new replica count, a rollout starting, ending."""
+        live = [p for p in after if not is_terminating(p)]
+        before = self._desired.get(key)
+        self._desired[key] = plan.desired
+        if before is not None and before != plan.desired:
+            await self.events.record(obj, "Normal", "Scaled",
+                                     f"replicas {before} -> {plan.desired}")
+        elif before is None and plan.to_create and not plan.to_delete:
+            await self.events.record(obj, "Normal", "Scaled",
+                                     f"creating {len(plan.to_create)} Pod(s) for {plan.desired} replica(s)")
+        outdated = [p for p in live if pod_hash_of(p) != plan.expected_hash]
+        if outdated and key not in self._rolling:
+            self._rolling.add(key)
+            await self.events.record(obj, "Normal", "RollingOut",
+                                     f"replacing {len(outdated)} Pod(s) with pod-hash {plan.expected_hash}")
+        elif (not outdated and key in self._rolling and len(live) == plan.desired
+              and all(is_ready(p) for p in live)):
+            self._rolling.discard(key)
+            await self.events.record(obj, "Normal", "RolledOut",
+                                     f"{plan.desired} replica(s) ready with pod-hash {plan.expected_hash}")
+
     async def _invalid(self, obj: dict[str, Any], reason: str, message: str) -> None:
-        """A Model that cannot be planned is left until it changes; the reason goes to its status."""
+        """A Model that cannot be planned is left until it changes; the reason goes to its status
+        and, once per distinct reason, to a Warning Event."""
         meta = obj["metadata"]
         log.warning("model %s/%s: not reconciled: %s", meta["namespace"], meta["name"], message)
+        if not _has_condition(obj, VALID, reason, message):
+            await self.events.record(obj, "Warning", reason, message)
         await write_status(self.api, obj, conditions=[
             condition(VALID, False, reason, message, _generation(obj))])
 
@@ -333,6 +451,14 @@ def _generation(obj: dict[str, Any]) -> int | None:
     return (obj.get("metadata") or {}).get("generation")
 
 
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The status condition of that type ({} if absent)."""
+    for found in (obj.get("status") or {}).get("conditions") or ():
+        if found.get("type") == kind:
+            return found
+    return {}
+
+
 def _has_condition(obj: dict[str, Any], kind: str, reason: str, message: str) -> bool:
     conditions = (obj.get("status") or {}).get("conditions") or ()
     return any(c.get("type") == kind and c.get("reason") == reason and c.get("message") == message
@@ -346,5 +472,5 @@ def _owner(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
-        return f"API error {exc.status} {exc.reason}"
+        return api_error_text(exc)
     return f"{type(exc).__name__}: {exc}"

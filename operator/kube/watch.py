@@ -11,7 +11,10 @@ server the way client-go's reflector does:
 - ``410 Gone`` (the resume point was compacted away) means events were lost: it lists again and
   reports the difference, deletions included, as events;
 - any other error (5xx, connection refused, timeouts) backs off exponentially with jitter,
-  then resumes; a success resets the backoff.
+  then resumes. The backoff counts consecutive failures only: a watch that ends cleanly, that
+  delivered events or bookmarks, or that lived ``healthy_after`` seconds was a healthy one, and
+  the next outage starts again from the shortest delay (otherwise one outage would slow the
+  recovery from every later one, leaving Model changes unseen for the longest delay).
 
 Handlers are plain functions ``handler(event_type, obj)`` with event types ADDED, MODIFIED and
 DELETED; they run on the event loop for every change and must be quick (enqueue, update a dict).
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import aiohttp
 from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from lb_operator.kube.client import api_error_text
 from lb_operator.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -53,13 +58,16 @@ class Informer:
 
     def __init__(self, name: str, list_call: Lister, *, label_selector: str | None = None,
                  lister: Lister | None = None, watch_timeout: int = 300,
-                 backoff: Backoff = Backoff()) -> None:
+                 backoff: Backoff = Backoff(), healthy_after: float = 30.0) -> None:
         self.name = name
         self._list_call = list_call
         self._lister = lister or list_call
         self._selector = label_selector
         self._watch_timeout = watch_timeout
         self._backoff = backoff
+        self._healthy_after = healthy_after
+        self.failures = 0  # consecutive failed attempts, what the next delay grows with
+        self.received = 0  # watch events (bookmarks included) taken from the server
         self.items: dict[str, Obj] = {}
         self.resource_version: str | None = None
         self.synced = asyncio.Event()
@@ -76,23 +84,29 @@ class Informer:
 
     async def run(self) -> None:
         """List and watch until cancelled."""
-        failures = 0
         while True:
+            started, received = time.monotonic(), self.received
             try:
                 if self.resource_version is None:
                     await self._relist()
                 await self._watch()
-                failures = 0
+                self.failures = 0
             except ApiException as exc:
                 if exc.status == 410:
                     log.info("%s: resume point expired (410), listing again", self.name)
                     self.resource_version = None
                     continue
-                failures += 1
-                await self._pause(failures, f"API error {exc.status} {exc.reason}")
+                await self._failed(started, received, api_error_text(exc))
             except TRANSIENT_ERRORS as exc:
-                failures += 1
-                await self._pause(failures, f"{type(exc).__name__}: {exc}")
+                await self._failed(started, received, f"{type(exc).__name__}: {exc}")
+
+    async def _failed(self, started: float, received: int, why: str) -> None:
+        """Back off after a failed attempt; one that had been watching healthily first starts
+        a new count, so a second outage is met with the shortest delay again."""
+        if self.received > received or time.monotonic() - started >= self._healthy_after:
+            self.failures = 0
+        self.failures += 1
+        await self._pause(self.failures, why)
 
     async def _pause(self, failures: int, why: str) -> None:
         delay = self._backoff.delay(failures)
@@ -130,6 +144,7 @@ class Informer:
             async for event in stream.stream(self._list_call, **params):
                 if not isinstance(event, dict):  # the Watch hands back lines it cannot parse
                     raise ValueError(f"malformed watch event: {str(event)[:80]!r}")
+                self.received += 1
                 self._apply(event["type"], event["raw_object"])
         finally:
             await stream.close()

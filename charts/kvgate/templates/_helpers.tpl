@@ -46,6 +46,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The loader image (adapter-loader sidecars, cache Jobs): modelLoading.image, else the image the
+Dockerfile's model-loader target builds, beside the gateway's image (same registry and tag). */}}
+{{- define "kvgate.loaderImage" -}}
+{{- default (printf "%s-model-loader:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag)) .Values.modelLoading.image }}
+{{- end }}
+
 {{/* Cluster-scoped names must not clash between releases of the same name in other namespaces. */}}
 {{- define "kvgate.storageClassRoleName" -}}
 {{- printf "%s-%s-storageclasses" (include "kvgate.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
@@ -89,8 +95,6 @@ config.yaml: the gateway's keys and the operator's keys in one file, read by `kv
   "modelRollouts" $v.modelRollouts
   "modelAutoscaling" $autoscaling
 }}
-{{- if $v.modelLoading.image }}
-{{- $_ := set $config "modelLoading" (dict "image" $v.modelLoading.image) }}
-{{- end }}
+{{- $_ := set $config "modelLoading" (dict "image" (include "kvgate.loaderImage" .)) }}
 {{- toYaml (mergeOverwrite $config (deepCopy $v.extraConfig)) }}
 {{- end }}
