@@ -134,6 +134,7 @@ class Gateway:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self.balancer.close()
             await self._pool.close()
             self._pool = None
 
@@ -181,19 +182,22 @@ class Gateway:
                 continue
             if not all(matches(s, model.labels) for s in selectors):
                 continue
-            entries = [_model_entry(model.name, model)]
-            entries += [_model_entry(join_model_adapter(model.name, a.name), model, model.name)
-                        for a in model.spec.adapters]
+            entries = [_model_entry(model.name, model, splits=model.spec.splits)]
+            entries += [_model_entry(join_model_adapter(model.name, a.name), model, model.name,
+                                     a.splits) for a in model.spec.adapters]
             data += [e for e in entries if tenant is None or tenant.allows(e["id"])]
         return Response(orjson.dumps({"object": "list", "data": data}),
                         media_type="application/json")
 
 
-def _model_entry(name: str, model: Any, parent: str | None = None) -> dict[str, Any]:
+def _model_entry(name: str, model: Any, parent: str | None = None,
+                 splits: tuple[Any, ...] = ()) -> dict[str, Any]:
     entry = {"id": name, "object": "model", "created": int(time.time()),
              "owned_by": model.spec.owner or "kvgate", "features": list(model.spec.features)}
     if parent:
         entry["parent"] = parent
+    if splits:  # canary routing: the share of this name's requests that another name serves
+        entry["splits"] = [{"to": s.to, "weight": s.weight} for s in splits]
     return entry
 
 

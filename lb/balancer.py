@@ -200,6 +200,13 @@ class Balancer:
             error = _no_replica(queue.model, adapter, timeout)
         waiter.future.set_exception(error)
 
+    async def close(self) -> None:
+        """Stop the queues' pump tasks (the gateway is stopping; its requests end with it)."""
+        tasks = list(self._pumps.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _start_pump(self, name: str) -> None:
         if name not in self._pumps:
             task = asyncio.get_running_loop().create_task(self._pump_loop(name))

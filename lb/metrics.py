@@ -84,6 +84,9 @@ class GatewayMetrics:
                                 "Queued requests refused or ended: the queue full (newcomer refused), "
                                 "shed (displaced by a higher class or smaller flow), or timeout.",
                                 ["model", "priority", "reason"], registry=r)
+        self.splits = Counter("kvgate_split_requests_total",
+                              "Requests for a name sent to another by a traffic split (spec.splits).",
+                              ["requested", "target"], registry=r)
         self.active: dict[str, ActiveCount | SharedCount] = {}
         self._loads: LoadTable | None = None
         self.codes: dict[tuple[str, str, int], int] = {}
@@ -151,6 +154,9 @@ class GatewayMetrics:
         if buckets is None:
             buckets = self.wait_times[model] = _Buckets()
         buckets.observe(seconds)
+
+    def split(self, name: str, target: str) -> None:
+        self.splits.labels(name, target).inc()
 
     def queue_rejected(self, model: str, priority: str, reason: str) -> None:
         self.rejected.labels(model, priority, reason).inc()

@@ -293,6 +293,36 @@ def _check_update(old: _Resource, new: _Resource, path: tuple[str, ...]) -> None
 # The schema
 
 
+MAX_SPLITS = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Split(_Resource):
+    to: str = _field(
+        doc="Where this share of the requests goes, by the name a client would ask for: another Model, or "
+        "<model>_<adapter> (this Model's own adapters too).",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(_[a-z0-9]([-a-z0-9]*[a-z0-9])?)?$",
+        max_length=127,
+    )
+    weight: int = _field(doc="Percent of the requests for this name sent there.", minimum=1, maximum=100)
+
+
+def _splits_rule() -> _Rule:
+    """The weights of a name's splits add up to at most 100 (the rest stays on the name)."""
+    terms = " + ".join(f"(size(self.splits) > {i} ? self.splits[{i}].weight : 0)"
+                       for i in range(MAX_SPLITS))
+    return _Rule(field="splits", message="split weights add up to at most 100",
+                 cel=f"!has(self.splits) || {terms} <= 100",
+                 ok=lambda s: sum(split.weight for split in s.splits) <= 100)
+
+
+def _splits_field() -> Any:
+    return _field((), doc="Canary routing: a weighted share of the requests for this name goes to another "
+                  "name instead (by the session header's value where a request has one, so a session stays "
+                  "on one side; evenly spread otherwise); the answer keeps the name the client asked for.",
+                  max_items=MAX_SPLITS, list_key="to")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Adapter(_Resource):
     name: str = _field(
@@ -305,6 +335,9 @@ class Adapter(_Resource):
         rules=(_scheme_rule(ADAPTER_URL_SCHEMES),),
         check=parse_model_url,
     )
+    splits: tuple[Split, ...] = _splits_field()
+
+    _RULES: ClassVar[tuple[_Rule, ...]] = (_splits_rule(),)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -437,6 +470,7 @@ class ModelSpec(_Resource):
     engine: Engine = _field(doc="Model server that runs the model.")
     features: tuple[Feature, ...] = _field(doc="APIs the model serves.")
     adapters: tuple[Adapter, ...] = _field((), doc="LoRA adapters (VLLM and Sim engines).", list_key="name")
+    splits: tuple[Split, ...] = _splits_field()
     resource_profile: str = _field(
         "",
         doc='Resources per replica, "<profile>:<count>", e.g. "nvidia-gpu-l4:1".',
@@ -463,6 +497,7 @@ class ModelSpec(_Resource):
     owner: str = _field("", doc="Shown as owned_by in /v1/models.")
 
     _RULES: ClassVar[tuple[_Rule, ...]] = (
+        _splits_rule(),
         _Rule(
             field="minReplicas",
             message="must be <= maxReplicas",

@@ -29,12 +29,13 @@ from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, anthropic_error_body,
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
 from lb.keys import Tenant
 from lb.metrics import GatewayMetrics
-from lb.model import Model, split_model_adapter
+from lb.model import Model, join_model_adapter, split_model_adapter
 from lb.parse import (ParsedRequest, check_content_type, estimated_tokens, parse_request,
                       prefix_of, with_model)
 from lb.registry import Registry
 from lb.rewrite import ModelRename
 from lb.selectors import matches, parse_selector
+from lb.splits import Splitter
 from lb.upstream import identity_encoding, request_headers, response_headers, sized_headers
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class Proxy:
         self._retry_statuses = frozenset(config.retries.retry_statuses)
         self._ejection = config.ejection
         self._session_header = config.routing.session_header.lower().encode()
+        self._splitter = Splitter(registry)
         self.tracing: Tracing | None = None  # set by the gateway's lifespan when tracing is on
 
     async def handle(self, kind: str, path: bytes, scope: Scope, receive: Receive,
@@ -141,6 +143,11 @@ class Proxy:
                      exchange: _Exchange, began: float, tenant: Tenant | None) -> None:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
+        if model.spec.splits or adapter:  # canary routing: maybe another name serves it
+            target = self._splitter.route(model, adapter, parsed.model, session, _FEATURES[kind])
+            if target is not None:
+                self._metrics.split(parsed.model, join_model_adapter(target[0].name, target[1]))
+                model, adapter = target
         exchange.model = model.name
         if exchange.trace is not None:
             exchange.trace.parsed(parsed, model, adapter)
@@ -194,9 +201,10 @@ class Proxy:
                        prompt: PromptBlocks | None, path: bytes, scope: Scope, send: Send,
                        exchange: _Exchange, began: float, tenant: Tenant | None) -> None:
         headers = request_headers(scope["headers"], parsed.content_type)
-        if adapter:  # served under the adapter's name; the answer gets the client's back
-            body = with_model(parsed, adapter)
-            rename: ModelRename | None = ModelRename(adapter, parsed.model)
+        served = adapter or model.name
+        if served != parsed.model:  # an adapter, or a split: the answer gets the client's name
+            body = with_model(parsed, served)
+            rename: ModelRename | None = ModelRename(served, parsed.model)
             headers = identity_encoding(headers)  # a compressed body could not be renamed
         else:
             body = parsed.body
