@@ -7,6 +7,7 @@ const API = "api/status";
 const POLL_MS = 1000;
 const COLORS = ["#2b6cb0", "#dd6b20", "#2f855a", "#b83280", "#6b46c1", "#c53030", "#2c7a7b",
                 "#975a16", "#4a5568", "#d69e2e", "#38a169", "#805ad5"];
+const RING_STRATEGIES = ["PrefixHash", "CacheAware"];
 const state = { key: sessionStorage.getItem("kvgate-key") || "", rings: {}, ringKeys: {} };
 
 // -- small DOM helpers --------------------------------------------------------------------------
@@ -137,7 +138,7 @@ function replicaTable(m) {
       h("td", {}, h("span", { class: "inflight" }, r.inFlight), loadBar(r.inFlight, cap)),
       h("td", {}, e ? e.waiting.toFixed(0) : "–"),
       h("td", {}, e ? pct(e.kvUsage) : "–"),
-      h("td", {}, r.key ? pct(r.ringShare || 0) : "–"),
+      h("td", {}, r.key && RING_STRATEGIES.includes(m.strategy) ? pct(r.ringShare || 0) : "–"),
       h("td", {}, (r.adapters || []).join(", ") || "–"),
       h("td", { class: r.ejectedSeconds !== null && r.ejectedSeconds !== undefined ? "ejected" : "" },
         r.ejectedSeconds !== null && r.ejectedSeconds !== undefined ? `ejected (${r.ejectedSeconds}s)` : ""));
@@ -151,7 +152,8 @@ function replicaTable(m) {
 function loadBar(load, cap) {
   const frac = cap > 0 ? Math.min(1, load / cap) : 0;
   return h("span", { class: "bar", title: `${load} of ${cap}` },
-    h("i", { class: load >= cap && cap > 0 ? "over" : "", style: `width:${(frac * 100).toFixed(0)}%` }));
+    h("i", { class: cap > 0 && load > cap ? "over" : cap > 0 && load === cap ? "full" : "",
+             style: `width:${(frac * 100).toFixed(0)}%` }));
 }
 
 // -- rings --------------------------------------------------------------------------------------
@@ -168,9 +170,10 @@ function renderRings(models) {
     }
   }
   for (const name of Object.keys(state.rings)) if (!wanted.has(name)) delete state.rings[name];
-  const loads = Object.fromEntries(models.map((m) => [m.name, m]));
-  box.replaceChildren(h("div", { class: "rings" },
-    models.filter((m) => state.rings[m.name]).map((m) => ringView(state.rings[m.name], loads[m.name]))));
+  // Only these strategies route by the ring; the others' rings would say nothing.
+  const drawn = models.filter((m) => RING_STRATEGIES.includes(m.strategy) && state.rings[m.name]);
+  box.replaceChildren(drawn.length ? h("div", { class: "rings" }, drawn.map((m) => ringView(state.rings[m.name], m)))
+    : h("p", { class: "muted" }, "No model routes by the ring (PrefixHash, CacheAware) yet."));
 }
 
 async function fetchRing(name) {
