@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -15,7 +14,6 @@ from typing import Any, Iterator
 
 import openai
 import pytest
-import yaml
 
 from bench.procs import free_port, gateway_config, spawn, stop, wait_for_port
 from lb.chwbl import Ring as PureRing
@@ -24,7 +22,6 @@ from lb.console.window import BOUNDS, Sample, SharedWindow, quantile
 from lb.ring import Ring, hash64
 from tests.local_harness import UpProcess, kvgate, sim_model, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def get(url: str, key: str = "", method: str = "GET") -> tuple[int, Any, dict[str, str]]:
@@ -257,5 +254,19 @@ def test_kvgate_status_reads_the_api_with_an_admin_key(tmp_path: Path) -> None:
         assert doc["models"][0]["replicas"][0]["log"]  # the control plane's part, merged in
         text = kvgate("status", "--state-dir", str(up.state_dir), "--api-key", secret).stdout
         assert "REQ/S" in text and "chat " in text
+    finally:
+        up.close()
+
+
+def test_kvgate_status_falls_back_to_the_file_with_the_console_off(tmp_path: Path) -> None:
+    up = UpProcess(tmp_path, [sim_model("chat")], config={"console": {"enabled": False}})
+    try:
+        wait_for(lambda: up.ready_pids("chat"), 30, "chat ready")
+        code, body, _ = get(f"http://127.0.0.1:{up.port}/ui/api/status")
+        assert_openai_error(code, body, 404)
+        shown = kvgate("status", "--state-dir", str(up.state_dir), "--json")
+        assert shown.returncode == 0, shown.stderr
+        doc = json.loads(shown.stdout)
+        assert "gateway" not in doc and doc["models"][0]["ready"] == 1  # the file's document
     finally:
         up.close()

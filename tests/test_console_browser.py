@@ -5,7 +5,6 @@ rises while requests run and falls back after, and a model scales from zero when
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import openai
