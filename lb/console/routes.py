@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from importlib import resources
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 from starlette.requests import Request
@@ -60,7 +60,7 @@ class Console:
         before serving. Without it a process keeps a window of its own."""
         self._window, self._worker = window, worker
 
-    def set_control(self, status: Callable[[], dict]) -> None:
+    def set_control(self, status: Callable[[], dict[str, Any]]) -> None:
         """What the control plane running the replicas knows (see ``StatusSource``)."""
         self.source.control = status
 
