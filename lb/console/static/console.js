@@ -107,7 +107,7 @@ function modelCard(m) {
     h("div", { class: "figures" },
       figure("replicas ready/desired", h("span", { class: "ready" }, `${m.ready}/${desired}`)),
       figure("in flight", h("span", { class: "inflight" }, m.inFlight)),
-      figure("waiting", h("span", { class: "waiting" }, m.waiting)),
+      figure("queued", h("span", { class: "waiting" }, m.waiting)),
       figure("requests/s (1 min)", h("span", { class: "rps" }, (t.requestsPerSecond || 0).toFixed(2))),
       figure("first byte p50 / p90 / p99 (5 min)", `${ms(ttft.p50)} / ${ms(ttft.p90)} / ${ms(ttft.p99)}`),
       figure(`requests/s, last ${Math.round(((t.series || []).length * (t.bucketSeconds || 5)) / 60)} min`, sparkline(t))),
