@@ -20,6 +20,7 @@ from typing import Sequence
 
 from lb.app import Gateway
 from lb.config import Config, ConfigError, load_config, static_registry
+from lb.console.window import SharedWindow
 from lb.keys import check_keys
 from lb.limits import LimitTable
 from lb.ring import LoadTable
@@ -157,11 +158,16 @@ def _run_workers(config: Config, workers: int) -> int:
     loads = LoadTable()
     # API keys' limits, shared by the workers as the loads are.
     limits = LimitTable() if config.api_keys.enabled else None
+    # The console's traffic figures, summed over the workers as the loads are.
+    window = (SharedWindow(workers, window_seconds=config.console.window_seconds)
+              if config.console.enabled else None)
 
     def worker(index: int, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
         install_uvloop()
         gateway = Gateway(config, static_registry(config, loads), limits=limits)
         gateway.metrics.share_active(loads)
+        if window is not None:
+            gateway.console.share(window, index)
         for model in config.models:  # every worker exports every model's shared gauge, even
             gateway.metrics.active_gauge(model.name)  # one it has served no request of yet
         tune_gc()

@@ -3,7 +3,8 @@
 `kvgate up -f models.yaml` runs the gateway and the local runtime in one process: this module
 binds the sockets, builds the `Gateway` and the operator's `Supervisor` (models file, status
 file, autoscaler, adapters), and owns signals and banners. Ctrl-C stops every replica before
-exiting. `kvgate status` reads the status file the running `kvgate up` keeps.
+exiting. `kvgate status` finds the running `kvgate up` through the status file it keeps and reads its
+status API, the one the web console (`/ui`) polls.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import signal
 import socket
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,10 +65,15 @@ def _add_status(commands: argparse._SubParsersAction, help_text: str) -> None:
     status.add_argument("--state-dir", default=os.environ.get("KVGATE_STATE_DIR", ".kvgate"),
                         help="the state directory of `kvgate up` (default .kvgate)")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    status.set_defaults(run=lambda args: show_status(Path(args.state_dir), as_json=args.json))
+    status.add_argument("--api-key", default=os.environ.get("KVGATE_API_KEY", ""),
+                        help="with API keys on, a key named in console.adminKeys (default: "
+                             "$KVGATE_API_KEY)")
+    status.set_defaults(run=lambda args: show_status(Path(args.state_dir), as_json=args.json,
+                                                     api_key=args.api_key))
 
 
 LOCK_FILE = "lock"
+STATUS_API = "/ui/api/status"
 
 
 class StateDirBusy(Exception):
@@ -137,6 +145,9 @@ def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     local = settings.local
     if args.state_dir:
         local = dataclasses.replace(local, state_dir=args.state_dir)
+    if gateway.console.enabled is None:  # the console is on by default here
+        gateway = dataclasses.replace(gateway, console=dataclasses.replace(gateway.console,
+                                                                           enabled=True))
     if not gateway.batch.state_dir:  # the Batch API keeps its files beside the replicas' logs
         batch = dataclasses.replace(gateway.batch, state_dir=str(Path(local.state_dir) / "batch"))
         gateway = dataclasses.replace(gateway, batch=batch)
@@ -165,6 +176,7 @@ class Up:
                            gateway.balancer.waiting)
         supervisor = Supervisor(runtime, self.models, settings.local,
                                 settings.system.model_autoscaling, view)
+        gateway.console.set_control(supervisor.status)  # replicas not ready yet, pids, logs
         self._catch_signals()
         await supervisor.start()
         _banner(supervisor)
@@ -217,7 +229,10 @@ async def _announce_ready(supervisor: Supervisor) -> None:
     print(f"kvgate: ready: {summary}", flush=True)
 
 
-def show_status(state_dir: Path, *, as_json: bool = False) -> int:
+def show_status(state_dir: Path, *, as_json: bool = False, api_key: str = "") -> int:
+    """The status file says where the running `kvgate up` serves; its status API (the
+    console's) says what it runs, the same document the console shows. With the console
+    turned off the file's own copy is shown."""
     path = state_dir / STATUS_FILE
     try:
         status = json.loads(path.read_text())
@@ -229,11 +244,42 @@ def show_status(state_dir: Path, *, as_json: bool = False) -> int:
         print(f"kvgate: the `kvgate up` that wrote {path} (pid {status.get('pid')}) is not running",
               file=sys.stderr)
         return 1
+    try:
+        status = read_status_api(status["baseUrl"], api_key) or status
+    except StatusApiError as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return 1
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
     print(format_status(status))
     return 0
+
+
+class StatusApiError(Exception):
+    """The status API refused the request (a key is missing or not an admin's)."""
+
+
+def read_status_api(base_url: str, api_key: str = "", timeout: float = 5.0) -> dict[str, Any] | None:
+    """GET the console's status API of the gateway at ``base_url`` (its ``/v1`` URL); None
+    when the console is off (404) or the gateway does not answer, so the caller falls back."""
+    url = base_url.removesuffix("/v1") + STATUS_API
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"}
+                                     if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            try:
+                message = json.loads(exc.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {exc.code}"
+            raise StatusApiError(f"{url}: {message} (pass an admin key with --api-key or "
+                                 "KVGATE_API_KEY)") from None
+        return None
+    except (OSError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -265,13 +311,17 @@ def format_status(status: dict[str, Any]) -> str:
              f"models file: {status['modelsFile']}"]
     if status.get("metricsUrl"):
         lines.append(f"metrics: {status['metricsUrl']}")
-    header = f"{'MODEL':<24} {'ENGINE':<13} {'STRATEGY':<10} {'READY':>7} {'IN-FLIGHT':>9} {'WAITING':>7}  ADAPTERS"
+    header = (f"{'MODEL':<24} {'ENGINE':<13} {'STRATEGY':<10} {'READY':>7} {'IN-FLIGHT':>9} "
+              f"{'WAITING':>7} {'REQ/S':>7} {'TTFB-P90':>8}  ADAPTERS")
     lines += ["", header]
     for m in status["models"]:
         adapters = ", ".join(f"{m['name']}_{a}" for a in m["adapters"]) or "-"
+        traffic = m.get("traffic") or {}
+        p90 = (traffic.get("ttftSeconds") or {}).get("p90")
         lines.append(f"{m['name']:<24} {m['engine']:<13} {m['strategy']:<10} "
                      f"{str(m['ready']) + '/' + str(m['desired']):>7} {m['inFlight']:>9} "
-                     f"{m['waiting']:>7}  {adapters}")
+                     f"{m['waiting']:>7} {traffic.get('requestsPerSecond', 0):>7.2f} "
+                     f"{'-' if p90 is None else f'{p90 * 1000:.0f}ms':>8}  {adapters}")
         for r in m["replicas"]:
             lines.append(f"  {r['name']:<22} {r['state']:<9} {r['address']:<21} pid {r['pid']} "
                          f"in-flight {r['inFlight']}{_replica_notes(r)}")

@@ -25,6 +25,7 @@ from lb.admission import Admission
 from lb.balancer import Balancer
 from lb.batch.service import Batches
 from lb.config import Config
+from lb.console.routes import Console
 from lb.engine_metrics import EngineScraper
 from lb.errors import GatewayError, error_body
 from lb.health_checks import HealthChecker
@@ -89,6 +90,9 @@ class Gateway:
                              for prefix in ROOT_PREFIXES for suffix, kind in ROOT_KINDS.items()})
         # Files and Batches: their lines come back through this app, as clients' requests do.
         self.batches = Batches(config.batch, self, self.admission)
+        # The web console and its status API (off the request path; routes only when on).
+        self.console = Console(config.console, self.registry, self.metrics, self.balancer.waiting,
+                               self.admission, config.engine_metrics.stale_after_seconds)
         self._app = self._starlette()
 
     def pool(self) -> UpstreamPool:
@@ -119,6 +123,7 @@ class Gateway:
             background.append(loop.create_task(self.health_checker.run()))
         if self.admission is not None:
             background.append(loop.create_task(self.admission.store.watch()))
+        background.extend(self.console.start(loop))
         await self.batches.start()
         # Here, in each worker after the fork: the SDK's export thread lives in this process.
         self.proxy.tracing = tracing.start(self.config.tracing, self._span_exporter)
@@ -155,6 +160,7 @@ class Gateway:
         routes = [Route("/healthz", self._healthz), Route("/readyz", self._readyz)]
         routes += [Route(prefix + "/models", self._list_models) for prefix in API_PREFIXES]
         routes += self.batches.api.routes(API_PREFIXES)
+        routes += self.console.routes()
         return Starlette(routes=routes, lifespan=self.lifespan,
                          exception_handlers={HTTPException: _http_error,
                                              GatewayError: _gateway_error})

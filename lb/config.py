@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lb.batch.config import BatchConfig
+from lb.console.config import ConsoleConfig
 from lb.ejection import EjectionConfig
 from lb.engine_metrics import EngineMetricsConfig
 from lb.flow_queue import QueueConfig
@@ -103,6 +104,7 @@ class Config:
     api_keys: ApiKeysConfig = field(default_factory=ApiKeysConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 
