@@ -6,7 +6,6 @@ queued in the other, seen through the shared per-class counts)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import threading
 import time
@@ -18,9 +17,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import free_port, gateway_config, wait_for_port
+from bench.procs import free_port, gateway_config, spawn, stop, wait_for_port
 
-REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
 
@@ -30,21 +28,17 @@ def gateway(tmp_path: Path) -> Iterator[tuple[int, int]]:
     config = tmp_path / "gateway.yaml"
     config.write_text(gateway_config({"m": [f"{HOST}:{backend}"]}, port, metrics_port=metrics,
                                      strategy="LeastLoad", load_balancing={"replicaCapacity": 1}))
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.fast_backend", "--port",
-                               str(backend), "--chunks", "8", "--chunk-gap-ms", "40"], cwd=REPO),
-             subprocess.Popen([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
-                               "--workers", "2"], cwd=REPO)]
+    procs = [spawn([sys.executable, "-m", "bench.fast_backend", "--port", str(backend),
+                    "--chunks", "8", "--chunk-gap-ms", "40"], stderr=None),
+             spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config), "--workers", "2"],
+                   stderr=None)]
     try:
         for p in (backend, port, metrics):
             wait_for_port(p)
         yield port, metrics
     finally:
         for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 def queued(metrics_port: int) -> dict[str, float]:
