@@ -6,7 +6,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -190,3 +192,34 @@ def keys_config(tmp: Path) -> str:
     keys.write_text(f"keys:\n- name: bench\n  hash: {hash_secret(MASTER_KEY)}\n  models: ['*']\n"
                     "  limits: {requestsPerMinute: 100000000, tokensPerMinute: 10000000000}\n")
     return f"apiKeys: {{enabled: true, file: {keys}}}\n"
+
+
+class OtlpSink:
+    """``bench.otlp_sink`` on a free port, for a traced gateway to export to (a context manager)."""
+
+    def __enter__(self) -> OtlpSink:
+        self.port = free_port()
+        self.proc = spawn([sys.executable, "-m", "bench.otlp_sink", "--port", str(self.port)])
+        wait_for_port(self.port)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop(self.proc)
+
+    def environment(self) -> dict[str, str]:
+        """OTLP/HTTP to the sink, batches sent every 200 ms, a queue no burst overflows."""
+        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "false",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200",
+                "OTEL_BSP_MAX_QUEUE_SIZE": "1000000", "OTEL_TRACES_SAMPLER": "always_on"}
+
+    def wait_for(self, spans: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/count", timeout=30) as r:
+                received = int(r.read())
+            if received >= spans:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sink got {received} spans of {spans}")
+            time.sleep(0.2)

@@ -39,11 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.procs import MASTER_KEY, free_port, keys_config, spawn, stop, wait_for_port
+from bench.procs import MASTER_KEY, OtlpSink, free_port, keys_config, spawn, stop, wait_for_port
 from bench.results import check, save, table, targets_table
 
 SHAPES = {"json": "", "sse-20": ', "stream": true'}
@@ -142,7 +141,7 @@ def _count_all(variants: dict[str, tuple[Path, str, str]], requests: int, body: 
             if extra is KEYS:
                 extra = keys_config(tmp)
             config = _config(tmp, name, backend_port, balancing, extra, replicas)
-            sink = stack.enter_context(_Sink()) if extra is TRACES else None
+            sink = stack.enter_context(OtlpSink()) if extra is TRACES else None
             counts[name] = _count(root, config, tmp / f"{_slug(name)}.callgrind", requests, body,
                                   sink)
             print(f"  {name:15s} " + "  ".join(f"{shape} {k:,.1f}k" for shape, k in
@@ -151,7 +150,7 @@ def _count_all(variants: dict[str, tuple[Path, str, str]], requests: int, body: 
 
 
 def _count(root: Path, config: tuple[Path, int], out: Path, requests: int,
-           body: str = BODY, sink: _Sink | None = None) -> dict[str, float]:
+           body: str = BODY, sink: OtlpSink | None = None) -> dict[str, float]:
     """One gateway under callgrind: per shape, zero the counters, serve, read the count (with
     a ``sink``: once every span of the requests served reached it)."""
     path, port = config
@@ -183,37 +182,6 @@ def _count(root: Path, config: tuple[Path, int], out: Path, requests: int,
         return result
     finally:
         stop(proc)
-
-
-class _Sink:
-    """``bench.otlp_sink`` on a free port, for the traced gateway to export to."""
-
-    def __enter__(self) -> _Sink:
-        self.port = free_port()
-        self.proc = spawn([sys.executable, "-m", "bench.otlp_sink", "--port", str(self.port)])
-        wait_for_port(self.port)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stop(self.proc)
-
-    def environment(self) -> dict[str, str]:
-        """OTLP/HTTP to the sink, batches sent every 200 ms, a queue no burst overflows."""
-        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "false",
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
-                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200",
-                "OTEL_BSP_MAX_QUEUE_SIZE": "1000000", "OTEL_TRACES_SAMPLER": "always_on"}
-
-    def wait_for(self, spans: int, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/count", timeout=30) as r:
-                received = int(r.read())
-            if received >= spans:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the sink got {received} spans of {spans}")
-            time.sleep(0.2)
 
 
 def _hey(port: int, body: str, requests: int) -> None:

@@ -36,11 +36,13 @@ run; compare ratios, not absolute numbers across runs.
     python -m bench peers [--duration 10] [--quick] [--litellm PATH] [--out bench/results]
     python -m bench peers --proxy-only [--duration 10] [--quick]
     python -m bench peers --proxy-only --keys    # + kvgate+keys: API keys and limits on vs off
+    python -m bench peers --proxy-only --traces  # + kvgate+traces: tracing on (OTLP export) vs off
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
 import resource
@@ -57,7 +59,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bench.load_tools import CHAT_BODY, run_hey, run_paced, run_wrk
-from bench.procs import (MASTER_KEY, free_port, keys_config, pinned, pinned_cmd, spawn,
+from bench.procs import (MASTER_KEY, OtlpSink, free_port, keys_config, pinned, pinned_cmd, spawn,
                          steal_seconds, stop, tree, tree_cpu_seconds, tree_rss_bytes,
                          wait_for_port)
 from bench.results import check, save, table, targets_table
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="add kvgate+keys: API keys on, the client's key checked, per-key "
                              "request and token limits charged (never reached) and usage read "
                              "back")
+    parser.add_argument("--traces", action="store_true",
+                        help="add kvgate+traces: OpenTelemetry tracing on, every span exported "
+                             "over OTLP/HTTP to a local sink (the cost of tracing on; kvgate is "
+                             "the same gateway with it off)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     duration = 3 if args.quick else args.duration
@@ -137,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ring implementation: {IMPLEMENTATION}; cores: {os.cpu_count()}", flush=True)
     litellm = _find_litellm(args.litellm) if "litellm" not in skip else None
     load_before = os.getloadavg()[0]
-    extra = _extra_kvgates(args.baseline, args.signals, args.keys)
+    sink = OtlpSink().__enter__() if args.traces else None
+    if sink is not None:
+        atexit.register(sink.__exit__)
+    extra = _extra_kvgates(args.baseline, args.signals, args.keys, sink)
     rows, at_rate = _proxies(litellm, skip, duration, args.connections, args.rate,
                              paced=args.proxy_only, extra=extra, rounds=args.rounds)
     workers = _workers_scaling(duration, args.connections) if "workers" not in skip else {}
@@ -261,10 +270,10 @@ def _start_kvgate(tmp: Path, backend_port: int, port: int, workers: int = 1,
                   "--workers", str(workers)], cpu=cpu)
 
 
-def _extra_kvgates(baseline: Path | None, signals: bool,
-                   keys: bool = False) -> dict[str, Starter]:
-    """The optional kvgate paths: another checkout's gateway, this one with every signal, and
-    this one with API keys and limits on."""
+def _extra_kvgates(baseline: Path | None, signals: bool, keys: bool = False,
+                   traces: OtlpSink | None = None) -> dict[str, Starter]:
+    """The optional kvgate paths: another checkout's gateway, this one with every signal, this
+    one with API keys and limits on, and this one tracing every request to ``traces``."""
     extra: dict[str, Starter] = {}
     if baseline is not None:
         extra["kvgate@base"] = lambda tmp, backend, port: _start_checkout(
@@ -277,6 +286,11 @@ def _extra_kvgates(baseline: Path | None, signals: bool,
         extra["kvgate+keys"] = lambda tmp, backend, port: spawn(
             [sys.executable, "-m", "kvgate", "gateway", "-c",
              str(_kvgate_config(tmp, backend, port, extra=keys_config(tmp)))], cpu=1)
+    if traces is not None:
+        extra["kvgate+traces"] = lambda tmp, backend, port: spawn(
+            [sys.executable, "-m", "kvgate", "gateway", "-c",
+             str(_kvgate_config(tmp, backend, port, extra="tracing: {enabled: true}\n"))], cpu=1,
+            env={**os.environ, **traces.environment()})
     return extra
 
 
@@ -667,6 +681,11 @@ def _ratio_table(rows: list[dict]) -> str:  # type: ignore[type-arg]
         lines.append(("kvgate CPU ÷ bare CPU",
                       *(f"{by[('kvgate', s)]['cpu_us'] / by[('bare', s)]['cpu_us']:.2f}"
                         for s in shapes)))
+    for variant in ("kvgate+keys", "kvgate+traces"):  # what turning it on costs
+        if {variant, "kvgate"} <= set(proxies):
+            lines.append((f"{variant} CPU ÷ kvgate CPU",
+                          *(f"{by[(variant, s)]['cpu_us'] / by[('kvgate', s)]['cpu_us']:.2f}"
+                            for s in shapes)))
     return table(("ratio", *shapes), lines)
 
 
