@@ -15,7 +15,7 @@ LIMITS := lb/_limits$(EXT_SUFFIX)
 PREFIX_INDEX := lb/_prefix_index$(EXT_SUFFIX)
 
 .PHONY: install build helm system-packages run test clean bench-routing bench-ring bench-upstream bench-peers \
-	bench-proxy bench-scale bench-profile bench-instructions
+	bench-proxy bench-scale bench-profile bench-instructions bench-batch
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -71,6 +71,9 @@ bench-peers: build
 # The peers study's gateway-overhead mode: direct, kvgate and the bare proxy only.
 bench-proxy: build
 	$(BIN)/python -m bench peers --proxy-only $(ARGS)
+
+bench-batch: build
+	$(BIN)/python -m bench batch $(ARGS)
 
 bench-scale: build
 	$(BIN)/python -m bench scale $(ARGS)

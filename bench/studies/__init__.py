@@ -10,7 +10,8 @@ STUDIES: dict[str, str] = {
     "ring": "ring pick and add/remove cost, Cython vs pure Python",
     "upstream": "CPU per request: kvgate's HTTP/1.1 client vs aiohttp",
     "peers": "kvgate vs direct, bare proxy, nginx, LiteLLM (--proxy-only)",
-    "scale": "memory per open stream, waiting-room drain, big rings",
+    "scale": "memory per open stream, queue drain, big rings",
+    "batch": "interactive TTFT alone and while a Batch API job runs",
     "profile": "where the saturated gateway's CPU goes (py-spy)",
     "instructions": "instructions per request under callgrind, vs another checkout",
 }
