@@ -1,7 +1,7 @@
 """Running batches: claim one, check its input, send its requests through the gateway's own
 routing, record each result as it comes, and write the output and error files.
 
-Each line goes through the gateway's ASGI app in-process (``lb.batch.loopback``), exactly as a
+Each line goes through the gateway's ASGI app in-process (``lb.loopback``), exactly as a
 client's request would: model and adapter resolution, prefix routing, the queue (scale
 from zero), retries on other replicas, ejection and metrics all apply, and no socket is involved.
 
@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
-from lb.batch.loopback import Abort, App, Reply, call_app
+from lb.loopback import OFFLINE_HEADERS, Abort, App, Reply, call_app
 from lb.batch.store import FAILED, SUCCEEDED, Result, Store, owner_name
 from lb.errors import error_body
 
@@ -201,7 +201,7 @@ class _Run:
             return
         queue = iter(pending)
         endpoint = batch["endpoint"]
-        headers = [(b"x-kvgate-batch-id", self.batch_id.encode())]
+        headers = [(b"x-kvgate-batch-id", self.batch_id.encode()), *OFFLINE_HEADERS]
         workers = [asyncio.get_running_loop().create_task(self._work(queue, endpoint, headers))
                    for _ in range(min(self.config.concurrency, len(pending)))]
         flusher = asyncio.get_running_loop().create_task(self._flush_loop())
