@@ -8,6 +8,7 @@ Each test starts its own server on a free port with its store under the test's t
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -136,3 +137,72 @@ async def test_a_server_restart_mid_run_loses_nothing_acknowledged(make_gateway,
         info = await client.js.consumer_info(await client.stream(REQUESTS), "kvgate")
         assert info.num_pending == 0, info
     assert "broker error" in caplog.text  # the gateway saw the restart and came back
+
+
+async def test_two_gateways_share_a_stream(make_gateway, server):
+    """Competing consumers: two gateway processes on one stream answer each message once
+    between them, and both take a share."""
+    config = messaging_config(server.url(REQUESTS), server.url(RESPONSES), handlers=4)
+    gateways = [make_gateway(config), make_gateway(config)]
+    for gw in gateways:
+        serve_models(gw)
+    scenario = Scenario(200)
+    async with Client(server) as client:
+        await client.stream(REQUESTS)
+        await client.publish(scenario.messages)
+        scenario.check(await client.read_all(200), duplicates_allowed=False)
+    served = [sum(s.snapshot()["engine"]["prompt_tokens"] for s in gw.sims) for gw in gateways]
+    assert all(count > 0 for count in served), served
+
+
+async def test_a_server_that_comes_late_is_waited_for(make_gateway, tmp_path, caplog):
+    """The gateway starts while the server is down: it backs off and retries (it does not fail
+    to start), and answers once the server is up."""
+    need("nats-server")
+    late = NatsServer(tmp_path, "late")
+    gw = make_gateway(messaging_config(late.url(REQUESTS), late.url(RESPONSES)))
+    serve_models(gw)
+    end = time.monotonic() + 30
+    while "broker error" not in caplog.text:
+        assert time.monotonic() < end, "no broker error logged"
+        await asyncio.sleep(0.1)
+    late.start()
+    try:
+        scenario = Scenario(20)
+        async with Client(late) as client:
+            await client.stream(REQUESTS)
+            await client.publish(scenario.messages)
+            scenario.check(await client.read_all(20), duplicates_allowed=False)
+    finally:
+        late.stop()
+
+
+async def test_with_api_keys_a_stream_runs_under_its_key(make_gateway, server, tmp_path):
+    """API keys on: the stream's requests run under the key it names (its models allowed,
+    others not found), and once that key is revoked they are answered 401."""
+    from tests.test_gateway_api_keys import write_keys
+    keys = tmp_path / "keys.yaml"
+    write_keys(keys, chat_only={"models": ["chat"]})
+    config = messaging_config(server.url(REQUESTS), server.url(RESPONSES))
+    config["messaging"]["streams"][0]["apiKey"] = "chat_only"
+    gw = make_gateway({**config, "apiKeys": {"enabled": True, "file": str(keys),
+                                             "reloadSeconds": 0.1}})
+    serve_models(gw)
+
+    def message(i: int, model: str) -> bytes:
+        return json.dumps({"metadata": {"id": i}, "path": "/v1/chat/completions",
+                           "body": {"model": model, "max_tokens": 2,
+                                    "messages": [{"role": "user", "content": "hi"}]}}).encode()
+
+    async with Client(server) as client:
+        await client.stream(REQUESTS)
+        await client.publish([message(0, "chat"), message(1, "emb")])
+        got = {r["metadata"]["id"]: r["status_code"]
+               for r in map(json.loads, await client.read_all(2))}
+        assert got == {0: 200, 1: 404}  # a model the key may not use is not shown to it
+        write_keys(keys, someone_else={"models": ["*"]})
+        await asyncio.sleep(1)  # the gateway reloads the keys file every 0.1 s
+        await client.publish([message(2, "chat")])
+        last = json.loads((await client.read_all(3))[-1])
+        assert (last["metadata"], last["status_code"]) == ({"id": 2}, 401), last
+        assert last["body"]["error"]["code"] == "invalid_api_key"

@@ -13,6 +13,7 @@ opens a new session after its back-off (one rule for every broker).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -35,9 +36,13 @@ async def _connect(url: BrokerURL) -> Any:
     async def on_error(exc: Exception) -> None:
         log.warning("nats %s: %s", url.redacted, exc)
 
-    return await nats.connect(servers=[f"nats://{url.host}:{url.port}"],
+    # nats-py retries a first connect max_reconnect_attempts times whatever allow_reconnect
+    # says: one retry here, the messenger's back-off does the rest.
+    connecting = nats.connect(servers=[f"nats://{url.host}:{url.port}"],
                               user=url.user or None, password=url.password or None,
-                              allow_reconnect=False, connect_timeout=5, error_cb=on_error)
+                              allow_reconnect=False, max_reconnect_attempts=1,
+                              reconnect_time_wait=0.5, connect_timeout=5, error_cb=on_error)
+    return await asyncio.wait_for(connecting, 15)
 
 
 async def _stream_for(js: Any, url: BrokerURL) -> str:
