@@ -83,3 +83,15 @@ def test_kvgate_gateway_command_rejects_bad_messaging(tmp_path):
     assert result.returncode == 2
     assert "kvgate.yaml:3: messaging.streams[0].requestsURL: unsupported broker URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_credentials_come_from_the_environment(monkeypatch):
+    """``${NAME}`` in a URL is read from the environment (percent-encoded), so a password can
+    come from a Secret; an unset one is a config error at start-up."""
+    url = "rabbit://kvgate:${KVGATE_TEST_RABBIT_PASSWORD}@rabbit/requests"
+    monkeypatch.setenv("KVGATE_TEST_RABBIT_PASSWORD", "p@ss/w:rd")
+    assert parse_broker_url(url).password == "p@ss/w:rd"
+    monkeypatch.delenv("KVGATE_TEST_RABBIT_PASSWORD")
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"messaging": {"streams": [{"requestsURL": url, "responsesURL": NATS}]}})
+    assert "KVGATE_TEST_RABBIT_PASSWORD is not set" in str(err.value)

@@ -10,20 +10,25 @@ Two forms, one per broker; the last path segment names what is consumed from or 
   durable RabbitMQ queue, declared if missing; responses go to the queue through the default
   exchange.
 
-User and password are percent-decoded, as in any URL.
+User and password are percent-decoded, as in any URL. ``${NAME}`` anywhere in a URL is replaced
+by the environment variable NAME (percent-encoded), so credentials can come from a Secret rather
+than sit in the config file; an unset variable is a config error.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Mapping
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 DEFAULT_PORTS = {"nats": 4222, "rabbit": 5672, "rabbits": 5671}
 _OPTIONS = {"nats": frozenset({"stream", "consumer", "ackWait"}), "rabbit": frozenset({"vhost"}),
             "rabbits": frozenset({"vhost"})}
 _NATS_SUBJECT = re.compile(r"[^\s*>.]+(\.[^\s*>.]+)*")  # no wildcards: one concrete subject
 _NATS_NAME = re.compile(r"[A-Za-z0-9_-]+")  # stream and consumer names
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +54,13 @@ class BrokerURL:
         return f"{self.scheme}://{who}{self.host}:{self.port}/{self.name}"
 
 
-def parse_broker_url(url: str) -> BrokerURL:
-    """Read a broker URL; ValueError with a message a config error can show (password hidden)."""
+def parse_broker_url(url: str, environ: Mapping[str, str] = os.environ) -> BrokerURL:
+    """Read a broker URL, its ``${NAME}``s replaced from ``environ``; ValueError with a message
+    a config error can show (password hidden)."""
+    shown = _hide_password(url)
+    url = _VARIABLE.sub(lambda m: _variable(m.group(1), environ, shown), url)
     parts = urlsplit(url)
-    url = _hide_password(url)
+    url = shown
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise ValueError(f"unsupported broker URL {url!r}: expected nats://host:port/subject or "
@@ -92,6 +100,12 @@ def _check(parsed: BrokerURL, url: str) -> None:
     elif not parsed.name or "/" in parsed.name:
         raise ValueError(f"{url!r}: the path must be one queue name, e.g. "
                          "rabbit://guest:guest@localhost:5672/requests")
+
+
+def _variable(name: str, environ: Mapping[str, str], url: str) -> str:
+    if name not in environ:
+        raise ValueError(f"{url!r}: the environment variable {name} is not set")
+    return quote(environ[name], safe="")
 
 
 def _hide_password(url: str) -> str:
