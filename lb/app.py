@@ -95,7 +95,7 @@ class Gateway:
         self.console = Console(config.console, self.registry, self.metrics, self.balancer.waiting,
                                self.admission, config.engine_metrics.stale_after_seconds)
         # KubeAI's messenger: broker messages come back through this app too, in every process.
-        self.messaging = Messaging(config.messaging, self, self.admission)
+        self.messaging = Messaging(config.messaging, self, self.admission, self.metrics.registry)
         self._app = self._starlette()
 
     def pool(self) -> UpstreamPool:

@@ -238,3 +238,14 @@ class Scenario:
             assert not_json == self.not_json
             assert all(count == 1 for count in seen.values()), \
                 {i: c for i, c in seen.items() if c > 1}
+
+
+def check_metrics(gw, scenario: Scenario) -> None:  # type: ignore[no-untyped-def]
+    """The gateway's messaging series: one response counted per message, by status; nothing
+    left in flight."""
+    scraped = gw.scrape()
+    assert gw.metric("kvgate_messaging_responses_total", scraped) == len(scenario.messages)
+    ok = sum(1 for status, _ in scenario.expect.values() if status == 200)
+    assert gw.metric("kvgate_messaging_responses_total", scraped, status_code="200") == ok
+    assert gw.metric("kvgate_messaging_in_flight", scraped) == 0
+    assert gw.metric("kvgate_messaging_broker_errors_total", scraped) == 0

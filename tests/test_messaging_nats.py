@@ -17,7 +17,8 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from tests.messaging_brokers import NatsServer, Scenario, messaging_config, need, serve_models
+from tests.messaging_brokers import (NatsServer, Scenario, check_metrics, messaging_config, need,
+                                     serve_models)
 
 REQUESTS, RESPONSES = "kvgate.requests", "kvgate.responses"
 
@@ -103,6 +104,7 @@ async def test_a_thousand_requests_get_a_thousand_responses(make_gateway, server
         scenario.check(responses, duplicates_allowed=False)
         info = await client.js.consumer_info(await client.stream(REQUESTS), "kvgate")
         assert info.num_ack_pending == 0 and info.num_pending == 0, info
+    check_metrics(gw, scenario)
 
 
 async def test_a_server_restart_mid_run_loses_nothing_acknowledged(make_gateway, server, caplog):
@@ -137,6 +139,7 @@ async def test_a_server_restart_mid_run_loses_nothing_acknowledged(make_gateway,
         info = await client.js.consumer_info(await client.stream(REQUESTS), "kvgate")
         assert info.num_pending == 0, info
     assert "broker error" in caplog.text  # the gateway saw the restart and came back
+    assert gw.metric("kvgate_messaging_broker_errors_total") >= 1
 
 
 async def test_two_gateways_share_a_stream(make_gateway, server):

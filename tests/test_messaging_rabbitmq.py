@@ -15,8 +15,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from tests.messaging_brokers import (RABBITMQ_SERVER, RabbitServer, Scenario, messaging_config,
-                                     need, serve_models)
+from tests.messaging_brokers import (RABBITMQ_SERVER, RabbitServer, Scenario, check_metrics,
+                                     messaging_config, need, serve_models)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,7 @@ async def test_a_thousand_requests_get_a_thousand_responses(make_gateway, server
         assert await client.count("responses-a") == 0
         scenario.check(responses, duplicates_allowed=False)
         assert await client.count("requests-a") == 0
+    check_metrics(gw, scenario)
 
 
 async def test_a_node_restart_mid_run_loses_nothing_acknowledged(make_gateway, server, caplog):
@@ -120,3 +121,4 @@ async def test_a_node_restart_mid_run_loses_nothing_acknowledged(make_gateway, s
                 await client.read(responses, len(responses) + 1, deadline=30)
         assert await client.count("requests-b") == 0
     assert "broker error" in caplog.text  # the gateway saw the restart and came back
+    assert gw.metric("kvgate_messaging_broker_errors_total") >= 1

@@ -29,6 +29,7 @@ from lb.errors import error_body
 from lb.loopback import OFFLINE_HEADERS, Abort, App, Reply, call_app
 from lb.messaging import broker
 from lb.messaging.config import MessageStream
+from lb.messaging.metrics import MessagingMetrics
 from lb.messaging.urls import parse_broker_url
 from lb.parse import KINDS
 
@@ -46,7 +47,7 @@ class Messenger:
     """Consumes one stream until cancelled."""
 
     def __init__(self, stream: MessageStream, app: App, max_backoff: float,
-                 tenants: Tenants | None = None) -> None:
+                 tenants: Tenants | None = None, metrics: MessagingMetrics | None = None) -> None:
         self.stream = stream
         self.app = app
         self.max_backoff = max_backoff
@@ -54,6 +55,11 @@ class Messenger:
         self.requests = parse_broker_url(stream.requests_url)
         self.responses = parse_broker_url(stream.responses_url)
         self.failures = 0  # consecutive broker failures: the back-off grows with them
+        metrics = metrics or MessagingMetrics(None)
+        name = self.requests.redacted
+        self.answered = lambda status: metrics.responses.labels(name, str(status)).inc()
+        self.in_flight = metrics.in_flight.labels(name)
+        self.broker_errors = metrics.broker_errors.labels(name)
 
     async def run(self) -> None:
         while True:
@@ -63,6 +69,7 @@ class Messenger:
                 raise
             except Exception as exc:
                 self.failures += 1
+                self.broker_errors.inc()
                 delay = min(float(self.failures), self.max_backoff)
                 log.warning("messaging %s -> %s: broker error (%s: %s); retrying in %.0f s",
                             self.requests.redacted, self.responses.redacted,
@@ -71,8 +78,9 @@ class Messenger:
 
     # -- one message -------------------------------------------------------------------------
 
-    async def answer(self, data: bytes, abort: Abort) -> bytes:
-        """The response message for a request message; never raises (but when cancelled)."""
+    async def answer(self, data: bytes, abort: Abort) -> tuple[int, bytes]:
+        """The status and the response message for a request message; never raises (but when
+        cancelled)."""
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -170,18 +178,21 @@ class _Session:
                 task.add_done_callback(self.handlers.discard)
 
     async def _handle(self, delivery: broker.Delivery, progress_seconds: float | None) -> None:
+        self.messenger.in_flight.inc()
         keeper = None
         if progress_seconds is not None:
             keeper = asyncio.get_running_loop().create_task(_keep(delivery, progress_seconds))
         try:
-            response = await self.messenger.answer(delivery.data, self.abort)
+            status, response = await self.messenger.answer(delivery.data, self.abort)
             if keeper is not None:
                 keeper.cancel()
             try:
                 await self.publisher.publish(response)
             except broker.TooLarge as exc:  # the answer's fault, not the broker's: say so
-                await self.publisher.publish(_too_large(response, exc))
+                status, response = _too_large(response, exc)
+                await self.publisher.publish(response)
             await delivery.ack()
+            self.messenger.answered(status)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the broker failed: the message stays for redelivery
@@ -193,6 +204,7 @@ class _Session:
             if keeper is not None:
                 keeper.cancel()
             self.slots.release()
+            self.messenger.in_flight.dec()
 
 
 async def _first(receiving: Any, broken: asyncio.Future[None]) -> list[broker.Delivery]:
@@ -218,7 +230,7 @@ async def _keep(delivery: broker.Delivery, every: float) -> None:
             await delivery.progress()
 
 
-def _response(metadata: Any, reply: Reply) -> bytes:
+def _response(metadata: Any, reply: Reply) -> tuple[int, bytes]:
     status, raw = reply.status, b"".join(reply.chunks)
     if not reply.complete:  # the replica broke off mid-body: what came is not an answer
         status, raw = 502, error_body(502, _BROKEN, code="upstream_error")
@@ -226,18 +238,19 @@ def _response(metadata: Any, reply: Reply) -> bytes:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         body = raw.decode("utf-8", "replace")
-    return orjson.dumps({"metadata": metadata, "status_code": status, "body": body})
+    return status, orjson.dumps({"metadata": metadata, "status_code": status, "body": body})
 
 
-def _too_large(response: bytes, exc: Exception) -> bytes:
+def _too_large(response: bytes, exc: Exception) -> tuple[int, bytes]:
     metadata = orjson.loads(response).get("metadata")
     return _error(metadata, 502, f"The response ({len(response)} bytes) is too large for the "
                   f"response topic: {exc}.", "response_too_large")
 
 
-def _error(metadata: Any, status: int, message: str, code: str, param: str | None = None) -> bytes:
+def _error(metadata: Any, status: int, message: str, code: str,
+           param: str | None = None) -> tuple[int, bytes]:
     body = orjson.loads(error_body(status, message, code=code, param=param))
-    return orjson.dumps({"metadata": metadata, "status_code": status, "body": body})
+    return status, orjson.dumps({"metadata": metadata, "status_code": status, "body": body})
 
 
 def _revoked(name: str) -> Reply:

@@ -7,18 +7,23 @@ import asyncio
 import time
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from lb.admission import Admission
 from lb.loopback import App
 from lb.messaging.config import MessagingConfig
 from lb.messaging.messenger import Messenger
+from lb.messaging.metrics import MessagingMetrics
 
 
 class Messaging:
-    def __init__(self, config: MessagingConfig, app: App, admission: Admission | None = None) -> None:
+    def __init__(self, config: MessagingConfig, app: App, admission: Admission | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self._admission = admission
+        metrics = MessagingMetrics(registry) if config.streams else None
         self.messengers = [Messenger(stream, app, config.error_max_backoff_seconds,
-                                     None if admission is None else self._tenant)
+                                     None if admission is None else self._tenant, metrics)
                            for stream in config.streams]
         self._tasks: list[asyncio.Task[None]] = []
 
