@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
+import yaml
 
 from tests.messaging_brokers import (NatsServer, Scenario, check_metrics, messaging_config, need,
                                      serve_models)
@@ -209,3 +212,44 @@ async def test_with_api_keys_a_stream_runs_under_its_key(make_gateway, server, t
         last = json.loads((await client.read_all(3))[-1])
         assert (last["metadata"], last["status_code"]) == ({"id": 2}, 401), last
         assert last["body"]["error"]["code"] == "invalid_api_key"
+
+
+async def test_kvgate_gateway_command_with_two_workers_answers_each_message_once(gw, server, tmp_path):
+    """`kvgate gateway -c` wires messaging into every worker process: two workers consume one
+    stream and each message is answered exactly once."""
+    from tests.gateway_harness import model_manifest
+    from tests.test_gateway_config import free_port, kvgate_command, wait_ready
+    replica = gw.sim("chat", "s1")
+    port = free_port()
+    config = {"server": {"host": "127.0.0.1", "port": port, "metricsPort": 0, "logLevel": "warning"},
+              "models": [model_manifest("chat")],
+              "endpoints": {"chat": [{"address": replica.address, "key": "s1"}]},
+              **messaging_config(server.url(REQUESTS), server.url(RESPONSES), handlers=8)}
+    path = tmp_path / "kvgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([*kvgate_command(), "gateway", "-c", str(path), "--workers", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=tmp_path)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", process, timeout=60)
+        messages = [json.dumps({"metadata": {"id": i}, "path": "/v1/chat/completions",
+                                "body": {"model": "chat", "max_tokens": 2, "messages": [
+                                    {"role": "user", "content": f"hello {i}"}]}}).encode()
+                    for i in range(200)]
+        async with Client(server) as client:
+            await client.stream(REQUESTS)
+            await client.publish(messages)
+            responses = [json.loads(r) for r in await client.read_all(200)]
+            await asyncio.sleep(0.5)
+            assert await client.count(RESPONSES) == 200  # none answered twice
+        assert sorted(r["metadata"]["id"] for r in responses) == list(range(200))
+        assert {r["status_code"] for r in responses} == {200}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            raise AssertionError(f"kvgate did not stop on SIGTERM: {stderr}")
+    assert "Traceback" not in stderr and " ERROR " not in stderr, stderr

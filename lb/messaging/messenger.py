@@ -212,8 +212,9 @@ async def _first(receiving: Any, broken: asyncio.Future[None]) -> list[broker.De
     task = asyncio.ensure_future(receiving)
     try:
         await asyncio.wait([task, broken], return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
+    except BaseException:  # cancelled (the gateway stops): the receive may still end in error
         task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise
     if broken.done():
         task.cancel()
