@@ -49,11 +49,14 @@ class Client:
         await self.connection.close()
 
     async def publish(self, messages: list[bytes]) -> None:
+        """Publish them all, 100 awaiting their confirms at a time (one at a time, the
+        gateway would answer as fast as they come, and no run would be "mid-run")."""
         await self.channel.declare_queue(self.requests, durable=True)
-        for data in messages:
-            await self.channel.default_exchange.publish(
+        exchange = self.channel.default_exchange
+        for start in range(0, len(messages), 100):
+            await asyncio.gather(*(exchange.publish(
                 aio_pika.Message(data, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                routing_key=self.requests)
+                routing_key=self.requests) for data in messages[start:start + 100]))
 
     async def count(self, queue: str) -> int:
         declared = await self.channel.declare_queue(queue, durable=True)
@@ -96,7 +99,7 @@ async def test_a_node_restart_mid_run_loses_nothing_acknowledged(make_gateway, s
     fail, back off and reconnect; every request ends up answered (messages in flight at the
     restart may be answered twice: delivery is at least once)."""
     gw = make_gateway(messaging_config(server.url("requests-b"), server.url("responses-b"),
-                                       handlers=8))
+                                       handlers=4))
     serve_models(gw)
     scenario = Scenario(1000)
     async with Client(server, "requests-b", "responses-b") as client:

@@ -19,6 +19,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.connection import make_url
 
 from lb.messaging.urls import BrokerURL
 
@@ -28,9 +29,17 @@ _WAIT_SECONDS = 1.0
 
 
 async def _connect(url: BrokerURL) -> Any:
-    return await aio_pika.connect(
+    """A connection, closed again if it cannot be made (``aio_pika.connect`` leaves that to
+    the garbage collector, which cannot await the close)."""
+    connection = aio_pika.Connection(make_url(
         host=url.host, port=url.port, login=url.user or "guest", password=url.password or "guest",
-        virtualhost=url.options.get("vhost", "/"), ssl=url.scheme == "rabbits", timeout=10)
+        virtualhost=url.options.get("vhost", "/"), ssl=url.scheme == "rabbits"))
+    try:
+        await connection.connect(timeout=10)
+    except BaseException:
+        await _close(connection)
+        raise
+    return connection
 
 
 class _Delivery:
