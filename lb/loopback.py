@@ -1,6 +1,7 @@
 """Requests through the gateway's own ASGI app, in this process: how offline work (the batch
 runner's lines, the messenger's messages) is sent as if a client had sent it, without a socket
-or a loopback connection, so routing, retries and scale-from-zero apply to it.
+or a loopback connection, so routing, retries and scale-from-zero apply to it, in the lowest
+priority class so that it fills the capacity interactive requests leave.
 
 The scope carries the lost-connection hook that kvgate's server offers (``DISCONNECT_HOOK``),
 so a runner can end a request the way a client ends one by hanging up (``Abort``): the proxy
@@ -15,12 +16,6 @@ from typing import Any, Awaitable, Callable
 
 from lb.flow_queue import LOWEST, PRIORITY
 from lb.proxy import DISCONNECT_HOOK, TENANT
-
-# The headers that mark a request as offline work (a batch line, a broker message), so that it
-# goes at the lowest priority and fills idle capacity without hurting interactive latency.
-# Empty until the gateway has priority classes: this is the one place that will name the lowest
-# one, for every sender of offline work.
-OFFLINE_HEADERS: tuple[tuple[bytes, bytes], ...] = ()
 
 App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                 Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]

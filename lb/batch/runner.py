@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
-from lb.loopback import OFFLINE_HEADERS, Abort, App, Reply, call_app
 from lb.batch.store import FAILED, SUCCEEDED, Result, Store, owner_name
 from lb.errors import error_body
+from lb.loopback import Abort, App, Reply, call_app
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class _Run:
             return
         queue = iter(pending)
         endpoint = batch["endpoint"]
-        headers = [(b"x-kvgate-batch-id", self.batch_id.encode()), *OFFLINE_HEADERS]
+        headers = [(b"x-kvgate-batch-id", self.batch_id.encode())]
         workers = [asyncio.get_running_loop().create_task(self._work(queue, endpoint, headers))
                    for _ in range(min(self.config.concurrency, len(pending)))]
         flusher = asyncio.get_running_loop().create_task(self._flush_loop())

@@ -10,10 +10,10 @@ stored by the broker), so a broker restart or a gateway crash loses nothing ackn
 message in flight at that moment is delivered again and may be answered twice.
 
 Each request runs through the gateway's ASGI app in this process (``lb.loopback``), as a client's
-would: routing, retries, the waiting room (scale from zero) and metrics apply. At most
-``maxHandlers`` run at once; a full waiting room (429) is waited out, not answered. When the
-broker fails, the session is closed and reopened after min(n seconds, errorMaxBackoff), n being
-the number of consecutive failures (KubeAI's rule).
+would, in the lowest priority class: routing, retries, the queue (scale from zero) and
+metrics apply. At most ``maxHandlers`` run at once; a full queue (429) is waited out, not
+answered. When the broker fails, the session is closed and reopened after min(n seconds,
+errorMaxBackoff), n being the number of consecutive failures (KubeAI's rule).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import orjson
 
 from lb.errors import error_body
-from lb.loopback import OFFLINE_HEADERS, Abort, App, Reply, call_app
+from lb.loopback import Abort, App, Reply, call_app
 from lb.messaging import broker
 from lb.messaging.config import MessageStream
 from lb.messaging.metrics import MessagingMetrics
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # The JSON routes a message may name (audio transcriptions are multipart, not JSON).
 PATHS = frozenset(prefix + suffix for prefix in ("/v1", "/openai/v1")
                   for suffix in KINDS if suffix != "/audio/transcriptions")
-_BUSY = 429  # the waiting room is full: wait and send again, it is not the message's fault
+_BUSY = 429  # the queue is full (or shed it): wait and send again, it is not the message's fault
 _BROKEN = "The model server closed the connection before its answer was complete."
 Tenants = Callable[[str], Any]  # API keys on: the live key of a name (None once revoked)
 
@@ -117,7 +117,7 @@ class Messenger:
                 tenant = self.tenants(self.stream.api_key)
                 if tenant is None:
                     return _revoked(self.stream.api_key)
-            reply = await call_app(self.app, path, body, list(OFFLINE_HEADERS), abort, tenant)
+            reply = await call_app(self.app, path, body, [], abort, tenant)
             if reply.status != _BUSY:
                 return reply
             retry = reply.header(b"retry-after")
