@@ -1,6 +1,6 @@
 """The kvgate chart's values.schema.json: the config sections generated from the config dataclasses.
 
-The chart passes `gateway.*` and the operator's system sections (`modelServers`, `resourceProfiles`,
+The chart passes `gateway.*`, `messaging` (top level, as in KubeAI's chart) and the operator's system sections (`modelServers`, `resourceProfiles`,
 ...) into config.yaml, so their schema is written by lb.schema from the same dataclasses, types,
 bounds and docs the loaders decode with, and helm refuses at install time what `kvgate serve` would
 refuse at start-up. Chart-only values (image, service, probes, ...) have no dataclass; they stay
@@ -24,6 +24,8 @@ CHART_PART = "values.schema.chart.json"
 # The chart's `gateway:` block: server.logLevel (the chart owns host and ports) and these sections.
 GATEWAY_SECTIONS = ("retries", "queue", "limits", "upstream", "ejection", "routing", "engineMetrics",
                     "healthChecks", "apiKeys", "tracing")
+# Gateway sections the chart has at its top level, where KubeAI's chart has them.
+GATEWAY_TOP_LEVEL = ("messaging",)
 # System keys the chart has no value for; extraConfig can still set them.
 NOT_IN_VALUES = frozenset({"allowPodAddressOverride"})
 
@@ -40,6 +42,8 @@ def values_schema(chart_dir: Path) -> dict[str, Any]:
         "description": "Gateway settings: config.yaml's server.logLevel and its " + ", ".join(GATEWAY_SECTIONS) + ".",
         "type": "object", "properties": gateway, "additionalProperties": False,
     }
+    for key in GATEWAY_TOP_LEVEL:
+        schema["properties"][key] = writer.field(config[key])
     for spec in fields_of(SystemConfig):
         if spec.key not in NOT_IN_VALUES:
             schema["properties"][spec.key] = writer.field(spec)

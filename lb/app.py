@@ -32,6 +32,7 @@ from lb.health_checks import HealthChecker
 from lb.keys import KeyStore
 from lb.kv_events import KVEventSubscriber
 from lb.limits import LimitTable
+from lb.messaging.service import Messaging
 from lb.metrics import GatewayMetrics
 from lb.model import join_model_adapter
 from lb.parse import KINDS, ROOT_KINDS
@@ -93,6 +94,8 @@ class Gateway:
         # The web console and its status API (off the request path; routes only when on).
         self.console = Console(config.console, self.registry, self.metrics, self.balancer.waiting,
                                self.admission, config.engine_metrics.stale_after_seconds)
+        # KubeAI's messenger: broker messages come back through this app too, in every process.
+        self.messaging = Messaging(config.messaging, self, self.admission, self.metrics.registry)
         self._app = self._starlette()
 
     def pool(self) -> UpstreamPool:
@@ -127,11 +130,13 @@ class Gateway:
         await self.batches.start()
         # Here, in each worker after the fork: the SDK's export thread lives in this process.
         self.proxy.tracing = tracing.start(self.config.tracing, self._span_exporter)
+        await self.messaging.start()
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
+            await self.messaging.stop()  # before the pool closes: its requests use it
             traces, self.proxy.tracing = self.proxy.tracing, None
             if traces is not None:  # the last spans flushed off the loop
                 await asyncio.to_thread(traces.shutdown)

@@ -22,6 +22,7 @@ from lb.engine_metrics import EngineMetricsConfig
 from lb.flow_queue import QueueConfig
 from lb.health_checks import HealthCheckConfig
 from lb.keys import ApiKeysConfig
+from lb.messaging.config import MessagingConfig
 from lb.model import Model
 from lb.registry import Endpoint, Registry
 from lb.ring import LoadTable
@@ -105,6 +106,7 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    messaging: MessagingConfig = field(default_factory=MessagingConfig)
     models: tuple[Model, ...] = ()
     endpoints: dict[str, tuple[StaticEndpoint, ...]] = field(default_factory=dict)
 
@@ -154,6 +156,10 @@ def _validate(config: Config) -> None:
     if config.api_keys.enabled and not config.api_keys.file:
         raise ConfigError("apiKeys.file", "required when apiKeys.enabled is true (create one "
                           "with `kvgate keys create`)")
+    for i, stream in enumerate(config.messaging.streams):
+        if config.api_keys.enabled and not stream.api_key:
+            raise ConfigError(("messaging", "streams", i, "apiKey"), "required when apiKeys."
+                              "enabled is true: the name of the key the stream's requests run under")
     names = {m.name for m in config.models}
     for model, endpoints in config.endpoints.items():
         if model not in names:

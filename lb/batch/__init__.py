@@ -1,5 +1,5 @@
 """OpenAI's Files and Batches API on an embedded store: upload a JSONL file, create a batch,
 poll it, download the results. ``store`` keeps files and batches, ``jsonl`` reads and writes
 the batch file formats, ``runner`` runs batches through the gateway's own routing
-(``loopback``: requests through the gateway's ASGI app in-process), ``api`` serves the routes;
+(``lb.loopback``: requests through the gateway's ASGI app in-process), ``api`` serves the routes;
 ``service.Batches`` ties them to one gateway process's life."""

@@ -1,7 +1,7 @@
 """Running batches: claim one, check its input, send its requests through the gateway's own
 routing, record each result as it comes, and write the output and error files.
 
-Each line goes through the gateway's ASGI app in-process (``lb.batch.loopback``), exactly as a
+Each line goes through the gateway's ASGI app in-process (``lb.loopback``), exactly as a
 client's request would: model and adapter resolution, prefix routing, the queue (scale
 from zero), retries on other replicas, ejection and metrics all apply, and no socket is involved.
 
@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
-from lb.batch.loopback import Abort, App, Reply, call_app
 from lb.batch.store import FAILED, SUCCEEDED, Result, Store, owner_name
 from lb.errors import error_body
+from lb.loopback import Abort, App, Reply, call_app
 
 log = logging.getLogger(__name__)
 

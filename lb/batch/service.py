@@ -9,7 +9,7 @@ from typing import Any
 
 from lb.batch.api import BatchApi
 from lb.batch.config import BatchConfig
-from lb.batch.loopback import App
+from lb.loopback import App
 from lb.batch.runner import BatchRunner
 from lb.batch.store import SqliteStore
 from lb.admission import Admission

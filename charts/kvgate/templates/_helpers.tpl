@@ -94,6 +94,7 @@ config.yaml: the gateway's keys and the operator's keys in one file, read by `kv
   "secretNames" $v.secretNames
   "modelRollouts" $v.modelRollouts
   "modelAutoscaling" $autoscaling
+  "messaging" $v.messaging
 }}
 {{- $_ := set $config "modelLoading" (dict "image" (include "kvgate.loaderImage" .)) }}
 {{- toYaml (mergeOverwrite $config (deepCopy $v.extraConfig)) }}

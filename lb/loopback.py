@@ -1,8 +1,10 @@
-"""Requests through the gateway's own ASGI app, in this process: how the batch runner sends a
-line as if a client had, without a socket or a loopback connection.
+"""Requests through the gateway's own ASGI app, in this process: how offline work (the batch
+runner's lines, the messenger's messages) is sent as if a client had sent it, without a socket
+or a loopback connection, so routing, retries and scale-from-zero apply to it, in the lowest
+priority class so that it fills the capacity interactive requests leave.
 
 The scope carries the lost-connection hook that kvgate's server offers (``DISCONNECT_HOOK``),
-so the runner can end a request the way a client ends one by hanging up (``Abort``): the proxy
+so a runner can end a request the way a client ends one by hanging up (``Abort``): the proxy
 releases its replica and counts a disconnect, not an error.
 """
 
