@@ -15,7 +15,7 @@ LIMITS := lb/_limits$(EXT_SUFFIX)
 PREFIX_INDEX := lb/_prefix_index$(EXT_SUFFIX)
 
 .PHONY: install build helm system-packages run test clean bench-routing bench-ring bench-upstream bench-peers \
-	bench-proxy bench-scale bench-profile bench-instructions bench-batch
+	bench-proxy bench-scale bench-profile bench-instructions bench-batch bench-flow
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -84,6 +84,10 @@ bench-profile: build
 # e.g. `make bench-instructions ARGS="--baseline ../kvgate-release --signals"`.
 bench-instructions: build
 	$(BIN)/python -m bench instructions $(ARGS)
+
+# e.g. `make bench-flow ARGS=--quick` (one short round).
+bench-flow: build
+	$(BIN)/python -m bench flow $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info lb/_chwbl.c lb/_limits.c lb/_prefix_index.c lb/*.so

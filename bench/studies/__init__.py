@@ -14,4 +14,5 @@ STUDIES: dict[str, str] = {
     "batch": "interactive TTFT alone and while a Batch API job runs",
     "profile": "where the saturated gateway's CPU goes (py-spy)",
     "instructions": "instructions per request under callgrind, vs another checkout",
+    "flow": "saturation: priority TTFT, tenant fairness, chaos counters",
 }
