@@ -3,7 +3,8 @@ not use, 429 past its limits, and OpenAI's ``x-ratelimit-*`` headers on what is 
 
 The proxy asks this module only when keys are on (``apiKeys.enabled``); with keys off the
 request path pays a few ``is None`` tests. An admitted request gets a ``Ticket``: the proxy puts
-its rate-limit headers on the response head and, when the answer is complete, hands it the
+its rate-limit headers on the response head (through kvgate's own server as ready-made lines,
+see ``HEAD_LINES``) and, when the answer is complete, hands it the
 answer's last reads (``Ticket.settle``), where the usage is (a JSON body's end, or the last SSE
 event with ``include_usage``), to correct the estimate charged at admission by what the model
 server counted; an error answer from the model server gives the estimate back. Nothing is done
@@ -14,13 +15,20 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 from lb.errors import GatewayError
 from lb.keys import KEY_HEADERS, KeyExpired, KeyStore, Tenant
 from lb.limits import Decision, LimitTable, duration_text
 from lb.metrics import GatewayMetrics
 from lb.parse import ParsedRequest, estimated_tokens
+
+# The scope key under which kvgate's server (lb.server) offers to take header lines for the
+# response head it writes next: ``scope[HEAD_LINES](b"name: value\r\n...")``. The lines are
+# written as they are, so only bytes the gateway made itself may be handed over, never a
+# client's or a model server's, and never a framing header (Content-Length, Connection,
+# Transfer-Encoding), which the server must see to frame the body.
+HEAD_LINES = "kvgate.head_lines"
 
 
 class Admission:
@@ -58,20 +66,37 @@ class Admission:
         headers = [h for h in scope["headers"] if h[0] not in KEY_HEADERS]
         upstream = self.store.upstream_keys.get(model)
         scope["headers"] = headers + upstream if upstream else headers
-        return Ticket(self, tenant, tokens, _limit_headers(tenant, decision))
+        return Ticket(self, tenant, tokens, decision, scope.get(HEAD_LINES))
 
 
 class Ticket:
     """An admitted request: its charge, and the headers its answer carries."""
 
-    __slots__ = ("_admission", "tenant", "estimate", "headers")
+    __slots__ = ("_admission", "tenant", "estimate", "_decision", "_head_lines")
 
-    def __init__(self, admission: Admission, tenant: Tenant, estimate: int,
-                 headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, admission: Admission, tenant: Tenant, estimate: int, decision: Decision,
+                 head_lines: Callable[[bytes], None] | None = None) -> None:
         self._admission = admission
         self.tenant = tenant
         self.estimate = estimate
-        self.headers = headers
+        self._decision = decision
+        self._head_lines = head_lines
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """The rate-limit headers of the answer whose head is sent next; call it just before.
+
+        Under kvgate's own server (it offers ``HEAD_LINES``) they are handed to the server as
+        header lines for that head, and the list returned is empty: bytes the gateway made
+        from numbers need none of the checks the server runs on every header it is given (two
+        regex searches and a ``lower()`` each). Under another ASGI server they are the
+        list."""
+        tenant = self.tenant
+        if not (tenant.rpm or tenant.tpm):
+            return []
+        if self._head_lines is None:
+            return _limit_headers(tenant, self._decision)
+        self._head_lines(_limit_lines(tenant, self._decision))
+        return []
 
     def settle(self, status: int, last: bytes, before: bytes = b"") -> None:
         """The answer is complete: ``last`` is its last read, ``before`` the one before it.
@@ -119,6 +144,19 @@ def usage_in(tail: bytes) -> int | None:
             return None
         counts.append(int(found.group(1)))
     return sum(counts)
+
+
+def _limit_lines(tenant: Tenant, decision: Decision) -> bytes:
+    """``_limit_headers`` as the lines of a response head (``Tenant.limit_lines`` filled in)."""
+    if tenant.rpm:
+        requests = (decision.remaining_requests,
+                    duration_text(decision.reset_requests_ns).encode())
+        if not tenant.tpm:
+            return tenant.limit_lines % requests
+        return tenant.limit_lines % (requests + (
+            decision.remaining_tokens, duration_text(decision.reset_tokens_ns).encode()))
+    return tenant.limit_lines % (decision.remaining_tokens,
+                                 duration_text(decision.reset_tokens_ns).encode())
 
 
 def _limit_headers(tenant: Tenant, decision: Decision) -> list[tuple[bytes, bytes]]:

@@ -9,7 +9,10 @@ is needed. A file that no longer parses is reported and the keys in force are ke
 
 A request presents its key as ``Authorization: Bearer <secret>`` (OpenAI's SDKs) or
 ``x-api-key: <secret>`` (Anthropic's, on /v1/messages). The secret is hashed and looked up;
-it is never logged, exported or stored in clear.
+it is never logged, exported or stored in clear. A secret that was found is remembered in
+memory (``KeyStore``'s cache) so that a key's next requests cost a dict lookup instead of a
+SHA-256; the cache is emptied whenever the keys in force change and holds only secrets that
+matched a key, so unknown secrets cannot grow it and always pay the hash and the 401.
 """
 
 from __future__ import annotations
@@ -155,11 +158,14 @@ def keys_to_dict(keys: KeysFile) -> dict[str, Any]:
     return {"keys": out}
 
 
+_NEVER = float("inf")  # the expiry of a key without one
+
+
 class Tenant:
     """A key as the request path uses it: its name, models, limits and limit-table slot."""
 
-    __slots__ = ("name", "rpm", "tpm", "rpm_text", "tpm_text", "priority", "expires", "slot",
-                 "_pattern", "_allowed")
+    __slots__ = ("name", "rpm", "tpm", "rpm_text", "tpm_text", "limit_lines", "priority",
+                 "expires", "slot", "_pattern", "_allowed")
 
     def __init__(self, key: ApiKey, slot: int) -> None:
         self.name = key.name
@@ -167,8 +173,10 @@ class Tenant:
         self.tpm = key.limits.tokens_per_minute
         self.rpm_text = b"%d" % self.rpm  # the x-ratelimit-limit-* values, made once
         self.tpm_text = b"%d" % self.tpm
+        self.limit_lines = _limit_lines_format(self.rpm_text if self.rpm else None,
+                                               self.tpm_text if self.tpm else None)
         self.priority = key.priority
-        self.expires = expiry_of(key.expires_at) if key.expires_at else float("inf")
+        self.expires = expiry_of(key.expires_at) if key.expires_at else _NEVER
         self.slot = slot
         self._pattern = re.compile("|".join(fnmatch.translate(p) for p in key.models) or "(?!)")
         self._allowed: dict[str, bool] = {}
@@ -181,6 +189,18 @@ class Tenant:
         return allowed
 
 
+def _limit_lines_format(rpm: bytes | None, tpm: bytes | None) -> bytes:
+    """OpenAI's ``x-ratelimit-*`` headers of a key's limits as response-head lines, made once:
+    the remaining count (``%d``) and reset time (``%s``) of each limit are filled in per
+    request (``lb.admission``)."""
+    lines = b""
+    for what, limit in ((b"requests", rpm), (b"tokens", tpm)):
+        if limit is not None:
+            lines += (b"x-ratelimit-limit-%s: %s\r\nx-ratelimit-remaining-%s: %%d\r\n"
+                      b"x-ratelimit-reset-%s: %%s\r\n" % (what, limit, what, what))
+    return lines
+
+
 def _tag(digest_hex: str) -> int:
     return int(digest_hex[:16], 16) or 1  # 0 marks a free slot
 
@@ -188,10 +208,15 @@ def _tag(digest_hex: str) -> int:
 class KeyStore:
     """The keys in force, by hash, and the loop that reloads them when their file changes."""
 
+    # At most this many secrets are remembered (see ``authenticate``); past it the cache is
+    # emptied and refills with the keys in use.
+    CACHE_SIZE = 4096
+
     def __init__(self, config: ApiKeysConfig, table: LimitTable) -> None:
         self.config = config
         self.table = table
         self.tenants: dict[str, Tenant] = {}
+        self._known: dict[bytes, Tenant] = {}
         self._identity: tuple[int, int, int] | None = None
         self.reloads = 0
         self.load(read_keys(config.file), _identity(config.file))
@@ -203,6 +228,7 @@ class KeyStore:
         for key in keys.keys:
             digest = key.hash[len("sha256:"):]
             tenants[digest] = Tenant(key, self.table.slot(_tag(digest)))
+        self._known = {}  # the secrets of the keys no longer in force are forgotten with them
         self.tenants = tenants
         self._identity = identity
 
@@ -221,12 +247,28 @@ class KeyStore:
         if not secret:
             raise GatewayError(401, "You didn't provide an API key. Send it as `Authorization: "
                                "Bearer <key>`.", code="invalid_api_key")
+        tenant = self._known.get(secret) or self._lookup(secret)
+        if tenant.expires != _NEVER and tenant.expires <= time.time():
+            raise KeyExpired(tenant.name)
+        return tenant
+
+    def _lookup(self, secret: bytes) -> Tenant:
+        """The tenant of a secret not in the cache (by its hash), remembered; or a 401. Only
+        secrets that matched a key are remembered, so the cache holds at most one entry per
+        key in force (the cap is a second line of defence)."""
+        known = self._known
         tenant = self.tenants.get(hashlib.sha256(secret).hexdigest())
         if tenant is None:
             raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
-        if tenant.expires <= time.time():
-            raise KeyExpired(tenant.name)
+        if len(known) >= self.CACHE_SIZE:
+            known.clear()
+        known[secret] = tenant
         return tenant
+
+    @property
+    def cached_keys(self) -> int:
+        """How many secrets are remembered now."""
+        return len(self._known)
 
     async def watch(self) -> None:
         """Reload the file whenever its identity changes; never on the request path."""

@@ -292,7 +292,7 @@ class Proxy:
         headers = response_headers(response.headers)
         ticket = exchange.ticket
         if ticket is not None:
-            headers += ticket.headers
+            headers += ticket.response_headers()
         await send({"type": "http.response.start", "status": response.status,
                     "headers": headers})
         exchange.started = True
@@ -341,7 +341,7 @@ class Proxy:
             headers = sized_headers(response.headers, len(body))
             ticket = exchange.ticket
             if ticket is not None:
-                headers += ticket.headers
+                headers += ticket.response_headers()
             await send({"type": "http.response.start", "status": response.status,
                         "headers": headers})
             exchange.started = True
@@ -354,7 +354,7 @@ class Proxy:
         headers = sized_headers(response.headers, None)
         ticket = exchange.ticket
         if ticket is not None:
-            headers += ticket.headers
+            headers += ticket.response_headers()
         await send({"type": "http.response.start", "status": response.status,
                     "headers": headers})
         exchange.started = True

@@ -13,6 +13,10 @@ Three tweaks come from profiling the gateway under load (``bench/results/profile
   to notice a disconnect (under any other ASGI server the proxy falls back to that);
 * the cyclic GC, which scanned the start-up heap over and over, gets the start-up objects
   frozen and a larger young generation (``tune_gc``).
+
+With API keys on, the protocol also offers ``scope[HEAD_LINES]``: header lines the gateway made
+itself (the ``x-ratelimit-*`` headers) go into the next response head as they are, instead of
+through uvicorn's checks of every header it is given (``_HeadCork.add_lines``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Callable
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from lb.admission import HEAD_LINES
 from lb.app import Gateway
 from lb.errors import error_body
 from lb.proxy import DISCONNECT_HOOK
@@ -57,12 +62,13 @@ class _HeadCork:
     stream waiting for its first chunk, ``100 Continue``) is flushed by a ``call_soon``; bytes
     are never reordered, and ``close`` flushes first."""
 
-    __slots__ = ("_transport", "_loop", "_head")
+    __slots__ = ("_transport", "_loop", "_head", "_lines")
 
     def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._head: bytes | None = None
+        self._lines = b""
 
     def write(self, data: bytes) -> None:
         head = self._head
@@ -70,10 +76,18 @@ class _HeadCork:
             self._head = None
             self._transport.write(head + data)
         elif data.startswith(b"HTTP/"):
+            if self._lines and not data.startswith(b"HTTP/1.1 1"):  # not on 100 Continue
+                data = _with_lines(data, self._lines)
+                self._lines = b""
             self._head = data
             self._loop.call_soon(self._flush)
         else:
             self._transport.write(data)
+
+    def add_lines(self, lines: bytes) -> None:
+        """Header lines (``name: value\r\n`` each) for the next response head, written as
+        they are: only for bytes the gateway made (see ``lb.admission.HEAD_LINES``)."""
+        self._lines += lines
 
     def _flush(self) -> None:
         head = self._head
@@ -93,6 +107,23 @@ class _HeadCork:
         return getattr(self._transport, name)  # get_extra_info, abort, set_protocol, ...
 
 
+# What uvicorn adds at the end of a head it writes, after the headers it was given, in this
+# order: ``_with_lines`` puts handed-over lines before them, where they were given.
+_FRAMING_ADDED = (b"transfer-encoding: chunked\r\n", b"connection: close\r\n")
+
+
+def _with_lines(head: bytes, lines: bytes) -> bytes:
+    """``head`` (a status line, header lines and the blank line) with ``lines`` after the
+    headers the application gave, as if they had been the last of them. The gateway never
+    relays Connection or Transfer-Encoding (hop-by-hop), so such a line at the end of a head
+    is uvicorn's own."""
+    end = len(head) - 2  # the blank line
+    for added in _FRAMING_ADDED:
+        if head.endswith(added, 0, end):
+            end -= len(added)
+    return head[:end] + lines + head[end:]
+
+
 class _Protocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, writing through a ``_HeadCork``, and offering each request
     ``scope[DISCONNECT_HOOK](callback)``: ``callback()`` runs if the connection is lost before
@@ -106,6 +137,7 @@ class _Protocol(HttpToolsProtocol):
     _head = 0
     _read = 0
     max_head = 64 * 1024  # set per server by ``protocol_for``
+    head_lines = False  # offer scope[HEAD_LINES] (API keys on): set by ``protocol_for``
     _complete = False  # the current message has been received in full
     _refused = False  # a head was refused: what else comes is dropped
     _linger: asyncio.TimerHandle | None = None
@@ -187,7 +219,10 @@ class _Protocol(HttpToolsProtocol):
         self._head = self._read  # the read this head starts in (all of it: see above)
         self._complete = False
         super().on_message_begin()
-        self.scope[DISCONNECT_HOOK] = self._watch  # type: ignore[literal-required]
+        scope = self.scope
+        scope[DISCONNECT_HOOK] = self._watch  # type: ignore[literal-required]
+        if self.head_lines:
+            scope[HEAD_LINES] = self.transport.add_lines  # type: ignore[literal-required]
 
     def on_message_complete(self) -> None:
         # The mark the head count needs: ``cycle.more_body`` stays True when the response went
@@ -224,8 +259,10 @@ class _UnloggedProtocol(HttpToolsProtocol):
 
 
 def protocol_for(config: Any) -> type[_Protocol]:
-    """The protocol class of a server under ``config`` (its head-size limit)."""
-    return type("_Protocol", (_Protocol,), {"max_head": config.limits.max_header_bytes})
+    """The protocol class of a server under ``config`` (its head-size limit, and whether
+    its requests may need to hand over header lines: API keys on)."""
+    return type("_Protocol", (_Protocol,), {"max_head": config.limits.max_header_bytes,
+                                            "head_lines": config.api_keys.enabled})
 
 
 def tune_gc() -> None:
