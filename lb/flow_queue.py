@@ -16,19 +16,29 @@ One mechanism for both. The order is the Gateway API Inference Extension's flow 
 Requests leave the queue as soon as a replica can take them: this worker pumps the queue when
 one of its requests releases a replica, when the model's endpoints change, and on a short tick
 while replicas exist (releases in the other worker processes are seen that way). Each worker
-queues its own requests; a count per (model, class) in the shared load table lets a worker leave
-a freed replica to a higher class queued in another worker rather than serve a lower one.
+queues its own requests, and counts in the shared load table keep the order across workers:
+
+- per (model, class), how many wait: a worker leaves a freed replica to a higher class queued
+  in another worker rather than serve a lower one;
+- per (model, class, flow bucket), how many wait and how many of the requests the queue served
+  are still in flight. Flows hash into ``FLOW_BUCKETS`` buckets (stochastic fair queuing: two
+  tenants rarely share one). Of its own flows a worker serves the one with the fewest in flight
+  first, and it leaves a freed replica to a flow queued in another worker that has fewer in
+  flight than any of its own — so a tenant whose connections landed on one worker still gets
+  its share of the replicas the other worker frees. A worker defers at most
+  ``DEFER_SECONDS`` in a row (the other's waiter may need a replica this one cannot give).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from lb.errors import GatewayError, bad_request
-from lb.ring import LoadTable, SharedCount
+from lb.ring import LoadTable, SharedCount, hash64
 from lb.schema import SchemaError, setting
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -37,6 +47,8 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 PRIORITY = "kvgate.priority"
 LOWEST = ""
 TICK_SECONDS = 0.01  # how often a queue with replicas looks for room freed by other workers
+FLOW_BUCKETS = 16  # shared fairness buckets per (model, class) that flows hash into
+DEFER_SECONDS = 0.05  # the longest a worker leaves freed replicas to another's flows in a row
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,17 +122,44 @@ class Waiter:
         return self.adapter, tuple(self.exclude)
 
 
+class _LocalCount:
+    """``SharedCount``'s interface for a gateway whose workers share no load table."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+Counter = SharedCount | _LocalCount
+
+
 class _Band:
-    """One priority class's waiters: a FIFO per flow, the flows in round-robin order."""
+    """One priority class's waiters: a FIFO per flow, the flows in round-robin order, and the
+    per-bucket counts that keep the class fair across workers."""
 
-    __slots__ = ("cls", "flows", "sizes", "count", "shared")
+    __slots__ = ("cls", "flows", "sizes", "count", "shared", "_table", "_namespace", "_buckets",
+                 "_waiting", "_serving", "_local", "_defer_until")
 
-    def __init__(self, cls: PriorityClass, shared: SharedCount | None) -> None:
+    def __init__(self, cls: PriorityClass, table: LoadTable | None, namespace: str) -> None:
         self.cls = cls
         self.flows: dict[str, deque[Waiter]] = {}  # insertion order is the round-robin order
         self.sizes: dict[str, int] = {}  # live waiters per flow
         self.count = 0
-        self.shared = shared  # this class's count over every worker, if workers share a table
+        # this class's count over every worker, if workers share a table
+        self.shared = SharedCount(table, namespace, cls.name) if table is not None else None
+        self._table, self._namespace = table, f"{namespace}\x00{cls.name}"
+        self._buckets: dict[str, int] = {}  # flow -> its bucket
+        self._waiting: list[Counter] = []  # per bucket, over every worker (made on first use)
+        self._serving: list[Counter] = []  # per bucket: served by the queue, still in flight
+        self._local = [0] * FLOW_BUCKETS  # per bucket, in this worker
+        self._defer_until = 0.0  # the end of a deferral to another worker's flow, if one runs
 
     def add(self, waiter: Waiter) -> None:
         self.flows.setdefault(waiter.flow, deque()).append(waiter)
@@ -128,6 +167,9 @@ class _Band:
         self.count += 1
         if self.shared is not None:
             self.shared.inc()
+        bucket = self._bucket(waiter.flow)
+        self._local[bucket] += 1
+        self._waiting[bucket].inc()
 
     def drop(self, waiter: Waiter) -> None:
         """Count a waiter out (it stays in its deque until reached: removal is lazy)."""
@@ -139,17 +181,68 @@ class _Band:
         self.count -= 1
         if self.shared is not None:
             self.shared.dec()
+        bucket = self._buckets[waiter.flow]
+        self._local[bucket] -= 1
+        self._waiting[bucket].dec()
 
-    def heads(self) -> Iterator[tuple[str, Waiter]]:
-        """Each flow's first live waiter, in round-robin order, once; flows found empty go."""
+    def _bucket(self, flow: str) -> int:
+        bucket = self._buckets.get(flow)
+        if bucket is None:
+            if not self._waiting:
+                self._waiting = [self._counter("waiting", b) for b in range(FLOW_BUCKETS)]
+                self._serving = [self._counter("serving", b) for b in range(FLOW_BUCKETS)]
+            bucket = self._buckets[flow] = hash64(flow) % FLOW_BUCKETS
+        return bucket
+
+    def _counter(self, what: str, bucket: int) -> Counter:
+        if self._table is None:
+            return _LocalCount()
+        return SharedCount(self._table, self._namespace, f"{what}:{bucket}")
+
+    def charge(self, flow: str) -> Counter:
+        """A request of ``flow`` leaves the queue for a replica: counted in flight until its
+        lease ends (the lease decrements the returned counter)."""
+        serving = self._serving[self._buckets[flow]]
+        serving.inc()
+        return serving
+
+    def heads(self) -> list[tuple[str, Waiter]]:
+        """Each flow's first live waiter, the flows with the fewest in flight first and in
+        round-robin order among equals; flows found empty go."""
+        found = []
         for flow in list(self.flows):
             waiters = self.flows[flow]
             while waiters and not waiters[0].queued:
                 waiters.popleft()
             if waiters:
-                yield flow, waiters[0]
+                found.append((flow, waiters[0]))
             else:
                 del self.flows[flow]
+        if len(found) > 1:
+            serving = self._serving
+            found.sort(key=lambda head: serving[self._buckets[head[0]]].value)
+        return found
+
+    def defers(self, flow: str, freed: bool) -> bool:
+        """Whether a replica is owed to a flow queued in another worker: one with fewer in
+        flight than ``flow`` (this worker's neediest). A replica this worker's own request
+        ``freed`` starts a deferral of at most ``DEFER_SECONDS``, which the other pumps keep to
+        until the owed flow has caught up; then a new one may start. Replicas free for other
+        reasons (new ones, a lower class's) go to whoever asks first."""
+        if self.shared is None or self.shared.value <= self.count:
+            return False  # nothing of this class waits elsewhere
+        own = self._serving[self._buckets[flow]].value
+        local, waiting, serving = self._local, self._waiting, self._serving
+        if not any(waiting[b].value > local[b] and serving[b].value < own
+                   for b in range(FLOW_BUCKETS)):
+            self._defer_until = 0.0
+            return False
+        now = time.monotonic()
+        if not self._defer_until:
+            if not freed:
+                return False
+            self._defer_until = now + DEFER_SECONDS
+        return now < self._defer_until
 
     def served(self, flow: str) -> None:
         """The flow's head was served: it goes to the back of the round."""
@@ -173,7 +266,9 @@ class _Band:
         return 0 if self.shared is None else self.shared.value - self.count
 
 
-Acquire = Callable[[Waiter], Any]  # a lease for the waiter now, or None
+# A lease for the waiter now, or None; the queue sets its ``flow`` (a counter to decrement when
+# the lease ends).
+Acquire = Callable[[Waiter], Any]
 
 
 class ModelQueue:
@@ -186,7 +281,7 @@ class ModelQueue:
         self.config = config
         namespace = f"queue\x00{model}"
         self._total = SharedCount(table, namespace, "") if table is not None else None
-        self._bands = [_Band(c, SharedCount(table, namespace, c.name) if table is not None else None)
+        self._bands = [_Band(c, table, namespace)
                        for c in sorted(config.classes, key=lambda c: -c.priority)]
         self._by_name = {band.cls.name: band for band in self._bands}
         self.count = 0
@@ -256,8 +351,9 @@ class ModelQueue:
                 return victim
         return None
 
-    def pump(self) -> None:
-        """Serve waiters, best class first, round-robin within it, while replicas take them.
+    def pump(self, freed: bool = False) -> None:
+        """Serve waiters, best class first, fair within it, while replicas take them (``freed``:
+        a request of this worker released one).
 
         A class is served only while no higher class waits in another worker; a waiter whose
         pick failed marks its kind (adapter, replicas to avoid) blocked for the rest of the
@@ -273,12 +369,13 @@ class ModelQueue:
                 if higher_elsewhere:
                     return
                 if band.count:
-                    self._pump_band(band, blocked)
+                    self._pump_band(band, blocked, freed)
                 higher_elsewhere = band.elsewhere() > 0
         finally:
             self.pumping = False
 
-    def _pump_band(self, band: _Band, blocked: set[tuple[str, tuple[str, ...]]]) -> None:
+    def _pump_band(self, band: _Band, blocked: set[tuple[str, tuple[str, ...]]],
+                   freed: bool) -> None:
         progress = True
         while progress and band.count:
             progress = False
@@ -286,18 +383,23 @@ class ModelQueue:
                 if waiter.future.done():  # cancelled: its client left, its task not yet out
                     band.served(flow)
                     self.leave(waiter)
+                    progress = True
                     continue
                 kind = waiter.blocker()
                 if kind in blocked:
                     continue
+                if band.defers(flow, freed):
+                    return  # every other flow here has at least as many in flight
                 lease = self._acquire(waiter)
                 if lease is None:
                     blocked.add(kind)
                     continue
                 band.served(flow)
                 self.leave(waiter)
+                lease.flow = band.charge(flow)
                 waiter.future.set_result(lease)
                 progress = True
+                break  # in-flight counts changed: order the heads again
 
     def fail_all(self, error: GatewayError) -> None:
         for band in self._bands:
