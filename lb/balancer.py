@@ -77,6 +77,7 @@ class Balancer:
         self._kv_index = kv_index  # the replicas' KV-event mirrors, for CacheAware
         self._scaler = scaler
         self._config = config
+        self._limited = config.limited  # some class may fill only a share of a replica
         self._metrics = metrics
         self._stale_after = engine_stale_after
         self._turn = 0  # LeastQueue's tie-break rotation
@@ -89,13 +90,22 @@ class Balancer:
         queue = self._queues.get(model)
         return queue.count if queue is not None else 0
 
+    def capacity_share(self, scope: dict[str, Any], tenant: Tenant | None) -> float:
+        """The share of a replica's ``replicaCapacity`` this request's priority class may fill:
+        1 unless the queue config limits a class (then an unknown class header is a 400 here)."""
+        if not self._limited:
+            return 1.0
+        return self._config.capacity_share(priority_class(
+            self._config, scope, tenant.priority if tenant is not None else None))
+
     def try_acquire(self, model: Model, adapter: str, key: str, exclude: list[str],
                     weight: int = 1, prompt: PromptBlocks | None = None,
-                    queued: bool = False) -> Lease | None:
+                    queued: bool = False, share: float = 1.0) -> Lease | None:
         """A lease on the best endpoint for this request (routing ``key``: its prompt prefix or
         session; ``weight``: 1, or its estimated tokens; ``prompt``: its blocks, for
-        CacheAware), or None if there is none now — or, for a newcomer (not ``queued``),
-        while requests of a model with a ``replicaCapacity`` queue: it must not pass them.
+        CacheAware; ``share``: its class's ``capacity_share``), or None if there is none now —
+        or, for a newcomer (not ``queued``), while requests of a model with a
+        ``replicaCapacity`` queue: it must not pass them.
 
         Synchronous so the common case costs no coroutine; ``wait`` is the slow path.
         """
@@ -106,9 +116,15 @@ class Balancer:
             queue = self.queue(model.name)
             if not queued and queue.anywhere():
                 return None
+            if share < 1:
+                capacity = max(1, int(capacity * share))
         ejected = group.outliers.current() if group.outliers is not None else None
         unhealthy = group.unhealthy  # failed active health checks; empty unless checks are on
-        pick = self._pick_capped if capacity else self._pick
+        if capacity:
+            def pick(*args: Any) -> str | None:
+                return self._pick_capped(capacity, *args)
+        else:
+            pick = self._pick
         if ejected or unhealthy:
             skip = [*exclude, *(ejected or ()), *unhealthy]
             picked = pick(group, model, adapter, key, skip, weight, prompt)
@@ -183,8 +199,9 @@ class Balancer:
         model = self._registry.get_model(name)
         if model is None:
             return None  # the pump task ends the queue with 404s
-        return self.try_acquire(model, waiter.adapter, waiter.key, waiter.exclude,
-                                waiter.weight, waiter.prompt, queued=True)
+        assert waiter.band is not None
+        return self.try_acquire(model, waiter.adapter, waiter.key, waiter.exclude, waiter.weight,
+                                waiter.prompt, queued=True, share=waiter.band.cls.capacity_share)
 
     def _expire(self, queue: ModelQueue, waiter: Waiter, adapter: str, timeout: float) -> None:
         """A waiter's deadline passed: 503, saying whether no replica could serve it or every
@@ -253,12 +270,12 @@ class Balancer:
         if not task.cancelled() and task.exception() is not None:
             log.error("scaling model %s from zero failed: %s", name, task.exception())
 
-    def _pick_capped(self, group: EndpointGroup, model: Model, adapter: str, key: str,
-                     exclude: list[str] | tuple[()], weight: int,
+    def _pick_capped(self, capacity: int, group: EndpointGroup, model: Model, adapter: str,
+                     key: str, exclude: list[str] | tuple[()], weight: int,
                      prompt: PromptBlocks | None) -> str | None:
-        """``_pick`` among the replicas below the Model's ``replicaCapacity`` (a replica with
-        nothing in flight takes even a request heavier than the capacity)."""
-        capacity = model.spec.load_balancing.replica_capacity
+        """``_pick`` among the replicas below ``capacity`` (the Model's ``replicaCapacity``, or
+        the request class's share of it; a replica with nothing in flight takes even a request
+        heavier than the capacity)."""
         ring = group.ring
         full: list[str] = []
         while True:

@@ -57,10 +57,15 @@ class PriorityClass:
     priority: int = setting(doc="Higher classes are served first.", minimum=0, maximum=1_000_000)
     timeout_seconds: float = setting(
         0.0, doc="How long a request of this class may queue; 0: the queue's timeoutSeconds.", minimum=0)
+    capacity_share: float = setting(
+        1.0, doc="The share of each replica's replicaCapacity that this class may fill (an idle replica "
+        "still takes one request). Below 1 for offline work, so that interactive requests find a free "
+        "slot instead of waiting for a line to finish, and the engine is not run at its full batch.",
+        exclusive_minimum=0, maximum=1)
 
 
 _CLASSES = (PriorityClass("critical", 200), PriorityClass("default", 100),
-            PriorityClass("batch", 0, timeout_seconds=86_400.0))
+            PriorityClass("batch", 0, timeout_seconds=86_400.0, capacity_share=0.5))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,14 @@ class QueueConfig:
 
     def timeout_of(self, cls: PriorityClass) -> float:
         return cls.timeout_seconds or self.timeout_seconds
+
+    @property
+    def limited(self) -> bool:
+        """Whether some class may fill only a share of a replica's capacity."""
+        return any(c.capacity_share < 1 for c in self.classes)
+
+    def capacity_share(self, cls: str) -> float:
+        return next(c.capacity_share for c in self.classes if c.name == cls)
 
     @property
     def lowest(self) -> str:

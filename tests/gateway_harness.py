@@ -190,6 +190,7 @@ class Backend:
         self.calls: collections.Counter[str] = collections.Counter()  # path -> requests
         self.seen: list[Seen] = []
         self.in_flight = 0
+        self.most_in_flight = 0  # the peak of in_flight
         self.cancelled = 0  # handlers cancelled because the gateway closed the connection
         self.cancel_times: list[float] = []
         self.chunk_times: list[float] = []  # monotonic time each SSE chunk was written
@@ -263,6 +264,7 @@ class Backend:
         if request.method == "GET" and request.path == "/health":
             return await self._health()
         self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             return await self._serve(request)
         except asyncio.CancelledError:

@@ -92,6 +92,36 @@ def test_capacity_caps_in_flight_and_queues_the_rest(gw, pool):
     gw.settle()
 
 
+def test_the_batch_class_fills_only_its_share_of_a_replica(gw, pool):
+    backend = gw.backend("b")
+    gw.model_with("m", [backend], replica_capacity=4)  # the batch class's share: 0.5
+    gw.on_loop(backend.hold)
+    client = gw.client()
+    lines = [pool.submit(ask, client, f"line{i}", "batch") for i in range(4)]
+    gw.wait_for(lambda: backend.in_flight == 2 and gw.balancer.waiting("m") == 2,
+                what="two lines in flight, two queued")
+    interactive = [pool.submit(ask, client, f"chat{i}") for i in range(2)]
+    gw.wait_for(lambda: backend.in_flight == 4, what="the interactive requests in the free slots")
+    assert gw.on_loop(gw.balancer.waiting, "m") == 2  # they did not queue; the lines still do
+    gw.on_loop(backend.release)
+    assert len([f.result(30) for f in lines + interactive]) == 6
+    gw.settle()
+
+
+def test_a_class_share_counts_newcomers_and_queued_alike(gw, pool):
+    backend = gw.backend("b")
+    gw.model_with("m", [backend], replica_capacity=3)  # half of 3: one line at a time
+    gw.on_loop(backend.hold)
+    client = gw.client()
+    lines = [pool.submit(ask, client, f"line{i}", "batch") for i in range(3)]
+    gw.wait_for(lambda: backend.in_flight == 1 and gw.balancer.waiting("m") == 2,
+                what="one line in flight, two queued")
+    gw.on_loop(backend.release)
+    assert len([f.result(30) for f in lines]) == 3
+    assert backend.most_in_flight == 1
+    gw.settle()
+
+
 def test_a_higher_class_is_served_before_a_queued_lower_one(gw, pool):
     s = Saturated(gw, pool)
     client = gw.client()

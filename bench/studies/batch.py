@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import openai
 
-from bench.procs import free_port, gateway_config, spawn, stop, wait_for_port
+from bench.procs import consecutive_free_ports, free_port, gateway_config, spawn, stop, wait_for_port
 from bench.results import check, save, table, targets_table
 
 MODEL = "m"
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def _round(args: argparse.Namespace) -> dict[str, Any]:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        sim_port = free_port()
+        sim_port = consecutive_free_ports(args.replicas)
         sims = spawn([sys.executable, "-m", "kvgate_sim", "--port", str(sim_port), "--replicas",
                       str(args.replicas), "--profile", args.profile, "--model-name", MODEL])
         stack.callback(stop, sims)
