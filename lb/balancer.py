@@ -20,7 +20,7 @@ from lb import cache_aware
 from lb.cache_aware import PromptBlocks
 from lb.ejection import EjectionConfig, Outliers
 from lb.errors import GatewayError, model_not_found
-from lb.flow_queue import Counter, ModelQueue, QueueConfig, TICK_SECONDS, Waiter, priority_class
+from lb.flow_queue import Count, ModelQueue, QueueConfig, TICK_SECONDS, Waiter, priority_class
 from lb.keys import Tenant
 from lb.kv_events import KVIndex
 from lb.metrics import GatewayMetrics
@@ -42,7 +42,7 @@ class Lease:
     ticket: int
     weight: int
     queue: ModelQueue | None = None  # the model's queue, pumped when this replica frees up
-    flow: Counter | None = None  # the queue's in-flight count of the request's flow, if it queued
+    flow: Count | None = None  # the queue's in-flight count of the request's flow, if it queued
     released: bool = False
 
     def release(self) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lb.errors import GatewayError, bad_request
+from lb.loads import LocalCount
 from lb.ring import LoadTable, SharedCount, hash64
 from lb.schema import SchemaError, setting
 
@@ -135,22 +136,7 @@ class Waiter:
         return self.adapter, tuple(self.exclude)
 
 
-class _LocalCount:
-    """``SharedCount``'s interface for a gateway whose workers share no load table."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def inc(self) -> None:
-        self.value += 1
-
-    def dec(self) -> None:
-        self.value -= 1
-
-
-Counter = SharedCount | _LocalCount
+Count = SharedCount | LocalCount
 
 
 class _Band:
@@ -169,8 +155,8 @@ class _Band:
         self.shared = SharedCount(table, namespace, cls.name) if table is not None else None
         self._table, self._namespace = table, f"{namespace}\x00{cls.name}"
         self._buckets: dict[str, int] = {}  # flow -> its bucket
-        self._waiting: list[Counter] = []  # per bucket, over every worker (made on first use)
-        self._serving: list[Counter] = []  # per bucket: served by the queue, still in flight
+        self._waiting: list[Count] = []  # per bucket, over every worker (made on first use)
+        self._serving: list[Count] = []  # per bucket: served by the queue, still in flight
         self._local = [0] * FLOW_BUCKETS  # per bucket, in this worker
         self._defer_until = 0.0  # the end of a deferral to another worker's flow, if one runs
 
@@ -207,12 +193,12 @@ class _Band:
             bucket = self._buckets[flow] = hash64(flow) % FLOW_BUCKETS
         return bucket
 
-    def _counter(self, what: str, bucket: int) -> Counter:
+    def _counter(self, what: str, bucket: int) -> Count:
         if self._table is None:
-            return _LocalCount()
+            return LocalCount()
         return SharedCount(self._table, self._namespace, f"{what}:{bucket}")
 
-    def charge(self, flow: str) -> Counter:
+    def charge(self, flow: str) -> Count:
         """A request of ``flow`` leaves the queue for a replica: counted in flight until its
         lease ends (the lease decrements the returned counter)."""
         serving = self._serving[self._buckets[flow]]

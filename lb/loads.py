@@ -11,7 +11,7 @@ import multiprocessing
 
 import mmh3
 
-__all__ = ["LoadTable"]
+__all__ = ["LoadTable", "LocalCount"]
 
 
 def _tag(namespace: str, key: str) -> int:
@@ -86,3 +86,19 @@ class LoadTable:
         self._words.release()
         self._counts.release()
         self.buffer.close()
+
+
+class LocalCount:
+    """A ``SharedCount``'s interface (``inc``/``dec``/``value``) in one process: the counter a
+    gateway keeps where its workers share no load table."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1

@@ -29,27 +29,14 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector
 
+from lb.loads import LocalCount
+
 if TYPE_CHECKING:
     from lb.engine_metrics import EngineScraper
     from lb.registry import EndpointGroup
     from lb.ring import LoadTable, SharedCount
 
 _LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-class ActiveCount:
-    """In-flight requests of one model; read at scrape time."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def inc(self) -> None:
-        self.value += 1
-
-    def dec(self) -> None:
-        self.value -= 1
 
 
 class _Buckets:
@@ -87,7 +74,7 @@ class GatewayMetrics:
         self.splits = Counter("kvgate_split_requests_total",
                               "Requests for a name sent to another by a traffic split (spec.splits).",
                               ["requested", "target"], registry=r)
-        self.active: dict[str, ActiveCount | SharedCount] = {}
+        self.active: dict[str, LocalCount | SharedCount] = {}
         self._loads: LoadTable | None = None
         self.codes: dict[tuple[str, str, int], int] = {}
         self.durations: dict[tuple[str, str], _Buckets] = {}
@@ -122,11 +109,11 @@ class GatewayMetrics:
         the first request."""
         self._loads = loads
 
-    def active_gauge(self, model: str) -> ActiveCount | SharedCount:
+    def active_gauge(self, model: str) -> LocalCount | SharedCount:
         count = self.active.get(model)
         if count is None:
             if self._loads is None:
-                count = ActiveCount()
+                count = LocalCount()
             else:
                 from lb.ring import SharedCount  # lazily: lb.ring logs which ring is in use
 
