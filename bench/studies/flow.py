@@ -82,6 +82,7 @@ class Settings:
     prompt_tokens: int  # prompt of flood and tenant requests
     probe_prompt_tokens: int  # prompt of the critical client's requests
     max_queued: int  # queue.maxQueuedPerModel (per worker)
+    batch_share: float  # the batch class's capacityShare
     batch_timeout: float  # the batch class's deadline
     default_timeout: float  # the other classes' deadline
     unloaded: float
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens of the critical client's requests")
     p.add_argument("--max-queued", type=int, default=12,
                    help="queue.maxQueuedPerModel (per worker: small, so the flood is shed too)")
+    p.add_argument("--batch-share", type=float, default=0.5,
+                   help="the batch class's capacityShare (the default config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
@@ -129,7 +132,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         flood=args.flood, ratio=args.ratio, small_share=args.small_share, profile=args.profile,
         max_tokens=args.max_tokens, probe_tokens=args.probe_tokens,
         prompt_tokens=args.prompt_tokens, probe_prompt_tokens=args.probe_prompt_tokens,
-        max_queued=args.max_queued,
+        max_queued=args.max_queued, batch_share=args.batch_share,
         batch_timeout=3.0 if quick else 4.0, default_timeout=8.0 if quick else 15.0,
         unloaded=3.0 if quick else 8.0, warmup=1.0 if quick else 2.0,
         window=5.0 if quick else 12.0, chaos=3.0 if quick else 8.0, hangups=6.0, probes=2,
@@ -180,8 +183,8 @@ class Stack:
                 "retryAfterSeconds": 1,
                 "classes": [{"name": "critical", "priority": 200},
                             {"name": "default", "priority": 100},
-                            {"name": "batch", "priority": 0,
-                             "timeoutSeconds": s.batch_timeout}]}}))
+                            {"name": "batch", "priority": 0, "timeoutSeconds": s.batch_timeout,
+                             "capacityShare": s.batch_share}]}}))
 
     def __enter__(self) -> "Stack":
         self.procs.append(spawn([sys.executable, "-m", "kvgate_sim", "--port", str(self.sim_port),
@@ -611,7 +614,8 @@ def _markdown(result: dict[str, Any], s: Settings) -> str:
         "# Flow control under saturation (`python -m bench flow`)", "",
         f"{s.replicas} simulated replicas (`{s.profile}`), `replicaCapacity: {s.capacity}` "
         f"({m['capacity']['slots']:.0f} slots; a load request takes "
-        f"{m['capacity']['service_s']:.2f} s on a full replica: {m['capacity']['rps']:.1f} req/s), `kvgate gateway --workers 2`, API keys on; "
+        f"{m['capacity']['service_s']:.2f} s on a full replica: {m['capacity']['rps']:.1f} req/s), "
+        f"the batch class's `capacityShare: {s.batch_share:g}`, `kvgate gateway --workers 2`, API keys on; "
         f"medians of {len(rounds)} round(s). Load average at the end: "
         f"{result['settings']['load_average_1m']:.2f} on {os.cpu_count()} cores; steal so far "
         f"{steal_seconds():.0f} s.", "",
