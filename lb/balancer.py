@@ -98,6 +98,12 @@ class Balancer:
         return self._config.capacity_share(priority_class(
             self._config, scope, tenant.priority if tenant is not None else None))
 
+    def engine_priority(self, scope: dict[str, Any], tenant: Tenant | None) -> int:
+        """vLLM's ``priority`` for this request's class (lower is admitted first): minus the
+        class's priority, for Models whose replicas schedule by priority."""
+        cls = priority_class(self._config, scope, tenant.priority if tenant is not None else None)
+        return -self._config.class_priority(cls)
+
     def try_acquire(self, model: Model, adapter: str, key: str, exclude: list[str],
                     weight: int = 1, prompt: PromptBlocks | None = None,
                     queued: bool = False, share: float = 1.0) -> Lease | None:

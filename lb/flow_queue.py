@@ -106,6 +106,9 @@ class QueueConfig:
     def capacity_share(self, cls: str) -> float:
         return next(c.capacity_share for c in self.classes if c.name == cls)
 
+    def class_priority(self, cls: str) -> int:
+        return next(c.priority for c in self.classes if c.name == cls)
+
     @property
     def lowest(self) -> str:
         """The lowest class: what offline work (a batch's lines) runs in."""

@@ -42,6 +42,7 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 # Sim emulates vLLM's runtime LoRA endpoints, so it takes adapters too.
 ADAPTER_ENGINES = ("VLLM", "Sim")
+PRIORITY_ENGINES = ("VLLM", "Sim")  # the engines with vLLM's --scheduling-policy priority
 MODEL_URL_SCHEMES = ("hf", "pvc", "ollama", "s3", "gs", "oss", "file")
 ADAPTER_URL_SCHEMES = ("hf", "s3", "gs", "oss", "file")
 # A cache profile downloads the model once into shared storage: only remote object sources qualify.
@@ -457,6 +458,12 @@ class LoadBalancing(_Resource):
         "instead of piling onto a model server. 0: no cap beyond the strategy's own bound.",
         minimum=0, maximum=1 << 30,
     )
+    priority_scheduling: bool = _field(
+        False, doc="The replicas schedule by priority (VLLM and Sim engines: --scheduling-policy priority): "
+        "every request carries its priority class to the engine as vLLM's `priority` (minus the class's "
+        "priority: higher classes are lower values, admitted first), replacing any the client sent, so the "
+        "engine admits interactive prompts ahead of queued offline work.",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -509,6 +516,13 @@ class ModelSpec(_Resource):
             message=f"adapters are only supported with engine {' or '.join(ADAPTER_ENGINES)}",
             cel=f"!has(self.adapters) || size(self.adapters) == 0 || self.engine in {_cel_strings(ADAPTER_ENGINES)}",
             ok=lambda s: not s.adapters or s.engine in ADAPTER_ENGINES,
+        ),
+        _Rule(
+            field="loadBalancing",
+            message=f"priorityScheduling is only supported with engine {' or '.join(PRIORITY_ENGINES)}",
+            cel="!has(self.loadBalancing) || !has(self.loadBalancing.priorityScheduling) || "
+            f"!self.loadBalancing.priorityScheduling || self.engine in {_cel_strings(PRIORITY_ENGINES)}",
+            ok=lambda s: not s.load_balancing.priority_scheduling or s.engine in PRIORITY_ENGINES,
         ),
         _Rule(
             field="cacheProfile",

@@ -106,9 +106,19 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 def with_model(parsed: ParsedRequest, model: str) -> bytes:
     """The body to forward with ``model`` set to ``model`` (only re-serialised if it differs)."""
-    if parsed.payload is None or parsed.payload.get("model") == model:
+    return with_fields(parsed, model=model)
+
+
+def with_fields(parsed: ParsedRequest, **fields: Any) -> bytes:
+    """The body to forward with these top-level fields set (re-serialised from the parsed
+    payload, never parsed again, and only if one differs)."""
+    payload = parsed.payload
+    if payload is None or all(payload.get(k, _ABSENT) == v for k, v in fields.items()):
         return parsed.body
-    return dumps({**parsed.payload, "model": model})
+    return dumps({**payload, **fields})
+
+
+_ABSENT = object()
 
 
 def dumps(value: Any) -> bytes:

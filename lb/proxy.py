@@ -31,7 +31,7 @@ from lb.keys import Tenant
 from lb.metrics import GatewayMetrics
 from lb.model import Model, join_model_adapter, split_model_adapter
 from lb.parse import (ParsedRequest, check_content_type, estimated_tokens, parse_request,
-                      prefix_of, with_model)
+                      prefix_of, with_fields, with_model)
 from lb.registry import Registry
 from lb.rewrite import ModelRename
 from lb.selectors import matches, parse_selector
@@ -209,6 +209,9 @@ class Proxy:
         else:
             body = parsed.body
             rename = None
+        if model.spec.load_balancing.priority_scheduling and parsed.payload is not None:
+            body = with_fields(parsed, model=served,
+                               priority=self._balancer.engine_priority(scope, tenant))
         weight = estimated_tokens(parsed) if model.spec.load_balancing.load_unit == "Tokens" else 1
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1

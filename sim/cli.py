@@ -76,6 +76,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                      help="LoRA adapters loaded at start, each served as model NAME")
     eng.add_argument("--enable-lora", action="store_true",
                      help="accepted for vLLM parity (LoRA is always enabled)")
+    eng.add_argument("--scheduling-policy", choices=("fcfs", "priority"),
+                     help="vLLM's: priority admits waiting requests by their `priority` field")
     eng.add_argument("--kv-events-config", dest="kv_events_config", metavar="JSON",
                      help='publish KV-cache events like vLLM, e.g. \'{"enable_kv_cache_events": '
                           'true, "publisher": "zmq", "endpoint": "tcp://*:5557", '
@@ -106,6 +108,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "max_model_len": args.max_model_len, "max_loras": args.max_loras,
         "lora_load_s": args.lora_load_latency,
         "natural_output_tokens": args.natural_output_tokens,
+        "scheduling_policy": args.scheduling_policy,
     }
     out = {k: v for k, v in mapping.items() if v is not None}
     if args.no_prefix:

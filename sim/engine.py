@@ -56,7 +56,7 @@ class Sequence:
         "output", "blocks", "block_hashes", "root", "num_computed", "num_registered",
         "num_cached_tokens", "status", "finish_reason", "num_preemptions", "arrival_time",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time", "wake_each",
-        "_waiter",
+        "priority", "_waiter",
     )
 
     def __init__(self, prompt_tokens: Seq[int], max_tokens: int, target_tokens: int,
@@ -85,6 +85,8 @@ class Sequence:
         self.finish_time = 0.0
         # Streams want every token as it comes; non-streaming callers only the end (fewer wakeups).
         self.wake_each = True
+        # vLLM's request `priority` (lower first); used only under the "priority" policy
+        self.priority = 0
         self._waiter: Optional[asyncio.Future] = None
 
     @property
@@ -133,6 +135,7 @@ class Engine:
         self.stats = EngineStats(max_model_len=self.max_model_len)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.by_priority = profile.scheduling_policy == "priority"
         self.lora_slots: OrderedDict[str, None] = OrderedDict()
         self.steps = 0
         self.busy_time = 0.0
@@ -201,9 +204,22 @@ class Engine:
         seq.arrival_time = asyncio.get_running_loop().time()
         extend_block_hashes(seq.block_hashes, seq.tokens, self.block_size, seq.root)
         seq.status = Status.WAITING
-        self.waiting.append(seq)
+        if self.by_priority:
+            self._insert_by_priority(seq)
+        else:
+            self.waiting.append(seq)
         self._work.set()
         return seq
+
+    def _insert_by_priority(self, seq: Sequence) -> None:
+        """Place ``seq`` after every waiting sequence that comes first by (priority, arrival),
+        as vLLM's priority queue orders its waiting requests."""
+        rank = (seq.priority, seq.arrival_time)
+        waiting = self.waiting
+        at = len(waiting)
+        while at > 0 and (waiting[at - 1].priority, waiting[at - 1].arrival_time) > rank:
+            at -= 1
+        waiting.insert(at, seq)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a sequence (client went away); its blocks return to the pool, still cached."""
@@ -332,18 +348,32 @@ class Engine:
                 if blocks is not None:
                     seq.blocks.extend(blocks)
                     break
-                victim = running.pop()
+                at = self._victim()
+                victim = running.pop(at)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     return preempted
+                if at < i:  # already given tokens this step: take them back
+                    i -= 1
+                    budget += scheduled.pop(at)[1]
             scheduled.append((seq, n_new))
             budget -= n_new
             i += 1
         return preempted
 
+    def _victim(self) -> int:
+        """Which running sequence a preemption takes: the newest (FCFS), or under the priority
+        policy the one that comes last by (priority, arrival), as vLLM picks."""
+        running = self.running
+        if not self.by_priority:
+            return len(running) - 1
+        return max(range(len(running)), key=lambda k: (running[k].priority,
+                                                        running[k].arrival_time))
+
     def _preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks and requeue it at the head (recompute later)."""
+        """Free a running sequence's blocks and requeue it (recompute later): at the head, or
+        under the priority policy in its place by (priority, arrival)."""
         self.kv.free(seq.blocks)
         seq.blocks = []
         seq.num_computed = 0
@@ -351,7 +381,10 @@ class Engine:
         seq.status = Status.PREEMPTED
         seq.num_preemptions += 1
         self.stats.preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self._insert_by_priority(seq)
+        else:
+            self.waiting.appendleft(seq)
 
     def _lora_fits(self, adapter: Optional[str], active: set) -> bool:
         return not adapter or adapter in active or len(active) < self.profile.max_loras

@@ -66,6 +66,9 @@ class Profile:
     lora_swap_s: float = 0.002  # extra step time when an adapter enters a GPU slot
     natural_output_tokens: int = 256  # length at which the "model" stops on its own (EOS)
     embedding_dim: int = 384
+    # vLLM --scheduling-policy: "fcfs", or "priority" (waiting requests admitted by their
+    # `priority`, lower first, then arrival; a preemption takes the lowest-priority request)
+    scheduling_policy: str = "fcfs"
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -303,7 +303,16 @@ class SimServer:
             target = max(target, min_tokens)
         seq = Sequence(tokens, max_tokens, target, adapter)
         seq.wake_each = stream
+        seq.priority = self._priority(body)
         return seq
+
+    def _priority(self, body: dict) -> int:
+        """vLLM's request `priority`: any value but 0 needs the priority scheduling policy."""
+        priority = _int_field(body, "priority") or 0
+        if priority and not self.engine.by_priority:
+            raise SimError(400, f"Got priority {priority} but Priority scheduling is not "
+                           "enabled.", param="priority")
+        return priority
 
     @staticmethod
     def _include_usage(body: dict) -> bool:

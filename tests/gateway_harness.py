@@ -488,7 +488,8 @@ def model_manifest(name: str, *, engine: str = "VLLM",
                    prefix_from: str = "FirstUserMessage",
                    load_unit: str = "Requests",
                    cache_aware: dict[str, Any] | None = None,
-                   replica_capacity: int = 0) -> dict[str, Any]:
+                   replica_capacity: int = 0,
+                   priority_scheduling: bool = False) -> dict[str, Any]:
     return {
         "apiVersion": "kvgate.dev/v1", "kind": "Model",
         "metadata": {"name": name, "labels": dict(labels or {})},
@@ -496,7 +497,8 @@ def model_manifest(name: str, *, engine: str = "VLLM",
             "url": f"hf://test/{name}", "engine": engine, "features": list(features),
             "adapters": [{"name": a, "url": f"hf://test/{a}"} for a in adapters],
             "loadBalancing": {"strategy": strategy, "loadUnit": load_unit,
-                              "replicaCapacity": replica_capacity, "prefixHash": {
+                              "replicaCapacity": replica_capacity,
+                              "priorityScheduling": priority_scheduling, "prefixHash": {
                 "meanLoadFactor": mean_load_factor, "replication": replication,
                 "prefixCharLength": prefix_char_length, "prefixFrom": prefix_from},
                 "cacheAware": dict(cache_aware or {})},

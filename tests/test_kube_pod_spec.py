@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lb.model import Model
+from lb.model import Model, ModelValidationError
 from lb_operator.kube.engines import PodSpecError, cache_dir, file_key, files_config_map
 from lb_operator.json_patch import JsonPatchError, apply_patch
 from lb_operator.kube.pods import multiply_quantity, pod_for_model, pod_hash
@@ -370,3 +370,30 @@ def test_pod_hash_is_stable_across_processes_and_sensitive_to_spec():
     # Labels and replica counts are not part of the Pod's spec: no rollout for them.
     assert pod_for_model(model(replicas=3, maxReplicas=5), CONFIG)["metadata"]["labels"]["pod-hash"] == base
     assert pod_hash({"a": 1, "b": [1, 2]}) == pod_hash({"b": [1, 2], "a": 1})
+
+
+@pytest.mark.parametrize("engine", ["VLLM", "Sim"])
+def test_priority_scheduling_flag_on_pods_and_the_models_own_wins(engine):
+    """priorityScheduling starts the engine with vLLM's priority policy (the gateway then sends
+    each request's class as `priority`); a policy in the Model's args wins; other engines are
+    refused at validation, not started with a flag they do not know."""
+    c = server(pod_for_model(model(engine=engine, loadBalancing={"priorityScheduling": True}),
+                             CONFIG))
+    at = c["args"].index("--scheduling-policy")
+    assert c["args"][at + 1] == "priority"
+    assert "--scheduling-policy" not in server(pod_for_model(model(engine=engine), CONFIG)).get(
+        "args", [])
+    own = ["--scheduling-policy", "fcfs"]
+    c = server(pod_for_model(model(engine=engine, loadBalancing={"priorityScheduling": True},
+                                   args=own), CONFIG))
+    assert c["args"].count("--scheduling-policy") == 1 and c["args"][-2:] == own
+    with pytest.raises(ModelValidationError, match="priorityScheduling is only supported"):
+        model(engine="OLlama", url="ollama://qwen", loadBalancing={"priorityScheduling": True})
+
+
+def test_sim_pod_priority_flag_parses_with_the_real_cli():
+    c = server(pod_for_model(model(engine="Sim", loadBalancing={"priorityScheduling": True}),
+                             CONFIG))
+    out = subprocess.run([sys.executable, "-m", "kvgate_sim", *c["args"], "--list-profiles"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -93,6 +93,15 @@ def test_vllm_with_adapters_is_started_for_runtime_lora_and_sim_does_not_roll(tm
     assert launch_hash(sim, LocalConfig(), tmp_path) == launch_hash(model(), LocalConfig(), tmp_path)
 
 
+def test_priority_scheduling_starts_local_replicas_with_the_priority_policy(tmp_path: Path) -> None:
+    scheduled = parse_models(doc() + "  loadBalancing: {priorityScheduling: true}\n")[0]
+    launch = render_launch(scheduled, LocalConfig(), port=1, state=tmp_path, base_dir=tmp_path)
+    at = launch.argv.index("--scheduling-policy")
+    assert launch.argv[at + 1] == "priority" and launch.argv[-1] == "--flag"
+    plain = render_launch(model(), LocalConfig(), port=1, state=tmp_path, base_dir=tmp_path)
+    assert "--scheduling-policy" not in plain.argv
+
+
 def test_missing_engines_and_files_are_reported(tmp_path: Path) -> None:
     check_engine(model(), LocalConfig(), tmp_path)
     with pytest.raises(EngineUnavailable, match="`vllm` is not installed"):

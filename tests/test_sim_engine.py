@@ -107,6 +107,40 @@ async def test_preemption_on_kv_exhaustion_then_completion(engine_factory):
     eng.kv.check_invariants()
 
 
+async def test_priority_policy_admits_waiting_requests_by_priority(engine_factory):
+    """Under vLLM's priority policy a request that arrives last with a lower `priority` value
+    is admitted before those waiting ahead of it; FCFS keeps arrival order."""
+    async def admission_order(policy: str) -> list[str]:
+        eng = engine_factory(max_num_seqs=1, step_fixed_s=0.005, scheduling_policy=policy)
+        first = Sequence(prompt(20, "first"), 10, 10, request_id="first")
+        eng.add(first)
+        await first.wait_progress(1)  # running: the others must wait for its slot
+        waiters = []
+        for name, priority in (("low", 5), ("default", 0), ("urgent", -10)):
+            seq = Sequence(prompt(20, name), 3, 3, request_id=name)
+            seq.priority = priority
+            eng.add(seq)
+            waiters.append(seq)
+        await asyncio.wait_for(asyncio.gather(first.wait_finished(),
+                                              *(s.wait_finished() for s in waiters)), 10)
+        return [s.request_id for s in sorted(waiters, key=lambda s: s.scheduled_time)]
+
+    assert await admission_order("priority") == ["urgent", "default", "low"]
+    assert await admission_order("fcfs") == ["low", "default", "urgent"]
+
+
+async def test_priority_policy_preempts_the_lowest_priority_request(engine_factory):
+    # As the preemption test above, but the oldest sequence has the lowest priority: it goes.
+    eng = engine_factory(num_kv_blocks=24, scheduling_policy="priority")
+    seqs = [Sequence(prompt(30, f"s{i}"), 120, 120) for i in range(4)]
+    seqs[0].priority = 1
+    await run(eng, *seqs)
+    assert seqs[0].num_preemptions > 0
+    assert all(len(s.output) == 120 for s in seqs)
+    assert eng.kv.usage() == 0.0
+    eng.kv.check_invariants()
+
+
 async def test_abort_frees_blocks(engine_factory):
     eng = engine_factory(step_fixed_s=0.002)
     s = Sequence(prompt(100), 1000, 1000)

@@ -139,6 +139,9 @@ async def test_bad_requests_get_openai_shaped_errors(start, http):
         (orjson.dumps(chat_body("x" * 2000)), 400),
         (orjson.dumps(chat_body("x", max_tokens=500)), 400),
         (orjson.dumps({**chat_body("x"), "model": "other"}), 404),
+        # as vLLM: a priority needs --scheduling-policy priority; and it must be an integer
+        (orjson.dumps(chat_body("x", priority=-5)), 400),
+        (orjson.dumps(chat_body("x", priority="high")), 400),
     ]
     for raw, status in cases:
         async with http.post(r.url + "/v1/chat/completions", data=raw,
@@ -152,6 +155,14 @@ async def test_bad_requests_get_openai_shaped_errors(start, http):
         err = (await resp.json())["error"]
     assert err == {"message": "The model `other` does not exist.", "type": "NotFoundError",
                    "param": "model", "code": 404}
+
+
+async def test_priority_field_under_the_priority_policy(start, http):
+    r = await start(overrides={"scheduling_policy": "priority"})
+    for priority in (-5, 0, 7):
+        async with http.post(r.url + "/v1/chat/completions",
+                             json=chat_body("x", priority=priority, max_tokens=2)) as resp:
+            assert resp.status == 200, await resp.text()
 
 
 async def test_embeddings_models_and_version(start, http):

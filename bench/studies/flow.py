@@ -82,6 +82,7 @@ class Settings:
     probe_prompt_tokens: int  # prompt of the critical client's requests
     max_queued: int  # queue.maxQueuedPerModel (per worker)
     batch_share: float  # the batch class's capacityShare
+    engine_priority: bool  # loadBalancing.priorityScheduling, the sim on vLLM's priority policy
     batch_timeout: float  # the batch class's deadline
     default_timeout: float  # the other classes' deadline
     unloaded: float
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queue.maxQueuedPerModel (per worker: small, so the flood is shed too)")
     p.add_argument("--batch-share", type=float, default=0.5,
                    help="the batch class's capacityShare (the default config's)")
+    p.add_argument("--engine-priority", action=argparse.BooleanOptionalAction, default=True,
+                   help="the Model's priorityScheduling: the replicas admit waiting requests by "
+                   "their class (vLLM's --scheduling-policy priority)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
@@ -132,6 +136,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_tokens=args.max_tokens, probe_tokens=args.probe_tokens,
         prompt_tokens=args.prompt_tokens, probe_prompt_tokens=args.probe_prompt_tokens,
         max_queued=args.max_queued, batch_share=args.batch_share,
+        engine_priority=args.engine_priority,
         batch_timeout=3.0 if quick else 4.0, default_timeout=8.0 if quick else 15.0,
         unloaded=3.0 if quick else 8.0, warmup=1.0 if quick else 2.0,
         window=5.0 if quick else 12.0, chaos=3.0 if quick else 8.0, hangups=6.0, probes=2,
@@ -176,7 +181,8 @@ class Stack:
         addresses = [f"{HOST}:{self.sim_port + i}" for i in range(s.replicas)]
         self.config.write_text(gateway_config(
             {MODEL: addresses}, self.port, metrics_port=self.metrics_port, strategy="LeastLoad",
-            load_balancing={"replicaCapacity": s.capacity},
+            load_balancing={"replicaCapacity": s.capacity,
+                            "priorityScheduling": s.engine_priority},
             settings={"apiKeys": {"enabled": True, "file": str(keys)}, "queue": {
                 "maxQueuedPerModel": s.max_queued, "timeoutSeconds": s.default_timeout,
                 "retryAfterSeconds": 1,
@@ -188,7 +194,9 @@ class Stack:
     def __enter__(self) -> "Stack":
         self.procs.append(spawn([sys.executable, "-m", "kvgate_sim", "--port", str(self.sim_port),
                                  "--replicas", str(self.s.replicas), "--profile", self.s.profile,
-                                 "--model-name", MODEL], stderr=None))
+                                 "--model-name", MODEL, "--scheduling-policy",
+                                 "priority" if self.s.engine_priority else "fcfs"],
+                                stderr=None))
         self.procs.append(spawn([sys.executable, "-m", "kvgate", "gateway", "-c",
                                  str(self.config), "--workers", "2"], stderr=None))
         try:
@@ -614,7 +622,9 @@ def _markdown(result: dict[str, Any], s: Settings) -> str:
         f"{s.replicas} simulated replicas (`{s.profile}`), `replicaCapacity: {s.capacity}` "
         f"({m['capacity']['slots']:.0f} slots; a load request takes "
         f"{m['capacity']['service_s']:.2f} s on a full replica: {m['capacity']['rps']:.1f} req/s), "
-        f"the batch class's `capacityShare: {s.batch_share:g}`, `kvgate gateway --workers 2`, API keys on; "
+        f"the batch class's `capacityShare: {s.batch_share:g}`, "
+        f"`priorityScheduling: {str(s.engine_priority).lower()}` (the replicas on vLLM's "
+        f"{'priority' if s.engine_priority else 'FCFS'} policy), `kvgate gateway --workers 2`, API keys on; "
         f"medians of {len(rounds)} round(s). Load average at the end: "
         f"{result['settings']['load_average_1m']:.2f} on {os.cpu_count()} cores; steal so far "
         f"{steal_seconds():.0f} s.", "",

@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 from lb.model import ADAPTER_ENGINES, Model, ModelURL, parse_model_url
 
 from lb_operator.kv_events import kv_events_args
+from lb_operator.scheduling_policy import scheduling_policy_args
 from lb_operator.loader import ADAPTERS_DIR, LOADER_CONTAINER, LOADER_PORT
 from lb_operator.system_config import SecretNames, SystemConfig
 
@@ -374,7 +375,7 @@ def server_container(model: Model, config: SystemConfig) -> tuple[dict[str, Any]
     container: dict[str, Any] = {"name": SERVER_CONTAINER}
     if parts.command:
         container["command"] = parts.command
-    args = parts.args + kv_events_args(model) + list(model.spec.args)
+    args = parts.args + kv_events_args(model) + scheduling_policy_args(model) + list(model.spec.args)
     if args:
         container["args"] = args
     env = merge_env(parts.env, cred_env, user_env)

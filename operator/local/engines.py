@@ -32,6 +32,7 @@ from typing import Mapping
 from lb.model import Model, ModelURL, parse_model_url
 
 from lb_operator.kv_events import kv_events_args
+from lb_operator.scheduling_policy import scheduling_policy_args
 from lb_operator.local.config import LocalConfig, LocalEngine
 
 
@@ -132,7 +133,8 @@ def render_launch(model: Model, config: LocalConfig, *, port: int, state: Path,
               "files": str(root)}
     fill, point = _filler(values, model.spec.engine), _pointer(model, root)
     argv = (tuple(point(fill(a)) for a in engine.command) + _lora_args(model)
-            + tuple(kv_events_args(model, rank)) + tuple(point(a) for a in model.spec.args))
+            + tuple(kv_events_args(model, rank)) + tuple(scheduling_policy_args(model))
+            + tuple(point(a) for a in model.spec.args))
     env = {k: point(fill(v)) for k, v in engine.env.items()} | _lora_env(model) | {
         k: point(v) for k, v in model.spec.env.items()}
     setup = tuple(tuple(fill(a) for a in step) for step in engine.setup)
