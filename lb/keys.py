@@ -265,6 +265,14 @@ class KeyStore:
         known[secret] = tenant
         return tenant
 
+    def tenant_named(self, name: str) -> Tenant | None:
+        """The key named ``name`` as it is now, for work that outlives a request (a batch's
+        lines, a stream's messages): None once revoked (gone from the file) or expired."""
+        for tenant in self.tenants.values():
+            if tenant.name == name:
+                return tenant if tenant.expires > time.time() else None
+        return None
+
     @property
     def cached_keys(self) -> int:
         """How many secrets are remembered now."""

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
-from typing import Any
 
 from lb.batch.api import BatchApi
 from lb.batch.config import BatchConfig
@@ -38,21 +36,13 @@ class Batches:
         self._store = await SqliteStore(Path(self.config.state_dir)).open()
         self.api.store = self._store
         runner = BatchRunner(self._store, self._app, self.config,
-                             None if self._admission is None else self._tenant)
+                             None if self._admission is None else self._admission.store.tenant_named)
         self._task = asyncio.get_running_loop().create_task(runner.run())
 
     def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> str:
         assert self._admission is not None
         return self._admission.authenticate(headers).name
 
-    def _tenant(self, name: str) -> Any:
-        """The key named ``name`` as it is now: None once revoked (gone from the file) or
-        expired."""
-        assert self._admission is not None
-        for tenant in self._admission.store.tenants.values():
-            if tenant.name == name:
-                return tenant if tenant.expires > time.time() else None
-        return None
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -4,8 +4,6 @@ lifespan) until it stops. With API keys on, a stream's requests run under the ke
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -23,7 +21,7 @@ class Messaging:
         self._admission = admission
         metrics = MessagingMetrics(registry) if config.streams else None
         self.messengers = [Messenger(stream, app, config.error_max_backoff_seconds,
-                                     None if admission is None else self._tenant, metrics)
+                                     None if admission is None else admission.store.tenant_named, metrics)
                            for stream in config.streams]
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -31,14 +29,6 @@ class Messaging:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(m.run()) for m in self.messengers]
 
-    def _tenant(self, name: str) -> Any:
-        """The key named ``name`` as it is now: None once revoked (gone from the file) or
-        expired."""
-        assert self._admission is not None
-        for tenant in self._admission.store.tenants.values():
-            if tenant.name == name:
-                return tenant if tenant.expires > time.time() else None
-        return None
 
     async def stop(self) -> None:
         for task in self._tasks:
