@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ from typing import Any, AsyncIterator, BinaryIO, Callable, Iterable, Protocol, T
 import orjson
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Request states in the `requests` table.
 PENDING, SUCCEEDED, FAILED = 0, 1, 2
@@ -142,7 +144,11 @@ class SqliteStore:
         self._files.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.directory / "batch.db", isolation_level=None, timeout=30,
                              check_same_thread=False)
-        db.execute(f"PRAGMA journal_mode={self.journal_mode.upper()}")
+        (mode,) = db.execute(f"PRAGMA journal_mode={self.journal_mode.upper()}").fetchone()
+        if mode.lower() != self.journal_mode:  # another process holds the store open in WAL
+            log.warning("batch store %s: journal mode is %s, not %s (batch.journalMode): it "
+                        "changes once every process has closed the store", self.directory,
+                        mode.lower(), self.journal_mode)
         db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.journal_mode]}")
         db.create_function("owner_gone", 1, owner_gone)
         db.executescript(_SCHEMA)
