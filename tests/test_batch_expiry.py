@@ -150,6 +150,7 @@ def test_bad_upload_policies_are_400s_naming_the_field(egw, policy, param):
     ({"anchor": "created_at", "seconds": 0}, "output_expires_after.seconds"),
     ({"anchor": "created_at", "seconds": 1.5}, "output_expires_after.seconds"),
     ({"anchor": "created_at", "seconds": True}, "output_expires_after.seconds"),
+    ({"anchor": "created_at", "seconds": "60"}, "output_expires_after.seconds"),
     ({"anchor": "created_at"}, "output_expires_after.seconds"),
     ({"anchor": "input_created_at", "seconds": 60}, "output_expires_after.anchor"),
     ("1h", "output_expires_after"),

@@ -57,6 +57,8 @@ def policy_seconds(value: Any, field: str, config: BatchConfig) -> int | None:
     if "anchor" not in value or "seconds" not in value:
         missing = "anchor" if "anchor" not in value else "seconds"
         raise bad_request(f"{field}.{missing} is required.", param=f"{field}.{missing}")
+    if isinstance(value["seconds"], str):  # JSON has numbers; only a form's fields are text
+        raise bad_request(f"{field}.seconds must be an integer.", param=f"{field}.seconds")
     return expiry_seconds(value["anchor"], value["seconds"], field, config)
 
 
