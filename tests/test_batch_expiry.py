@@ -9,6 +9,7 @@ times a second, so that files expire and vanish within the tests' patience.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sqlite3
 import time
@@ -204,4 +205,33 @@ def test_one_process_of_those_sharing_a_store_sweeps(tmp_path):
         finally:
             await a.close()
             await b.close()
+    asyncio.run(scenario())
+
+
+def test_a_store_made_before_expiry_is_upgraded(tmp_path):
+    """A store written by a gateway from before expiry (no expires_at, no output policy, no
+    roles) opens, keeps its files (never expiring) and takes policies from then on."""
+    from lb.batch import store as store_module
+
+    old = (store_module._SCHEMA.replace(",\n    expires_at INTEGER", "")
+           .replace(",\n    output_expires_after INTEGER", ""))
+    assert "expires" not in old.split("CREATE TABLE IF NOT EXISTS roles")[0]
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "file-old").write_bytes(b"{}\n")
+    with sqlite3.connect(tmp_path / "batch.db") as db:
+        db.executescript(old)
+        db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at) "
+                   "VALUES ('file-old', 'old.jsonl', 'batch', 3, 1)")
+
+    async def scenario() -> None:
+        store = await SqliteStore(tmp_path).open()
+        try:
+            assert (await store.get_file("file-old"))["expires_at"] is None
+            new = await store.create_file("new.jsonl", "batch", io.BytesIO(b"x"), None, 60)
+            assert new["expires_at"] == new["created_at"] + 60
+            assert await store.sweep(int(time.time()) + 61, 10) == 1
+            assert await store.get_file(new["id"]) is None
+            assert await store.get_file("file-old") is not None
+        finally:
+            await store.close()
     asyncio.run(scenario())
