@@ -19,13 +19,16 @@ import pytest
 
 PREFIXES = ["/v1", "/openai/v1"]
 FAST = {"pollSeconds": 0.1, "leaseSeconds": 3, "concurrency": 8}
+# Batches that mix models (to see each line's own answer: an unknown model's 404, an adapter,
+# a model a key may not use); the one-model rule has its tests in test_batch_limits.py.
+MIXED = {**FAST, "singleModel": False}
 
 
 @pytest.fixture
 def bgw(make_gateway, tmp_path):
     """A gateway with the Batch API on, a chat model (with an adapter) and an embedding model,
     each on simulated replicas."""
-    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **FAST}})
+    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **MIXED}})
     gw.model_with("chat", [gw.sim("chat", "c1", "sql"), gw.sim("chat", "c2", "sql")],
                   adapters=["sql"], strategy="PrefixHash")
     gw.model_with("emb", [gw.sim("emb", "e1")], features=["TextEmbedding"])
@@ -357,7 +360,7 @@ def test_the_api_is_off_without_a_state_directory(gw):
 def test_replica_errors_and_broken_answers_go_to_the_error_file(make_gateway, tmp_path):
     """A replica's error answer is kept with its status (in OpenAI's shape, as the gateway
     rewrites it); an answer cut off mid-body is a 502, never a truncated success."""
-    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **FAST},
+    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **MIXED},
                        "retries": {"maxRetries": 0}})
     gw.model_with("ok", [gw.backend("fine")])
     gw.model_with("bad", [gw.backend("refuses", status=422)])
@@ -401,7 +404,7 @@ def test_with_api_keys_each_key_sees_its_own_and_lines_run_under_it(make_gateway
 
     path = tmp_path / "keys.yaml"
     secrets = write_keys(path, a={"models": ["chat"]}, b={"models": ["*"]})
-    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **FAST},
+    gw = make_gateway({"batch": {"stateDir": str(tmp_path / "batch"), **MIXED},
                        "apiKeys": {"enabled": True, "file": str(path), "reloadSeconds": 0.1}})
     backend = gw.backend("b1")
     gw.model_with("chat", [backend])

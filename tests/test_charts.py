@@ -100,6 +100,9 @@ FULL_VALUES = {
                 "apiKeys": {"enabled": True, "reloadSeconds": 5,
                             "upstreamKeyEnv": {"llama-3-8b": "LLAMA_KEY"}}},
     "apiKeysSecret": "team-keys",
+    "batchStore": {"enabled": True, "persistentVolumeClaim": {
+        "enabled": True, "size": "20Gi", "storageClass": "standard-rwx",
+        "accessModes": ["ReadWriteMany"], "annotations": {"backup": "daily"}}},
     "resourceProfiles": {"nvidia-gpu-rtx4090": {
         "imageName": "nvidia-gpu", "requests": {"nvidia.com/gpu": 1, "cpu": "4", "memory": "16Gi"},
         "limits": {"nvidia.com/gpu": 1}, "nodeSelector": {"gpu": "rtx4090"},
@@ -174,6 +177,7 @@ K8S_MODELS = {
     ("v1", "Service"): "V1Service",
     ("v1", "ServiceAccount"): "V1ServiceAccount",
     ("v1", "Pod"): "V1Pod",
+    ("v1", "PersistentVolumeClaim"): "V1PersistentVolumeClaim",
     ("apps/v1", "Deployment"): "V1Deployment",
     ("policy/v1", "PodDisruptionBudget"): "V1PodDisruptionBudget",
     ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
@@ -299,7 +303,7 @@ def test_every_rendered_object_is_a_valid_kubernetes_object(variant: str, kvgate
     expected = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "CustomResourceDefinition",
                 "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"]
     if variant == "full":
-        expected += ["ConfigMap", "Ingress", "PodMonitor", "Secret", "ServiceMonitor"]
+        expected += ["ConfigMap", "Ingress", "PersistentVolumeClaim", "PodMonitor", "Secret", "ServiceMonitor"]
     assert kinds == sorted(expected)
 
 
@@ -638,7 +642,14 @@ def test_objects_reference_each_other(variant: str, kvgate_default: list[dict[st
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
     writable = [m for m in container["volumeMounts"] if not m.get("readOnly")]
-    assert [m["mountPath"] for m in writable] == ["/tmp"] and "emptyDir" in volumes[writable[0]["name"]]
+    assert writable[0]["mountPath"] == "/tmp" and "emptyDir" in volumes[writable[0]["name"]]
+    if variant == "default":
+        assert len(writable) == 1
+    else:  # and the batch store's claim, where config.yaml's batch.stateDir says
+        assert [m["mountPath"] for m in writable[1:]] == ["/var/lib/kvgate/batch"]
+        claim = one(docs, "PersistentVolumeClaim", "-batch-store")
+        assert volumes[writable[1]["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert yaml.safe_load(config_map["data"]["config.yaml"])["batch"]["stateDir"] == "/var/lib/kvgate/batch"
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     # RBAC: the Deployment's ServiceAccount is the RoleBinding's subject, bound to the Role
     account = one(docs, "ServiceAccount")

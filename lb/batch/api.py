@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from lb.batch.config import BatchConfig
+from lb.batch.expiry import expiry_seconds, policy_seconds
 from lb.batch.jsonl import ENDPOINTS
 from lb.batch.store import Store
 from lb.errors import GatewayError, bad_request
@@ -109,8 +110,13 @@ class BatchApi:
                                   f"serves), not {purpose!r}.", param="purpose")
             if upload.size is not None and upload.size > limit:
                 raise _file_too_large(limit)
+            expires = expiry_seconds(form.get("expires_after[anchor]"),
+                                     form.get("expires_after[seconds]"), "expires_after",
+                                     self.config)
+            if expires is None and self.config.file_expiry_seconds:
+                expires = self.config.file_expiry_seconds  # OpenAI's default for batch files
             return await store.create_file(upload.filename or "upload.jsonl", "batch",
-                                           upload.file, tenant)
+                                           upload.file, tenant, expires)
         finally:
             await form.close()
 
@@ -160,6 +166,8 @@ class BatchApi:
                               f"{endpoint!r}.", param="endpoint")
         window = self._window(body.get("completion_window"))
         metadata = _metadata(body.get("metadata"))
+        output_expiry = policy_seconds(body.get("output_expires_after"), "output_expires_after",
+                                       self.config)
         file_id = body.get("input_file_id")
         if not isinstance(file_id, str) or not file_id:
             raise bad_request("input_file_id is required.", param="input_file_id")
@@ -177,7 +185,8 @@ class BatchApi:
             "output_file_id": None, "error_file_id": None, "created_at": now,
             "in_progress_at": None, "expires_at": now + window, "finalizing_at": None,
             "completed_at": None, "failed_at": None, "expired_at": None,
-            "cancelling_at": None, "cancelled_at": None, "metadata": metadata}, tenant)
+            "cancelling_at": None, "cancelled_at": None, "metadata": metadata}, tenant,
+            output_expiry)
 
     def _window(self, value: Any) -> int:
         """OpenAI's `24h`, or any `<n>s|m|h|d` up to batch.maxWindowSeconds."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from lb.batch.limits import BatchLimits
 from lb.batch.store import FAILED, NO_USAGE, PENDING, Usage
 
 # The endpoints a batch may name: those kvgate serves that OpenAI's Batch API also runs.
@@ -47,17 +48,18 @@ class Checked:
         return len(self.rows) - len(self.errors)
 
 
-def check_input(data: bytes, endpoint: str) -> Checked:
+def check_input(data: bytes, endpoint: str, limits: BatchLimits) -> Checked:
     """Every non-blank line becomes a request: PENDING with its body when it can run, FAILED
     with its error line when it cannot (bad JSON, wrong method or url, missing or duplicate
-    custom_id, no model, a stream). Runs on a worker thread: it is all CPU."""
+    custom_id, no model, a stream, or past one of the batch's ``limits``). Runs on a worker
+    thread: it is all CPU."""
     rows: list[tuple[int, str | None, bytes | None, int, bytes | None]] = []
     errors: list[LineError] = []
     seen: set[str] = set()
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
-        custom_id, body, error = _check_line(number, raw, endpoint, seen)
+        custom_id, body, error = _check_line(number, raw, endpoint, seen, limits)
         if error is None:
             rows.append((number, custom_id, body, PENDING, None))
         else:
@@ -67,8 +69,12 @@ def check_input(data: bytes, endpoint: str) -> Checked:
     return Checked(rows, errors)
 
 
-def _check_line(number: int, raw: bytes, endpoint: str,
-                seen: set[str]) -> tuple[str | None, bytes | None, LineError | None]:
+def _check_line(number: int, raw: bytes, endpoint: str, seen: set[str],
+                limits: BatchLimits) -> tuple[str | None, bytes | None, LineError | None]:
+    too_long = limits.size(number, len(raw.rstrip(b"\r")))
+    if too_long is not None:
+        custom_id = _custom_id_of(raw, seen)
+        return custom_id, None, LineError(number, *too_long)
     try:
         item = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -90,7 +96,24 @@ def _check_line(number: int, raw: bytes, endpoint: str,
     error = _check_request(number, item, endpoint)
     if error is not None:
         return custom_id, None, error
+    refused = limits.admit(number, item["body"])
+    if refused is not None:
+        return custom_id, None, LineError(number, *refused)
     return custom_id, orjson.dumps(item["body"]), None
+
+
+def _custom_id_of(raw: bytes, seen: set[str]) -> str | None:
+    """The custom_id of a line refused before it is checked (too long), if it has one, for its
+    error line; a later line may not use it again."""
+    try:
+        item = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    custom_id = item.get("custom_id") if isinstance(item, dict) else None
+    if not isinstance(custom_id, str) or not custom_id:
+        return None
+    seen.add(custom_id)
+    return custom_id
 
 
 def _check_request(number: int, item: dict[str, Any], endpoint: str) -> LineError | None:

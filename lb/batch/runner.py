@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from lb.batch.config import BatchConfig
 from lb.batch.jsonl import check_input, error_line, response_line
+from lb.batch.limits import BatchLimits
 from lb.batch.store import FAILED, SUCCEEDED, Result, Store, owner_name
 from lb.errors import error_body
 from lb.loopback import Abort, App, Reply, call_app
@@ -167,7 +168,8 @@ class _Run:
             return await self._fail(batch, [{"code": "file_not_found", "param": "input_file_id",
                                              "line": None, "message": "The input file "
                                              f"{batch['input_file_id']} no longer exists."}])
-        checked = await asyncio.to_thread(check_input, data, batch["endpoint"])
+        checked = await asyncio.to_thread(check_input, data, batch["endpoint"],
+                                          BatchLimits.of(self.config, batch["endpoint"]))
         if not checked.rows:
             return await self._fail(batch, [{"code": "empty_file", "param": "input_file_id",
                                              "line": None, "message": "The input file has no "

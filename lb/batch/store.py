@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ from typing import Any, AsyncIterator, BinaryIO, Callable, Iterable, Protocol, T
 import orjson
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Request states in the `requests` table.
 PENDING, SUCCEEDED, FAILED = 0, 1, 2
@@ -42,14 +44,16 @@ class Store(Protocol):
     """What the API and the runner need; a cluster may put a PVC or an object store behind it."""
 
     async def create_file(self, filename: str, purpose: str, source: BinaryIO,
-                          tenant: str | None = None) -> dict[str, Any]: ...
+                          tenant: str | None = None,
+                          expires_after: int | None = None) -> dict[str, Any]: ...
     async def get_file(self, file_id: str, tenant: str | None = None) -> dict[str, Any] | None: ...
     async def list_files(self, purpose: str | None, after: str | None, limit: int, order: str,
                          tenant: str | None = None) -> tuple[list[dict[str, Any]], bool]: ...
     async def delete_file(self, file_id: str, tenant: str | None = None) -> bool: ...
     def read_file(self, file_id: str) -> AsyncIterator[bytes]: ...
     async def file_bytes(self, file_id: str) -> bytes | None: ...
-    async def create_batch(self, batch: dict[str, Any], tenant: str | None = None) -> dict[str, Any]: ...
+    async def create_batch(self, batch: dict[str, Any], tenant: str | None = None,
+                           output_expires_after: int | None = None) -> dict[str, Any]: ...
     async def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, Any] | None: ...
     async def list_batches(self, after: str | None, limit: int,
                            tenant: str | None = None) -> tuple[list[dict[str, Any]], bool]: ...
@@ -65,6 +69,8 @@ class Store(Protocol):
     async def record(self, batch_id: str, owner: str, results: list[Result]) -> bool: ...
     async def fail_pending(self, batch_id: str, owner: str, result: Callable[[int, str], bytes]) -> bool: ...
     async def finalize(self, batch_id: str, owner: str, status: str, now: int) -> bool: ...
+    async def hold(self, role: str, owner: str, now: float, lease: float) -> bool: ...
+    async def sweep(self, now: int, limit: int) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -76,7 +82,8 @@ CREATE TABLE IF NOT EXISTS files (
     purpose TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
-    tenant TEXT
+    tenant TEXT,
+    expires_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -92,9 +99,15 @@ CREATE TABLE IF NOT EXISTS batches (
     reasoning_tokens INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
     lease_until REAL NOT NULL DEFAULT 0,
-    tenant TEXT
+    tenant TEXT,
+    output_expires_after INTEGER
 );
 CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
+CREATE TABLE IF NOT EXISTS roles (
+    name TEXT PRIMARY KEY,
+    owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS requests (
     batch_id TEXT NOT NULL,
     line INTEGER NOT NULL,
@@ -108,10 +121,17 @@ CREATE TABLE IF NOT EXISTS requests (
 
 
 class SqliteStore:
-    """The embedded store under one directory: ``batch.db`` and ``files/<id>``."""
+    """The embedded store under one directory: ``batch.db`` and ``files/<id>``.
 
-    def __init__(self, directory: str | Path) -> None:
+    ``journal_mode`` is SQLite's: ``wal`` on a local disk (readers never wait for the writer),
+    ``delete`` on a network file system shared by several machines, where WAL's shared-memory
+    index cannot work (SQLite's documentation: WAL does not work over a network filesystem)."""
+
+    def __init__(self, directory: str | Path, journal_mode: str = "wal") -> None:
+        if journal_mode not in _SYNCHRONOUS:
+            raise ValueError(f"journal mode must be one of {', '.join(_SYNCHRONOUS)}")
         self.directory = Path(directory)
+        self.journal_mode = journal_mode
         self._files = self.directory / "files"
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-store")
         self._db: sqlite3.Connection | None = None
@@ -124,10 +144,15 @@ class SqliteStore:
         self._files.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.directory / "batch.db", isolation_level=None, timeout=30,
                              check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes, which WAL is
+        (mode,) = db.execute(f"PRAGMA journal_mode={self.journal_mode.upper()}").fetchone()
+        if mode.lower() != self.journal_mode:  # another process holds the store open in WAL
+            log.warning("batch store %s: journal mode is %s, not %s (batch.journalMode): it "
+                        "changes once every process has closed the store", self.directory,
+                        mode.lower(), self.journal_mode)
+        db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.journal_mode]}")
         db.create_function("owner_gone", 1, owner_gone)
         db.executescript(_SCHEMA)
+        _add_columns(db)
         self._db = db
 
     async def close(self) -> None:
@@ -159,35 +184,41 @@ class SqliteStore:
     # -- files -----------------------------------------------------------------------------
 
     async def create_file(self, filename: str, purpose: str, source: BinaryIO,
-                          tenant: str | None = None) -> dict[str, Any]:
-        return await self._run(self._create_file, filename, purpose, source, tenant)
+                          tenant: str | None = None,
+                          expires_after: int | None = None) -> dict[str, Any]:
+        """A file from ``source``; it expires ``expires_after`` seconds after it is created
+        (OpenAI's anchor `created_at`), or never when None."""
+        return await self._run(self._create_file, filename, purpose, source, tenant,
+                               expires_after)
 
     def _create_file(self, filename: str, purpose: str, source: BinaryIO,
-                     tenant: str | None) -> dict[str, Any]:
+                     tenant: str | None, expires_after: int | None) -> dict[str, Any]:
         file_id = "file-" + uuid.uuid4().hex
         path = self._files / file_id
         with open(path, "wb") as out:
             shutil.copyfileobj(source, out, _CHUNK)
             size = out.tell()
         return self._write(lambda db: self._insert_file(db, file_id, filename, purpose, size,
-                                                        tenant))
+                                                        tenant, expires_after))
 
     @staticmethod
     def _insert_file(db: sqlite3.Connection, file_id: str, filename: str, purpose: str,
-                     size: int, tenant: str | None) -> dict[str, Any]:
+                     size: int, tenant: str | None,
+                     expires_after: int | None = None) -> dict[str, Any]:
         created = int(time.time())
+        expires = None if expires_after is None else created + expires_after
         db.execute("INSERT OR REPLACE INTO files (id, filename, purpose, bytes, created_at, "
-                   "tenant) VALUES (?, ?, ?, ?, ?, ?)",
-                   (file_id, filename, purpose, size, created, tenant))
-        return _file_object((file_id, filename, purpose, size, created))
+                   "tenant, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (file_id, filename, purpose, size, created, tenant, expires))
+        return _file_object((file_id, filename, purpose, size, created, expires))
 
     async def get_file(self, file_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         return await self._run(self._get_file, file_id, tenant)
 
     def _get_file(self, file_id: str, tenant: str | None) -> dict[str, Any] | None:
         mine, args = _of(tenant)
-        row = self._conn().execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?{mine}",
-                                   (file_id, *args)).fetchone()
+        row = self._conn().execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?{mine}"
+                                   f"{_LIVE}", (file_id, *args, int(time.time()))).fetchone()
         return _file_object(row) if row else None
 
     async def list_files(self, purpose: str | None, after: str | None, limit: int, order: str,
@@ -198,7 +229,8 @@ class SqliteStore:
                     tenant: str | None) -> tuple[list[dict[str, Any]], bool]:
         newest_first = order != "asc"
         mine, args = _of(tenant)
-        where = ["1" + mine]
+        where = ["1" + mine + _LIVE]
+        args.append(int(time.time()))
         if purpose:
             where.append("purpose = ?")
             args.append(purpose)
@@ -218,8 +250,9 @@ class SqliteStore:
 
     def _delete_file(self, file_id: str, tenant: str | None) -> bool:
         mine, args = _of(tenant)
-        deleted = self._write(lambda db: db.execute(f"DELETE FROM files WHERE id = ?{mine}",
-                                                    (file_id, *args)).rowcount)
+        deleted = self._write(lambda db: db.execute(
+            f"DELETE FROM files WHERE id = ?{mine}{_LIVE}",
+            (file_id, *args, int(time.time()))).rowcount)
         if deleted:
             (self._files / file_id).unlink(missing_ok=True)
         return bool(deleted)
@@ -247,14 +280,19 @@ class SqliteStore:
 
     # -- batches ---------------------------------------------------------------------------
 
-    async def create_batch(self, batch: dict[str, Any], tenant: str | None = None) -> dict[str, Any]:
-        return await self._run(self._write, lambda db: self._insert_batch(db, batch, tenant))
+    async def create_batch(self, batch: dict[str, Any], tenant: str | None = None,
+                           output_expires_after: int | None = None) -> dict[str, Any]:
+        """A new batch; its output and error files will expire ``output_expires_after``
+        seconds after they are written (None: never)."""
+        return await self._run(self._write, lambda db: self._insert_batch(
+            db, batch, tenant, output_expires_after))
 
     @staticmethod
-    def _insert_batch(db: sqlite3.Connection, batch: dict[str, Any],
-                      tenant: str | None) -> dict[str, Any]:
-        db.execute("INSERT INTO batches (id, status, doc, tenant) VALUES (?, ?, ?, ?)",
-                   (batch["id"], batch["status"], orjson.dumps(batch), tenant))
+    def _insert_batch(db: sqlite3.Connection, batch: dict[str, Any], tenant: str | None,
+                      output_expires_after: int | None) -> dict[str, Any]:
+        db.execute("INSERT INTO batches (id, status, doc, tenant, output_expires_after) "
+                   "VALUES (?, ?, ?, ?, ?)", (batch["id"], batch["status"],
+                                              orjson.dumps(batch), tenant, output_expires_after))
         return _batch_object((batch["status"], orjson.dumps(batch), 0, 0, 0, 0, 0, 0, 0))
 
     async def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, Any] | None:
@@ -413,13 +451,15 @@ class SqliteStore:
             if not _owns(db, batch_id, owner):
                 return False
             fields: dict[str, Any] = {_STATUS_TIME[status]: now}
-            (tenant,) = db.execute("SELECT tenant FROM batches WHERE id = ?",
-                                   (batch_id,)).fetchone()
+            tenant, expires_after = db.execute(
+                "SELECT tenant, output_expires_after FROM batches WHERE id = ?",
+                (batch_id,)).fetchone()
             for state, key in ((SUCCEEDED, "output_file_id"), (FAILED, "error_file_id")):
                 file_id, filename = written[state]
                 if sizes[state] is None:
                     continue
-                self._insert_file(db, file_id, filename, "batch_output", sizes[state], tenant)
+                self._insert_file(db, file_id, filename, "batch_output", sizes[state], tenant,
+                                  expires_after)
                 fields[key] = file_id
             self._patch(db, batch_id, status, fields)
             db.execute("UPDATE batches SET owner = NULL, lease_until = 0 WHERE id = ?",
@@ -448,6 +488,30 @@ class SqliteStore:
         os.replace(path.with_suffix(".tmp"), path)
         return size
 
+    # -- expiry and roles ------------------------------------------------------------------
+
+    async def sweep(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` files expired by ``now``, bodies first: a sweep cut short
+        leaves metadata of an expired file (invisible already, removed next time), never a
+        body no row names."""
+        return await self._run(self._sweep, now, limit)
+
+    def _sweep(self, now: int, limit: int) -> int:
+        ids = [row[0] for row in self._conn().execute(
+            "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? "
+            "ORDER BY expires_at LIMIT ?", (now, limit))]
+        for file_id in ids:
+            (self._files / file_id).unlink(missing_ok=True)
+        if ids:
+            self._write(lambda db: db.executemany(
+                "DELETE FROM files WHERE id = ? AND expires_at <= ?", [(i, now) for i in ids]))
+        return len(ids)
+
+    async def hold(self, role: str, owner: str, now: float, lease: float) -> bool:
+        """Take or keep the lease on a role (a job one process of all those sharing the store
+        does, such as sweeping): True while ``owner`` holds it."""
+        return await self._run(self._write, lambda db: _hold(db, role, owner, now, lease))
+
 
 def _record(db: sqlite3.Connection, batch_id: str, owner: str,
             results: Iterable[Result]) -> bool:
@@ -466,6 +530,28 @@ def _record(db: sqlite3.Connection, batch_id: str, owner: str,
                "output_tokens = output_tokens + ?, reasoning_tokens = reasoning_tokens + ? "
                "WHERE id = ?", (done[SUCCEEDED], done[FAILED], *tokens, batch_id))
     return True
+
+
+def _hold(db: sqlite3.Connection, role: str, owner: str, now: float, lease: float) -> bool:
+    db.execute("INSERT OR IGNORE INTO roles (name, owner, lease_until) VALUES (?, NULL, 0)",
+               (role,))
+    return bool(db.execute(
+        "UPDATE roles SET owner = ?, lease_until = ? WHERE name = ? AND (owner IS NULL OR "
+        "owner = ? OR lease_until < ? OR owner_gone(owner))",
+        (owner, now + lease, role, owner, now)).rowcount)
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Columns added since the first schema, added to a store made before them."""
+    for table, column, kind in (("files", "expires_at", "INTEGER"),
+                                ("batches", "output_expires_after", "INTEGER")):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            try:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 def owner_name() -> str:
@@ -508,7 +594,12 @@ def _open_or_none(path: Path) -> BinaryIO | None:
         return None
 
 
-_FILE_COLUMNS = "id, filename, purpose, bytes, created_at"
+_FILE_COLUMNS = "id, filename, purpose, bytes, created_at, expires_at"
+# The condition (its argument: now) that hides a file once it has expired, swept or not.
+_LIVE = " AND (expires_at IS NULL OR expires_at > ?)"
+# synchronous per journal mode: NORMAL is durable across process crashes under WAL; a
+# rollback journal needs FULL for that.
+_SYNCHRONOUS = {"wal": "NORMAL", "delete": "FULL"}
 _BATCH_COLUMNS = ("status, doc, total, completed, failed, input_tokens, cached_tokens, "
                   "output_tokens, reasoning_tokens")
 _STATUS_TIME = {"completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
@@ -517,10 +608,10 @@ _STATUS_TIME = {"completed": "completed_at", "failed": "failed_at", "expired": "
 
 def _file_object(row: tuple[Any, ...]) -> dict[str, Any]:
     """OpenAI's File object."""
-    file_id, filename, purpose, size, created = row
+    file_id, filename, purpose, size, created, expires = row
     return {"id": file_id, "object": "file", "bytes": size, "created_at": created,
             "filename": filename, "purpose": purpose, "status": "processed",
-            "expires_at": None, "status_details": None}
+            "expires_at": expires, "status_details": None}
 
 
 def _batch_object(row: tuple[Any, ...]) -> dict[str, Any]:

@@ -61,6 +61,33 @@ Dockerfile's model-loader target builds, beside the gateway's image (same regist
 {{- default (printf "%s-autoscaler-state" (include "kvgate.fullname" .)) .Values.modelAutoscaling.stateConfigMapName }}
 {{- end }}
 
+{{/* The Files and Batches API's store (batchStore): the claim's name, whether it is ReadWriteMany,
+SQLite's journal mode, and the checks that refuse a store the replicas could not share. */}}
+{{- define "kvgate.batchStoreClaimName" -}}
+{{- default (printf "%s-batch-store" (include "kvgate.fullname" .)) .Values.batchStore.persistentVolumeClaim.existingClaim }}
+{{- end }}
+
+{{- define "kvgate.batchStoreShared" -}}
+{{- $claim := .Values.batchStore.persistentVolumeClaim }}
+{{- if and $claim.enabled (has "ReadWriteMany" $claim.accessModes) }}true{{ end }}
+{{- end }}
+
+{{- define "kvgate.batchJournalMode" -}}
+{{- default (ternary "delete" "wal" (eq (include "kvgate.batchStoreShared" .) "true")) .Values.batchStore.journalMode }}
+{{- end }}
+
+{{- define "kvgate.batchStoreChecks" -}}
+{{- $store := .Values.batchStore }}
+{{- if and $store.enabled (gt (int .Values.replicaCount) 1) }}
+{{- if not $store.persistentVolumeClaim.enabled }}
+{{- fail (printf "batchStore: with replicaCount %d each replica would have a store of its own in its emptyDir (a file uploaded through one would be missing from the others); set batchStore.persistentVolumeClaim.enabled with accessModes [ReadWriteMany], or replicaCount 1" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if ne (include "kvgate.batchStoreShared" .) "true" }}
+{{- fail (printf "batchStore.persistentVolumeClaim.accessModes must include ReadWriteMany when replicaCount > 1 (every replica mounts the store, on any node); got %v" $store.persistentVolumeClaim.accessModes) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/*
 config.yaml: the gateway's keys and the operator's keys in one file, read by `kvgate serve`
 (kvgate.settings.load_settings).
@@ -97,5 +124,8 @@ config.yaml: the gateway's keys and the operator's keys in one file, read by `kv
   "messaging" $v.messaging
 }}
 {{- $_ := set $config "modelLoading" (dict "image" (include "kvgate.loaderImage" .)) }}
+{{- if $v.batchStore.enabled }}
+{{- $_ := set $config "batch" (dict "stateDir" $v.batchStore.mountPath "journalMode" (include "kvgate.batchJournalMode" .)) }}
+{{- end }}
 {{- toYaml (mergeOverwrite $config (deepCopy $v.extraConfig)) }}
 {{- end }}
