@@ -9,7 +9,9 @@ two keys never wait on each other. All processes sharing a table run one install
 the two.
 """
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t
+from libc.stdio cimport snprintf
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "_atomic.h":
@@ -37,6 +39,45 @@ cdef inline int64_t _left(int64_t used, int64_t step):
     return (WINDOW - used) // step
 
 
+cdef Py_ssize_t _duration(char *out, Py_ssize_t size, int64_t ns):
+    """``lb.limits.duration_text`` into ``out``; the length written."""
+    cdef int64_t ms, frac, secs
+    if ns < 1_000_000_000:
+        return snprintf(out, size, "%lldms", <long long>(ns // 1_000_000 if ns > 0 else 0))
+    if ns < WINDOW:
+        ms = (ns + 999_999) // 1_000_000  # rounded up, as the twin's -(-ns // 1_000_000)
+        frac = ms % 1000
+        if frac == 0:
+            return snprintf(out, size, "%llds", <long long>(ms // 1000))
+        if frac % 100 == 0:
+            return snprintf(out, size, "%lld.%llds", <long long>(ms // 1000),
+                            <long long>(frac // 100))
+        if frac % 10 == 0:
+            return snprintf(out, size, "%lld.%02llds", <long long>(ms // 1000),
+                            <long long>(frac // 10))
+        return snprintf(out, size, "%lld.%03llds", <long long>(ms // 1000), <long long>frac)
+    secs = (ns + 999_999_999) // 1_000_000_000
+    return snprintf(out, size, "%lldm%llds", <long long>(secs // 60), <long long>(secs % 60))
+
+
+cdef Py_ssize_t _block(char *out, Py_ssize_t size, const char *what, int64_t limit,
+                       int64_t remaining, int64_t reset):
+    """One limit's three ``x-ratelimit-*`` lines into ``out``; the length written."""
+    cdef Py_ssize_t n = snprintf(out, size, "x-ratelimit-limit-%s: %lld\r\n"
+                                 "x-ratelimit-remaining-%s: %lld\r\nx-ratelimit-reset-%s: ",
+                                 what, <long long>limit, what, <long long>remaining, what)
+    n += _duration(out + n, size - n, reset)
+    n += snprintf(out + n, size - n, "\r\n")
+    return n
+
+
+def duration_text(int64_t ns):
+    """The C core's ``lb.limits.duration_text`` (the tests compare the two)."""
+    cdef char buf[64]
+    cdef Py_ssize_t n = _duration(buf, sizeof(buf), ns)
+    return PyBytes_FromStringAndSize(buf, n).decode()
+
+
 cdef class Budgets:
     """Check-and-charge over a ``LimitTable``'s words (a memoryview cast to ``q``)."""
 
@@ -51,6 +92,17 @@ cdef class Budgets:
         self._decision = decision
 
     def admit(self, Py_ssize_t slot, int64_t rpm, int64_t tpm, int64_t tokens, now=None):
+        return self._admit(slot, rpm, tpm, tokens, now, False)
+
+    def admit_lines(self, Py_ssize_t slot, int64_t rpm, int64_t tpm, int64_t tokens, now=None):
+        """``admit``, answering an admission with its ``x-ratelimit-*`` header lines (bytes)
+        instead of a ``Decision``; a refusal is still its ``Decision``."""
+        return self._admit(slot, rpm, tpm, tokens, now, True)
+
+    cdef object _admit(self, Py_ssize_t slot, int64_t rpm, int64_t tpm, int64_t tokens, now,
+                       bint lines):
+        cdef char buf[512]
+        cdef Py_ssize_t n = 0
         cdef int64_t t_now = _monotonic_ns() if now is None else <int64_t>now
         cdef int64_t *entry = self._words + HEADER_WORDS + ENTRY_WORDS * slot
         cdef int64_t r_step = WINDOW // rpm if rpm else 0
@@ -71,6 +123,14 @@ cdef class Budgets:
             if tpm:
                 entry[2] = t_used + t_now
             kv_spin_unlock(entry + 3)
+            if lines:
+                if rpm:
+                    n = _block(buf, sizeof(buf), "requests", rpm, (WINDOW - r_used) // r_step,
+                               r_used)
+                if tpm:
+                    n += _block(buf + n, sizeof(buf) - n, "tokens", tpm,
+                                (WINDOW - t_used) // t_step, t_used)
+                return PyBytes_FromStringAndSize(buf, n)
             return self._decision("", (WINDOW - r_used) // r_step if rpm else -1,
                                   (WINDOW - t_used) // t_step if tpm else -1,
                                   r_used if rpm else 0, t_used if tpm else 0, 0)

@@ -27,7 +27,7 @@ import multiprocessing
 import time
 from typing import Any, NamedTuple
 
-__all__ = ["LimitTable", "Decision", "WINDOW_NS", "duration_text"]
+__all__ = ["LimitTable", "Decision", "WINDOW_NS", "duration_text", "limit_lines"]
 
 WINDOW_NS = 60_000_000_000  # the limits are per minute
 _HEADER_WORDS = 8  # LimitTable.HEADER // 8
@@ -76,6 +76,7 @@ class LimitTable:
         self.budgets = core(self._words, Decision, self._lock)
         # The hot calls, bound once: ``table.admit(...)`` is the chosen twin's own method.
         self.admit = self.budgets.admit
+        self.admit_lines = self.budgets.admit_lines
         self.adjust_tokens = self.budgets.adjust_tokens
 
     def slot(self, tag: int) -> int:
@@ -100,7 +101,7 @@ class LimitTable:
         return self.HEADER // 8 + self._WORDS * slot
 
     def close(self) -> None:
-        del self.admit, self.adjust_tokens, self.budgets  # the C core holds a view
+        del self.admit, self.admit_lines, self.adjust_tokens, self.budgets  # the C core holds a view
         self._tags.release()
         self._words.release()
         self.buffer.close()
@@ -146,6 +147,15 @@ class PyBudgets:
                         _left(r_tat - now, r_step), _left(t_tat - now, t_step),
                         r_tat - now, t_tat - now, _retry_after(r_wait, t_wait, t_step * tokens))
 
+    def admit_lines(self, slot: int, rpm: int, tpm: int, tokens: int,
+                    now: int | None = None) -> bytes | Decision:
+        """``admit``, answering an admission with its ``x-ratelimit-*`` header lines
+        (``limit_lines``) instead of its ``Decision``: what the request path needs, made in
+        the same call (the C core writes them without a ``Decision`` or a string in between).
+        A refusal is its ``Decision``, for the 429."""
+        decision = self.admit(slot, rpm, tpm, tokens, now)
+        return decision if decision.refused else limit_lines(rpm, tpm, decision)
+
     def adjust_tokens(self, slot: int, tpm: int, delta: int) -> None:
         """Correct the tokens charged to ``slot`` by ``delta`` (the response's usage minus the
         estimate charged at admission). A refund never banks more than a full budget."""
@@ -178,6 +188,23 @@ def _retry_after(r_wait: int, t_wait: int, cost: int) -> int:
     if cost > WINDOW_NS:
         return WINDOW_NS
     return max(r_wait, t_wait, 0)
+
+
+def limit_lines(rpm: int, tpm: int, decision: Decision) -> bytes:
+    """OpenAI's ``x-ratelimit-*`` headers, for the limits a key has (0: none), as the lines of
+    a response head (``name: value\r\n`` each)."""
+    lines = b""
+    if rpm:
+        lines += (b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\n"
+                  b"x-ratelimit-reset-requests: %s\r\n"
+                  % (rpm, decision.remaining_requests,
+                     duration_text(decision.reset_requests_ns).encode()))
+    if tpm:
+        lines += (b"x-ratelimit-limit-tokens: %d\r\nx-ratelimit-remaining-tokens: %d\r\n"
+                  b"x-ratelimit-reset-tokens: %s\r\n"
+                  % (tpm, decision.remaining_tokens,
+                     duration_text(decision.reset_tokens_ns).encode()))
+    return lines
 
 
 def duration_text(ns: int) -> str:

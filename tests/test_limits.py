@@ -94,8 +94,33 @@ def test_durations_as_openai_writes_them():
     assert duration_text(360 * S) == "6m0s"
 
 
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.integers(-S, 2 * WINDOW_NS), st.integers(0, 10**15),
+                 st.sampled_from([0, 999_999, 1_000_000, S - 1, S, S + 1, 1_050 * 10**6,
+                                  1_001 * 10**6, WINDOW_NS - 1, WINDOW_NS, WINDOW_NS + 1])))
+def test_the_c_durations_are_the_twins(ns):
+    """The C core writes the reset times of its header lines itself."""
+    core = pytest.importorskip("lb._limits", reason="the C core is not built")
+    assert core.duration_text(ns) == duration_text(ns)
+
+
+def test_admitted_requests_get_their_header_lines(table):
+    lines = table.admit_lines(0, 3, 1000, 10, now=WINDOW_NS)
+    assert lines == (b"x-ratelimit-limit-requests: 3\r\nx-ratelimit-remaining-requests: 2\r\n"
+                     b"x-ratelimit-reset-requests: 20s\r\nx-ratelimit-limit-tokens: 1000\r\n"
+                     b"x-ratelimit-remaining-tokens: 990\r\nx-ratelimit-reset-tokens: 600ms\r\n")
+    assert table.admit_lines(1, 0, 60, 1, now=WINDOW_NS) == (
+        b"x-ratelimit-limit-tokens: 60\r\nx-ratelimit-remaining-tokens: 59\r\n"
+        b"x-ratelimit-reset-tokens: 1s\r\n")
+    assert table.admit_lines(2, 0, 0, 10**9, now=WINDOW_NS) == b""  # no limits, no lines
+    for _ in range(2):
+        table.admit_lines(0, 3, 1000, 10, now=WINDOW_NS)
+    refused = table.admit_lines(0, 3, 1000, 10, now=WINDOW_NS)  # a refusal is its Decision
+    assert refused.refused == "requests" and refused.retry_after_ns == 20 * S
+
+
 CALLS = st.lists(st.one_of(
-    st.tuples(st.just("admit"), st.integers(0, 3), st.sampled_from([0, 1, 3, 60, 10**9]),
+    st.tuples(st.sampled_from(["admit", "admit_lines"]), st.integers(0, 3), st.sampled_from([0, 1, 3, 60, 10**9]),
               st.sampled_from([0, 10, 1000, 10**10]), st.integers(0, 5000),
               st.integers(0, 3 * WINDOW_NS)),
     st.tuples(st.just("adjust"), st.integers(0, 3), st.sampled_from([0, 1000, 10**10]),
@@ -111,10 +136,10 @@ def test_the_twins_agree(calls):
     try:
         now = WINDOW_NS
         for call in calls:
-            if call[0] == "admit":
-                _, slot, rpm, tpm, tokens, step = call
+            if call[0] in ("admit", "admit_lines"):
+                what, slot, rpm, tpm, tokens, step = call
                 now += step // 7
-                a, b = (t.admit(slot, rpm, tpm, tokens, now) for t in tables)
+                a, b = (getattr(t, what)(slot, rpm, tpm, tokens, now) for t in tables)
                 assert a == b
             else:
                 _, slot, tpm, delta = call
