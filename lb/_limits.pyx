@@ -12,6 +12,7 @@ the two.
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t
 from libc.stdio cimport snprintf
+from libc.string cimport memcmp
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "_atomic.h":
@@ -69,6 +70,60 @@ cdef Py_ssize_t _block(char *out, Py_ssize_t size, const char *what, int64_t lim
     n += _duration(out + n, size - n, reset)
     n += snprintf(out + n, size - n, "\r\n")
     return n
+
+
+cdef int64_t MAX_USAGE = 1_000_000_000  # lb.limits.MAX_USAGE
+
+
+cdef inline bint _space(unsigned char c):
+    return c == 32 or 9 <= c <= 13  # what ``\s`` matches in a bytes regex
+
+
+cdef int64_t _count_after(const unsigned char *data, Py_ssize_t n, const char *key,
+                          Py_ssize_t size):
+    """The count after the last ``key`` (quotes included) in ``data``, as ``lb.limits``'s
+    patterns read it: -1 when ``key`` is not there, -2 when it is but no count follows (or
+    one above ``MAX_USAGE``)."""
+    cdef Py_ssize_t i = n - size, j
+    cdef int64_t value = 0
+    while i >= 0 and memcmp(data + i, key, size) != 0:
+        i -= 1
+    if i < 0:
+        return -1
+    j = i + size
+    while j < n and _space(data[j]):
+        j += 1
+    if j >= n or data[j] != 58:  # ':'
+        return -2
+    j += 1
+    while j < n and _space(data[j]):
+        j += 1
+    if j >= n or not 48 <= data[j] <= 57:
+        return -2
+    while j < n and 48 <= data[j] <= 57:
+        value = value * 10 + (data[j] - 48)
+        if value > MAX_USAGE:
+            return -2
+        j += 1
+    return value
+
+
+cdef int64_t _usage(const unsigned char *data, Py_ssize_t n):
+    """``lb.limits.usage_in``: the tokens of the usage at the end of an answer, -1: none."""
+    cdef int64_t total = _count_after(data, n, b'"total_tokens"', 14), given, made
+    if total != -1:
+        return total if total >= 0 else -1
+    given = _count_after(data, n, b'"input_tokens"', 14)
+    made = _count_after(data, n, b'"output_tokens"', 15)
+    if given < 0 or made < 0:
+        return -1
+    return given + made
+
+
+def usage_in(const unsigned char[::1] tail):
+    """The C core's ``lb.limits.usage_in`` (the tests compare the two)."""
+    cdef int64_t used = _usage(&tail[0], tail.shape[0]) if tail.shape[0] else -1
+    return None if used < 0 else used
 
 
 def duration_text(int64_t ns):
@@ -145,6 +200,23 @@ cdef class Budgets:
         return self._decision("requests" if r_wait > 0 else "tokens",
                               _left(r_tat - t_now, r_step), _left(t_tat - t_now, t_step),
                               r_tat - t_now, t_tat - t_now, wait)
+
+    def settle(self, Py_ssize_t slot, int64_t tpm, int64_t estimate, const unsigned char[::1] tail):
+        """Correct a charge of ``estimate`` tokens by the usage at the end of the answer
+        (``tail``); the correction made (0: no usage found, or no limit)."""
+        cdef int64_t used, delta
+        cdef int64_t *entry
+        if tpm == 0 or tail.shape[0] == 0:
+            return 0
+        used = _usage(&tail[0], tail.shape[0])
+        if used < 0 or used == estimate:
+            return 0
+        delta = used - estimate
+        entry = self._words + HEADER_WORDS + ENTRY_WORDS * slot
+        kv_spin_lock(entry + 3)
+        entry[2] = entry[2] + delta * (WINDOW // tpm)
+        kv_spin_unlock(entry + 3)
+        return delta
 
     def adjust_tokens(self, Py_ssize_t slot, int64_t tpm, int64_t delta):
         cdef int64_t *entry

@@ -14,11 +14,10 @@ per chunk: a wrapper around ``send`` cost ~1 µs a message, 20 µs a 20-chunk st
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, Any, Callable
 
 from lb.errors import GatewayError
-from lb.keys import KeyExpired, KeyStore, Tenant
+from lb.keys import KeyStore, Tenant
 from lb.limits import Decision, LimitTable, duration_text
 from lb.metrics import GatewayMetrics
 from lb.parse import ParsedRequest, estimated_tokens
@@ -41,16 +40,10 @@ class Admission:
         self.store = store
         self.table: LimitTable = store.table
         self.metrics = metrics
-
-    def authenticate(self, headers: list[tuple[bytes, bytes]]) -> Tenant:
-        try:
-            return self.store.authenticate(headers)
-        except KeyExpired as exc:
-            self.metrics.key_rejected(exc.name, "expired")
-            raise
-        except GatewayError:
-            self.metrics.key_rejected("unknown", "invalid_key")
-            raise
+        store.rejected = metrics.key_rejected  # 401s counted as "unknown", or under the name
+        # The tenant whose key the request carries, or a 401: the store's own method, bound
+        # once (no wrapper per request).
+        self.authenticate: Callable[[list[tuple[bytes, bytes]]], Tenant] = store.authenticate
 
     def admit(self, tenant: Tenant, parsed: ParsedRequest, requested: Model,
               served: str, scope: dict[str, Any]) -> Ticket:
@@ -58,7 +51,9 @@ class Admission:
         client asked for (its labels meet the key's selector), ``served`` the model that serves
         it (after a split: its upstream key is the one sent). The client's key is dropped by
         the proxy when it builds the upstream request (``KEY_HEADERS``)."""
-        if not tenant.allows(parsed.model, requested):
+        # Remembered with the Model it was allowed on: one lookup; anything else decides.
+        if tenant.allowed.get(parsed.model) is not requested and not tenant.allows(
+                parsed.model, requested):
             self.metrics.key_rejected(tenant.name, "model_not_allowed")
             raise GatewayError(403, f"The API key `{tenant.name}` may not use the model "
                                f"`{parsed.model}`.", code="model_not_allowed", param="model")
@@ -113,9 +108,12 @@ class Ticket:
         if not 200 <= status < 300:
             self.reconcile(0)  # the model server refused it: no tokens were spent
             return
-        used = usage_in(before[-_TAIL:] + last[-_TAIL:] if before else last[-_TAIL:])
-        if used is not None:
-            self.reconcile(used)
+        tenant = self.tenant
+        delta = self._admission.table.settle(
+            tenant.slot, tenant.tpm, self.estimate,
+            before[-_TAIL:] + last[-_TAIL:] if before else last[-_TAIL:])
+        if delta:
+            self._admission.metrics.key_tokens_corrected(tenant.name, delta)
 
     def reconcile(self, used: int) -> None:
         """The model server counted ``used`` tokens: correct the estimate charged."""
@@ -132,29 +130,6 @@ def _header(line: bytes) -> tuple[bytes, bytes]:
 
 # How much of an answer's end is searched for its usage: the usage object is its last part.
 _TAIL = 16 * 1024
-_TOTAL = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
-_INPUT = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
-_OUTPUT = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
-
-
-def usage_in(tail: bytes) -> int | None:
-    """The tokens of the last usage object in the end of an answer: ``total_tokens`` (OpenAI's
-    chat, completions, embeddings and Responses APIs), else ``input_tokens`` +
-    ``output_tokens`` (Anthropic's). A search, not a parse: the usage is the last thing in a
-    JSON answer and in the last event of a stream with ``include_usage``, and a key in quotes
-    cannot occur inside a JSON string (its quotes would be escaped)."""
-    at = tail.rfind(b'"total_tokens"')
-    if at >= 0:
-        found = _TOTAL.match(tail, at)
-        return int(found.group(1)) if found else None
-    counts = []
-    for key, pattern in ((b'"input_tokens"', _INPUT), (b'"output_tokens"', _OUTPUT)):
-        at = tail.rfind(key)
-        found = pattern.match(tail, at) if at >= 0 else None
-        if found is None:
-            return None
-        counts.append(int(found.group(1)))
-    return sum(counts)
 
 
 def _limit_headers(tenant: Tenant, decision: Decision) -> list[tuple[bytes, bytes]]:

@@ -31,7 +31,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from lb.errors import GatewayError
 from lb.limits import LimitTable
@@ -182,7 +182,8 @@ _NEVER = float("inf")  # the expiry of a key without one
 class Tenant:
     """A key as the request path uses it: its name, models, limits and limit-table slot."""
 
-    __slots__ = ("name", "rpm", "tpm", "rpm_text", "tpm_text", "priority", "expires", "slot", "_pattern", "_selector", "_allowed", "_selected")
+    __slots__ = ("name", "rpm", "tpm", "rpm_text", "tpm_text", "priority", "expires", "slot",
+                 "_pattern", "_selector", "allowed")
 
     def __init__(self, key: ApiKey, slot: int) -> None:
         self.name = key.name
@@ -196,26 +197,27 @@ class Tenant:
         self._pattern = re.compile("|".join(fnmatch.translate(p) for p in key.models) or "(?!)")
         self._selector: list[Requirement] | None = (parse_selector(key.model_selector)
                                                      if key.model_selector else None)
-        self._allowed: dict[str, bool] = {}
-        self._selected: dict[str, tuple[Model, bool]] = {}
+        # The names the key may use, each with the Model it was allowed on: the registry
+        # replaces a Model's object whenever the Model changes (it is frozen), so another
+        # object, perhaps with other labels, is decided again. Only names that exist and were
+        # allowed are kept: the cache stays bounded. Read by ``lb.admission`` directly.
+        self.allowed: dict[str, Model] = {}
 
     def allows(self, name: str, model: Model) -> bool:
         """Whether the key may use ``name`` (a model, or ``model_adapter``) served by the Model
-        ``model``, whose labels its selector is matched against.
+        ``model``: a glob allows the name and the selector, if any, matches ``model``'s
+        labels."""
+        if self.allowed.get(name) is model:
+            return True
+        ok = self._pattern.match(name) is not None and (
+            self._selector is None or matches(self._selector, model.labels))
+        if ok:
+            self.allowed[name] = model
+        return ok
 
-        Decided once per name and remembered (names that exist: the caches stay bounded). The
-        selector's answer is remembered with the Model it was given: the registry replaces a
-        Model's object whenever the Model changes (it is frozen), so another object, perhaps
-        with other labels, is decided again; the same one costs a dict lookup and an ``is``."""
-        allowed = self._allowed.get(name)
-        if allowed is None:
-            allowed = self._allowed[name] = self._pattern.match(name) is not None
-        if not allowed or self._selector is None:
-            return allowed
-        selected = self._selected.get(name)
-        if selected is None or selected[0] is not model:
-            selected = self._selected[name] = (model, matches(self._selector, model.labels))
-        return selected[1]
+
+def _ignore(name: str, reason: str) -> None:
+    """A ``KeyStore.rejected`` that counts nothing."""
 
 
 def _tag(digest_hex: str) -> int:
@@ -238,6 +240,8 @@ class KeyStore:
         self._known_plain: dict[bytes, Tenant] = {}
         self._identity: tuple[int, int, int] | None = None
         self.reloads = 0
+        # Told of each refusal (key name, reason), for the metrics: ``lb.admission`` sets it.
+        self.rejected: Callable[[str, str], None] = _ignore
         self.load(read_keys(config.file), _identity(config.file))
         self.upstream_keys = _upstream_keys(config.upstream_key_env)
 
@@ -272,6 +276,7 @@ class KeyStore:
         if tenant is None:
             tenant = self._authenticate(headers)
         if tenant.expires != _NEVER and tenant.expires <= time.time():
+            self.rejected(tenant.name, "expired")
             raise KeyExpired(tenant.name)
         return tenant
 
@@ -290,13 +295,14 @@ class KeyStore:
                 secret, known = value.strip(), self._known_plain
                 break
         else:
-            raise GatewayError(401, "You didn't provide an API key. Send it as `Authorization: "
-                               "Bearer <key>`.", code="invalid_api_key")
+            secret = b""
         if not secret:
+            self.rejected("unknown", "invalid_key")
             raise GatewayError(401, "You didn't provide an API key. Send it as `Authorization: "
                                "Bearer <key>`.", code="invalid_api_key")
         tenant = self.tenants.get(hashlib.sha256(secret).hexdigest())
         if tenant is None:
+            self.rejected("unknown", "invalid_key")
             raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
         if self.cached_keys >= self.CACHE_SIZE:
             self._known_bearer.clear()
