@@ -10,9 +10,12 @@ the two.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport int64_t
-from libc.stdio cimport snprintf
-from libc.string cimport memcmp
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy
+
+cdef extern from "string.h" nogil:
+    # glibc's (Python.h defines _GNU_SOURCE): a vectorised search, far faster than a loop here
+    void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen)
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "_atomic.h":
@@ -40,36 +43,86 @@ cdef inline int64_t _left(int64_t used, int64_t step):
     return (WINDOW - used) // step
 
 
-cdef Py_ssize_t _duration(char *out, Py_ssize_t size, int64_t ns):
+cdef inline Py_ssize_t _put(char *out, const char *text, Py_ssize_t size) noexcept:
+    memcpy(out, text, size)
+    return size
+
+
+cdef Py_ssize_t _int(char *out, int64_t value) noexcept:
+    """``value`` in decimal into ``out``; the length written (no printf: ~10x cheaper)."""
+    cdef char digits[24]
+    cdef Py_ssize_t n = 0, i
+    cdef uint64_t v
+    cdef Py_ssize_t sign = 0
+    if value < 0:
+        out[0] = 45  # '-'
+        sign = 1
+        v = <uint64_t>(-(value + 1)) + 1
+    else:
+        v = <uint64_t>value
+    while True:
+        digits[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    for i in range(n):
+        out[sign + i] = digits[n - 1 - i]
+    return sign + n
+
+
+cdef Py_ssize_t _duration(char *out, int64_t ns) noexcept:
     """``lb.limits.duration_text`` into ``out``; the length written."""
     cdef int64_t ms, frac, secs
+    cdef Py_ssize_t n
     if ns < 1_000_000_000:
-        return snprintf(out, size, "%lldms", <long long>(ns // 1_000_000 if ns > 0 else 0))
+        n = _int(out, ns // 1_000_000 if ns > 0 else 0)
+        return n + _put(out + n, "ms", 2)
     if ns < WINDOW:
         ms = (ns + 999_999) // 1_000_000  # rounded up, as the twin's -(-ns // 1_000_000)
+        n = _int(out, ms // 1000)
         frac = ms % 1000
-        if frac == 0:
-            return snprintf(out, size, "%llds", <long long>(ms // 1000))
-        if frac % 100 == 0:
-            return snprintf(out, size, "%lld.%llds", <long long>(ms // 1000),
-                            <long long>(frac // 100))
-        if frac % 10 == 0:
-            return snprintf(out, size, "%lld.%02llds", <long long>(ms // 1000),
-                            <long long>(frac // 10))
-        return snprintf(out, size, "%lld.%03llds", <long long>(ms // 1000), <long long>frac)
+        if frac:  # as Python's :g writes it: up to three decimals, no trailing zeros
+            out[n] = 46  # '.'
+            out[n + 1] = <char>(48 + frac // 100)
+            n += 2
+            if frac % 100:
+                out[n] = <char>(48 + frac // 10 % 10)
+                n += 1
+                if frac % 10:
+                    out[n] = <char>(48 + frac % 10)
+                    n += 1
+        return n + _put(out + n, "s", 1)
     secs = (ns + 999_999_999) // 1_000_000_000
-    return snprintf(out, size, "%lldm%llds", <long long>(secs // 60), <long long>(secs % 60))
+    n = _int(out, secs // 60)
+    n += _put(out + n, "m", 1)
+    n += _int(out + n, secs % 60)
+    return n + _put(out + n, "s", 1)
 
 
-cdef Py_ssize_t _block(char *out, Py_ssize_t size, const char *what, int64_t limit,
-                       int64_t remaining, int64_t reset):
+cdef Py_ssize_t _block(char *out, const char *what, Py_ssize_t size, int64_t limit,
+                       int64_t remaining, int64_t reset) noexcept:
     """One limit's three ``x-ratelimit-*`` lines into ``out``; the length written."""
-    cdef Py_ssize_t n = snprintf(out, size, "x-ratelimit-limit-%s: %lld\r\n"
-                                 "x-ratelimit-remaining-%s: %lld\r\nx-ratelimit-reset-%s: ",
-                                 what, <long long>limit, what, <long long>remaining, what)
-    n += _duration(out + n, size - n, reset)
-    n += snprintf(out + n, size - n, "\r\n")
-    return n
+    cdef Py_ssize_t n = _put(out, "x-ratelimit-limit-", 18)
+    n += _put(out + n, what, size)
+    n += _put(out + n, ": ", 2)
+    n += _int(out + n, limit)
+    n += _put(out + n, "\r\nx-ratelimit-remaining-", 24)
+    n += _put(out + n, what, size)
+    n += _put(out + n, ": ", 2)
+    n += _int(out + n, remaining)
+    n += _put(out + n, "\r\nx-ratelimit-reset-", 20)
+    n += _put(out + n, what, size)
+    n += _put(out + n, ": ", 2)
+    n += _duration(out + n, reset)
+    return n + _put(out + n, "\r\n", 2)
+
+
+def duration_text(int64_t ns):
+    """The C core's ``lb.limits.duration_text`` (the tests compare the two)."""
+    cdef char buf[64]
+    cdef Py_ssize_t n = _duration(buf, ns)
+    return PyBytes_FromStringAndSize(buf, n).decode()
 
 
 cdef int64_t MAX_USAGE = 1_000_000_000  # lb.limits.MAX_USAGE
@@ -84,13 +137,20 @@ cdef int64_t _count_after(const unsigned char *data, Py_ssize_t n, const char *k
     """The count after the last ``key`` (quotes included) in ``data``, as ``lb.limits``'s
     patterns read it: -1 when ``key`` is not there, -2 when it is but no count follows (or
     one above ``MAX_USAGE``)."""
-    cdef Py_ssize_t i = n - size, j
+    cdef const unsigned char *at = data
+    cdef const unsigned char *last = NULL
+    cdef const unsigned char *hit
+    cdef Py_ssize_t j
     cdef int64_t value = 0
-    while i >= 0 and memcmp(data + i, key, size) != 0:
-        i -= 1
-    if i < 0:
+    while True:  # the last occurrence: each search starts past the one before (they are rare)
+        hit = <const unsigned char *>memmem(at, n - (at - data), key, size)
+        if hit == NULL:
+            break
+        last = hit
+        at = hit + 1
+    if last == NULL:
         return -1
-    j = i + size
+    j = (last - data) + size
     while j < n and _space(data[j]):
         j += 1
     if j >= n or data[j] != 58:  # ':'
@@ -110,7 +170,10 @@ cdef int64_t _count_after(const unsigned char *data, Py_ssize_t n, const char *k
 
 cdef int64_t _usage(const unsigned char *data, Py_ssize_t n):
     """``lb.limits.usage_in``: the tokens of the usage at the end of an answer, -1: none."""
-    cdef int64_t total = _count_after(data, n, b'"total_tokens"', 14), given, made
+    cdef int64_t total, given, made
+    if memmem(data, n, b'_tokens"', 8) == NULL:  # the end of every key below: one search
+        return -1
+    total = _count_after(data, n, b'"total_tokens"', 14)
     if total != -1:
         return total if total >= 0 else -1
     given = _count_after(data, n, b'"input_tokens"', 14)
@@ -124,13 +187,6 @@ def usage_in(const unsigned char[::1] tail):
     """The C core's ``lb.limits.usage_in`` (the tests compare the two)."""
     cdef int64_t used = _usage(&tail[0], tail.shape[0]) if tail.shape[0] else -1
     return None if used < 0 else used
-
-
-def duration_text(int64_t ns):
-    """The C core's ``lb.limits.duration_text`` (the tests compare the two)."""
-    cdef char buf[64]
-    cdef Py_ssize_t n = _duration(buf, sizeof(buf), ns)
-    return PyBytes_FromStringAndSize(buf, n).decode()
 
 
 cdef class Budgets:
@@ -179,12 +235,10 @@ cdef class Budgets:
                 entry[2] = t_used + t_now
             kv_spin_unlock(entry + 3)
             if lines:
-                if rpm:
-                    n = _block(buf, sizeof(buf), "requests", rpm, (WINDOW - r_used) // r_step,
-                               r_used)
+                if rpm:  # at most 2 x 3 lines of < 80 bytes: the buffer holds them
+                    n = _block(buf, "requests", 8, rpm, (WINDOW - r_used) // r_step, r_used)
                 if tpm:
-                    n += _block(buf + n, sizeof(buf) - n, "tokens", tpm,
-                                (WINDOW - t_used) // t_step, t_used)
+                    n += _block(buf + n, "tokens", 6, tpm, (WINDOW - t_used) // t_step, t_used)
                 return PyBytes_FromStringAndSize(buf, n)
             return self._decision("", (WINDOW - r_used) // r_step if rpm else -1,
                                   (WINDOW - t_used) // t_step if tpm else -1,

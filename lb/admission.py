@@ -63,9 +63,16 @@ class Admission:
         if lines.__class__ is not bytes:
             self.metrics.key_rejected(tenant.name, lines.refused)
             raise _rate_limited(tenant, lines, tokens)
-        self.metrics.key_admitted(tenant.name, tokens)
+        counts = tenant.counts or self._counts(tenant)
+        counts[0] += 1
+        counts[1] += tokens
         return Ticket(self, tenant, tokens, lines, scope.get(HEAD_LINES),
                       self.store.upstream_keys.get(served))
+
+
+    def _counts(self, tenant: Tenant) -> list[int]:
+        tenant.counts = self.metrics.key_counts(tenant.name)
+        return tenant.counts
 
 
 class Ticket:
@@ -113,14 +120,14 @@ class Ticket:
             tenant.slot, tenant.tpm, self.estimate,
             before[-_TAIL:] + last[-_TAIL:] if before else last[-_TAIL:])
         if delta:
-            self._admission.metrics.key_tokens_corrected(tenant.name, delta)
+            tenant.counts[1] += delta  # type: ignore[index]  # set at admission
 
     def reconcile(self, used: int) -> None:
         """The model server counted ``used`` tokens: correct the estimate charged."""
         delta = used - self.estimate
         if delta:
             self._admission.table.adjust_tokens(self.tenant.slot, self.tenant.tpm, delta)
-            self._admission.metrics.key_tokens_corrected(self.tenant.name, delta)
+            self.tenant.counts[1] += delta  # type: ignore[index]  # set at admission
 
 
 def _header(line: bytes) -> tuple[bytes, bytes]:

@@ -183,7 +183,7 @@ class Tenant:
     """A key as the request path uses it: its name, models, limits and limit-table slot."""
 
     __slots__ = ("name", "rpm", "tpm", "rpm_text", "tpm_text", "priority", "expires", "slot",
-                 "_pattern", "_selector", "allowed")
+                 "_pattern", "_selector", "allowed", "counts")
 
     def __init__(self, key: ApiKey, slot: int) -> None:
         self.name = key.name
@@ -202,6 +202,9 @@ class Tenant:
         # object, perhaps with other labels, is decided again. Only names that exist and were
         # allowed are kept: the cache stays bounded. Read by ``lb.admission`` directly.
         self.allowed: dict[str, Model] = {}
+        # The metrics' [admitted requests, tokens charged] of the key's name, shared with the
+        # tenants it had before a reload (``lb.admission`` fetches it on first use).
+        self.counts: list[int] | None = None
 
     def allows(self, name: str, model: Model) -> bool:
         """Whether the key may use ``name`` (a model, or ``model_adapter``) served by the Model
