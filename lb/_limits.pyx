@@ -2,8 +2,11 @@
 # cython: annotation_typing=False, binding=False, embedsignature=True
 """The per-key budgets' check-and-charge in C: the twin of ``lb.limits.PyBudgets``.
 
-Same arithmetic, same ``Decision`` for every call (``tests/test_limits.py`` runs both side by
-side). Only the lock differs: the twin takes the table's process-shared semaphore, this takes a
+Same arithmetic, same ``Decision``, header lines and corrections for every call
+(``tests/test_limits.py`` runs both side by side). The request path makes two calls per
+request: ``admit_lines`` (check, charge and the ``x-ratelimit-*`` lines, written by hand: printf
+cost three times the rest of the call) and ``settle`` (the usage found with glibc's ``memmem``
+and the charge corrected). Only the lock differs: the twin takes the table's process-shared semaphore, this takes a
 spin lock in the slot's spare word (``_atomic.h``), so an admission costs no system call and
 two keys never wait on each other. All processes sharing a table run one install, hence one of
 the two.

@@ -16,6 +16,10 @@ check-and-charge reads and writes two words and must be atomic across processes:
 processes of one install run the same one. Times are ``CLOCK_MONOTONIC`` nanoseconds, one
 clock for every process of the machine.
 
+Per request the gateway makes two calls (``lb.admission``): ``admit_lines`` (the check, the
+charge and the admitted answer's ``x-ratelimit-*`` header lines) and ``settle`` (the usage at
+the end of the answer, ``usage_in``, and the correction of the estimate charged).
+
 Several gateway *replicas* (pods) do not share this table: each enforces the limits on what it
 serves (the README says so).
 """
