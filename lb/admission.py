@@ -69,8 +69,9 @@ class Admission:
         return Ticket(self, tenant, tokens, lines, scope.get(HEAD_LINES),
                       self.store.upstream_keys.get(served))
 
-
     def _counts(self, tenant: Tenant) -> list[int]:
+        """The metrics' counts of the key's name, kept with the tenant from its first
+        admission on (a reload's new tenant fetches the same list)."""
         tenant.counts = self.metrics.key_counts(tenant.name)
         return tenant.counts
 

@@ -4,10 +4,11 @@ Keys live in a YAML file (``apiKeys.file``), one entry per key with its name, th
 secret (never the secret itself), the model names it may use (globs), its limits, a priority
 class and an optional expiry. A key may also carry a ``modelSelector`` (a Kubernetes label
 selector over the Models' labels): it may then use a model only when a glob allows the name and
-the selector matches the labels of the Model (an adapter: of its base Model). ``kvgate keys create|list|revoke`` writes the file; the gateway
-polls its identity (mtime, size, inode: off the request path, in a thread) and swaps the whole
-table in when it changes, so a revoked key is refused within ``reloadSeconds`` and no restart
-is needed. A file that no longer parses is reported and the keys in force are kept.
+the selector matches the labels of the Model (an adapter: of its base Model). ``kvgate keys
+create|list|revoke`` writes the file; the gateway polls its identity (mtime, size, inode: off
+the request path, in a thread) and swaps the whole table in when it changes, so a revoked key is
+refused within ``reloadSeconds`` and no restart is needed. A file that no longer parses is
+reported and the keys in force are kept.
 
 A request presents its key as ``Authorization: Bearer <secret>`` (OpenAI's SDKs) or
 ``x-api-key: <secret>`` (Anthropic's, on /v1/messages). The secret is hashed and looked up;

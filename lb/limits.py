@@ -107,7 +107,8 @@ class LimitTable:
         return self.HEADER // 8 + self._WORDS * slot
 
     def close(self) -> None:
-        del self.admit, self.admit_lines, self.adjust_tokens, self.settle, self.budgets  # the C core holds a view
+        # The C core holds a view of the buffer: every reference to it goes first.
+        del self.admit, self.admit_lines, self.adjust_tokens, self.settle, self.budgets
         self._tags.release()
         self._words.release()
         self.buffer.close()

@@ -155,7 +155,7 @@ class Proxy:
             exchange.trace.parsed(parsed, model, adapter)
         if _FEATURES[kind] not in model.spec.features and not _also_served(kind, model):
             raise _not_served(model, kind, scope["path"])
-        if tenant is not None:  # 403 / 429, and the client's key taken off the headers
+        if tenant is not None:  # 403 / 429 (the client's key is dropped in _forward)
             assert self._admission is not None
             exchange.ticket = self._admission.admit(tenant, parsed, requested, model.name, scope)
         hook = scope.get(DISCONNECT_HOOK)

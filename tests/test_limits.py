@@ -142,7 +142,8 @@ def test_usage_as_the_answers_write_it():
 
 
 CALLS = st.lists(st.one_of(
-    st.tuples(st.sampled_from(["admit", "admit_lines"]), st.integers(0, 3), st.sampled_from([0, 1, 3, 60, 10**9]),
+    st.tuples(st.sampled_from(["admit", "admit_lines"]), st.integers(0, 3),
+              st.sampled_from([0, 1, 3, 60, 10**9]),
               st.sampled_from([0, 10, 1000, 10**10]), st.integers(0, 5000),
               st.integers(0, 3 * WINDOW_NS)),
     st.tuples(st.just("adjust"), st.integers(0, 3), st.sampled_from([0, 1000, 10**10]),
