@@ -41,6 +41,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--model", action="append", default=[], metavar="GLOB",
                         help="a model the key may use, as a glob (`llama-*`; an adapter is "
                              "`model_adapter`); repeat for several (default: every model)")
+    create.add_argument("-l", "--selector", action="append", default=[], metavar="SELECTOR",
+                        help="a label selector the Models the key may use must match "
+                             "(`team=a,tier!=gpu`: comma terms are ANDed; repeat to add terms); "
+                             "an adapter follows its base Model's labels")
     create.add_argument("--rpm", type=int, default=0, help="requests per minute (0: no limit)")
     create.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: no limit)")
     create.add_argument("--priority", default="default", help="priority class")
@@ -102,6 +106,7 @@ def _create(keys: KeysFile, args: argparse.Namespace) -> tuple[str, KeysFile]:
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     key = ApiKey(name=args.name, hash=hash_secret(secret),
                  models=tuple(args.model) or ("*",),
+                 model_selector=",".join(s.strip() for s in args.selector if s.strip()),
                  limits=KeyLimits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
                  priority=args.priority, expires_at=_expiry(args.expires, now),
                  created_at=_iso(now))
@@ -131,9 +136,11 @@ def _iso(when: datetime.datetime) -> str:
 
 def _list(path: Path) -> int:
     keys = read_keys(path) if path.exists() else KeysFile()
-    rows = [("NAME", "MODELS", "RPM", "TPM", "PRIORITY", "EXPIRES", "CREATED", "HASH")]
+    rows = [("NAME", "MODELS", "SELECTOR", "RPM", "TPM", "PRIORITY", "EXPIRES", "CREATED",
+             "HASH")]
     for k in keys.keys:
-        rows.append((k.name, ",".join(k.models), str(k.limits.requests_per_minute or "-"),
+        rows.append((k.name, ",".join(k.models), k.model_selector or "-",
+                     str(k.limits.requests_per_minute or "-"),
                      str(k.limits.tokens_per_minute or "-"), k.priority, k.expires_at or "never",
                      k.created_at or "-", k.hash[:19] + "…"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -14,14 +14,16 @@ per chunk: a wrapper around ``send`` cost ~1 µs a message, 20 µs a 20-chunk st
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from lb.errors import GatewayError
-from lb.keys import KEY_HEADERS, KeyExpired, KeyStore, Tenant
+from lb.keys import KeyStore, Tenant
 from lb.limits import Decision, LimitTable, duration_text
 from lb.metrics import GatewayMetrics
 from lb.parse import ParsedRequest, estimated_tokens
+
+if TYPE_CHECKING:
+    from lb.model import Model
 
 # The scope key under which kvgate's server (lb.server) offers to take header lines for the
 # response head it writes next: ``scope[HEAD_LINES](b"name: value\r\n...")``. The lines are
@@ -38,49 +40,56 @@ class Admission:
         self.store = store
         self.table: LimitTable = store.table
         self.metrics = metrics
+        store.rejected = metrics.key_rejected  # 401s counted as "unknown", or under the name
+        # The tenant whose key the request carries, or a 401: the store's own method, bound
+        # once (no wrapper per request).
+        self.authenticate: Callable[[list[tuple[bytes, bytes]]], Tenant] = store.authenticate
 
-    def authenticate(self, headers: list[tuple[bytes, bytes]]) -> Tenant:
-        try:
-            return self.store.authenticate(headers)
-        except KeyExpired as exc:
-            self.metrics.key_rejected(exc.name, "expired")
-            raise
-        except GatewayError:
-            self.metrics.key_rejected("unknown", "invalid_key")
-            raise
-
-    def admit(self, tenant: Tenant, parsed: ParsedRequest, model: str,
-              scope: dict[str, Any]) -> Ticket:
-        """Check the model and charge the limits; the request's headers lose the client's key
-        (and gain the model's upstream key, if one is configured)."""
-        if not tenant.allows(parsed.model):
+    def admit(self, tenant: Tenant, parsed: ParsedRequest, requested: Model,
+              served: str, scope: dict[str, Any]) -> Ticket:
+        """Check the model and charge the limits: ``requested`` is the Model of the name the
+        client asked for (its labels meet the key's selector), ``served`` the model that serves
+        it (after a split: its upstream key is the one sent). The client's key is dropped by
+        the proxy when it builds the upstream request (``KEY_HEADERS``)."""
+        # Remembered with the Model it was allowed on: one lookup; anything else decides.
+        if tenant.allowed.get(parsed.model) is not requested and not tenant.allows(
+                parsed.model, requested):
             self.metrics.key_rejected(tenant.name, "model_not_allowed")
             raise GatewayError(403, f"The API key `{tenant.name}` may not use the model "
                                f"`{parsed.model}`.", code="model_not_allowed", param="model")
         tokens = estimated_tokens(parsed)
-        decision = self.table.admit(tenant.slot, tenant.rpm, tenant.tpm, tokens)
-        if decision.refused:
-            self.metrics.key_rejected(tenant.name, decision.refused)
-            raise _rate_limited(tenant, decision, tokens)
-        self.metrics.key_admitted(tenant.name, tokens)
-        headers = [h for h in scope["headers"] if h[0] not in KEY_HEADERS]
-        upstream = self.store.upstream_keys.get(model)
-        scope["headers"] = headers + upstream if upstream else headers
-        return Ticket(self, tenant, tokens, decision, scope.get(HEAD_LINES))
+        # One call: the check, the charge and the admitted request's header lines.
+        lines = self.table.admit_lines(tenant.slot, tenant.rpm, tenant.tpm, tokens)
+        if lines.__class__ is not bytes:
+            self.metrics.key_rejected(tenant.name, lines.refused)
+            raise _rate_limited(tenant, lines, tokens)
+        counts = tenant.counts or self._counts(tenant)
+        counts[0] += 1
+        counts[1] += tokens
+        return Ticket(self, tenant, tokens, lines, scope.get(HEAD_LINES),
+                      self.store.upstream_keys.get(served))
+
+    def _counts(self, tenant: Tenant) -> list[int]:
+        """The metrics' counts of the key's name, kept with the tenant from its first
+        admission on (a reload's new tenant fetches the same list)."""
+        tenant.counts = self.metrics.key_counts(tenant.name)
+        return tenant.counts
 
 
 class Ticket:
     """An admitted request: its charge, and the headers its answer carries."""
 
-    __slots__ = ("_admission", "tenant", "estimate", "_decision", "_head_lines")
+    __slots__ = ("_admission", "tenant", "estimate", "_lines", "_head_lines", "upstream_key")
 
-    def __init__(self, admission: Admission, tenant: Tenant, estimate: int, decision: Decision,
-                 head_lines: Callable[[bytes], None] | None = None) -> None:
+    def __init__(self, admission: Admission, tenant: Tenant, estimate: int, lines: bytes,
+                 head_lines: Callable[[bytes], None] | None = None,
+                 upstream_key: list[tuple[bytes, bytes]] | None = None) -> None:
         self._admission = admission
         self.tenant = tenant
         self.estimate = estimate
-        self._decision = decision
+        self._lines = lines  # the rate-limit header lines (``lb.limits.limit_lines``)
         self._head_lines = head_lines
+        self.upstream_key = upstream_key  # the served model's own key header, if configured
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         """The rate-limit headers of the answer whose head is sent next; call it just before.
@@ -90,12 +99,12 @@ class Ticket:
         from numbers need none of the checks the server runs on every header it is given (two
         regex searches and a ``lower()`` each). Under another ASGI server they are the
         list."""
-        tenant = self.tenant
-        if not (tenant.rpm or tenant.tpm):
+        lines = self._lines
+        if not lines:  # a key without limits
             return []
         if self._head_lines is None:
-            return _limit_headers(tenant, self._decision)
-        self._head_lines(_limit_lines(tenant, self._decision))
+            return [_header(line) for line in lines.split(b"\r\n") if line]
+        self._head_lines(lines)
         return []
 
     def settle(self, status: int, last: bytes, before: bytes = b"") -> None:
@@ -107,56 +116,28 @@ class Ticket:
         if not 200 <= status < 300:
             self.reconcile(0)  # the model server refused it: no tokens were spent
             return
-        used = usage_in(before[-_TAIL:] + last[-_TAIL:] if before else last[-_TAIL:])
-        if used is not None:
-            self.reconcile(used)
+        tenant = self.tenant
+        delta = self._admission.table.settle(
+            tenant.slot, tenant.tpm, self.estimate,
+            before[-_TAIL:] + last[-_TAIL:] if before else last[-_TAIL:])
+        if delta:
+            tenant.counts[1] += delta  # type: ignore[index]  # set at admission
 
     def reconcile(self, used: int) -> None:
         """The model server counted ``used`` tokens: correct the estimate charged."""
         delta = used - self.estimate
         if delta:
             self._admission.table.adjust_tokens(self.tenant.slot, self.tenant.tpm, delta)
-            self._admission.metrics.key_tokens_corrected(self.tenant.name, delta)
+            self.tenant.counts[1] += delta  # type: ignore[index]  # set at admission
+
+
+def _header(line: bytes) -> tuple[bytes, bytes]:
+    name, _, value = line.partition(b": ")
+    return name, value
 
 
 # How much of an answer's end is searched for its usage: the usage object is its last part.
 _TAIL = 16 * 1024
-_TOTAL = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
-_INPUT = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
-_OUTPUT = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
-
-
-def usage_in(tail: bytes) -> int | None:
-    """The tokens of the last usage object in the end of an answer: ``total_tokens`` (OpenAI's
-    chat, completions, embeddings and Responses APIs), else ``input_tokens`` +
-    ``output_tokens`` (Anthropic's). A search, not a parse: the usage is the last thing in a
-    JSON answer and in the last event of a stream with ``include_usage``, and a key in quotes
-    cannot occur inside a JSON string (its quotes would be escaped)."""
-    at = tail.rfind(b'"total_tokens"')
-    if at >= 0:
-        found = _TOTAL.match(tail, at)
-        return int(found.group(1)) if found else None
-    counts = []
-    for key, pattern in ((b'"input_tokens"', _INPUT), (b'"output_tokens"', _OUTPUT)):
-        at = tail.rfind(key)
-        found = pattern.match(tail, at) if at >= 0 else None
-        if found is None:
-            return None
-        counts.append(int(found.group(1)))
-    return sum(counts)
-
-
-def _limit_lines(tenant: Tenant, decision: Decision) -> bytes:
-    """``_limit_headers`` as the lines of a response head (``Tenant.limit_lines`` filled in)."""
-    if tenant.rpm:
-        requests = (decision.remaining_requests,
-                    duration_text(decision.reset_requests_ns).encode())
-        if not tenant.tpm:
-            return tenant.limit_lines % requests
-        return tenant.limit_lines % (requests + (
-            decision.remaining_tokens, duration_text(decision.reset_tokens_ns).encode()))
-    return tenant.limit_lines % (decision.remaining_tokens,
-                                 duration_text(decision.reset_tokens_ns).encode())
 
 
 def _limit_headers(tenant: Tenant, decision: Decision) -> list[tuple[bytes, bytes]]:

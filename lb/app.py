@@ -196,7 +196,7 @@ class Gateway:
             entries = [_model_entry(model.name, model, splits=model.spec.splits)]
             entries += [_model_entry(join_model_adapter(model.name, a.name), model, model.name,
                                      a.splits) for a in model.spec.adapters]
-            data += [e for e in entries if tenant is None or tenant.allows(e["id"])]
+            data += [e for e in entries if tenant is None or tenant.allows(e["id"], model)]
         return Response(orjson.dumps({"object": "list", "data": data}),
                         media_type="application/json")
 

@@ -2,17 +2,21 @@
 
 Keys live in a YAML file (``apiKeys.file``), one entry per key with its name, the sha256 of its
 secret (never the secret itself), the model names it may use (globs), its limits, a priority
-class and an optional expiry. ``kvgate keys create|list|revoke`` writes the file; the gateway
-polls its identity (mtime, size, inode: off the request path, in a thread) and swaps the whole
-table in when it changes, so a revoked key is refused within ``reloadSeconds`` and no restart
-is needed. A file that no longer parses is reported and the keys in force are kept.
+class and an optional expiry. A key may also carry a ``modelSelector`` (a Kubernetes label
+selector over the Models' labels): it may then use a model only when a glob allows the name and
+the selector matches the labels of the Model (an adapter: of its base Model). ``kvgate keys
+create|list|revoke`` writes the file; the gateway polls its identity (mtime, size, inode: off
+the request path, in a thread) and swaps the whole table in when it changes, so a revoked key is
+refused within ``reloadSeconds`` and no restart is needed. A file that no longer parses is
+reported and the keys in force are kept.
 
 A request presents its key as ``Authorization: Bearer <secret>`` (OpenAI's SDKs) or
 ``x-api-key: <secret>`` (Anthropic's, on /v1/messages). The secret is hashed and looked up;
 it is never logged, exported or stored in clear. A secret that was found is remembered in
-memory (``KeyStore``'s cache) so that a key's next requests cost a dict lookup instead of a
-SHA-256; the cache is emptied whenever the keys in force change and holds only secrets that
-matched a key, so unknown secrets cannot grow it and always pay the hash and the 401.
+memory (``KeyStore``'s cache, by the header's raw value) so that a key's next requests cost a
+dict lookup instead of a parse and a SHA-256; the cache is emptied whenever the keys in force
+change and holds only values that matched a key, so unknown secrets cannot grow it and always
+pay the hash and the 401.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from lb.errors import GatewayError
 from lb.limits import LimitTable
+from lb.selectors import Requirement, SelectorError, matches, parse_selector
 from lb.schema import SchemaError, decode_object, read_yaml, setting
+
+if TYPE_CHECKING:
+    from lb.model import Model
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,10 @@ class ApiKey:
                         pattern=r"^sha256:[0-9a-f]{64}$")
     models: tuple[str, ...] = setting(("*",), doc="Model names the key may use, as globs "
                                       "(`llama-*`); an adapter is `model_adapter`.")
+    model_selector: str = setting("", doc="A Kubernetes label selector (`team=a,tier!=gpu`): "
+                                  "the key may use only Models whose labels match it (an "
+                                  "adapter: its base Model's), besides what `models` allows; "
+                                  "empty: no selector.")
     limits: KeyLimits = field(default_factory=KeyLimits)
     priority: str = setting("default", doc="The key's priority class.", pattern=_NAME)
     expires_at: str = setting("", doc="ISO 8601 time after which the key is refused; empty: "
@@ -115,6 +127,11 @@ def keys_from_dict(data: Any) -> KeysFile:
             raise SchemaError(("keys", i, "name"), f"another key is named {key.name!r}")
         if key.hash in hashes:
             raise SchemaError(("keys", i, "hash"), "another key has the same hash")
+        if key.model_selector:
+            try:
+                parse_selector(key.model_selector)
+            except SelectorError as exc:
+                raise SchemaError(("keys", i, "modelSelector"), str(exc)) from None
         if key.expires_at:
             try:
                 expiry_of(key.expires_at)
@@ -146,6 +163,8 @@ def keys_to_dict(keys: KeysFile) -> dict[str, Any]:
     out = []
     for key in keys.keys:
         entry: dict[str, Any] = {"name": key.name, "hash": key.hash, "models": list(key.models)}
+        if key.model_selector:
+            entry["modelSelector"] = key.model_selector
         limits = {k: v for k, v in (("requestsPerMinute", key.limits.requests_per_minute),
                                     ("tokensPerMinute", key.limits.tokens_per_minute)) if v}
         if limits:
@@ -164,8 +183,8 @@ _NEVER = float("inf")  # the expiry of a key without one
 class Tenant:
     """A key as the request path uses it: its name, models, limits and limit-table slot."""
 
-    __slots__ = ("name", "rpm", "tpm", "rpm_text", "tpm_text", "limit_lines", "priority",
-                 "expires", "slot", "_pattern", "_allowed")
+    __slots__ = ("name", "rpm", "tpm", "rpm_text", "tpm_text", "priority", "expires", "slot",
+                 "_pattern", "_selector", "allowed", "counts")
 
     def __init__(self, key: ApiKey, slot: int) -> None:
         self.name = key.name
@@ -173,32 +192,36 @@ class Tenant:
         self.tpm = key.limits.tokens_per_minute
         self.rpm_text = b"%d" % self.rpm  # the x-ratelimit-limit-* values, made once
         self.tpm_text = b"%d" % self.tpm
-        self.limit_lines = _limit_lines_format(self.rpm_text if self.rpm else None,
-                                               self.tpm_text if self.tpm else None)
         self.priority = key.priority
         self.expires = expiry_of(key.expires_at) if key.expires_at else _NEVER
         self.slot = slot
         self._pattern = re.compile("|".join(fnmatch.translate(p) for p in key.models) or "(?!)")
-        self._allowed: dict[str, bool] = {}
+        self._selector: list[Requirement] | None = (parse_selector(key.model_selector)
+                                                     if key.model_selector else None)
+        # The names the key may use, each with the Model it was allowed on: the registry
+        # replaces a Model's object whenever the Model changes (it is frozen), so another
+        # object, perhaps with other labels, is decided again. Only names that exist and were
+        # allowed are kept: the cache stays bounded. Read by ``lb.admission`` directly.
+        self.allowed: dict[str, Model] = {}
+        # The metrics' [admitted requests, tokens charged] of the key's name, shared with the
+        # tenants it had before a reload (``lb.admission`` fetches it on first use).
+        self.counts: list[int] | None = None
 
-    def allows(self, model: str) -> bool:
-        """Whether the key may use ``model`` (a name that exists: the cache stays bounded)."""
-        allowed = self._allowed.get(model)
-        if allowed is None:
-            allowed = self._allowed[model] = self._pattern.match(model) is not None
-        return allowed
+    def allows(self, name: str, model: Model) -> bool:
+        """Whether the key may use ``name`` (a model, or ``model_adapter``) served by the Model
+        ``model``: a glob allows the name and the selector, if any, matches ``model``'s
+        labels."""
+        if self.allowed.get(name) is model:
+            return True
+        ok = self._pattern.match(name) is not None and (
+            self._selector is None or matches(self._selector, model.labels))
+        if ok:
+            self.allowed[name] = model
+        return ok
 
 
-def _limit_lines_format(rpm: bytes | None, tpm: bytes | None) -> bytes:
-    """OpenAI's ``x-ratelimit-*`` headers of a key's limits as response-head lines, made once:
-    the remaining count (``%d``) and reset time (``%s``) of each limit are filled in per
-    request (``lb.admission``)."""
-    lines = b""
-    for what, limit in ((b"requests", rpm), (b"tokens", tpm)):
-        if limit is not None:
-            lines += (b"x-ratelimit-limit-%s: %s\r\nx-ratelimit-remaining-%s: %%d\r\n"
-                      b"x-ratelimit-reset-%s: %%s\r\n" % (what, limit, what, what))
-    return lines
+def _ignore(name: str, reason: str) -> None:
+    """A ``KeyStore.rejected`` that counts nothing."""
 
 
 def _tag(digest_hex: str) -> int:
@@ -216,9 +239,13 @@ class KeyStore:
         self.config = config
         self.table = table
         self.tenants: dict[str, Tenant] = {}
-        self._known: dict[bytes, Tenant] = {}
+        # Raw values of key headers that authenticated (``Authorization``, ``x-api-key``).
+        self._known_bearer: dict[bytes, Tenant] = {}
+        self._known_plain: dict[bytes, Tenant] = {}
         self._identity: tuple[int, int, int] | None = None
         self.reloads = 0
+        # Told of each refusal (key name, reason), for the metrics: ``lb.admission`` sets it.
+        self.rejected: Callable[[str, str], None] = _ignore
         self.load(read_keys(config.file), _identity(config.file))
         self.upstream_keys = _upstream_keys(config.upstream_key_env)
 
@@ -228,41 +255,63 @@ class KeyStore:
         for key in keys.keys:
             digest = key.hash[len("sha256:"):]
             tenants[digest] = Tenant(key, self.table.slot(_tag(digest)))
-        self._known = {}  # the secrets of the keys no longer in force are forgotten with them
+        # The secrets of the keys no longer in force are forgotten with them.
+        self._known_bearer = {}
+        self._known_plain = {}
         self.tenants = tenants
         self._identity = identity
 
     def authenticate(self, headers: list[tuple[bytes, bytes]]) -> Tenant:
-        """The tenant whose key the request carries, or a 401."""
-        secret = b""
+        """The tenant whose key the request carries, or a 401.
+
+        The common case is one pass over the headers to the first key header and one dict
+        lookup of its raw value (``Bearer sk-...`` as sent): a value that authenticated before
+        is remembered per header name, so its scheme is not parsed nor its secret hashed
+        again. Anything else takes ``_authenticate`` (parse, hash, look up, remember)."""
+        for name, value in headers:
+            if name == b"authorization":
+                tenant = self._known_bearer.get(value)
+                break
+            if name == b"x-api-key":
+                tenant = self._known_plain.get(value)
+                break
+        else:
+            tenant = None
+        if tenant is None:
+            tenant = self._authenticate(headers)
+        if tenant.expires != _NEVER and tenant.expires <= time.time():
+            self.rejected(tenant.name, "expired")
+            raise KeyExpired(tenant.name)
+        return tenant
+
+    def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> Tenant:
+        """The tenant of a key header not remembered: the secret found (the first Bearer
+        token or ``x-api-key``), hashed and looked up; remembered under its header's raw value
+        when it matched, else a 401. Only values that matched a key are remembered, so the
+        cache holds about one entry per key in force (the cap is a second line of defence)."""
         for name, value in headers:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() == b"bearer":
-                    secret = token.strip()
+                    secret, known = token.strip(), self._known_bearer
                     break
             elif name == b"x-api-key":
-                secret = value.strip()
+                secret, known = value.strip(), self._known_plain
                 break
+        else:
+            secret = b""
         if not secret:
+            self.rejected("unknown", "invalid_key")
             raise GatewayError(401, "You didn't provide an API key. Send it as `Authorization: "
                                "Bearer <key>`.", code="invalid_api_key")
-        tenant = self._known.get(secret) or self._lookup(secret)
-        if tenant.expires != _NEVER and tenant.expires <= time.time():
-            raise KeyExpired(tenant.name)
-        return tenant
-
-    def _lookup(self, secret: bytes) -> Tenant:
-        """The tenant of a secret not in the cache (by its hash), remembered; or a 401. Only
-        secrets that matched a key are remembered, so the cache holds at most one entry per
-        key in force (the cap is a second line of defence)."""
-        known = self._known
         tenant = self.tenants.get(hashlib.sha256(secret).hexdigest())
         if tenant is None:
+            self.rejected("unknown", "invalid_key")
             raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
-        if len(known) >= self.CACHE_SIZE:
-            known.clear()
-        known[secret] = tenant
+        if self.cached_keys >= self.CACHE_SIZE:
+            self._known_bearer.clear()
+            self._known_plain.clear()
+        known[value] = tenant
         return tenant
 
     def tenant_named(self, name: str) -> Tenant | None:
@@ -276,7 +325,7 @@ class KeyStore:
     @property
     def cached_keys(self) -> int:
         """How many secrets are remembered now."""
-        return len(self._known)
+        return len(self._known_bearer) + len(self._known_plain)
 
     async def watch(self) -> None:
         """Reload the file whenever its identity changes; never on the request path."""

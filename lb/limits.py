@@ -16,6 +16,10 @@ check-and-charge reads and writes two words and must be atomic across processes:
 processes of one install run the same one. Times are ``CLOCK_MONOTONIC`` nanoseconds, one
 clock for every process of the machine.
 
+Per request the gateway makes two calls (``lb.admission``): ``admit_lines`` (the check, the
+charge and the admitted answer's ``x-ratelimit-*`` header lines) and ``settle`` (the usage at
+the end of the answer, ``usage_in``, and the correction of the estimate charged).
+
 Several gateway *replicas* (pods) do not share this table: each enforces the limits on what it
 serves (the README says so).
 """
@@ -24,10 +28,11 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing
+import re
 import time
 from typing import Any, NamedTuple
 
-__all__ = ["LimitTable", "Decision", "WINDOW_NS", "duration_text"]
+__all__ = ["LimitTable", "Decision", "WINDOW_NS", "duration_text", "limit_lines", "usage_in"]
 
 WINDOW_NS = 60_000_000_000  # the limits are per minute
 _HEADER_WORDS = 8  # LimitTable.HEADER // 8
@@ -76,7 +81,9 @@ class LimitTable:
         self.budgets = core(self._words, Decision, self._lock)
         # The hot calls, bound once: ``table.admit(...)`` is the chosen twin's own method.
         self.admit = self.budgets.admit
+        self.admit_lines = self.budgets.admit_lines
         self.adjust_tokens = self.budgets.adjust_tokens
+        self.settle = self.budgets.settle
 
     def slot(self, tag: int) -> int:
         """The slot of ``tag`` (non-zero), inserted if new."""
@@ -100,7 +107,8 @@ class LimitTable:
         return self.HEADER // 8 + self._WORDS * slot
 
     def close(self) -> None:
-        del self.admit, self.adjust_tokens, self.budgets  # the C core holds a view
+        # The C core holds a view of the buffer: every reference to it goes first.
+        del self.admit, self.admit_lines, self.adjust_tokens, self.settle, self.budgets
         self._tags.release()
         self._words.release()
         self.buffer.close()
@@ -146,6 +154,25 @@ class PyBudgets:
                         _left(r_tat - now, r_step), _left(t_tat - now, t_step),
                         r_tat - now, t_tat - now, _retry_after(r_wait, t_wait, t_step * tokens))
 
+    def admit_lines(self, slot: int, rpm: int, tpm: int, tokens: int,
+                    now: int | None = None) -> bytes | Decision:
+        """``admit``, answering an admission with its ``x-ratelimit-*`` header lines
+        (``limit_lines``) instead of its ``Decision``: what the request path needs, made in
+        the same call (the C core writes them without a ``Decision`` or a string in between).
+        A refusal is its ``Decision``, for the 429."""
+        decision = self.admit(slot, rpm, tpm, tokens, now)
+        return decision if decision.refused else limit_lines(rpm, tpm, decision)
+
+    def settle(self, slot: int, tpm: int, estimate: int, tail: bytes) -> int:
+        """Correct a charge of ``estimate`` tokens to ``slot`` by the usage found at the end of
+        the answer (``tail``: ``usage_in``); the correction made (0: no usage, or no limit).
+        One call for the search and the correction (the C core scans the bytes itself)."""
+        used = usage_in(tail) if tpm and tail else None
+        if used is None or used == estimate:
+            return 0
+        self.adjust_tokens(slot, tpm, used - estimate)
+        return used - estimate
+
     def adjust_tokens(self, slot: int, tpm: int, delta: int) -> None:
         """Correct the tokens charged to ``slot`` by ``delta`` (the response's usage minus the
         estimate charged at admission). A refund never banks more than a full budget."""
@@ -178,6 +205,55 @@ def _retry_after(r_wait: int, t_wait: int, cost: int) -> int:
     if cost > WINDOW_NS:
         return WINDOW_NS
     return max(r_wait, t_wait, 0)
+
+
+# A usage count above this is not believed (nor can it overflow the budgets' arithmetic).
+MAX_USAGE = 1_000_000_000
+_TOTAL = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+_INPUT = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
+_OUTPUT = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
+
+
+def usage_in(tail: bytes) -> int | None:
+    """The tokens of the last usage object in the end of an answer: ``total_tokens`` (OpenAI's
+    chat, completions, embeddings and Responses APIs), else ``input_tokens`` +
+    ``output_tokens`` (Anthropic's); None without one (or with a count above ``MAX_USAGE``).
+    A search, not a parse: the usage is the last thing in a JSON answer and in the last event
+    of a stream with ``include_usage``, and a key in quotes cannot occur inside a JSON string
+    (its quotes would be escaped)."""
+    at = tail.rfind(b'"total_tokens"')
+    if at >= 0:
+        found = _TOTAL.match(tail, at)
+        return _believed(int(found.group(1))) if found else None
+    counts = 0
+    for key, pattern in ((b'"input_tokens"', _INPUT), (b'"output_tokens"', _OUTPUT)):
+        at = tail.rfind(key)
+        found = pattern.match(tail, at) if at >= 0 else None
+        if found is None or _believed(int(found.group(1))) is None:
+            return None
+        counts += int(found.group(1))
+    return counts
+
+
+def _believed(count: int) -> int | None:
+    return count if count <= MAX_USAGE else None
+
+
+def limit_lines(rpm: int, tpm: int, decision: Decision) -> bytes:
+    """OpenAI's ``x-ratelimit-*`` headers, for the limits a key has (0: none), as the lines of
+    a response head (``name: value\r\n`` each)."""
+    lines = b""
+    if rpm:
+        lines += (b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\n"
+                  b"x-ratelimit-reset-requests: %s\r\n"
+                  % (rpm, decision.remaining_requests,
+                     duration_text(decision.reset_requests_ns).encode()))
+    if tpm:
+        lines += (b"x-ratelimit-limit-tokens: %d\r\nx-ratelimit-remaining-tokens: %d\r\n"
+                  b"x-ratelimit-reset-tokens: %s\r\n"
+                  % (tpm, decision.remaining_tokens,
+                     duration_text(decision.reset_tokens_ns).encode()))
+    return lines
 
 
 def duration_text(ns: int) -> str:

@@ -82,9 +82,9 @@ class GatewayMetrics:
         # requests queued for a replica, by model: class -> count over every worker
         self.queues: dict[str, Callable[[], dict[str, int]]] = {}
         self.wait_times: dict[str, _Buckets] = {}  # time spent there, by model
-        # Per API key name (never the secret): admitted requests, tokens charged, refusals.
-        self.key_requests: dict[str, int] = {}
-        self.key_tokens: dict[str, int] = {}
+        # Per API key name (never the secret): [admitted requests, tokens charged] (a list the
+        # request path adds to in place: ``key_counts``), and refusals.
+        self.key_counts_by_name: dict[str, list[int]] = {}
         self.key_rejections: dict[tuple[str, str], int] = {}
         r.register(_RequestCollector(self))
 
@@ -148,12 +148,13 @@ class GatewayMetrics:
     def queue_rejected(self, model: str, priority: str, reason: str) -> None:
         self.rejected.labels(model, priority, reason).inc()
 
-    def key_admitted(self, key: str, tokens: int) -> None:
-        self.key_requests[key] = self.key_requests.get(key, 0) + 1
-        self.key_tokens[key] = self.key_tokens.get(key, 0) + tokens
-
-    def key_tokens_corrected(self, key: str, delta: int) -> None:
-        self.key_tokens[key] = self.key_tokens.get(key, 0) + delta
+    def key_counts(self, key: str) -> list[int]:
+        """The key's ``[admitted requests, tokens charged]``, which the caller adds to in place
+        (``lb.admission`` keeps it with the key: no call and no lookup per request)."""
+        counts = self.key_counts_by_name.get(key)
+        if counts is None:
+            counts = self.key_counts_by_name[key] = [0, 0]
+        return counts
 
     def key_rejected(self, key: str, reason: str) -> None:
         self.key_rejections[key, reason] = self.key_rejections.get((key, reason), 0) + 1
@@ -222,12 +223,12 @@ class _KeyCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("kvgate_key_requests", "Requests admitted under an API "
                                        "key.", labels=["key"])
-        for key, n in self._m.key_requests.items():
+        for key, (n, _) in self._m.key_counts_by_name.items():
             requests.add_metric([key], n)
         tokens = CounterMetricFamily("kvgate_key_tokens", "Tokens charged to an API key: the "
                                      "estimate at admission, corrected by the response's usage.",
                                      labels=["key"])
-        for key, n in self._m.key_tokens.items():
+        for key, (_, n) in self._m.key_counts_by_name.items():
             tokens.add_metric([key], n)
         rejections = CounterMetricFamily(
             "kvgate_key_rejections", "Requests refused by reason: invalid_key (key \"unknown\"), "

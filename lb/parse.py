@@ -148,13 +148,16 @@ def estimated_tokens(parsed: ParsedRequest) -> int:
     payload = parsed.payload
     limit = payload.get("max_completion_tokens") or payload.get("max_tokens") if payload else None
     if type(limit) is not int or limit < 0:  # bool is not a limit either
-        limit = _output_allowed(parsed.kind, payload)
+        kind = parsed.kind  # the common case without a call
+        limit = _output_allowed(kind, payload) if kind in _OWN_OUTPUT else DEFAULT_OUTPUT_TOKENS
     weight = len(parsed.body) // 4 + limit
     return weight if 0 < weight <= MAX_WEIGHT else (MAX_WEIGHT if weight else 1)
 
 
 # Kinds that generate nothing: their weight is their input.
 _NO_OUTPUT = frozenset(("tokenize", "detokenize", "score"))
+# Kinds whose output allowance is not the default (``_output_allowed``).
+_OWN_OUTPUT = _NO_OUTPUT | {"responses"}
 
 
 def _output_allowed(kind: str, payload: dict[str, Any] | None) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import zlib
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -27,16 +26,17 @@ from lb.errors import (UPSTREAM_ERROR_LIMIT, GatewayError, anthropic_error_body,
                        bad_request, model_not_found, model_unavailable,
                        upstream_error_body)
 from lb.http1 import BodyError, ConnectFailed, ResponseTimeout, UpstreamPool, UpstreamResponse
-from lb.keys import Tenant
+from lb.keys import KEY_HEADERS, Tenant
 from lb.metrics import GatewayMetrics
 from lb.model import Model, join_model_adapter, split_model_adapter
 from lb.parse import (ParsedRequest, check_content_type, estimated_tokens, parse_request,
                       prefix_of, with_fields, with_model)
 from lb.registry import Registry
 from lb.rewrite import ModelRename
-from lb.selectors import matches, parse_selector
+from lb.selectors import SelectorError, matches, parse_selector
 from lb.splits import Splitter
-from lb.upstream import identity_encoding, request_headers, response_headers, sized_headers
+from lb.upstream import (REQUEST_DROP, identity_encoding, request_headers, response_headers,
+                         sized_headers)
 
 if TYPE_CHECKING:
     from lb.tracing import Trace, Tracing
@@ -58,14 +58,13 @@ _ANTHROPIC_STREAM_ERROR = (b"event: error\ndata: " + anthropic_error_body(
     502, "The model server closed the stream before it finished.") + b"\n\n")
 
 
-_SPACES = re.compile(r"\s+")
-
-
 def parse_header_selector(text: str) -> list[Any]:
-    """``parse_selector`` on a header's value with whitespace runs collapsed: the selector
-    regexes backtrack quadratically on long runs of spaces (20 KB of them held the event loop
-    for seconds), and no selector token contains whitespace, so nothing else changes."""
-    return parse_selector(_SPACES.sub(" ", text))
+    """``parse_selector`` on an ``X-Label-Selector`` header's value: one that does not parse is
+    the client's mistake, a 400."""
+    try:
+        return parse_selector(text)
+    except SelectorError as exc:
+        raise bad_request(f"X-Label-Selector: {exc}", param="X-Label-Selector") from None
 
 
 class ClientGone(Exception):
@@ -93,6 +92,8 @@ class Proxy:
                  admission: Admission | None = None) -> None:
         self._config = config
         self._admission = admission  # None: API keys off
+        # The request headers never sent upstream; with keys on, the client's key as well.
+        self._drop = REQUEST_DROP if admission is None else REQUEST_DROP | KEY_HEADERS
         self._registry = registry
         self._balancer = balancer
         self._metrics = metrics
@@ -143,6 +144,7 @@ class Proxy:
                      exchange: _Exchange, began: float, tenant: Tenant | None) -> None:
         parsed = parse_request(kind, body, content_type)
         model, adapter = self._resolve(parsed.model, scope)
+        requested = model  # a key's selector is matched against the labels of the name asked for
         if model.spec.splits or adapter:  # canary routing: maybe another name serves it
             target = self._splitter.route(model, adapter, parsed.model, session, _FEATURES[kind])
             if target is not None:
@@ -153,9 +155,9 @@ class Proxy:
             exchange.trace.parsed(parsed, model, adapter)
         if _FEATURES[kind] not in model.spec.features and not _also_served(kind, model):
             raise _not_served(model, kind, scope["path"])
-        if tenant is not None:  # 403 / 429, and the client's key taken off the headers
+        if tenant is not None:  # 403 / 429 (the client's key is dropped in _forward)
             assert self._admission is not None
-            exchange.ticket = self._admission.admit(tenant, parsed, model.name, scope)
+            exchange.ticket = self._admission.admit(tenant, parsed, requested, model.name, scope)
         hook = scope.get(DISCONNECT_HOOK)
         watcher = (_DisconnectHook(hook, exchange) if hook is not None
                    else _DisconnectWatch(receive, exchange))
@@ -200,7 +202,10 @@ class Proxy:
     async def _forward(self, model: Model, adapter: str, parsed: ParsedRequest, key: str,
                        prompt: PromptBlocks | None, path: bytes, scope: Scope, send: Send,
                        exchange: _Exchange, began: float, tenant: Tenant | None) -> None:
-        headers = request_headers(scope["headers"], parsed.content_type)
+        headers = request_headers(scope["headers"], parsed.content_type, self._drop)
+        ticket = exchange.ticket
+        if ticket is not None and ticket.upstream_key is not None:
+            headers += ticket.upstream_key
         served = adapter or model.name
         if served != parsed.model:  # an adapter, or a split: the answer gets the client's name
             body = with_model(parsed, served)

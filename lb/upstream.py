@@ -12,7 +12,7 @@ from lb.config import UpstreamConfig
 from lb.http1 import UpstreamPool
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the gateway itself owns.
-_REQUEST_DROP = frozenset({
+REQUEST_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
     b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"host", b"content-length",
     b"x-label-selector", b"expect",
@@ -33,11 +33,11 @@ def create_pool(config: UpstreamConfig) -> UpstreamPool:
                         max_idle_per_host=config.max_idle_per_host)
 
 
-def request_headers(scope_headers: list[tuple[bytes, bytes]],
-                    content_type: bytes) -> list[tuple[bytes, bytes]]:
+def request_headers(scope_headers: list[tuple[bytes, bytes]], content_type: bytes,
+                    drop: frozenset[bytes] = REQUEST_DROP) -> list[tuple[bytes, bytes]]:
     """The client's headers minus hop-by-hop ones (including any the client's ``Connection``
-    header names, RFC 9110 7.6.1), with the body's content type."""
-    drop = _REQUEST_DROP
+    header names, RFC 9110 7.6.1) and the others in ``drop`` (with API keys on, the client's
+    key: ``lb.keys.KEY_HEADERS``), with the body's content type."""
     for name, value in scope_headers:
         if name == b"connection":
             drop = drop | {token.strip().lower() for token in value.split(b",")}

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.limits import WINDOW_NS, LimitTable, PyBudgets, duration_text
+from lb.limits import WINDOW_NS, LimitTable, PyBudgets, duration_text, usage_in
 
 S = 1_000_000_000
 
@@ -94,12 +94,62 @@ def test_durations_as_openai_writes_them():
     assert duration_text(360 * S) == "6m0s"
 
 
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.integers(-S, 2 * WINDOW_NS), st.integers(0, 10**15),
+                 st.sampled_from([0, 999_999, 1_000_000, S - 1, S, S + 1, 1_050 * 10**6,
+                                  1_001 * 10**6, WINDOW_NS - 1, WINDOW_NS, WINDOW_NS + 1])))
+def test_the_c_durations_are_the_twins(ns):
+    """The C core writes the reset times of its header lines itself."""
+    core = pytest.importorskip("lb._limits", reason="the C core is not built")
+    assert core.duration_text(ns) == duration_text(ns)
+
+
+def test_admitted_requests_get_their_header_lines(table):
+    lines = table.admit_lines(0, 3, 1000, 10, now=WINDOW_NS)
+    assert lines == (b"x-ratelimit-limit-requests: 3\r\nx-ratelimit-remaining-requests: 2\r\n"
+                     b"x-ratelimit-reset-requests: 20s\r\nx-ratelimit-limit-tokens: 1000\r\n"
+                     b"x-ratelimit-remaining-tokens: 990\r\nx-ratelimit-reset-tokens: 600ms\r\n")
+    assert table.admit_lines(1, 0, 60, 1, now=WINDOW_NS) == (
+        b"x-ratelimit-limit-tokens: 60\r\nx-ratelimit-remaining-tokens: 59\r\n"
+        b"x-ratelimit-reset-tokens: 1s\r\n")
+    assert table.admit_lines(2, 0, 0, 10**9, now=WINDOW_NS) == b""  # no limits, no lines
+    for _ in range(2):
+        table.admit_lines(0, 3, 1000, 10, now=WINDOW_NS)
+    refused = table.admit_lines(0, 3, 1000, 10, now=WINDOW_NS)  # a refusal is its Decision
+    assert refused.refused == "requests" and refused.retry_after_ns == 20 * S
+
+
+USAGE_PARTS = st.sampled_from([b'"total_tokens"', b'"input_tokens"', b'"output_tokens"', b":",
+                                b" ", b"\n", b"\t", b"12", b"0", b"999999999", b"1000000001",
+                                b"}", b",", b'"usage": {', b"data: ", b"x"])
+USAGES = st.lists(USAGE_PARTS, max_size=14).map(b"".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(USAGES)
+def test_the_c_usage_search_is_the_twins(tail):
+    core = pytest.importorskip("lb._limits", reason="the C core is not built")
+    assert core.usage_in(tail) == usage_in(tail)
+
+
+def test_usage_as_the_answers_write_it():
+    assert usage_in(b'{"usage": {"prompt_tokens": 5, "total_tokens": 17}}') == 17
+    assert usage_in(b'"usage":{"input_tokens":3,"output_tokens" : 4}}') == 7
+    assert usage_in(b'{"usage": {"input_tokens": 3}}') is None
+    assert usage_in(b'"total_tokens": "x", "input_tokens": 1, "output_tokens": 2') is None
+    assert usage_in(b'"total_tokens": 1000000001') is None  # not believed
+    assert usage_in(b"data: [DONE]") is None
+
+
 CALLS = st.lists(st.one_of(
-    st.tuples(st.just("admit"), st.integers(0, 3), st.sampled_from([0, 1, 3, 60, 10**9]),
+    st.tuples(st.sampled_from(["admit", "admit_lines"]), st.integers(0, 3),
+              st.sampled_from([0, 1, 3, 60, 10**9]),
               st.sampled_from([0, 10, 1000, 10**10]), st.integers(0, 5000),
               st.integers(0, 3 * WINDOW_NS)),
     st.tuples(st.just("adjust"), st.integers(0, 3), st.sampled_from([0, 1000, 10**10]),
-              st.integers(-5000, 5000))), max_size=60)
+              st.integers(-5000, 5000)),
+    st.tuples(st.just("settle"), st.integers(0, 3), st.sampled_from([0, 1000, 10**10]),
+              st.integers(0, 5000), USAGES)), max_size=60)
 
 
 @settings(max_examples=300, deadline=None)
@@ -111,10 +161,14 @@ def test_the_twins_agree(calls):
     try:
         now = WINDOW_NS
         for call in calls:
-            if call[0] == "admit":
-                _, slot, rpm, tpm, tokens, step = call
+            if call[0] in ("admit", "admit_lines"):
+                what, slot, rpm, tpm, tokens, step = call
                 now += step // 7
-                a, b = (t.admit(slot, rpm, tpm, tokens, now) for t in tables)
+                a, b = (getattr(t, what)(slot, rpm, tpm, tokens, now) for t in tables)
+                assert a == b
+            elif call[0] == "settle":
+                _, slot, tpm, estimate, tail = call
+                a, b = (t.settle(slot, tpm, estimate, tail) for t in tables)
                 assert a == b
             else:
                 _, slot, tpm, delta = call
