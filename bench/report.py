@@ -198,6 +198,8 @@ def median_runs(rounds: list[list[dict]]) -> list[dict]:
         merged = {**middle, "rounds": len(runs),
                   "ttft_mean_ms_rounds": [r["client"]["ttft_mean_ms"] for r in runs]}
         for part in ("client", "replicas", "cpu"):
+            if part not in middle:
+                continue
             merged[part] = {**middle[part], **{
                 k: statistics.median(r[part][k] for r in runs)
                 for k, v in middle[part].items()
