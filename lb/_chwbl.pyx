@@ -624,7 +624,7 @@ cdef class Ring:
         once; the scan is C."""
         cdef const uint8_t *member = NULL
         cdef bint use_excl = False
-        cdef Py_ssize_t slot, best = -1, home_slot, n_slots = self._n_slots
+        cdef Py_ssize_t slot, step, best = -1, home_slot, n_slots = self._n_slots
         cdef int64_t n, m, factor = self._factor
         cdef double cost, best_cost = 0.0
         cdef double *share
@@ -648,13 +648,16 @@ cdef class Ring:
             n = self._n_live
             m = self._total_now() + w
             home_slot = <Py_ssize_t>self._slot_of[home]
-            for slot in range(n_slots):
+            for step in range(n_slots):  # from the home on, so the first of equals wins
+                slot = home_slot + step
+                if slot >= n_slots:
+                    slot -= n_slots
                 if not self._candidate(slot, member, use_excl, n, m, factor):
                     continue
                 cost = load_tokens * <double>self._load_at(slot)
                 cost += queue_tokens * queue[slot]
                 cost += prompt_tokens * (1.0 - share[slot])
-                if best < 0 or cost < best_cost or (cost == best_cost and slot == home_slot):
+                if best < 0 or cost < best_cost:
                     best = slot
                     best_cost = cost
         finally:

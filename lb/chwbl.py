@@ -368,8 +368,10 @@ class Ring:
         normalised scores: a long prompt's uncached tokens outweigh a short queue, while a
         short prompt goes where the queue is short, with no weight to tune per workload. The
         home (the CHWBL pick) is the answer when no endpoint is believed to hold any of the
-        prompt, and wins ties; else the lowest slot does. Same float operations in the same
-        order in both twins."""
+        prompt, and wins ties; else the first equal in slot order after the home does (cyclic),
+        so ties between replicas that hold a prefix alike spread with the prefixes' homes
+        instead of piling on the lowest slot. Same float operations in the same order in
+        both twins."""
         home = self.pick(hash_key, adapter, exclude, weight)
         if home is None or not affinity:
             return home
@@ -380,14 +382,17 @@ class Ring:
         m = self._total_now() + weight
         home_slot = self._slot_of[home]
         best, best_cost = -1, 0.0
-        for slot, key in enumerate(self._keys):
+        n_slots = len(self._keys)
+        for step in range(n_slots):  # from the home on, so the first of equals wins
+            slot = (home_slot + step) % n_slots
+            key = self._keys[slot]
             if (key is None or slot in excluded or not self._serves(slot, adapter)
                     or self._load_at(slot) * n * 100 >= m * self._factor):
                 continue
             cost = load_tokens * float(self._load_at(slot))
             cost += queue_tokens * queue.get(slot, 0.0)
             cost += prompt_tokens * (1.0 - share.get(slot, 0.0))
-            if best < 0 or cost < best_cost or (cost == best_cost and slot == home_slot):
+            if best < 0 or cost < best_cost:
                 best, best_cost = slot, cost
         return home if best < 0 else self._keys[best]
 
