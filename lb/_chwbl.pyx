@@ -616,6 +616,56 @@ cdef class Ring:
             return home
         return self._keys[best]
 
+    def pick_cost(self, hash_key: str, adapter: str, exclude, weight, affinity, queues,
+                  double prompt_tokens, double load_tokens, double queue_tokens):
+        """CacheAware's cost model: the endpoint within the CHWBL bound with the lowest
+        estimated time to first token (see the twin, ``lb.chwbl.Ring.pick_cost``; the same
+        float operations in the same order). Shares and queues are read into per-slot arrays
+        once; the scan is C."""
+        cdef const uint8_t *member = NULL
+        cdef bint use_excl = False
+        cdef Py_ssize_t slot, step, best = -1, home_slot, n_slots = self._n_slots
+        cdef int64_t n, m, factor = self._factor
+        cdef double cost, best_cost = 0.0
+        cdef double *share
+        cdef double *queue
+        home = self.pick(hash_key, adapter, exclude, weight)
+        if home is None or not affinity:
+            return home
+        cdef int64_t w = 1 if weight is 1 else _weight(weight)
+        if not _is_empty(exclude):
+            use_excl = self._mark_excluded(exclude)
+        if PyUnicode_GET_LENGTH(adapter) != 0:
+            member = (<_Members>self._members[adapter]).bits
+        share = <double *>calloc(2 * n_slots, sizeof(double))
+        if share == NULL:
+            raise MemoryError()
+        queue = share + n_slots
+        try:
+            self._per_slot(affinity, share)
+            if queues:
+                self._per_slot(queues, queue)
+            n = self._n_live
+            m = self._total_now() + w
+            home_slot = <Py_ssize_t>self._slot_of[home]
+            for step in range(n_slots):  # from the home on, so the first of equals wins
+                slot = home_slot + step
+                if slot >= n_slots:
+                    slot -= n_slots
+                if not self._candidate(slot, member, use_excl, n, m, factor):
+                    continue
+                cost = load_tokens * <double>self._load_at(slot)
+                cost += queue_tokens * queue[slot]
+                cost += prompt_tokens * (1.0 - share[slot])
+                if best < 0 or cost < best_cost:
+                    best = slot
+                    best_cost = cost
+        finally:
+            free(share)
+        if best < 0:
+            return home
+        return self._keys[best]
+
     def pick_least_load(self, adapter: str = "", exclude=()):
         """The matching endpoint with the fewest in-flight requests; ties rotate so idle
         endpoints share sequential traffic instead of the first one taking all of it."""

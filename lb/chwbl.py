@@ -355,6 +355,47 @@ class Ring:
                 best, best_score = slot, score
         return self._keys[best]
 
+    def pick_cost(self, hash_key: str, adapter: str, exclude: Collection[str], weight: int,
+                  affinity: Mapping[str, float], queues: Mapping[str, float] | None,
+                  prompt_tokens: float, load_tokens: float, queue_tokens: float) -> str | None:
+        """CacheAware's cost model: the endpoint within the CHWBL bound with the lowest
+        estimated time to first token, in tokens of prefill.
+
+        Each matching endpoint within the bound costs ``load_tokens * load`` (the work its
+        in-flight requests put in the way of a new one's prefill) ``+ queue_tokens * queue``
+        (its engine's waiting requests) ``+ prompt_tokens * (1 - affinity)`` (the prompt's
+        uncached part, which it must prefill). Units are what make this beat a weighted sum of
+        normalised scores: a long prompt's uncached tokens outweigh a short queue, while a
+        short prompt goes where the queue is short, with no weight to tune per workload. The
+        home (the CHWBL pick) is the answer when no endpoint is believed to hold any of the
+        prompt, and wins ties; else the first equal in slot order after the home does (cyclic),
+        so ties between replicas that hold a prefix alike spread with the prefixes' homes
+        instead of piling on the lowest slot. Same float operations in the same order in
+        both twins."""
+        home = self.pick(hash_key, adapter, exclude, weight)
+        if home is None or not affinity:
+            return home
+        excluded = self._excluded_slots(exclude)
+        share = self._per_slot(affinity)
+        queue = self._per_slot(queues) if queues else {}
+        n = len(self._slot_of)
+        m = self._total_now() + weight
+        home_slot = self._slot_of[home]
+        best, best_cost = -1, 0.0
+        n_slots = len(self._keys)
+        for step in range(n_slots):  # from the home on, so the first of equals wins
+            slot = (home_slot + step) % n_slots
+            key = self._keys[slot]
+            if (key is None or slot in excluded or not self._serves(slot, adapter)
+                    or self._load_at(slot) * n * 100 >= m * self._factor):
+                continue
+            cost = load_tokens * float(self._load_at(slot))
+            cost += queue_tokens * queue.get(slot, 0.0)
+            cost += prompt_tokens * (1.0 - share.get(slot, 0.0))
+            if best < 0 or cost < best_cost:
+                best, best_cost = slot, cost
+        return home if best < 0 else self._keys[best]
+
     def pick_least_load(self, adapter: str = "", exclude: Collection[str] = ()) -> str | None:
         """The matching endpoint with the fewest in-flight requests; ties rotate so idle
         endpoints share sequential traffic instead of the first one taking all of it."""

@@ -35,6 +35,7 @@ Feature = Literal["TextGeneration", "TextEmbedding", "SpeechToText", "Reranking"
 Strategy = Literal["LeastLoad", "PrefixHash", "Random", "LeastQueue", "CacheAware"]
 PrefixSource = Literal["FirstUserMessage", "Conversation"]
 LoadUnit = Literal["Requests", "Tokens"]
+Scoring = Literal["CostModel", "Weights"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 FEATURES: tuple[str, ...] = get_args(Feature)
@@ -423,17 +424,39 @@ class CacheAware(_Resource):
         "mean load or more, whatever its cache holds.",
         minimum=100,
     )
+    scoring: Scoring = _field(
+        "CostModel",
+        doc="How candidates within the bound are compared. CostModel: the lowest estimated time to first "
+        "token, in tokens of prefill (loadTokens per in-flight request + queueTokens per request waiting in "
+        "the engine + the prompt's tokens the replica does not hold). Weights: the highest weighted sum of "
+        "prefix share, headroom and engine queue (prefixWeight, loadWeight, queueWeight).",
+    )
+    load_tokens: int = _field(
+        16,
+        doc="CostModel: prefill tokens one in-flight request on a replica is worth to a new request's time "
+        "to first token (a running request slows each engine step a little; requests still prefilling show "
+        "up in the engine's queue).",
+        minimum=0, maximum=1 << 20,
+    )
+    queue_tokens: int = _field(
+        0,
+        doc="CostModel: prefill tokens each request waiting in a replica's engine is worth (read from the "
+        "replicas' metrics, engineMetrics; ignored when stale). Off by default: a reading is up to one "
+        "scrape interval old, and at hundreds of picks a second the replica that looked idle gets them all "
+        "(the routing study's documents workload: 2.4x PrefixHash's mean TTFT at 512, 0.43x at 0).",
+        minimum=0, maximum=1 << 20,
+    )
     prefix_weight: int = _field(
-        3, doc="Weight of prefix affinity: the share of the prompt's blocks a replica is believed to hold.",
+        3, doc="Weights scoring: weight of prefix affinity: the share of the prompt's blocks a replica is believed to hold.",
         minimum=0, maximum=1000,
     )
     load_weight: int = _field(
-        1, doc="Weight of load: a replica's in-flight load relative to the busiest candidate's.",
+        1, doc="Weights scoring: weight of load: a replica's in-flight load relative to the busiest candidate's.",
         minimum=0, maximum=1000,
     )
     queue_weight: int = _field(
         1,
-        doc="Weight of the engine's own queue (waiting requests, and a full KV cache as queued work) relative "
+        doc="Weights scoring: weight of the engine's own queue (waiting requests, and a full KV cache as queued work) relative "
         "to the longest among candidates; read from the replicas' metrics (engineMetrics), ignored when stale.",
         minimum=0, maximum=1000,
     )

@@ -18,6 +18,7 @@ from .cluster import SimCluster
 from .errors import SimError
 from .faults import Faults
 from .kv_events import KVEventsConfig
+from .oracle import Oracle
 from .profiles import PROFILES, Profile, get_profile, scale_profile
 
 
@@ -49,6 +50,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--model", dest="model_path", default=None,
                    help="model path shown as `root` in /v1/models (default: --model-name)")
+    p.add_argument("--oracle-port", type=int, default=None,
+                   help="also serve the oracle router on this port (0: any free port): a "
+                        "benchmark-only front that routes each request to the replica with the "
+                        "lowest true estimated TTFT (sim/oracle.py)")
     p.add_argument("--startup-delay", type=float, default=0.0,
                    help="seconds of 503 on /health (and inference) after start")
     eng = p.add_argument_group("engine overrides (default: the profile's value)")
@@ -166,6 +171,10 @@ async def _serve(args: argparse.Namespace) -> None:
                  if events is not None else "")
         print(f"sim replica {i}: {r.url} model={args.model_name} profile={profile.name}{extra}",
               flush=True)
+    oracle = None
+    if args.oracle_port is not None:
+        oracle = await Oracle(cluster).start(args.host, args.oracle_port)
+        print(f"sim oracle: http://{args.host}:{oracle.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -176,6 +185,8 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         await stop.wait()
     finally:
+        if oracle is not None:
+            await oracle.stop()
         await cluster.stop()
 
 

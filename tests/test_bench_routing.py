@@ -89,6 +89,37 @@ def test_summary_table_and_conversation_checks() -> None:
     assert [c["met"] for c in report.acceptance(runs, False, "system-prompt")] == [True, False]
 
 
+def test_oracle_ratios_and_medians_of_rounds() -> None:
+    runs = [_run("PrefixHash", 40, 900, 4000, 0.9), _run("CacheAware", 40, 400, 2000, 0.96),
+            _run("Oracle", 40, 320, 2500, 0.96)]
+    lines = report.summary_table(runs).splitlines()
+    assert lines[0].endswith("| mean ÷ oracle | p99 ÷ oracle |")
+    assert lines[2] == "| PrefixHash | 40 | 900 | 4,000 | 1,000 | 90% | 2.81 | 1.60 |"
+    assert lines[4] == "| Oracle | 40 | 320 | 2,500 | 1,000 | 96% | 1.00 | 1.00 |"
+    checks = report.acceptance(runs, control=False, workload="documents")
+    oracle = [c for c in checks if "oracle" in c["target"]]
+    assert len(oracle) == 1 and oracle[0]["measured"] == pytest.approx(400 / 320)
+    assert not oracle[0]["met"]  # 1.25 > 1.15
+    # three rounds: each figure is the median over them; the middle run's rows are kept
+    rounds = [[_run("CacheAware", 40, ttft, p99, hit)]
+              for ttft, p99, hit in ((500, 900, 0.9), (300, 3000, 0.8), (400, 1000, 0.95))]
+    rounds[2][0]["replicas"]["per_replica"] = ["middle"]
+    merged = report.median_runs(rounds)
+    assert len(merged) == 1 and merged[0]["rounds"] == 3
+    assert merged[0]["client"]["ttft_mean_ms"] == 400 and merged[0]["client"]["ttft_p99_ms"] == 1000
+    assert merged[0]["replicas"] == {"hit_rate": 0.9, "per_replica": ["middle"]}
+    assert merged[0]["ttft_mean_ms_rounds"] == [300, 400, 500]
+
+
+def test_the_oracle_needs_the_simulator() -> None:
+    s = settings_from_args(build_parser().parse_args(["--strategies", "cache-aware",
+                                                      "--rounds", "3"]))
+    assert s.strategies[-1] == "Oracle" and s.rounds == 3
+    with pytest.raises(SystemExit):
+        settings_from_args(build_parser().parse_args(
+            ["--strategies", "PrefixHash,Oracle", "--endpoints", "127.0.0.1:8000"]))
+
+
 def test_system_prompt_study_end_to_end_with_every_variant(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bench", "routing", "--profile", "fast", "--replicas", "2",
            "--workload", "system-prompt", "--system-prompts", "4", "--strategies", "all",

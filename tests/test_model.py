@@ -912,3 +912,31 @@ def test_cli_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:9: model m: spec.maxReplicas: must be >= 1, got 0" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# CacheAware's scoring
+
+
+def test_cache_aware_scores_by_cost_model_unless_told_weights() -> None:
+    settings = Model.from_dict(manifest()).spec.load_balancing.cache_aware
+    assert (settings.scoring, settings.load_tokens, settings.queue_tokens) == ("CostModel", 16, 0)
+    weights = Model.from_dict(manifest(**{"spec.loadBalancing.cacheAware": {
+        "scoring": "Weights", "loadTokens": 64, "queueTokens": 256}})).spec.load_balancing
+    assert (weights.cache_aware.scoring, weights.cache_aware.load_tokens,
+            weights.cache_aware.queue_tokens) == ("Weights", 64, 256)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("Cost", "must be one of CostModel, Weights, got 'Cost'"),
+    (3, "expected a string, got 3"),
+])
+def test_a_bad_scoring_is_rejected_with_the_choices(value: Any, expected: str) -> None:
+    err = rejection(manifest(**{"spec.loadBalancing.cacheAware": {"scoring": value}}))
+    assert err.field == "spec.loadBalancing.cacheAware.scoring" and expected in str(err), str(err)
+
+
+@pytest.mark.parametrize("key", ["loadTokens", "queueTokens"])
+def test_cost_model_token_weights_are_bounded(key: str) -> None:
+    err = rejection(manifest(**{"spec.loadBalancing.cacheAware": {key: -1}}))
+    assert err.field == f"spec.loadBalancing.cacheAware.{key}" and "0" in str(err), str(err)

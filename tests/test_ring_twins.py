@@ -41,6 +41,11 @@ AFFINITY = st.dictionaries(st.sampled_from(ENDPOINTS + ["unknown"]), SHARES, max
 QUEUES = st.dictionaries(st.sampled_from(ENDPOINTS), st.one_of(st.sampled_from([0.0, 1.0, 4.0]),
                                                                 st.floats(0.0, 64.0)), max_size=5)
 SCORE_WEIGHTS = st.tuples(*[st.sampled_from([0.0, 1.0, 3.0, 0.5, 10.0])] * 3)
+# The cost model's inputs: prompt tokens, tokens per in-flight request and per queued request,
+# with zeros (every cost equal: the home must win) as likely as real sizes.
+COSTS = st.tuples(st.one_of(st.sampled_from([0.0, 64.0, 2560.0]), st.floats(0.0, 1e5)),
+                  st.sampled_from([0.0, 1.0, 16.0, 0.5]),
+                  st.sampled_from([0.0, 512.0, 3.0]))
 
 
 class Gen(list):
@@ -254,6 +259,16 @@ class Twins(RuleBasedStateMachine):
                                                    queues, *weights))
         return self._acquired(picked, take, weight)
 
+    @rule(target=tickets, key=TEXT, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
+          exclude=st.one_of(st.just(()), st.lists(st.sampled_from(ENDPOINTS + ["unknown"]),
+                                                  max_size=4)), weight=WEIGHTS,
+          affinity=AFFINITY, queues=st.one_of(st.none(), QUEUES), costs=COSTS)
+    def pick_cost(self, key: str, adapter: str, exclude: Any, take: bool, weight: int,
+                  affinity: dict, queues: dict | None, costs: tuple) -> None:
+        picked = self.both(lambda r: r.pick_cost(key, adapter, exclude, weight, affinity,
+                                                 queues, *costs))
+        return self._acquired(picked, take, weight)
+
     @rule(target=tickets, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
           exclude=st.one_of(st.just(()), st.frozensets(st.sampled_from(ENDPOINTS))))
     def pick_random(self, adapter: str, exclude: Any, take: bool):
@@ -368,6 +383,14 @@ def _random_history(seed: int, steps: int) -> None:
                 queues = {k: rng.choice([0.0, 2.0, rng.random() * 8]) for k in pool[:12]}
                 status, picked = both(lambda r: r.pick_scored(prefix, adapter, exclude, weight,
                                                               affinity, queues, 3.0, 1.0, 1.0))
+            elif kind < 0.85:
+                affinity = {k: rng.choice([0.0, 0.5, 1.0, rng.random()])
+                            for k in rng.sample(pool, rng.randrange(4))}
+                queues = {k: rng.choice([0.0, 2.0, rng.random() * 8]) for k in pool[:12]}
+                tokens = rng.choice([0.0, 256.0, rng.random() * 8000])
+                status, picked = both(lambda r: r.pick_cost(prefix, adapter, exclude, weight,
+                                                            affinity, queues, tokens, 16.0,
+                                                            512.0))
             elif kind < 0.9:
                 status, picked = both(lambda r: r.pick_least_load(adapter, exclude))
             else:

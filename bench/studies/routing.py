@@ -48,6 +48,7 @@ from kvgate_sim.metrics import parse_metrics
 from kvgate_sim.profiles import get_profile, scale_profile
 
 REPO = Path(__file__).resolve().parents[2]
+ORACLE = "Oracle"
 # What `--strategies` accepts: a name for each gateway setting under test, with the Model's
 # `spec.loadBalancing` it runs (strategy, then the settings added to it).
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -64,9 +65,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "CacheAware": ("CacheAware", {}),
     # ... and the replicas' KV events on top (precise; ports are chosen per run).
     "CacheAware+KVEvents": ("CacheAware", {"cacheAware": {"kvEvents": {}}}),
+    # CacheAware's earlier scoring, a weighted sum of normalised scores (for comparison).
+    "CacheAware+Weights": ("CacheAware", {"cacheAware": {"scoring": "Weights"}}),
+    # The limit, not a gateway: the simulator's own router (sim/oracle.py), which reads every
+    # replica's true cache and queue at pick time. Simulated replicas only.
+    "Oracle": (ORACLE, {}),
 }
 STRATEGIES = ("Random", "LeastLoad", "PrefixHash")  # the default: KubeAI's comparison
-PRESETS = {"kubeai": list(STRATEGIES), "all": list(VARIANTS)}
+PRESETS = {"kubeai": list(STRATEGIES), "all": list(VARIANTS),
+           # what Scheduler II is judged on: CacheAware against KubeAI's PrefixHash (LeastLoad
+           # on the control), each as a ratio to the oracle
+           "cache-aware": ["LeastLoad", "PrefixHash", "CacheAware", "CacheAware+KVEvents",
+                           ORACLE]}
 # LeastQueue reads the replicas' queues from their /metrics; every 0.5 s rather than the
 # default 2 s, so a queue that forms is seen within a few steps.
 GATEWAY_SETTINGS = {"engineMetrics": {"intervalSeconds": 0.5}}
@@ -125,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, help="seconds excluded before each window")
     p.add_argument("--duration", type=float, help="seconds of each measurement window")
     p.add_argument("--drain", type=float, help="cap on waiting for window requests to end")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole sweep this many times; the tables and checks use the "
+                        "median of each figure over the rounds (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="sim-llama", help="served model name")
     p.add_argument("--load-factor", type=int, default=125, help="PrefixHash meanLoadFactor")
@@ -183,6 +196,7 @@ class Settings:
     ramp_s: float = 5.0
     capacity: Optional[float] = None
     conversation_chars: int = 2000
+    rounds: int = 1
 
     def load_balancing(self, variant: str) -> tuple[str, dict]:
         """The strategy and extra `spec.loadBalancing` settings of a variant in this run."""
@@ -209,6 +223,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if not args.quick:
         warmup, duration = WORKLOAD_TIMING.get(WORKLOADS[args.workload], (warmup, duration))
     strategies = expand_strategies(args.strategies)
+    if args.endpoints and ORACLE in strategies:
+        raise SystemExit("the Oracle reads the simulated replicas' state: not with --endpoints")
     overrides = {**SIM_DEFAULTS.get(args.profile, {})}
     if args.profile in CLOCK_FACTOR:
         overrides["time_scale"] = clock * CLOCK_FACTOR[args.profile]
@@ -228,7 +244,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         profile=args.profile, sim_overrides=overrides, endpoints=args.endpoints,
         workload_params=_workload_params(WORKLOADS[args.workload], args.prompt_chars,
                                          args.system_prompts),
-        ramp_s=args.ramp, capacity=args.capacity, conversation_chars=args.conversation_chars)
+        ramp_s=args.ramp, capacity=args.capacity, conversation_chars=args.conversation_chars,
+        rounds=max(1, args.rounds))
 
 
 def expand_strategies(names: list[str]) -> list[str]:
@@ -293,10 +310,12 @@ class Stack:
         self.gateway: Optional[subprocess.Popen[bytes]] = None
         self.addresses = s.endpoints or [f"127.0.0.1:{sim_port + i}" for i in range(s.replicas)]
         self.kv_port = 0  # the first KV-event port, when the variant follows KV events
+        # The oracle replaces the gateway: the simulator serves it, on its own port.
+        self.oracle_port = free_port() if strategy == ORACLE else 0
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}/v1"
+        return f"http://127.0.0.1:{self.oracle_port or self.gateway_port}/v1"
 
     def _cpus(self) -> tuple[Optional[int], Optional[int]]:
         return (0, 1) if self.s.pin == "split" else (None, None)
@@ -313,6 +332,8 @@ class Stack:
             cmd += [flags[key], str(value)]
         if s.capacity is not None:
             cmd += ["--capacity", str(s.capacity)]
+        if self.oracle_port:
+            cmd += ["--oracle-port", str(self.oracle_port)]
         if self.kv_port:  # replica i publishes on port + i and replays on port + n + i
             cmd += ["--kv-events-config", json.dumps({
                 "enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
@@ -331,6 +352,14 @@ class Stack:
 
     async def __aenter__(self) -> "Stack":
         sim_cpu, gw_cpu = self._cpus()
+        if self.oracle_port:
+            try:
+                self.sim = launch(self._sim_cmd(), self.workdir / "sim.log", sim_cpu)
+                await self._ready()
+            except BaseException:
+                await self.__aexit__()
+                raise
+            return self
         config = self.workdir / f"gateway-{self.strategy}.yaml"
         strategy, balancing = self.s.load_balancing(self.strategy)
         balancing = self._follows_kv_events(balancing)
@@ -351,7 +380,8 @@ class Stack:
         return self
 
     async def _ready(self) -> None:
-        ports = [self.gateway_port] + [int(a.rsplit(":", 1)[1]) for a in self.addresses]
+        front = self.oracle_port or self.gateway_port
+        ports = [front] + [int(a.rsplit(":", 1)[1]) for a in self.addresses]
         hosts = ["127.0.0.1"] + [a.rsplit(":", 1)[0] for a in self.addresses]
         for host, port in zip(hosts, ports):
             await _wait_port(host, port, 60.0)
@@ -361,7 +391,9 @@ class Stack:
         async with aiohttp.ClientSession() as http:
             for a in self.addresses:
                 await _wait_http_ok(http, f"http://{a}/health")
-            await _wait_http_ok(http, f"http://127.0.0.1:{self.gateway_port}/readyz")
+            await _wait_http_ok(http, f"http://127.0.0.1:{self.oracle_port}/health"
+                                if self.oracle_port else
+                                f"http://127.0.0.1:{self.gateway_port}/readyz")
             if self.s.endpoints:
                 await reset_prefix_caches(http, self.addresses)
 
@@ -542,6 +574,7 @@ def meta_for(s: Settings, argv: list[str], pool: ThreadPool) -> dict:
         "workload_params": {k: list(v) if isinstance(v, tuple) else v
                             for k, v in s.workload_params.items()},
         "ramp_s": s.ramp_s, "workload_summary": pool.summary(), "cores": os.cpu_count(),
+        "rounds": s.rounds,
     }
 
 
@@ -550,24 +583,30 @@ async def run_all(s: Settings, argv: list[str], out: Path, tag: str, with_charts
     pool = ThreadPool(s.workload, s.seed, **s.workload_params)
     pool.ensure(max(max(s.concurrency) * 3, WORKLOAD_POOL.get(s.workload, 0)))
     doc = {"meta": meta_for(s, argv, pool), "runs": []}
+    rounds: list[list[dict]] = []
     if tag:
         doc["meta"]["workload"] = f"{s.workload}-{tag}"
     if s.pin == "split":
         os.sched_setaffinity(0, {1})
     print(f"{s.workload}: {s.replicas} replicas, strategies {', '.join(s.strategies)}, "
-          f"concurrency {s.concurrency}, warm-up {s.warmup_s:g} s + window {s.duration_s:g} s",
-          flush=True)
+          f"concurrency {s.concurrency}, warm-up {s.warmup_s:g} s + window {s.duration_s:g} s"
+          + (f", {s.rounds} rounds (medians)" if s.rounds > 1 else ""), flush=True)
     sim_port = 0 if s.endpoints else consecutive_free_ports(s.replicas)
     with tempfile.TemporaryDirectory(prefix="kvgate-routing-") as tmp:
-        for conc in s.concurrency:
-            for strategy in s.strategies:
-                run = await run_one(s, pool, strategy, conc, Path(tmp), sim_port)
-                doc["runs"].append(run)
-                print(progress_line(run), flush=True)
-                for w in run["warnings"]:
-                    print(f"  warning: {w}", flush=True)
-                doc["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
-                report.write_all(doc, out, with_charts=False)
+        for _ in range(s.rounds):
+            rounds.append([])
+            for conc in s.concurrency:
+                for strategy in s.strategies:
+                    run = await run_one(s, pool, strategy, conc, Path(tmp), sim_port)
+                    rounds[-1].append(run)
+                    doc["runs"] = report.median_runs(rounds) if s.rounds > 1 else rounds[0]
+                    if s.rounds > 1:
+                        doc["round_runs"] = rounds
+                    print(progress_line(run), flush=True)
+                    for w in run["warnings"]:
+                        print(f"  warning: {w}", flush=True)
+                    doc["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+                    report.write_all(doc, out, with_charts=False)
     doc["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     paths = report.write_all(doc, out, with_charts=with_charts)
     print("\n" + report.summary_table(doc["runs"]) + "\n")
