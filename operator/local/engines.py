@@ -65,9 +65,11 @@ BUILTIN_ENGINES: dict[str, LocalEngine] = {
     "FasterWhisper": LocalEngine(command=("{python}", "-m", "faster_whisper_server", "{model}",
                                           *_SERVE),
                                  health_path="/health", requires=("faster_whisper_server",)),
-    "Infinity": LocalEngine(command=("infinity_emb", "v2", *_SERVE, "--model-id", "{model}",
-                                     "--served-model-name", "{name}", "--url-prefix", "/v1"),
-                            health_path="/health"),
+    # As a module of {python}: the `infinity_emb` script is only on PATH inside its virtualenv.
+    "Infinity": LocalEngine(command=("{python}", "-m", "infinity_emb.cli", "v2", *_SERVE,
+                                     "--model-id", "{model}", "--served-model-name", "{name}",
+                                     "--url-prefix", "/v1"),
+                            health_path="/health", requires=("infinity_emb",)),
 }
 
 
@@ -278,7 +280,8 @@ def _module_exists(module: str) -> bool:
 
 
 _PACKAGES = {"vllm": "vllm", "llama_cpp": "'llama-cpp-python[server]'",
-             "faster_whisper_server": "faster-whisper-server", "kvgate_sim": "kvgate"}
+             "faster_whisper_server": "faster-whisper-server", "kvgate_sim": "kvgate",
+             "infinity_emb": "'infinity-emb[server,torch]'"}
 
 
 def _package_hint(module: str) -> str:
