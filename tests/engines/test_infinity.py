@@ -8,13 +8,19 @@ unrelated sentence, which only a real model gives.
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
+import urllib.request
 from pathlib import Path
 
 from openai import OpenAI
 
+from lb.model import Model
+from lb_operator.kube.pods import pod_for_model
+from lb_operator.system_config import system_config_from_dict
 from tests.engines.conftest import engine_python, package_dir
-from tests.local_harness import UpProcess, pid_alive, wait_for
+from tests.local_harness import UpProcess, free_port, pid_alive, wait_for
 
 DIMENSION = 384  # all-MiniLM-L6-v2
 
@@ -60,3 +66,36 @@ def test_embeddings_through_the_gateway(tmp_path: Path) -> None:
         wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "the Infinity replica to exit")
     finally:
         up.close()
+
+
+def test_the_pods_environment_configures_the_real_infinity(tmp_path: Path) -> None:
+    """The cluster's Infinity container is `infinity_emb v2` configured by INFINITY_* variables
+    only (the image's entrypoint): the env the pod spec sets, run by the real server (on a
+    free port instead of 8000), serves the Model's name under /v1."""
+    python = engine_python("infinity")
+    manifest = embeddings_model(minilm(python))
+    manifest["metadata"]["namespace"] = "ns"
+    container = pod_for_model(Model.from_dict(manifest), system_config_from_dict({}))[
+        "spec"]["containers"][0]
+    port = free_port()
+    env = {e["name"]: e["value"] for e in container["env"]} | {"INFINITY_PORT": str(port)}
+    log = (tmp_path / "infinity.log").open("w")
+    server = subprocess.Popen([python, "-m", "infinity_emb.cli", *container["args"]],
+                              env=os.environ | env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        def ready() -> bool:
+            assert server.poll() is None, (tmp_path / "infinity.log").read_text()[-3000:]
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200
+            except OSError:
+                return False
+        wait_for(ready, 600, "Infinity started from the pod's environment")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                        timeout=120)
+        result = client.embeddings.create(model="minilm", input=["hello"])
+        assert len(result.data[0].embedding) == DIMENSION
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+        log.close()
