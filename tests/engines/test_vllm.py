@@ -10,9 +10,11 @@ One vLLM replica serves the whole module: it takes minutes to start on a small m
 from __future__ import annotations
 
 import json
+import os
 import random
-import socket
 import signal
+import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engines.conftest import ENGINES_DIR, engine_python, run_python
-from tests.local_harness import REPO, UpProcess, pid_alive, wait_for
+from tests.local_harness import REPO, UpProcess, pid_alive, wait_for, write_models
 
 MODEL, ADAPTER = "smollm2", "tiny"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -39,12 +41,13 @@ def prepared(python: str) -> dict[str, str]:
     return json.loads(out.splitlines()[-1])
 
 
-def vllm_model(paths: dict[str, str], kv_port: int, replay_port: int) -> dict[str, Any]:
+def vllm_model(paths: dict[str, str], kv_port: int, replay_port: int,
+               adapters: tuple[str, ...] = (ADAPTER,)) -> dict[str, Any]:
     return {"apiVersion": "kvgate.dev/v1", "kind": "Model", "metadata": {"name": MODEL},
             "spec": {"url": f"file://{paths['model']}", "engine": "VLLM",
                      "features": ["TextGeneration"], "minReplicas": 1, "maxReplicas": 1,
                      "args": VLLM_ARGS, "env": VLLM_ENV,
-                     "adapters": [{"name": ADAPTER, "url": f"file://{paths['adapter']}"}],
+                     "adapters": [{"name": a, "url": f"file://{paths['adapter']}"} for a in adapters],
                      "loadBalancing": {"strategy": "CacheAware", "cacheAware": {
                          "kvEvents": {"port": kv_port, "replayPort": replay_port,
                                       "topic": "kv-events"}}}}}
@@ -66,8 +69,8 @@ def fixed_port() -> int:
 
 
 class Served:
-    def __init__(self, up: UpProcess, paths: dict[str, str], kv_port: int) -> None:
-        self.up, self.paths, self.kv_port = up, paths, kv_port
+    def __init__(self, up: UpProcess, paths: dict[str, str], kv_port: int, replay_port: int) -> None:
+        self.up, self.paths, self.kv_port, self.replay_port = up, paths, kv_port, replay_port
         self.client = openai.OpenAI(base_url=up.base_url, api_key="unused", max_retries=0,
                                     timeout=300)
 
@@ -88,7 +91,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                            "engineMetrics": {"intervalSeconds": 1}})
     try:
         up.wait_output("ready:", timeout=1500)
-        served = Served(up, paths, kv_port)
+        served = Served(up, paths, kv_port, replay_port)
         pids = {served.replica()["pid"]}
         yield served
         assert up.stop(signal.SIGTERM, timeout=90) == 0
@@ -140,6 +143,31 @@ def test_lora_adapter_loaded_at_runtime(served: Served) -> None:
     assert tuned.choices[0].text != base.choices[0].text
     with pytest.raises(openai.NotFoundError):
         served.client.completions.create(model=f"{MODEL}_nope", prompt=prompt, max_tokens=2)
+
+
+def test_lora_adapters_follow_the_models_file_without_a_restart(served: Served) -> None:
+    """Adding a second adapter loads it (/v1/load_lora_adapter), removing it unloads it
+    (/v1/unload_lora_adapter) from the same vLLM process: with adapters before and after, the
+    command line (--enable-lora) is unchanged, so the replica does not roll."""
+    pid = served.replica()["pid"]
+
+    def edit(*adapters: str) -> None:
+        write_models(served.up.models_path, [vllm_model(served.paths, served.kv_port,
+                                                        served.replay_port, adapters)])
+
+    def serving(*adapters: str) -> bool:
+        replica = served.replica()
+        return (replica["adapters"] == sorted(adapters)
+                and set(served_adapters(replica["address"])) == set(adapters))
+    edit(ADAPTER, "second")
+    wait_for(lambda: serving(ADAPTER, "second"), 300, "the second adapter loaded")
+    reply = served.client.completions.create(model=f"{MODEL}_second", prompt="Hello", max_tokens=4)
+    assert reply.usage.completion_tokens > 0
+    edit(ADAPTER)
+    wait_for(lambda: serving(ADAPTER), 300, "the second adapter unloaded")
+    with pytest.raises(openai.NotFoundError):
+        served.client.completions.create(model=f"{MODEL}_second", prompt="Hello", max_tokens=4)
+    assert served.replica()["pid"] == pid
 
 
 def engine_gauges(port: int) -> dict[str, float]:
@@ -206,3 +234,53 @@ def test_kv_events_published_as_the_gateway_reads_them(served: Served) -> None:
     assert samples["kvgate_kv_events_trusted"] == 1
     assert samples["kvgate_kv_events_decode_errors_total"] == 0
     assert "undecodable" not in served.up.output
+
+
+def test_the_pods_command_line_starts_the_real_vllm(served: Served, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The cluster's vLLM container (`python3 -m vllm.entrypoints.openai.api_server` with the pod
+    spec's args and env: `--model=`, `--served-model-name=`, `--enable-lora`, the KV-event
+    flag) started by the real vLLM, on a free port instead of 8000: it serves the Model's name
+    and accepts the runtime LoRA load the adapter loader sidecar sends."""
+    from lb.model import Model
+    from lb_operator.kube.pods import pod_for_model
+    from lb_operator.system_config import system_config_from_dict
+
+    manifest = vllm_model(served.paths, fixed_port(), fixed_port())
+    manifest["metadata"]["namespace"] = "ns"
+    pod = pod_for_model(Model.from_dict(manifest), system_config_from_dict({}))
+    container = pod["spec"]["containers"][0]
+    assert container["command"][:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    port = fixed_port()
+    argv = [engine_python("vllm"), *container["command"][1:], *container["args"],
+            "--host", "127.0.0.1", "--port", str(port)]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    log_path = tmp_path_factory.mktemp("vllm-pod") / "vllm.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(argv, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def health() -> bool:
+            assert server.poll() is None, log_path.read_text()[-4000:]
+            try:
+                return urllib.request.urlopen(f"{base}/health", timeout=5).status == 200
+            except OSError:
+                return False
+        wait_for(health, 1200, "vLLM started from the pod's command line")
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        load = urllib.request.Request(f"{base}/v1/load_lora_adapter", method="POST",
+                                      headers={"Content-Type": "application/json"},
+                                      data=json.dumps({"lora_name": ADAPTER,
+                                                       "lora_path": served.paths["adapter"]}).encode())
+        with urllib.request.urlopen(load, timeout=120) as response:
+            assert response.status == 200
+        reply = client.completions.create(model=ADAPTER, prompt="Hello", max_tokens=4)
+        assert reply.usage.completion_tokens > 0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
