@@ -56,8 +56,8 @@ test: build helm system-packages
 
 # The real engines (vLLM CPU, faster-whisper, Infinity, llama.cpp), each in its own virtualenv
 # under .kvgate/engines/, pinned in .ci/engine-packages.txt; the first run takes long (vLLM ~31
-# min, llama.cpp's build ~37 min on 2 cores), later ones only check stamps. ENGINES="vllm infinity"
-# picks some. `make e2e-engines` then runs the opt-in suite (tests/engines, marker `engine`)
+# min cold, llama.cpp's build 19-37 min on 2 cores), later ones only check stamps.
+# ENGINES="vllm infinity" picks some. `make e2e-engines` then runs the opt-in suite (tests/engines, marker `engine`)
 # against them through `kvgate up`; CI does not run it.
 ENGINES ?=
 engines:
