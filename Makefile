@@ -14,7 +14,7 @@ CHWBL := lb/_chwbl$(EXT_SUFFIX)
 LIMITS := lb/_limits$(EXT_SUFFIX)
 PREFIX_INDEX := lb/_prefix_index$(EXT_SUFFIX)
 
-.PHONY: install build helm system-packages run test clean bench-routing bench-ring bench-upstream bench-peers \
+.PHONY: install build helm system-packages run test engines e2e-engines clean bench-routing bench-ring bench-upstream bench-peers \
 	bench-proxy bench-scale bench-profile bench-instructions bench-batch bench-flow
 
 $(STAMP): pyproject.toml setup.py
@@ -53,6 +53,18 @@ run: build
 
 test: build helm system-packages
 	$(BIN)/python -m pytest -q
+
+# The real engines (vLLM CPU, faster-whisper, Infinity, llama.cpp), each in its own virtualenv
+# under .kvgate/engines/, pinned in .ci/engine-packages.txt; the first run takes long (vLLM ~31
+# min cold, llama.cpp's build 19-37 min on 2 cores), later ones only check stamps.
+# ENGINES="vllm infinity" picks some. `make e2e-engines` then runs the opt-in suite (tests/engines, marker `engine`)
+# against them through `kvgate up`; CI does not run it.
+ENGINES ?=
+engines:
+	$(PY) .ci/install_engines.py $(ENGINES)
+
+e2e-engines: build engines
+	KVGATE_ENGINE_TESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m engine tests/engines $(ARGS)
 
 # One target per study of `python -m bench` (bench/README.md); options go in ARGS,
 # e.g. `make bench-routing ARGS=--quick`.

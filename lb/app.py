@@ -72,6 +72,7 @@ class Gateway:
                                  self.kv_events.index)
         self.engine_scraper = EngineScraper(self.registry, config.engine_metrics)
         self.metrics.watch_engines(self.registry.groups, self.engine_scraper)
+        self.metrics.watch_kv_events(self.registry.groups, self.kv_events.index)
         self.health_checker = HealthChecker(self.registry, config.health_checks)
         if config.health_checks.enabled:
             self.metrics.watch_health(self.registry.groups)

@@ -13,7 +13,8 @@ payload msgpack of an array-like ``KVEventBatch(ts, events, data_parallel_rank)`
 tagged array ``["BlockStored", hashes, parent, token_ids, block_size, lora_id, medium]``,
 ``["BlockRemoved", hashes, medium]`` or ``["AllBlocksCleared"]``. A ROUTER socket replays the
 batches still in the engine's buffer from a given sequence, then an end marker (sequence -1,
-empty payload). Newer vLLM versions encode the same structs as maps; both decode here.
+empty payload). Newer vLLM versions encode the events as maps, inside the same array-like batch
+(vLLM 0.32, seen from the real engine) or, as guessed before, inside a map batch; all decode here.
 
 Trust, per replica. The mirror is exact ("trusted") only when every batch since the engine
 started (or since it last cleared its cache) has been applied. So:
@@ -111,8 +112,21 @@ class _BatchMap(msgspec.Struct, gc=False):  # type: ignore[call-arg]
     data_parallel_rank: Optional[int] = None
 
 
+class _BatchArrayOfMaps(msgspec.Struct, array_like=True, gc=False):  # type: ignore[call-arg]
+    """vLLM 0.32's wire form, seen from the real engine: the batch is still array-like
+    (``[ts, events, dp_rank]``) but each event is a map tagged by ``type``."""
+
+    ts: float
+    events: list[Union[_StoredMap, _RemovedMap, _ClearedMap]]
+    data_parallel_rank: Optional[int] = None
+
+
 _ARRAY = msgspec.msgpack.Decoder(_BatchArray)
+_ARRAY_OF_MAPS = msgspec.msgpack.Decoder(_BatchArrayOfMaps)
 _MAP = msgspec.msgpack.Decoder(_BatchMap)
+# Tried in order; the one that last worked moves to the front, so a replica's payloads cost one
+# decode each once its version is known (a failed decode is an exception, not free).
+_DECODERS = [_ARRAY, _ARRAY_OF_MAPS, _MAP]
 _STORED = (_StoredArray, _StoredMap)
 _REMOVED = (_RemovedArray, _RemovedMap)
 _INDEXED_MEDIA = (None, "GPU")  # CPU-offloaded copies are not prefix hits of the GPU cache
@@ -120,10 +134,18 @@ _INDEXED_MEDIA = (None, "GPU")  # CPU-offloaded copies are not prefix hits of th
 
 def decode_batch(payload: bytes) -> list[Any]:
     """The events of one payload; raises ``msgspec.DecodeError`` (or ``ValidationError``)."""
-    try:
-        return _ARRAY.decode(payload).events
-    except msgspec.ValidationError:
-        return _MAP.decode(payload).events
+    last = len(_DECODERS) - 1
+    for i, decoder in enumerate(_DECODERS):
+        try:
+            events = decoder.decode(payload).events
+        except msgspec.ValidationError:
+            if i < last:
+                continue
+            raise
+        if i:
+            _DECODERS.insert(0, _DECODERS.pop(i))
+        return events
+    return []  # not reached: the last decoder returns or raises
 
 
 # -- the index ---------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from lb.loads import LocalCount
 
 if TYPE_CHECKING:
     from lb.engine_metrics import EngineScraper
+    from lb.kv_events import KVIndex
     from lb.registry import EndpointGroup
     from lb.ring import LoadTable, SharedCount
 
@@ -94,6 +95,11 @@ class GatewayMetrics:
     def watch_engines(self, groups: Callable[[], dict[str, EndpointGroup]],
                       scraper: EngineScraper) -> None:
         self.registry.register(_EngineCollector(groups, scraper))
+
+    def watch_kv_events(self, groups: Callable[[], dict[str, EndpointGroup]], index: KVIndex) -> None:
+        """Export each followed replica's KV-event mirror: whether the CacheAware router is
+        really fed by the engine, which nothing else outside the process shows."""
+        self.registry.register(_KVEventsCollector(groups, index))
 
     def watch_keys(self) -> None:
         """Export the per-key series (only with API keys on)."""
@@ -328,3 +334,34 @@ class _HealthCollector(Collector):
             for key in group.endpoints:
                 healthy.add_metric([model, key], 0 if key in group.unhealthy else 1)
         yield healthy
+
+
+class _KVEventsCollector(Collector):
+    """Per replica whose KV events are followed (``lb.kv_events``): blocks mirrored, whether the
+    mirror is trusted, batches applied and undecodable. Read at scrape time from the index."""
+
+    def __init__(self, groups: Callable[[], dict[str, EndpointGroup]], index: KVIndex) -> None:
+        self._groups = groups
+        self._index = index
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "endpoint"]
+        blocks = GaugeMetricFamily("kvgate_kv_events_blocks",
+                                   "KV-cache blocks the replica's events say it holds.", labels=labels)
+        trusted = GaugeMetricFamily("kvgate_kv_events_trusted",
+                                    "1 while the mirror has every batch since the engine started.",
+                                    labels=labels)
+        batches = CounterMetricFamily("kvgate_kv_events_batches", "KV-event batches applied.",
+                                      labels=labels)
+        errors = CounterMetricFamily("kvgate_kv_events_decode_errors",
+                                     "KV-event batches that could not be decoded.", labels=labels)
+        for model, group in self._groups().items():
+            for key in group.endpoints:
+                replica = self._index.get(key)
+                if replica is None:
+                    continue
+                blocks.add_metric([model, key], len(replica.blocks))
+                trusted.add_metric([model, key], 1 if replica.trusted else 0)
+                batches.add_metric([model, key], replica.batches)
+                errors.add_metric([model, key], replica.decode_errors)
+        yield from (blocks, trusted, batches, errors)

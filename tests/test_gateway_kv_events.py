@@ -22,6 +22,7 @@ from typing import Any, Callable
 import openai
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvgate_sim import Replica, get_profile
 from kvgate_sim.kv_events import KVEventsConfig
@@ -54,6 +55,15 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = ""
 def sim_cache(base_url: str) -> set[int]:
     with urllib.request.urlopen(base_url + "/sim/cache", timeout=10) as response:
         return set(json.loads(response.read())["block_hashes"])
+
+
+def kv_event_samples(gw: GatewayHarness) -> dict[tuple[str, tuple[str, str]], float]:
+    """The gateway's kvgate_kv_events_* samples by (name, (model, endpoint))."""
+    with urllib.request.urlopen(gw.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, (s.labels["model"], s.labels["endpoint"])): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name.startswith("kvgate_kv_events_")}
 
 
 def mirror(gw: GatewayHarness, key: str) -> tuple[bool, set[int]]:
@@ -116,6 +126,14 @@ def test_the_gateway_mirrors_each_replicas_cache(gw: GatewayHarness) -> None:
             # the prompt the replica last served, minus the reply it has not seen as a prompt
             hashes[name] = request_hashes(name, last[name][:-1])
             assert gw.on_loop(index.match, f"{name}/0", hashes[name]) == len(hashes[name]) > 4
+        # the mirrors are on the gateway's /metrics, as they stand
+        samples = kv_event_samples(gw)
+        for name in replicas:
+            key = (name, f"{name}/0")
+            assert samples["kvgate_kv_events_blocks", key] == len(mirror(gw, f"{name}/0")[1]) > 4
+            assert samples["kvgate_kv_events_trusted", key] == 1
+            assert samples["kvgate_kv_events_batches_total", key] > 0
+            assert samples["kvgate_kv_events_decode_errors_total", key] == 0
         # the other model's prompt: only the blocks of the system prompt both share
         shared = next(i for i, (a, b) in enumerate(zip(hashes["sea"], hashes["lake"])) if a != b)
         assert 0 < shared < len(hashes["lake"])

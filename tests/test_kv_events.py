@@ -129,6 +129,26 @@ def test_decodes_newer_vllms_map_encoding() -> None:
     assert applied(payload).blocks == {b"\x01\x02", 7}
 
 
+def test_decodes_vllm_032s_array_batch_of_map_events() -> None:
+    """What vLLM 0.32 (CPU build) really sends, seen in tests/engines/test_vllm.py: the batch
+    is array-like, its events are maps tagged by `type` with extra keys; the two encodings
+    above still decode after it (the decoder that last worked is only tried first)."""
+    class Batch(msgspec.Struct, array_like=True, omit_defaults=True):  # type: ignore[call-arg]
+        ts: float
+        events: list[Union[NewBlockStored, NewBlockRemoved, NewAllBlocksCleared]]
+        data_parallel_rank: Optional[int] = None
+
+    payload = msgspec.msgpack.encode(Batch(1.0, [
+        NewBlockStored([3, 4], None, [1] * 32, 16, None, "GPU", None, [None, None]),
+        NewBlockRemoved([3], "GPU", 0)]))
+    wire = msgspec.msgpack.decode(payload)
+    assert isinstance(wire, list) and wire[1][0]["type"] == "BlockStored"
+    assert applied(payload).blocks == {4}
+    test_decodes_batches_encoded_with_vllms_structs()
+    test_decodes_newer_vllms_map_encoding()
+    assert applied(payload).blocks == {4}
+
+
 def test_older_batches_without_medium_and_garbage() -> None:
     class OldStored(msgspec.Struct, array_like=True, tag="BlockStored"):  # type: ignore[call-arg]
         block_hashes: list[int]

@@ -119,6 +119,28 @@ def test_missing_engines_and_files_are_reported(tmp_path: Path) -> None:
     check_engine(lora, LocalConfig(), tmp_path)
 
 
+def test_an_engine_runs_from_its_own_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`local.engines.<Engine>.python` is what {python} names (absolute: relative to the working
+    directory when kvgate starts); the built-in command stays. A missing one is reported with
+    how to install it."""
+    monkeypatch.chdir(tmp_path)
+    settings = settings_from_dict({"local": {"engines": {"VLLM": {"python": "envs/vllm/bin/python"}}}})
+    vllm = model(engine="VLLM")
+    launch = render_launch(vllm, settings.local, port=1, state=tmp_path, base_dir=tmp_path)
+    assert launch.argv[:3] == (str(tmp_path / "envs/vllm/bin/python"), "-m",
+                               "vllm.entrypoints.openai.api_server")
+    assert launch.health_path == "/health"
+    with pytest.raises(EngineUnavailable, match=r"envs/vllm/bin/python is not an executable file "
+                                                r"\(local.engines.VLLM.python; `make engines`"):
+        check_engine(vllm, settings.local, tmp_path)
+    (tmp_path / "envs" / "vllm" / "bin").mkdir(parents=True)
+    (tmp_path / "envs" / "vllm" / "bin" / "python").symlink_to(sys.executable)
+    check_engine(vllm, settings.local, tmp_path)  # another interpreter: its modules are its own
+    # Other engines keep kvgate's interpreter.
+    assert render_launch(model(), settings.local, port=1, state=tmp_path,
+                         base_dir=tmp_path).argv[0] == sys.executable
+
+
 def test_the_quickstart_example_is_valid_and_runnable_here() -> None:
     example = read_models_file(Path(__file__).resolve().parent.parent / "examples" / "local.yaml")
     assert {m.name for m in example.models} == {"sim-llama", "sim-tiny"}

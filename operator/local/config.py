@@ -20,12 +20,17 @@ from lb.schema import decode_object, setting
 class LocalEngine:
     """How to run one engine as a local process. Empty fields mean "use the built-in value".
 
-    `command` and `setup` are argument lists with placeholders: {python} (this interpreter),
-    {host}, {port}, {name} (the served model name), {model} (the model's location: a hub id,
-    a local path) and {state} (the replica's state directory).
+    `command` and `setup` are argument lists with placeholders: {python} (`python` if set, else
+    this interpreter), {host}, {port}, {name} (the served model name), {model} (the model's
+    location: a hub id, a local path) and {state} (the replica's state directory).
+
+    `python` exists because real engines pin their own torch, transformers and numpy, which
+    cannot share kvgate's environment (nor each other's): each gets a virtualenv of its own
+    (`make engines` puts them under `.kvgate/engines/<engine>`) and names its interpreter here.
     """
 
     command: tuple[str, ...] = ()
+    python: str = ""  # the interpreter {python} stands for; relative to the working directory
     env: dict[str, str] = field(default_factory=dict)
     health_path: str = ""  # polled until it answers 200; then the replica is ready
     setup: tuple[tuple[str, ...], ...] = ()  # run in order once the server is healthy (ollama pull)

@@ -60,13 +60,17 @@ BUILTIN_ENGINES: dict[str, LocalEngine] = {
                           env={"OLLAMA_HOST": "{host}:{port}", "OLLAMA_KEEP_ALIVE": "999999h"},
                           health_path="/",
                           setup=(("ollama", "pull", "{model}"), ("ollama", "cp", "{model}", "{name}"))),
-    "FasterWhisper": LocalEngine(command=("{python}", "-m", "uvicorn", "--factory",
-                                          "faster_whisper_server.main:create_app", *_SERVE),
-                                 env={"WHISPER__MODEL": "{model}", "ENABLE_UI": "false"},
+    # PyPI's faster-whisper-server (0.0.3) takes the model (a CTranslate2 directory or a size
+    # name) as its argument and has no `main:create_app` (the container image's server does).
+    # It loads the model on the first request; /health answers as soon as it listens.
+    "FasterWhisper": LocalEngine(command=("{python}", "-m", "faster_whisper_server", "{model}",
+                                          *_SERVE),
                                  health_path="/health", requires=("faster_whisper_server",)),
-    "Infinity": LocalEngine(command=("infinity_emb", "v2", *_SERVE, "--model-id", "{model}",
-                                     "--served-model-name", "{name}", "--url-prefix", "/v1"),
-                            health_path="/health"),
+    # As a module of {python}: the `infinity_emb` script is only on PATH inside its virtualenv.
+    "Infinity": LocalEngine(command=("{python}", "-m", "infinity_emb.cli", "v2", *_SERVE,
+                                     "--model-id", "{model}", "--served-model-name", "{name}",
+                                     "--url-prefix", "/v1"),
+                            health_path="/health", requires=("infinity_emb",)),
 }
 
 
@@ -128,7 +132,7 @@ def render_launch(model: Model, config: LocalConfig, *, port: int, state: Path,
         raise EngineUnavailable(f"local.engines.{model.spec.engine}.command: empty")
     root = state / f"{replica}{FILES_SUFFIX}"
     files = local_files(model, root)
-    values = {"python": sys.executable, "host": config.replica_host, "port": str(port),
+    values = {"python": engine_python(engine), "host": config.replica_host, "port": str(port),
               "name": model.name, "model": model_location(model, base_dir), "state": str(state),
               "files": str(root)}
     fill, point = _filler(values, model.spec.engine), _pointer(model, root)
@@ -139,6 +143,12 @@ def render_launch(model: Model, config: LocalConfig, *, port: int, state: Path,
         k: point(v) for k, v in model.spec.env.items()}
     setup = tuple(tuple(fill(a) for a in step) for step in engine.setup)
     return Launch(argv, env, engine.health_path or "/health", setup, files)
+
+
+def engine_python(engine: LocalEngine) -> str:
+    """The interpreter {python} names: the engine's own virtualenv if configured (absolute, so
+    a replica started in another directory finds it), else kvgate's."""
+    return os.path.abspath(engine.python) if engine.python else sys.executable
 
 
 def local_files(model: Model, root: Path) -> tuple[tuple[str, str], ...]:
@@ -238,7 +248,9 @@ def check_engine(model: Model, config: LocalConfig, base_dir: Path) -> None:
         raise EngineUnavailable(f"{where}: `{program}` is not installed (not found on PATH); "
                                 f"install it or set local.engines.{model.spec.engine}.command")
     if os.sep in program and not os.access(program, os.X_OK):
-        raise EngineUnavailable(f"{where}: {program} is not an executable file")
+        hint = (f" (local.engines.{model.spec.engine}.python; `make engines` installs the engines "
+                "into .kvgate/engines/)" if engine.python else "")
+        raise EngineUnavailable(f"{where}: {program} is not an executable file{hint}")
     if parse_model_url(model.spec.url).scheme == "file":
         location = model_location(model, base_dir)
         if not os.path.exists(location):
@@ -270,7 +282,8 @@ def _module_exists(module: str) -> bool:
 
 
 _PACKAGES = {"vllm": "vllm", "llama_cpp": "'llama-cpp-python[server]'",
-             "faster_whisper_server": "faster-whisper-server", "kvgate_sim": "kvgate"}
+             "faster_whisper_server": "faster-whisper-server", "kvgate_sim": "kvgate",
+             "infinity_emb": "'infinity-emb[server,torch]'"}
 
 
 def _package_hint(module: str) -> str:

