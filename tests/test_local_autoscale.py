@@ -107,9 +107,10 @@ def test_replica_counts_and_autoscaler_state_survive_a_restart(tmp_path: Path) -
         second.wait_output("kvgate: ready:")
         # (Whether it gets to ready first depends on how much idle time the restored state
         # already counts toward the delay.)
-        assert "resuming 1 replicas" in second.output and "replica burst-1: started" in second.output
+        assert "resuming 1 replicas" in second.output
+        second.wait_output("replica burst-1: started")
         wait_for(lambda: counts(second) == (0, 0), 15, "scale to zero after the delay")
-        assert "autoscaler: burst -> 0 replicas" in second.output
+        second.wait_output("autoscaler: burst -> 0 replicas", timeout=5)
         assert "skipping this tick" not in second.output
     finally:
         second.close()
