@@ -55,8 +55,9 @@ test: build helm system-packages
 	$(BIN)/python -m pytest -q
 
 # The real engines (vLLM CPU, faster-whisper, Infinity, llama.cpp), each in its own virtualenv
-# under .kvgate/engines/, pinned in .ci/engine-packages.txt; the first run takes long (vLLM ~31
-# min cold, llama.cpp's build 19-37 min on 2 cores), later ones only check stamps.
+# under .kvgate/engines/, pinned in .ci/engine-packages.txt; the first run takes long (18 min from
+# a clean clone here: 3.5 GB of wheels, llama.cpp's build 9-37 min on 2 cores), later ones only
+# check stamps.
 # ENGINES="vllm infinity" picks some. `make e2e-engines` then runs the opt-in suite (tests/engines, marker `engine`)
 # against them through `kvgate up`; CI does not run it.
 ENGINES ?=
