@@ -68,9 +68,10 @@ def test_strategies_default_presets_and_unknown_names() -> None:
         settings_from_args(build_parser().parse_args(["--system-prompts", "2"]))
 
 
-def _run(strategy: str, conc: int, ttft: float, p99: float, hit: float) -> dict:
+def _run(strategy: str, conc: int, ttft: float, p99: float, hit: float,
+         tokens_per_s: float = 1000.0) -> dict:
     return {"strategy": strategy, "concurrency": conc,
-            "client": {"ttft_mean_ms": ttft, "ttft_p99_ms": p99, "total_tokens_per_s": 1000.0},
+            "client": {"ttft_mean_ms": ttft, "ttft_p99_ms": p99, "total_tokens_per_s": tokens_per_s},
             "replicas": {"hit_rate": hit}}
 
 
@@ -109,6 +110,25 @@ def test_oracle_ratios_and_medians_of_rounds() -> None:
     assert merged[0]["client"]["ttft_mean_ms"] == 400 and merged[0]["client"]["ttft_p99_ms"] == 1000
     assert merged[0]["replicas"] == {"hit_rate": 0.9, "per_replica": ["middle"]}
     assert merged[0]["ttft_mean_ms_rounds"] == [300, 400, 500]
+
+
+def test_cache_aware_is_judged_at_the_knee_of_prefix_hashs_load_curve() -> None:
+    """The knee is the first point where PrefixHash's throughput stops growing (< 10% over the
+    previous point); CacheAware is judged there only, not below it (where nothing queues and no
+    routing can gain 20%) nor past it."""
+    curve = {80: (82, 250, 42_000), 160: (120, 470, 54_000), 200: (252, 900, 51_800),
+             240: (906, 7000, 43_400)}
+    runs = [_run("PrefixHash", c, ttft, p99, 0.9, tput) for c, (ttft, p99, tput) in curve.items()]
+    runs += [_run("CacheAware", 80, 77, 240, 0.9, 42_000), _run("CacheAware", 160, 114, 210, 0.9, 54_000),
+             _run("CacheAware", 200, 133, 400, 0.9, 56_500), _run("CacheAware", 240, 494, 5000, 0.9, 47_500)]
+    assert report.knee(runs) == 200
+    checks = report.acceptance(runs, control=False, workload="multi-turn")
+    assert {c["target"].split(":")[0] for c in checks} == {"200 threads (the knee)"}
+    assert [c["met"] for c in checks] == [True, True, True]
+    assert checks[0]["measured"] == pytest.approx(133 / 252)
+    # a sweep that never saturates PrefixHash is judged at its top
+    assert report.knee([r for r in runs if r["concurrency"] <= 160]) == 160
+    assert report.knee([r for r in runs if r["strategy"] == "CacheAware"]) is None
 
 
 def test_the_oracle_needs_the_simulator() -> None:

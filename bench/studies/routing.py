@@ -2,7 +2,7 @@
 
     python -m bench routing [--quick] [--workload multi-turn|shared-prefix|system-prompt|documents|
                                                   agentic|unique]
-                            [--concurrency 40,80,160] [--replicas 8]
+                            [--concurrency 40,80,160,200] [--replicas 8]
                             [--strategies Random,LeastLoad,PrefixHash|all] [--out bench/results]
                             [--endpoints host:port,...]
 
@@ -83,9 +83,12 @@ GATEWAY_SETTINGS = {"engineMetrics": {"intervalSeconds": 0.5}}
 WORKLOADS = {"multi-turn": "multi-turn", "shared-prefix": "shared-prefix",
              "system-prompt": "system-prompt", "documents": "documents", "agentic": "agentic",
              "unique": "unique-prompts", "unique-prompts": "unique-prompts"}
+# The sweeps go through the knee of PrefixHash's load curve (bench.report.knee), where the
+# replicas saturate and CacheAware is judged: at 160 threads each replica's share of the
+# conversations still fits its cache, at 200 queues form (multi-turn and agentic, cpu-scaled).
 DEFAULTS = {  # (concurrency, warm-up s, window s, drain cap s, simulator clock)
-    "full": ([40, 80, 160], 20.0, 40.0, 30.0, 1.0),
-    "quick": ([160], 8.0, 15.0, 10.0, 0.5),
+    "full": ([40, 80, 160, 200], 20.0, 40.0, 30.0, 1.0),
+    "quick": ([160, 200], 8.0, 15.0, 10.0, 0.5),
 }
 # The cpu-scaled replica (one eighth of an L4) with twice its KV blocks: our threads carry
 # longer contexts than KubeAI's, and at the top concurrency each replica's share of the threads
@@ -124,7 +127,7 @@ CPU_LIMITS = {"gateway": 0.8, "loadgen": 0.8, "simulator": 0.9, "machine": 0.92,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench routing", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="one concurrency point, short runs")
+    p.add_argument("--quick", action="store_true", help="160 and 200 threads, short runs")
     p.add_argument("--workload", default="multi-turn", choices=sorted(WORKLOADS))
     p.add_argument("--concurrency", type=_int_list, help="comma-separated thread counts")
     p.add_argument("--strategies", type=_str_list, default=list(STRATEGIES),
