@@ -319,6 +319,16 @@ cdef class SharedCount:
 
 # -- the ring -----------------------------------------------------------------------------------
 
+cdef struct _Scan:
+    # What a scoring pick reads once before its C scan (``Ring._open_scan``): the adapter's
+    # member bits (NULL: every endpoint), whether exclusions are stamped, and per-slot shares
+    # and engine queues (one allocation, ``share``, that the caller frees).
+    const uint8_t *member
+    bint use_excl
+    double *share
+    double *queue
+
+
 cdef class Ring:
     """The CHWBL ring plus per-endpoint in-flight loads, and the LeastLoad and Random picks
     over the same endpoint set (so every strategy shares one accounting)."""
@@ -568,50 +578,37 @@ cdef class Ring:
         ``lb.chwbl.Ring.pick_scored``, for the score; the same float operations in the same
         order, so both twins pick alike to the last bit). The shares and queues are read
         from the mappings once into per-slot arrays; the scan itself is C."""
-        cdef const uint8_t *member = NULL
-        cdef bint use_excl = False
+        cdef _Scan scan
         cdef Py_ssize_t slot, best = -1, home_slot, n_slots = self._n_slots
         cdef int64_t n, m, factor = self._factor
         cdef double capacity, longest = 0.0, score, best_score = 0.0
-        cdef double *share
-        cdef double *queue
         home = self.pick(hash_key, adapter, exclude, weight)
         if home is None or not affinity:
             return home
         cdef int64_t w = 1 if weight is 1 else _weight(weight)
-        if not _is_empty(exclude):
-            use_excl = self._mark_excluded(exclude)
-        if PyUnicode_GET_LENGTH(adapter) != 0:
-            member = (<_Members>self._members[adapter]).bits
-        share = <double *>calloc(2 * n_slots, sizeof(double))
-        if share == NULL:
-            raise MemoryError()
-        queue = share + n_slots
+        self._open_scan(&scan, adapter, exclude, affinity, queues)
         try:
-            self._per_slot(affinity, share)
-            if queues:
-                self._per_slot(queues, queue)
             n = self._n_live
             m = self._total_now() + w
             home_slot = <Py_ssize_t>self._slot_of[home]
             for slot in range(n_slots):  # the longest engine queue among the candidates
-                if queue[slot] > longest and self._candidate(slot, member, use_excl, n, m, factor):
-                    longest = queue[slot]
+                if scan.queue[slot] > longest and self._candidate(slot, scan.member, scan.use_excl, n, m, factor):
+                    longest = scan.queue[slot]
             capacity = <double>(factor * m) / (100.0 * <double>n)
             for slot in range(n_slots):
-                if not self._candidate(slot, member, use_excl, n, m, factor):
+                if not self._candidate(slot, scan.member, scan.use_excl, n, m, factor):
                     continue
-                score = prefix_weight * share[slot]
+                score = prefix_weight * scan.share[slot]
                 score += load_weight * (1.0 - <double>self._load_at(slot) / capacity)
                 if longest > 0.0:
-                    score += queue_weight * (1.0 - queue[slot] / longest)
+                    score += queue_weight * (1.0 - scan.queue[slot] / longest)
                 else:
                     score += queue_weight
                 if best < 0 or score > best_score or (score == best_score and slot == home_slot):
                     best = slot
                     best_score = score
         finally:
-            free(share)
+            free(scan.share)
         if best < 0:
             return home
         return self._keys[best]
@@ -622,29 +619,16 @@ cdef class Ring:
         estimated time to first token (see the twin, ``lb.chwbl.Ring.pick_cost``; the same
         float operations in the same order). Shares and queues are read into per-slot arrays
         once; the scan is C."""
-        cdef const uint8_t *member = NULL
-        cdef bint use_excl = False
+        cdef _Scan scan
         cdef Py_ssize_t slot, step, best = -1, home_slot, n_slots = self._n_slots
         cdef int64_t n, m, factor = self._factor
         cdef double cost, best_cost = 0.0
-        cdef double *share
-        cdef double *queue
         home = self.pick(hash_key, adapter, exclude, weight)
         if home is None or not affinity:
             return home
         cdef int64_t w = 1 if weight is 1 else _weight(weight)
-        if not _is_empty(exclude):
-            use_excl = self._mark_excluded(exclude)
-        if PyUnicode_GET_LENGTH(adapter) != 0:
-            member = (<_Members>self._members[adapter]).bits
-        share = <double *>calloc(2 * n_slots, sizeof(double))
-        if share == NULL:
-            raise MemoryError()
-        queue = share + n_slots
+        self._open_scan(&scan, adapter, exclude, affinity, queues)
         try:
-            self._per_slot(affinity, share)
-            if queues:
-                self._per_slot(queues, queue)
             n = self._n_live
             m = self._total_now() + w
             home_slot = <Py_ssize_t>self._slot_of[home]
@@ -652,16 +636,16 @@ cdef class Ring:
                 slot = home_slot + step
                 if slot >= n_slots:
                     slot -= n_slots
-                if not self._candidate(slot, member, use_excl, n, m, factor):
+                if not self._candidate(slot, scan.member, scan.use_excl, n, m, factor):
                     continue
                 cost = load_tokens * <double>self._load_at(slot)
-                cost += queue_tokens * queue[slot]
-                cost += prompt_tokens * (1.0 - share[slot])
+                cost += queue_tokens * scan.queue[slot]
+                cost += prompt_tokens * (1.0 - scan.share[slot])
                 if best < 0 or cost < best_cost:
                     best = slot
                     best_cost = cost
         finally:
-            free(share)
+            free(scan.share)
         if best < 0:
             return home
         return self._keys[best]
@@ -719,6 +703,31 @@ cdef class Ring:
         if member != NULL and not member[slot]:
             return False
         return not (use_excl and self._excl[slot] == self._excl_epoch)
+
+    @cython.final
+    cdef int _open_scan(self, _Scan *scan, str adapter, object exclude, object affinity,
+                        object queues) except -1:
+        """Fill ``scan`` for a scoring pick: stamp the exclusions, find the adapter's member
+        bits, read shares and queues into one zeroed allocation the caller frees."""
+        cdef Py_ssize_t n_slots = self._n_slots
+        scan.member = NULL
+        scan.use_excl = False
+        if not _is_empty(exclude):
+            scan.use_excl = self._mark_excluded(exclude)
+        if PyUnicode_GET_LENGTH(adapter) != 0:
+            scan.member = (<_Members>self._members[adapter]).bits
+        scan.share = <double *>calloc(2 * n_slots, sizeof(double))
+        if scan.share == NULL:
+            raise MemoryError()
+        scan.queue = scan.share + n_slots
+        try:
+            self._per_slot(affinity, scan.share)
+            if queues:
+                self._per_slot(queues, scan.queue)
+        except BaseException:
+            free(scan.share)
+            raise
+        return 0
 
     @cython.final
     cdef int _per_slot(self, object values, double *out) except -1:

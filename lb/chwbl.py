@@ -329,10 +329,7 @@ class Ring:
         home = self.pick(hash_key, adapter, exclude, weight)
         if home is None or not affinity:
             return home
-        excluded = self._excluded_slots(exclude)
-        # every value of an endpoint's key is read (as the Cython twin reads them all)
-        share = self._per_slot(affinity)
-        queue = self._per_slot(queues) if queues else {}
+        excluded, share, queue = self._scan_inputs(exclude, affinity, queues)
         n = len(self._slot_of)
         m = self._total_now() + weight
         candidates = [slot for slot, key in enumerate(self._keys)
@@ -375,9 +372,7 @@ class Ring:
         home = self.pick(hash_key, adapter, exclude, weight)
         if home is None or not affinity:
             return home
-        excluded = self._excluded_slots(exclude)
-        share = self._per_slot(affinity)
-        queue = self._per_slot(queues) if queues else {}
+        excluded, share, queue = self._scan_inputs(exclude, affinity, queues)
         n = len(self._slot_of)
         m = self._total_now() + weight
         home_slot = self._slot_of[home]
@@ -467,6 +462,15 @@ class Ring:
         merged = list(merge(old, new))
         self._hashes = [h for h, _, _ in merged]
         self._owners = [o for _, _, o in merged]
+
+    def _scan_inputs(self, exclude: Collection[str], affinity: Mapping[str, float],
+                     queues: Mapping[str, float] | None
+                     ) -> tuple[set[int], dict[int, float], dict[int, float]]:
+        """What a scoring pick reads before its scan: the excluded slots, and per-slot shares
+        and engine queues (every value of an endpoint's key is read, as the C twin reads them
+        all)."""
+        excluded = self._excluded_slots(exclude)
+        return excluded, self._per_slot(affinity), self._per_slot(queues) if queues else {}
 
     def _per_slot(self, values: Mapping[str, float]) -> dict[int, float]:
         """slot -> the value of each endpoint key in ``values`` (others ignored)."""
