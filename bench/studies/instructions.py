@@ -48,6 +48,7 @@ from bench.results import check, save, table, targets_table
 SHAPES = {"json": "", "sse-20": ', "stream": true'}
 BODY = '{"model": "m", "messages": [{"role": "user", "content": "Hello there, how are you?"}]%s}'
 MAX_COST = 1.05  # this checkout ÷ the baseline, per request
+HEY_CLIENTS = 8  # hey's concurrent clients
 # --cache-aware: a long shared system prompt (16 blocks of 256 bytes) before each question
 LONG_BODY = ('{"model": "m", "messages": [{"role": "system", "content": "%s"}, '
              '{"role": "user", "content": "Which clause covers late delivery?"}]%%s}'
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests counted per shape")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    if args.requests < HEY_CLIENTS or args.requests % HEY_CLIENTS:
+        # hey sends whole rounds of its clients: 500 at 8 a time would be 496 requests
+        parser.error(f"--requests must be a multiple of {HEY_CLIENTS}")
     for tool in ("valgrind", "callgrind_control", "hey"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed (apt-get install valgrind hey)")
@@ -186,7 +190,8 @@ def _count(root: Path, config: tuple[Path, int], out: Path, requests: int,
 
 def _hey(port: int, body: str, requests: int) -> None:
     # -t 120: under callgrind a traced gateway's export thread holds up requests past hey's 20 s
-    done = subprocess.run(["hey", "-n", str(requests), "-c", "8", "-t", "120", "-m", "POST",
+    done = subprocess.run(["hey", "-n", str(requests), "-c", str(HEY_CLIENTS), "-t", "120",
+                           "-m", "POST",
                            "-T", "application/json", "-d", body,
                            "-H", f"Authorization: Bearer {MASTER_KEY}",
                            f"http://127.0.0.1:{port}/v1/chat/completions"],
