@@ -8,8 +8,6 @@ the Model's labels (an adapter: its base Model's). The gateway runs in-process
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,8 @@ import yaml
 
 from lb.keys import hash_secret, new_secret, read_keys
 from lb.schema import SchemaError
+from tests.local_harness import kvgate
 from tests.test_gateway_api_keys import chat, client, metric, wait_until
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_entries(path: Path, entries: list[dict[str, Any]]) -> None:
@@ -153,11 +150,6 @@ def test_a_bad_label_selector_header_is_still_a_400(selected):
     assert "X-Label-Selector" in bad.value.message
     with pytest.raises(openai.BadRequestError):
         c.models.list()
-
-
-def kvgate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvgate", *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=60)
 
 
 def test_keys_cli_selector(tmp_path: Path) -> None:
