@@ -592,7 +592,8 @@ cdef class Ring:
             m = self._total_now() + w
             home_slot = <Py_ssize_t>self._slot_of[home]
             for slot in range(n_slots):  # the longest engine queue among the candidates
-                if scan.queue[slot] > longest and self._candidate(slot, scan.member, scan.use_excl, n, m, factor):
+                if (scan.queue[slot] > longest
+                        and self._candidate(slot, scan.member, scan.use_excl, n, m, factor)):
                     longest = scan.queue[slot]
             capacity = <double>(factor * m) / (100.0 * <double>n)
             for slot in range(n_slots):
