@@ -20,7 +20,8 @@ from lb import cache_aware
 from lb.cache_aware import PromptBlocks
 from lb.ejection import EjectionConfig, Outliers
 from lb.errors import GatewayError, model_not_found
-from lb.flow_queue import Count, ModelQueue, QueueConfig, TICK_SECONDS, Waiter, priority_class
+from lb.flow_queue import (Count, ModelQueue, PriorityClass, QueueConfig, TICK_SECONDS, Waiter,
+                           priority_class)
 from lb.keys import Tenant
 from lb.kv_events import KVIndex
 from lb.metrics import GatewayMetrics
@@ -43,6 +44,7 @@ class Lease:
     weight: int
     queue: ModelQueue | None = None  # the model's queue, pumped when this replica frees up
     flow: Count | None = None  # the queue's in-flight count of the request's flow, if it queued
+    paced_at: float = 0.0  # when a request of a paced class was sent (lb.pacing)
     released: bool = False
 
     def release(self) -> None:
@@ -51,6 +53,8 @@ class Lease:
             self.group.ring.release(self.ticket, self.weight)
             if self.flow is not None:
                 self.flow.dec()
+            if self.paced_at:
+                self.group.pacer.finished(self.key, time.monotonic() - self.paced_at)
             if self.queue is not None and self.queue.count:
                 self.queue.pump(freed=True)
 
@@ -90,12 +94,12 @@ class Balancer:
         queue = self._queues.get(model)
         return queue.count if queue is not None else 0
 
-    def capacity_share(self, scope: dict[str, Any], tenant: Tenant | None) -> float:
-        """The share of a replica's ``replicaCapacity`` this request's priority class may fill:
-        1 unless the queue config limits a class (then an unknown class header is a 400 here)."""
+    def limited_class(self, scope: dict[str, Any], tenant: Tenant | None) -> PriorityClass | None:
+        """This request's priority class when the queue config holds some class to a share of
+        each replica (then an unknown class header is a 400 here), else None: nothing to limit."""
         if not self._limited:
-            return 1.0
-        return self._config.capacity_share(priority_class(
+            return None
+        return self._config.class_named(priority_class(
             self._config, scope, tenant.priority if tenant is not None else None))
 
     def engine_priority(self, scope: dict[str, Any], tenant: Tenant | None) -> int:
@@ -106,10 +110,11 @@ class Balancer:
 
     def try_acquire(self, model: Model, adapter: str, key: str, exclude: list[str],
                     weight: int = 1, prompt: PromptBlocks | None = None,
-                    queued: bool = False, share: float = 1.0) -> Lease | None:
+                    queued: bool = False, cls: PriorityClass | None = None) -> Lease | None:
         """A lease on the best endpoint for this request (routing ``key``: its prompt prefix or
         session; ``weight``: 1, or its estimated tokens; ``prompt``: its blocks, for
-        CacheAware; ``share``: its class's ``capacity_share``), or None if there is none now —
+        CacheAware; ``cls``: its class, when one may fill only a share of a replica), or None if
+        there is none now —
         or, for a newcomer (not ``queued``), while requests of a model with a
         ``replicaCapacity`` queue: it must not pass them.
 
@@ -118,17 +123,22 @@ class Balancer:
         group = self._registry.group(model.name)
         capacity = model.spec.load_balancing.replica_capacity
         queue = None
+        held: list[str] = []
+        paced_at = 0.0  # a paced class's requests are spread over each replica's cycle
         if capacity:
             queue = self.queue(model.name)
             if not queued and queue.anywhere():
                 return None
-            if share < 1:
-                capacity = max(1, int(capacity * share))
+            if cls is not None and cls.capacity_share < 1:
+                capacity = max(1, int(capacity * cls.capacity_share))
+                if cls.paced:
+                    paced_at = time.monotonic()
+                    held = group.pacer.held(paced_at)
         ejected = group.outliers.current() if group.outliers is not None else None
         unhealthy = group.unhealthy  # failed active health checks; empty unless checks are on
         if capacity:
             def pick(*args: Any) -> str | None:
-                return self._pick_capped(capacity, *args)
+                return self._pick_capped(capacity, held, *args)
         else:
             pick = self._pick
         if ejected or unhealthy:
@@ -149,8 +159,12 @@ class Balancer:
         ticket = group.ring.acquire(picked, weight)
         if prompt is not None:
             cache_aware.remember(group, model, picked, prompt)
-        return Lease(group, picked, group.endpoints[picked].address, ticket, weight,
-                     queue if queue is not None else self._queues.get(model.name))
+        lease = Lease(group, picked, group.endpoints[picked].address, ticket, weight,
+                      queue if queue is not None else self._queues.get(model.name))
+        if paced_at:
+            group.pacer.dispatched(picked, weight, capacity, paced_at)
+            lease.paced_at = paced_at
+        return lease
 
     def queue(self, name: str) -> ModelQueue:
         """The model's queue in this worker (made on first use, kept: its class counts are
@@ -207,7 +221,7 @@ class Balancer:
             return None  # the pump task ends the queue with 404s
         assert waiter.band is not None
         return self.try_acquire(model, waiter.adapter, waiter.key, waiter.exclude, waiter.weight,
-                                waiter.prompt, queued=True, share=waiter.band.cls.capacity_share)
+                                waiter.prompt, queued=True, cls=waiter.band.cls)
 
     def _expire(self, queue: ModelQueue, waiter: Waiter, adapter: str, timeout: float) -> None:
         """A waiter's deadline passed: 503, saying whether no replica could serve it or every
@@ -276,14 +290,14 @@ class Balancer:
         if not task.cancelled() and task.exception() is not None:
             log.error("scaling model %s from zero failed: %s", name, task.exception())
 
-    def _pick_capped(self, capacity: int, group: EndpointGroup, model: Model, adapter: str,
-                     key: str, exclude: list[str] | tuple[()], weight: int,
+    def _pick_capped(self, capacity: int, held: list[str], group: EndpointGroup, model: Model,
+                     adapter: str, key: str, exclude: list[str] | tuple[()], weight: int,
                      prompt: PromptBlocks | None) -> str | None:
         """``_pick`` among the replicas below ``capacity`` (the Model's ``replicaCapacity``, or
         the request class's share of it; a replica with nothing in flight takes even a request
-        heavier than the capacity)."""
+        heavier than the capacity) and not ``held`` by the pacer (``lb.pacing``)."""
         ring = group.ring
-        full: list[str] = []
+        full = list(held)
         while True:
             picked = self._pick(group, model, adapter, key, [*exclude, *full] if full else exclude,
                                 weight, prompt)

@@ -63,10 +63,14 @@ class PriorityClass:
         "still takes one request). Below 1 for offline work, so that interactive requests find a free "
         "slot instead of waiting for a line to finish, and the engine is not run at its full batch.",
         exclusive_minimum=0, maximum=1)
+    paced: bool = setting(
+        False, doc="With a capacityShare below 1: send each replica this class's requests spread over "
+        "its cycle (lb.pacing), for offline work whose requests start and end together (a batch's "
+        "lines), so that one engine step does not prefill many of them while interactive requests wait.")
 
 
 _CLASSES = (PriorityClass("critical", 200), PriorityClass("default", 100),
-            PriorityClass("batch", 0, timeout_seconds=86_400.0, capacity_share=0.5))
+            PriorityClass("batch", 0, timeout_seconds=86_400.0, capacity_share=0.5, paced=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +107,8 @@ class QueueConfig:
         """Whether some class may fill only a share of a replica's capacity."""
         return any(c.capacity_share < 1 for c in self.classes)
 
-    def capacity_share(self, cls: str) -> float:
-        return next(c.capacity_share for c in self.classes if c.name == cls)
+    def class_named(self, cls: str) -> PriorityClass:
+        return next(c for c in self.classes if c.name == cls)
 
     def class_priority(self, cls: str) -> int:
         return next(c.priority for c in self.classes if c.name == cls)

@@ -221,12 +221,12 @@ class Proxy:
         tried: list[str] = []
         attempts = self._config.retries.max_retries + 1
         trace = exchange.trace
-        share = self._balancer.capacity_share(scope, tenant)
+        cls = self._balancer.limited_class(scope, tenant)
         for attempt in range(attempts):
             if trace is not None:
                 trace.picking()
             lease = self._balancer.try_acquire(model, adapter, key, tried, weight, prompt,
-                                               share=share)
+                                               cls=cls)
             if lease is None:
                 if trace is not None:
                     trace.queued()

@@ -22,6 +22,7 @@ from typing import Iterable
 
 from lb.ejection import Outliers
 from lb.model import Model
+from lb.pacing import Pacer
 from lb.ring import LoadTable, PrefixIndex, Ring
 
 
@@ -125,6 +126,8 @@ class EndpointGroup:
         self.queue_cache: tuple[int, float, dict[str, float]] | None = None
         # CacheAware's record of which prompt blocks this worker sent to which replica
         self.prefix_index: PrefixIndex | None = None
+        # When each replica may next take a request of a class held to a share of it
+        self.pacer = Pacer()
         self._changed = Change()
 
     def changed(self) -> Change:
@@ -144,6 +147,8 @@ class EndpointGroup:
             if self.outliers is not None:
                 self.outliers.forget(gone)
             self.unhealthy.difference_update(gone)
+            for key in gone:
+                self.pacer.forget(key)
             if self.prefix_index is not None:  # a new replica starts with an empty cache
                 for key in gone:
                     self.prefix_index.forget(key)

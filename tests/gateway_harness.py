@@ -170,6 +170,7 @@ class Seen:
     body: bytes = b""
     json: Any = None
     form: dict[str, Any] = field(default_factory=dict)  # multipart: name -> str | (filename, bytes)
+    at: float = field(default_factory=time.monotonic)  # when its headers arrived
 
 
 class Backend:

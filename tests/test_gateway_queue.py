@@ -122,6 +122,23 @@ def test_a_class_share_counts_newcomers_and_queued_alike(gw, pool):
     gw.settle()
 
 
+def test_lines_freed_together_are_sent_to_their_replica_apart(gw, pool):
+    """The batch class is paced (``lb.pacing``): once a line's time on the replica is known
+    (0.2 s here), the lines queued behind go out at least 0.8 x 0.2 s / 2 slots apart instead
+    of together, while the share still caps them at 2 in flight."""
+    backend = gw.backend("b", header_delay=0.2)
+    gw.model_with("m", [backend], replica_capacity=4)  # the batch class's share: 2 lines
+    client = gw.client()
+    lines = [pool.submit(ask, client, f"line{i}", "batch") for i in range(6)]
+    assert len([f.result(30) for f in lines]) == 6
+    arrived = [seen.at for seen in backend.seen]
+    assert arrived[1] - arrived[0] < 0.08  # nothing known yet: the first two go at once
+    gaps = [b - a for a, b in zip(arrived[2:], arrived[3:])]
+    assert min(gaps) >= 0.07, gaps
+    assert backend.most_in_flight == 2
+    gw.settle()
+
+
 def test_a_higher_class_is_served_before_a_queued_lower_one(gw, pool):
     s = Saturated(gw, pool)
     client = gw.client()
@@ -301,6 +318,36 @@ def test_priority_class_of_a_request():
     assert priority_class(config, upward, None) == "critical"  # keys off: the header decides
     assert priority_class(config, upward, "batch") == "batch"
     assert priority_class(config, {"headers": [], PRIORITY: LOWEST}, "critical") == "batch"
+
+
+def test_only_the_default_batch_class_is_paced_unless_a_class_says_so():
+    assert [c.paced for c in QueueConfig().classes] == [False, False, True]
+    custom = decode_object(QueueConfig, {"defaultClass": "bulk", "classes": [
+        {"name": "bulk", "priority": 0, "capacityShare": 0.5},
+        {"name": "lines", "priority": 1, "capacityShare": 0.5, "paced": True}]}, "queue")
+    assert [c.paced for c in custom.classes] == [False, True]
+
+
+def test_an_unpaced_class_sends_lines_freed_together_at_once(make_gateway, pool):
+    """A class with a share but without ``paced``: the two lines queued behind a held pair go
+    out together when it ends (paced, they would be at least 0.8 x the pair's time / 2 apart)."""
+    gw = make_gateway({"queue": {"classes": [
+        {"name": "default", "priority": 100},
+        {"name": "batch", "priority": 0, "capacityShare": 0.5}]}})
+    backend = gw.backend("b")
+    gw.model_with("m", [backend], replica_capacity=4)
+    gw.on_loop(backend.hold)
+    client = gw.client()
+    lines = [pool.submit(ask, client, f"line{i}", "batch") for i in range(4)]
+    gw.wait_for(lambda: backend.in_flight == 2 and gw.balancer.waiting("m") == 2,
+                what="two lines in flight, two queued")
+    time.sleep(0.5)
+    gw.on_loop(backend.release)
+    assert len([f.result(30) for f in lines]) == 4
+    arrived = [seen.at for seen in backend.seen]
+    assert arrived[3] - arrived[2] < 0.2  # paced: >= 0.8 x 0.5 s / 2
+    assert backend.most_in_flight == 2
+    gw.settle()
 
 
 @pytest.mark.parametrize("data, where", [

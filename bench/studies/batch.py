@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32,
                         help="batch.concurrency: the batch's lines in flight at once")
     parser.add_argument("--profile", default="cpu-scaled", help="the simulator's profile")
+    parser.add_argument("--batch-share", type=float, default=0.5,
+                        help="the batch class's capacityShare: its part of each replica")
+    parser.add_argument("--pacing", action=argparse.BooleanOptionalAction, default=True,
+                        help="the batch class's `paced` (lb.pacing), as in the default classes")
+    parser.add_argument("--engine-priority", action=argparse.BooleanOptionalAction, default=True,
+                        help="the Model's priorityScheduling: the replicas admit waiting requests "
+                        "by their class (vLLM's --scheduling-policy priority)")
     parser.add_argument("--quick", action="store_true", help="one short round, 300 lines")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -77,15 +84,23 @@ def _round(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         sim_port = consecutive_free_ports(args.replicas)
         sims = spawn([sys.executable, "-m", "kvgate_sim", "--port", str(sim_port), "--replicas",
-                      str(args.replicas), "--profile", args.profile, "--model-name", MODEL])
+                      str(args.replicas), "--profile", args.profile, "--model-name", MODEL,
+                      "--scheduling-policy", "priority" if args.engine_priority else "fcfs"])
         stack.callback(stop, sims)
         port = free_port()
         config = tmp / "gateway.yaml"
         config.write_text(gateway_config(
             {MODEL: [f"127.0.0.1:{sim_port + i}" for i in range(args.replicas)]}, port,
-            strategy="LeastLoad", engine="Sim", load_balancing={"replicaCapacity": args.capacity},
+            strategy="LeastLoad", engine="Sim",
+            load_balancing={"replicaCapacity": args.capacity,
+                            "priorityScheduling": args.engine_priority},
             settings={"batch": {"stateDir": str(tmp / "batch"), "concurrency": args.concurrency,
-                                "pollSeconds": 0.2}}))
+                                "pollSeconds": 0.2},
+                      "queue": {"classes": [  # the default classes, with the options' batch
+                          {"name": "critical", "priority": 200},
+                          {"name": "default", "priority": 100},
+                          {"name": "batch", "priority": 0, "timeoutSeconds": 86_400,
+                           "capacityShare": args.batch_share, "paced": args.pacing}]}}))
         gateway = spawn([sys.executable, "-m", "kvgate", "gateway", "-c", str(config),
                          "--workers", "2"])
         stack.callback(stop, gateway)
