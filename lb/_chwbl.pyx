@@ -30,9 +30,11 @@ on every request's path:
 """
 
 cimport cython
+from cpython cimport array
 from cpython.bool cimport PyBool_Check
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_Clear
+from cpython.object cimport Py_SIZE
 from cpython.list cimport PyList_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.set cimport PySet_GET_SIZE
@@ -487,6 +489,11 @@ cdef class Ring:
     def __contains__(self, key: object) -> bool:
         return key in self._slot_of
 
+    def slot_of(self, key: str) -> int:
+        """The endpoint's slot: its index in the share arrays the scoring picks read (and its
+        replica number in CacheAware's prefix index). Stable while the endpoint stays."""
+        return self._slot(key)
+
     # -- loads -----------------------------------------------------------------------------
 
     @property
@@ -572,21 +579,21 @@ cdef class Ring:
         start = self._find(h)
         return self._keys[self._walk(start, member, use_excl, eligible, w)]
 
-    def pick_scored(self, hash_key: str, adapter: str, exclude, weight, affinity, queues,
+    def pick_scored(self, hash_key: str, adapter: str, exclude, weight, shares, queues,
                     double prefix_weight, double load_weight, double queue_weight):
         """CacheAware: the best-scoring endpoint within the CHWBL bound (see the twin,
         ``lb.chwbl.Ring.pick_scored``, for the score; the same float operations in the same
-        order, so both twins pick alike to the last bit). The shares and queues are read
-        from the mappings once into per-slot arrays; the scan itself is C."""
+        order, so both twins pick alike to the last bit). The shares (an ``array('d')`` by
+        slot: one copy) and queues are read once into per-slot arrays; the scan is C."""
         cdef _Scan scan
         cdef Py_ssize_t slot, best = -1, home_slot, n_slots = self._n_slots
         cdef int64_t n, m, factor = self._factor
         cdef double capacity, longest = 0.0, score, best_score = 0.0
         home = self.pick(hash_key, adapter, exclude, weight)
-        if home is None or not affinity:
+        if home is None or not shares:
             return home
         cdef int64_t w = 1 if weight is 1 else _weight(weight)
-        self._open_scan(&scan, adapter, exclude, affinity, queues)
+        self._open_scan(&scan, adapter, exclude, shares, queues)
         try:
             n = self._n_live
             m = self._total_now() + w
@@ -614,21 +621,21 @@ cdef class Ring:
             return home
         return self._keys[best]
 
-    def pick_cost(self, hash_key: str, adapter: str, exclude, weight, affinity, queues,
+    def pick_cost(self, hash_key: str, adapter: str, exclude, weight, shares, queues,
                   double prompt_tokens, double load_tokens, double queue_tokens):
         """CacheAware's cost model: the endpoint within the CHWBL bound with the lowest
         estimated time to first token (see the twin, ``lb.chwbl.Ring.pick_cost``; the same
         float operations in the same order). Shares and queues are read into per-slot arrays
-        once; the scan is C."""
+        once, as for ``pick_scored``; the scan is C."""
         cdef _Scan scan
         cdef Py_ssize_t slot, step, best = -1, home_slot, n_slots = self._n_slots
         cdef int64_t n, m, factor = self._factor
         cdef double cost, best_cost = 0.0
         home = self.pick(hash_key, adapter, exclude, weight)
-        if home is None or not affinity:
+        if home is None or not shares:
             return home
         cdef int64_t w = 1 if weight is 1 else _weight(weight)
-        self._open_scan(&scan, adapter, exclude, affinity, queues)
+        self._open_scan(&scan, adapter, exclude, shares, queues)
         try:
             n = self._n_live
             m = self._total_now() + w
@@ -706,7 +713,7 @@ cdef class Ring:
         return not (use_excl and self._excl[slot] == self._excl_epoch)
 
     @cython.final
-    cdef int _open_scan(self, _Scan *scan, str adapter, object exclude, object affinity,
+    cdef int _open_scan(self, _Scan *scan, str adapter, object exclude, object shares,
                         object queues) except -1:
         """Fill ``scan`` for a scoring pick: stamp the exclusions, find the adapter's member
         bits, read shares and queues into one zeroed allocation the caller frees."""
@@ -722,12 +729,28 @@ cdef class Ring:
             raise MemoryError()
         scan.queue = scan.share + n_slots
         try:
-            self._per_slot(affinity, scan.share)
+            self._shares_per_slot(shares, scan.share)
             if queues:
                 self._per_slot(queues, scan.queue)
         except BaseException:
             free(scan.share)
             raise
+        return 0
+
+    @cython.final
+    cdef int _shares_per_slot(self, object shares, double *out) except -1:
+        """``out[slot]`` = ``shares[slot]`` for the slots both have: an ``array('d')`` in one
+        copy, any other sequence of numbers item by item."""
+        cdef Py_ssize_t n_slots = self._n_slots, slot = 0
+        if type(shares) is array.array and (<array.array>shares).ob_descr.typecode == b'd':
+            memcpy(out, (<array.array>shares).data.as_doubles,
+                   min(Py_SIZE(shares), n_slots) * sizeof(double))
+            return 0
+        for value in shares:
+            if slot == n_slots:
+                break
+            out[slot] = <double>value
+            slot += 1
         return 0
 
     @cython.final

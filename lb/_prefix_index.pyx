@@ -15,21 +15,24 @@ match and a record sit on every CacheAware request's path:
 * Per block, the replicas holding it are a bit mask in a second table (``words`` 64-bit words
   per entry, widened when a replica's bit passes them): a match walks the prompt's blocks
   once, ANDing masks, whatever the number of replicas.
-* Replica bits are handed out exactly as the twin hands them out (the lowest free one; a
-  forgotten replica's bit is reused), from the same Python dict and list, so a match returns
-  the same replicas in the same order.
+* Replica bits are handed out exactly as the twin hands them out (the one a record gives,
+  else the lowest free one; a forgotten replica's bit is reused), from the same Python dict
+  and list, so a match returns the same replicas in the same order.
 * Memory comes from ``PyMem_*`` (tracemalloc sees it) and follows the content: both tables
   grow at half full and shrink at an eighth, so what is kept stays within the capacity per
   replica, as the twin's does.
 """
 
 cimport cython
+from cpython cimport array
+from cpython.bool cimport PyBool_Check
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_Check
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
+import array as _array
 from operator import index as _as_index
 
 cdef extern from "Python.h":
@@ -46,13 +49,21 @@ cdef extern from *:
     """
     int kv_ctz64(unsigned long long x) noexcept nogil
 
-__all__ = ["PrefixIndex"]
+__all__ = ["PrefixIndex", "MAX_BIT"]
+
+MAX_BIT = (1 << 20) - 1  # as the twin: the ring's last slot
+cdef array.array _DOUBLES = _array.array("d")
 
 ctypedef struct Node:
     uint64_t block
     int32_t replica  # its bit; -1: a free slot
     int32_t older  # slot of the next older node of the same replica, -1: none
     int32_t newer
+
+cdef enum:
+    _DEPTHS = 0  # the forms of a match
+    _SHARES = 1
+    _SHARE_ARRAY = 2
 
 cdef enum:
     MIN_SLOTS = 64
@@ -160,23 +171,32 @@ cdef class PrefixIndex:
     def match(self, blocks) -> dict:
         """Replica -> how many of ``blocks``, from the first, it is believed to hold (replicas
         holding none are left out)."""
-        return self._match(blocks, False)
+        return self._match(blocks, _DEPTHS)
 
     def shares(self, blocks) -> dict:
         """Replica -> the share (0..1] of ``blocks`` ``match`` finds it holding."""
-        return self._match(blocks, True)
+        return self._match(blocks, _SHARES)
 
-    cdef dict _match(self, object blocks, bint share):
+    def share_array(self, blocks):
+        """The same shares by replica number (the ring slot each was recorded with), 0.0 for
+        a replica holding none; None when no replica holds the first block."""
+        return self._match(blocks, _SHARE_ARRAY)
+
+    cdef object _match(self, object blocks, int form):
+        """A match in ``form``: a dict of depths or shares by key, or an array of shares by
+        bit (made at the first holder, so None when there is none)."""
         cdef Py_ssize_t n = self._load(blocks), depth, w, words = self._words, found
         cdef uint64_t *alive = self._alive
         cdef uint64_t *mask
         cdef uint64_t held, dropped, left
-        cdef dict depths = {}
+        cdef object out = None if form == _SHARE_ARRAY else {}
         if n == 0:
-            return depths
+            return out
         found = self._find_held(self._blocks[0])
         if found < 0:
-            return depths
+            return out
+        if form == _SHARE_ARRAY:
+            out = array.clone(_DOUBLES, PyList_GET_SIZE(self._key_of_bit), True)
         memcpy(alive, self._held + found * (1 + words) + 1, words * sizeof(uint64_t))
         for depth in range(1, n):
             found = self._find_held(self._blocks[depth])
@@ -186,34 +206,35 @@ cdef class PrefixIndex:
                 held = alive[w] & mask[w] if mask != NULL else 0
                 dropped = alive[w] & ~held
                 if dropped:  # some replicas' prefixes end here
-                    self._note(dropped, w, depth, depths, n if share else 0)
+                    self._note(dropped, w, depth, out, n, form)
                 alive[w] = held
                 left |= held
             if not left:
-                return depths
+                return out
         for w in range(words):
             if alive[w]:
-                self._note(alive[w], w, n, depths, n if share else 0)
-        return depths
+                self._note(alive[w], w, n, out, n, form)
+        return out
 
-    def record(self, key, blocks) -> None:
-        """``key`` was sent a request with these blocks: it holds them now (most recent)."""
+    def record(self, key, blocks, bit=None) -> None:
+        """``key`` was sent a request with these blocks: it holds them now (most recent);
+        ``bit``: its number, as the twin's ``record`` says."""
         cdef Py_ssize_t n = self._load(blocks), i, slot
-        cdef int32_t bit
+        cdef int32_t wanted = -1 if bit is None else _checked_bit(bit)
         if n == 0:
             return
-        bit = self._bit_of(key)
+        cdef int32_t b = self._bit_of(key, wanted)
         # Last block first: the first blocks end up the most recent (see the twin).
         for i in range(n - 1, -1, -1):
-            slot = self._find_node(self._blocks[i], bit)
+            slot = self._find_node(self._blocks[i], b)
             if slot >= 0:
-                if slot != self._newest[bit]:
+                if slot != self._newest[b]:
                     self._unlink(slot)
-                    self._append(slot, bit)
+                    self._append(slot, b)
             else:
-                self._add(self._blocks[i], bit)
-        while self._count[bit] > self._cap:
-            self._drop_oldest(bit)
+                self._add(self._blocks[i], b)
+        while self._count[b] > self._cap:
+            self._drop_oldest(b)
         self._shrink()
 
     def forget(self, key) -> None:
@@ -257,12 +278,25 @@ cdef class PrefixIndex:
             self._blocks[i] = <uint64_t>item
         return n
 
-    cdef int32_t _bit_of(self, object key) except -1:
+    cdef int32_t _bit_of(self, object key, int32_t wanted) except -1:
         found = self._bit.get(key)
-        if found is not None:
-            return <int32_t>found
         keys = self._key_of_bit
         cdef Py_ssize_t index, size = PyList_GET_SIZE(keys)
+        if wanted >= 0:
+            if found is not None and <int32_t>found == wanted:
+                return wanted
+            if found is not None:
+                self.forget(key)
+            if wanted < size and <object>PyList_GET_ITEM(keys, wanted) is not None:
+                self.forget(<object>PyList_GET_ITEM(keys, wanted))
+            self._room_for(wanted + 1)
+            if wanted >= size:
+                keys.extend([None] * (wanted + 1 - size))
+            keys[wanted] = key
+            self._bit[key] = wanted
+            return wanted
+        if found is not None:
+            return <int32_t>found
         for index in range(size):
             if <object>PyList_GET_ITEM(keys, index) is None:
                 break
@@ -311,17 +345,23 @@ cdef class PrefixIndex:
         return 0
 
     cdef int _note(self, uint64_t mask, Py_ssize_t word, Py_ssize_t depth,
-                   dict depths, Py_ssize_t of) except -1:
-        """``depths[key] = depth`` (``depth / of`` when ``of``) for each replica in ``mask``
-        (word ``word``), lowest bit first, as the twin notes them."""
+                   object out, Py_ssize_t of, int form) except -1:
+        """For each replica in ``mask`` (word ``word``), lowest bit first as the twin notes
+        them: ``out[key] = depth`` (or ``depth / of``), or ``out[bit] = depth / of``."""
         cdef uint64_t low
+        cdef Py_ssize_t bit
+        cdef double share = <double>depth / <double>of  # exact as Python's int / int
         keys = self._key_of_bit
-        value = depth if of == 0 else <double>depth / <double>of  # exact as Python's int / int
+        value = depth if form == _DEPTHS else share
         while mask:
             low = mask & (~mask + 1)
-            key = <object>PyList_GET_ITEM(keys, word * WORD_BITS + kv_ctz64(low))
-            if key is not None:
-                depths[key] = value
+            bit = word * WORD_BITS + kv_ctz64(low)
+            if form == _SHARE_ARRAY:
+                (<array.array>out).data.as_doubles[bit] = share
+            else:
+                key = <object>PyList_GET_ITEM(keys, bit)
+                if key is not None:
+                    (<dict>out)[key] = value
             mask ^= low
         return 0
 
@@ -571,3 +611,12 @@ cdef inline bint _all_zero(const uint64_t *words, Py_ssize_t count) noexcept:
         if words[w]:
             return False
     return True
+
+
+cdef int32_t _checked_bit(object bit) except -1:
+    """A replica number in [0, MAX_BIT], or the twin's error."""
+    if PyBool_Check(bit) or not PyLong_Check(bit):
+        raise TypeError("a replica's bit must be int")
+    if not 0 <= bit <= MAX_BIT:
+        raise OverflowError(f"a replica's bit must be in [0, {MAX_BIT}]")
+    return <int32_t>bit

@@ -3,9 +3,11 @@
 A request is cut into blocks once, by the proxy (``prompt_blocks``): the approximate blocks
 (chained hashes of the rendered conversation's bytes, ``lb.prefix_index``) and, when the model
 follows its replicas' KV events, the engine's own block hashes (``lb.prompt_tokens``). At pick
-time (``pick``) each replica's *affinity* is the share of those blocks it is believed to hold:
+time (``pick``) each replica's *share* is the part of those blocks it is believed to hold:
 exact for a replica whose KV-event mirror is trusted (``lb.kv_events``), else what the
-approximate index remembers of the requests this worker sent it. The ring compares the
+approximate index remembers of the requests this worker sent it. Shares travel as an
+``array('d')`` by ring slot (the index numbers replicas as the ring does), so a prefix that
+every replica holds costs no dict and no key lookup per replica. The ring compares the
 candidates within CHWBL's bound, with the engines' own queues from their scraped metrics: by
 estimated time to first token (``scoring: CostModel``, ``Ring.pick_cost``, the default) or
 by a weighted sum of scores (``scoring: Weights``, ``Ring.pick_scored``); after the lease is taken, ``remember`` records the blocks against the
@@ -15,6 +17,7 @@ replica that got them.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 
 from lb.kv_events import KVIndex
@@ -70,14 +73,14 @@ def pick(group: EndpointGroup, model: Model, adapter: str, key: str,
     """The best replica for this request: see the module docstring, ``Ring.pick_cost`` and
     ``Ring.pick_scored``."""
     settings = model.spec.load_balancing.cache_aware
-    affinity = _affinity(group, prompt, kv_index) if prompt is not None else {}
+    shares = _shares(group, prompt, kv_index) if prompt is not None else None
     if settings.scoring == "CostModel":
         queues = _queues(group, fresh_after) if settings.queue_tokens and group.engine else None
-        return group.ring.pick_cost(adapter + key, adapter, exclude, weight, affinity, queues,
+        return group.ring.pick_cost(adapter + key, adapter, exclude, weight, shares, queues,
                                     prompt.tokens if prompt is not None else 0.0,
                                     float(settings.load_tokens), float(settings.queue_tokens))
     queues = _queues(group, fresh_after) if settings.queue_weight and group.engine else None
-    return group.ring.pick_scored(adapter + key, adapter, exclude, weight, affinity, queues,
+    return group.ring.pick_scored(adapter + key, adapter, exclude, weight, shares, queues,
                                   float(settings.prefix_weight), float(settings.load_weight),
                                   float(settings.queue_weight))
 
@@ -92,12 +95,13 @@ def remember(group: EndpointGroup, model: Model, replica: str, prompt: PromptBlo
         index = group.prefix_index = PrefixIndex(capacity)
     elif index.capacity != capacity:
         index.capacity = capacity  # a changed spec: the next records trim to it
-    index.record(replica, prompt.approximate)
+    index.record(replica, prompt.approximate, group.ring.slot_of(replica))
 
 
-def _affinity(group: EndpointGroup, prompt: PromptBlocks,
-              kv_index: KVIndex | None) -> dict[str, float]:
-    """Replica -> share (0..1] of the prompt it holds; replicas holding none are left out.
+def _shares(group: EndpointGroup, prompt: PromptBlocks,
+            kv_index: KVIndex | None) -> array | None:
+    """By ring slot, the share (0..1] of the prompt each replica holds; None: no replica
+    holds any of it.
 
     A trusted mirror's word raises the estimate but does not lower it: blocks show in an
     engine's events only once computed, so a prompt this worker just sent (queued, or being
@@ -105,15 +109,21 @@ def _affinity(group: EndpointGroup, prompt: PromptBlocks,
     went elsewhere and prefilled it again (the routing study's documents workload: 0.86x
     PrefixHash's mean TTFT with the replacing rule, against 0.47x without KV events)."""
     index = group.prefix_index
-    affinity = index.shares(prompt.approximate) if index is not None else {}
+    shares = index.share_array(prompt.approximate) if index is not None else None
     engine = prompt.engine
     if engine and kv_index is not None:
+        ring = group.ring
         for replica in group.endpoints:
             if kv_index.trusted(replica):
                 depth = kv_index.match(replica, engine)
-                if depth and depth / len(engine) > affinity.get(replica, 0.0):
-                    affinity[replica] = depth / len(engine)
-    return affinity
+                if depth:
+                    slot = ring.slot_of(replica)
+                    if shares is None:
+                        shares = array("d")
+                    if len(shares) <= slot:
+                        shares.extend([0.0] * (slot + 1 - len(shares)))
+                    shares[slot] = max(shares[slot], depth / len(engine))
+    return shares
 
 
 def _queues(group: EndpointGroup, fresh_after: float) -> dict[str, float]:

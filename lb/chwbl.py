@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from heapq import merge
-from typing import Collection, Iterable, Mapping
+from typing import Collection, Iterable, Mapping, Sequence
 
 import mmh3
 
@@ -228,6 +228,11 @@ class Ring:
     def __contains__(self, key: object) -> bool:
         return key in self._slot_of
 
+    def slot_of(self, key: str) -> int:
+        """The endpoint's slot: its index in the share arrays the scoring picks read (and its
+        replica number in CacheAware's prefix index). Stable while the endpoint stays."""
+        return self._slot(key)
+
     # -- loads -----------------------------------------------------------------------------
 
     @property
@@ -314,22 +319,22 @@ class Ring:
         return self._keys[default]
 
     def pick_scored(self, hash_key: str, adapter: str, exclude: Collection[str], weight: int,
-                    affinity: Mapping[str, float], queues: Mapping[str, float] | None,
+                    shares: Sequence[float] | None, queues: Mapping[str, float] | None,
                     prefix_weight: float, load_weight: float, queue_weight: float) -> str | None:
         """CacheAware: the best-scoring endpoint within the CHWBL bound.
 
         The CHWBL pick for ``hash_key`` (the "home") is the answer when no endpoint is believed
-        to hold any of the prompt (``affinity`` empty), so every worker sends a new prefix to
-        the same place, and when no endpoint is within the bound. Otherwise each matching
-        endpoint within the bound scores ``prefix_weight * affinity`` (the share of the prompt
-        it holds, 0..1) ``+ load_weight * (1 - load / capacity)`` (its headroom under the
+        to hold any of the prompt (``shares`` None or empty), so every worker sends a new prefix
+        to the same place, and when no endpoint is within the bound. Otherwise each matching
+        endpoint within the bound scores ``prefix_weight * share`` (the share of the prompt it
+        holds, 0..1, at its slot in ``shares``; 0 past its end) ``+ load_weight * (1 - load / capacity)`` (its headroom under the
         bound) ``+ queue_weight * (1 - queue / longest queue)`` (the engine's own queue, over
         the candidates); the highest wins, the home on a tie, else the lowest slot. Float
         arithmetic in this order in both twins: they agree to the last bit."""
         home = self.pick(hash_key, adapter, exclude, weight)
-        if home is None or not affinity:
+        if home is None or not shares:
             return home
-        excluded, share, queue = self._scan_inputs(exclude, affinity, queues)
+        excluded, share, queue = self._scan_inputs(exclude, shares, queues)
         n = len(self._slot_of)
         m = self._total_now() + weight
         candidates = [slot for slot, key in enumerate(self._keys)
@@ -353,14 +358,14 @@ class Ring:
         return self._keys[best]
 
     def pick_cost(self, hash_key: str, adapter: str, exclude: Collection[str], weight: int,
-                  affinity: Mapping[str, float], queues: Mapping[str, float] | None,
+                  shares: Sequence[float] | None, queues: Mapping[str, float] | None,
                   prompt_tokens: float, load_tokens: float, queue_tokens: float) -> str | None:
         """CacheAware's cost model: the endpoint within the CHWBL bound with the lowest
         estimated time to first token, in tokens of prefill.
 
         Each matching endpoint within the bound costs ``load_tokens * load`` (the work its
         in-flight requests put in the way of a new one's prefill) ``+ queue_tokens * queue``
-        (its engine's waiting requests) ``+ prompt_tokens * (1 - affinity)`` (the prompt's
+        (its engine's waiting requests) ``+ prompt_tokens * (1 - share)`` (the prompt's
         uncached part, which it must prefill). Units are what make this beat a weighted sum of
         normalised scores: a long prompt's uncached tokens outweigh a short queue, while a
         short prompt goes where the queue is short, with no weight to tune per workload. The
@@ -370,9 +375,9 @@ class Ring:
         instead of piling on the lowest slot. Same float operations in the same order in
         both twins."""
         home = self.pick(hash_key, adapter, exclude, weight)
-        if home is None or not affinity:
+        if home is None or not shares:
             return home
-        excluded, share, queue = self._scan_inputs(exclude, affinity, queues)
+        excluded, share, queue = self._scan_inputs(exclude, shares, queues)
         n = len(self._slot_of)
         m = self._total_now() + weight
         home_slot = self._slot_of[home]
@@ -463,19 +468,17 @@ class Ring:
         self._hashes = [h for h, _, _ in merged]
         self._owners = [o for _, _, o in merged]
 
-    def _scan_inputs(self, exclude: Collection[str], affinity: Mapping[str, float],
+    def _scan_inputs(self, exclude: Collection[str], shares: Sequence[float],
                      queues: Mapping[str, float] | None
                      ) -> tuple[set[int], dict[int, float], dict[int, float]]:
-        """What a scoring pick reads before its scan: the excluded slots, and per-slot shares
-        and engine queues (every value of an endpoint's key is read, as the C twin reads them
-        all)."""
+        """What a scoring pick reads before its scan: the excluded slots, per-slot shares (as
+        many as there are slots, as the C twin copies them) and engine queues (every value of
+        an endpoint's key is read, as the C twin reads them all)."""
         excluded = self._excluded_slots(exclude)
-        return excluded, self._per_slot(affinity), self._per_slot(queues) if queues else {}
-
-    def _per_slot(self, values: Mapping[str, float]) -> dict[int, float]:
-        """slot -> the value of each endpoint key in ``values`` (others ignored)."""
-        return {self._slot_of[key]: float(value) for key, value in values.items()
-                if key in self._slot_of}
+        share = {slot: float(value) for slot, value in zip(range(len(self._keys)), shares)}
+        queue = {self._slot_of[key]: float(value) for key, value in queues.items()
+                 if key in self._slot_of} if queues else {}
+        return excluded, share, queue
 
     def _excluded_slots(self, exclude: Collection[str]) -> set[int]:
         if isinstance(exclude, str):

@@ -17,13 +17,15 @@ without sharing memory or taking a lock on the request path.
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from operator import index as as_index
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
-__all__ = ["PrefixIndex"]
+__all__ = ["PrefixIndex", "MAX_BIT"]
 
 _MAX_BLOCK = (1 << 64) - 1
+MAX_BIT = (1 << 20) - 1  # the highest replica number a record may give (the ring's last slot)
 
 
 class PrefixIndex:
@@ -61,38 +63,52 @@ class PrefixIndex:
     def match(self, blocks: Sequence[int]) -> dict[str, int]:
         """Replica -> how many of ``blocks``, from the first, it is believed to hold (replicas
         holding none are left out)."""
-        blocks = _checked(blocks)
-        holders = self._holders
         depths: dict[str, int] = {}
-        alive = 0
-        depth = 0
-        for depth, block in enumerate(blocks):
-            held = holders.get(block, 0)
-            if depth:
-                held &= alive
-                if held != alive:  # some replicas' prefixes end here
-                    self._note_dropped(alive & ~held, depth, depths)
-            if not held:
-                return depths
-            alive = held
-        self._note_dropped(alive, len(blocks), depths)
+        keys = self._key_of_bit
+
+        def note(bit: int, depth: int) -> None:
+            key = keys[bit]
+            if key is not None:
+                depths[key] = depth
+        self._walk(_checked(blocks), note)
         return depths
 
     def shares(self, blocks: Sequence[int]) -> dict[str, float]:
-        """Replica -> the share (0..1] of ``blocks`` ``match`` finds it holding: what
-        CacheAware scores, in one call (the C twin divides as it notes each depth)."""
+        """Replica -> the share (0..1] of ``blocks`` ``match`` finds it holding."""
         blocks = _checked(blocks)
         return {key: depth / len(blocks) for key, depth in self.match(blocks).items()}
 
-    def record(self, key: str, blocks: Sequence[int]) -> None:
-        """``key`` was sent a request with these blocks: it holds them now (most recent)."""
+    def share_array(self, blocks: Sequence[int]) -> array | None:
+        """The same shares by replica number (the ring slot each was recorded with), 0.0 for
+        a replica holding none: what the ring's scoring picks read without a dict or a key
+        lookup per replica. None when no replica holds the first block."""
         blocks = _checked(blocks)
+        out: list[array] = []
+        size = len(self._key_of_bit)
+
+        def note(bit: int, depth: int) -> None:
+            if not out:
+                out.append(array("d", bytes(8 * size)))
+            out[0][bit] = depth / len(blocks)
+        self._walk(blocks, note)
+        return out[0] if out else None
+
+    def record(self, key: str, blocks: Sequence[int], bit: int | None = None) -> None:
+        """``key`` was sent a request with these blocks: it holds them now (most recent).
+
+        ``bit``: the replica's number, its slot in the ring, so that ``share_array`` is indexed
+        as the ring is; a record that moves a key to another number, or gives a number another
+        key holds, forgets what was held under the old one (the ring reused the slot). None:
+        the lowest free number (give numbers always or never)."""
+        blocks = _checked(blocks)
+        if bit is not None:
+            bit = _checked_bit(bit)
         if not blocks:
             return
+        bit = 1 << self._bit_of(key, bit)  # first: it may forget what the key held
         recent = self._recent.get(key)
         if recent is None:
             recent = self._recent[key] = OrderedDict()
-        bit = 1 << self._bit_of(key)
         holders = self._holders
         # Last block first: the first blocks end up the most recent, so the LRU forgets a
         # prompt from its tail, as the engine does (a prefix missing its start matches nothing).
@@ -120,9 +136,17 @@ class PrefixIndex:
         recent = self._recent.get(key)
         return len(recent) if recent is not None else 0
 
-    def _bit_of(self, key: str) -> int:
+    def _bit_of(self, key: str, wanted: int | None) -> int:
         index = self._bit.get(key)
-        if index is None:
+        if wanted is not None and index != wanted:
+            if index is not None:
+                self.forget(key)
+            if wanted < len(self._key_of_bit) and self._key_of_bit[wanted] is not None:
+                self.forget(self._key_of_bit[wanted])
+            self._key_of_bit.extend([None] * (wanted + 1 - len(self._key_of_bit)))
+            self._key_of_bit[wanted] = key
+            index = self._bit[key] = wanted
+        elif index is None:
             try:
                 index = self._key_of_bit.index(None)
                 self._key_of_bit[index] = key
@@ -139,14 +163,29 @@ class PrefixIndex:
         else:
             del self._holders[block]
 
-    def _note_dropped(self, mask: int, depth: int, depths: dict[str, int]) -> None:
-        keys = self._key_of_bit
-        while mask:
-            low = mask & -mask
-            key = keys[low.bit_length() - 1]
-            if key is not None:
-                depths[key] = depth
-            mask ^= low
+    def _walk(self, blocks: Sequence[int], note: Callable[[int, int], None]) -> None:
+        """``note(bit, depth)`` for each replica holding the first ``depth`` (> 0) of
+        ``blocks``: walks the blocks once, whatever the number of replicas, noting a replica
+        where its prefix ends (lowest bit first at each depth)."""
+        holders = self._holders
+        alive = 0
+        for depth, block in enumerate(blocks):
+            held = holders.get(block, 0)
+            if depth:
+                held &= alive
+                if held != alive:  # some replicas' prefixes end here
+                    _note_bits(alive & ~held, depth, note)
+            if not held:
+                return
+            alive = held
+        _note_bits(alive, len(blocks), note)
+
+
+def _note_bits(mask: int, depth: int, note: Callable[[int, int], None]) -> None:
+    while mask:
+        low = mask & -mask
+        note(low.bit_length() - 1, depth)
+        mask ^= low
 
 
 def _checked(blocks: Iterable[int]) -> Sequence[int]:
@@ -162,3 +201,12 @@ def _checked(blocks: Iterable[int]) -> Sequence[int]:
         if not 0 <= block <= _MAX_BLOCK:
             raise OverflowError("a block hash must be in [0, 2**64)")
     return blocks
+
+
+def _checked_bit(bit: object) -> int:
+    """A replica number in [0, MAX_BIT], or the error the C twin raises."""
+    if not isinstance(bit, int) or isinstance(bit, bool):
+        raise TypeError("a replica's bit must be int")
+    if not 0 <= bit <= MAX_BIT:
+        raise OverflowError(f"a replica's bit must be in [0, {MAX_BIT}]")
+    return bit

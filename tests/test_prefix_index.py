@@ -95,3 +95,21 @@ def test_memory_stays_bounded_over_a_long_run() -> None:
     assert len(index) <= 500 * 16
     assert all(index.blocks_of(r) <= 500 for r in replicas)
     assert len(index._holders) <= len(index)
+
+
+def test_share_array_is_indexed_by_the_number_each_record_gave() -> None:
+    index = PrefixIndex(100)
+    index.record("a", [1, 2, 3, 4], bit=3)
+    index.record("b", [1, 2], bit=0)
+    assert list(index.share_array([1, 2, 3, 4])) == [0.5, 0.0, 0.0, 1.0]
+    assert index.share_array([9, 1]) is None  # nobody holds the first block
+    assert index.shares([1, 2, 3, 4]) == {"b": 0.5, "a": 1.0}
+
+
+def test_a_number_given_again_forgets_what_was_held_under_it() -> None:
+    index = PrefixIndex(100)
+    index.record("a", [1, 2], bit=1)
+    index.record("c", [5, 6], bit=1)  # the ring gave a's old slot to c: a is gone
+    assert index.match([1, 2]) == {} and index.blocks_of("a") == 0
+    index.record("c", [5, 6, 7], bit=2)  # c moved: what it held under 1 is dropped too
+    assert index.blocks_of("c") == 3 and list(index.share_array([5, 6])) == [0.0, 0.0, 1.0]

@@ -35,6 +35,10 @@ BLOCKS = st.lists(BLOCK, max_size=12)
 BAD_BLOCKS = st.sampled_from([None, 3, "ab", [1, -1], [1, TOP + 1], [1.0], [1, None], (2, "x"),
                               [True, 2], (x for x in ())])
 CAPACITIES = st.one_of(st.integers(1, 12), st.just(1000))
+# A record's replica number: the lowest free one (None), or one the ring gave (a slot), which
+# may move a key or take another key's number.
+BITS = st.one_of(st.none(), st.integers(0, 9), st.just(130))
+BAD_BITS = st.sampled_from([-1, True, 1.5, "3", 1 << 20, 2**70])
 BAD_CAPACITIES = st.sampled_from([0, -1, 1.5, "3", None, True, 2**70])
 
 
@@ -66,12 +70,12 @@ class Twins(RuleBasedStateMachine):
         assert got_py == got_cy
         return got_py
 
-    @rule(key=st.sampled_from(KEYS), blocks=BLOCKS, extend=st.booleans())
-    def record(self, key: str, blocks: list[int], extend: bool) -> None:
+    @rule(key=st.sampled_from(KEYS), blocks=BLOCKS, extend=st.booleans(), bit=BITS)
+    def record(self, key: str, blocks: list[int], extend: bool, bit: int | None) -> None:
         if extend and self.sent:  # a later turn of an earlier prompt: a shared prefix
             blocks = self.sent[-1] + blocks
         self.sent.append(blocks)
-        self.both(lambda i: i.record(key, blocks))
+        self.both(lambda i: i.record(key, blocks, bit))
 
     @rule(data=st.data(), blocks=BLOCKS)
     def match(self, data: st.DataObject, blocks: list[int]) -> None:
@@ -82,6 +86,7 @@ class Twins(RuleBasedStateMachine):
         self.both(lambda i: i.match(tuple(blocks)))
         self.both(lambda i: i.shares(blocks))
         self.both(lambda i: i.shares(iter(blocks)))
+        self.both(lambda i: i.share_array(blocks))
 
     @rule(key=st.sampled_from(KEYS + ["never"]))
     def forget(self, key: str) -> None:
@@ -92,12 +97,14 @@ class Twins(RuleBasedStateMachine):
         self.both(lambda i: setattr(i, "capacity", capacity))
 
     @rule(key=st.one_of(st.sampled_from(KEYS), st.sampled_from([1, None, ("t",), [], {}])),
-          blocks=st.one_of(BLOCKS, BAD_BLOCKS), capacity=BAD_CAPACITIES)
-    def odd(self, key: Any, blocks: Any, capacity: Any) -> None:
-        """Bad blocks, keys and capacities raise alike and change neither index."""
+          blocks=st.one_of(BLOCKS, BAD_BLOCKS), capacity=BAD_CAPACITIES, bit=BAD_BITS)
+    def odd(self, key: Any, blocks: Any, capacity: Any, bit: Any) -> None:
+        """Bad blocks, keys, numbers and capacities raise alike and change neither index."""
         self.both(lambda i: i.match(blocks))
         self.both(lambda i: i.shares(blocks))
+        self.both(lambda i: i.share_array(blocks))
         self.both(lambda i: i.record(key, blocks))
+        self.both(lambda i: i.record(key, blocks, bit))
         self.both(lambda i: i.blocks_of(key))
         self.both(lambda i: setattr(i, "capacity", capacity))
         self.both(lambda i: i.capacity)
@@ -142,6 +149,7 @@ def _random_history(seed: int, steps: int) -> None:
     capacity = rng.choice([1, 4, 32, 400])
     py, cy = prefix_index.PrefixIndex(capacity), native.PrefixIndex(capacity)
     keys = [f"default/model-{i}" for i in range(rng.choice([3, 70, 150, 260]))]
+    numbered = rng.random() < 0.5  # records give each key its number, as CacheAware does
 
     def both(call: Callable[[Any], Any]) -> Any:
         got = outcome(call, py), outcome(call, cy)
@@ -154,11 +162,13 @@ def _random_history(seed: int, steps: int) -> None:
         doc = rng.randrange(60)
         blocks = [doc * 1000 + i for i in range(rng.randrange(0, 40))]
         if op < 0.5:
-            both(lambda i: i.record(key, blocks))
+            bit = keys.index(key) if numbered else None  # as the ring numbers them
+            both(lambda i: i.record(key, blocks, bit))
         elif op < 0.85:  # draw first: both twins must see the same query
             query = blocks[:rng.randrange(len(blocks) + 1)] + [7, 8][:rng.randrange(3)]
             both(lambda i: i.match(query))
             both(lambda i: i.shares(query))
+            both(lambda i: i.share_array(query))
         elif op < 0.95:
             both(lambda i: i.forget(key))
         else:

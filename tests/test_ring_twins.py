@@ -10,6 +10,7 @@ on the fallback would stop agreeing with one on the extension about where a pref
 from __future__ import annotations
 
 import random
+from array import array
 from typing import Any, Callable
 
 import mmh3
@@ -38,6 +39,7 @@ ADAPTER_SETS = st.frozensets(st.sampled_from(ADAPTERS), max_size=3)
 # score weights with ties (zeros, equal shares) as likely as not.
 SHARES = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(0.0, 1.0))
 AFFINITY = st.dictionaries(st.sampled_from(ENDPOINTS + ["unknown"]), SHARES, max_size=5)
+SEQUENCES = st.sampled_from([array, list])  # how the shares reach the pick (array: one copy)
 QUEUES = st.dictionaries(st.sampled_from(ENDPOINTS), st.one_of(st.sampled_from([0.0, 1.0, 4.0]),
                                                                 st.floats(0.0, 64.0)), max_size=5)
 SCORE_WEIGHTS = st.tuples(*[st.sampled_from([0.0, 1.0, 3.0, 0.5, 10.0])] * 3)
@@ -53,6 +55,14 @@ class Gen(list):
 
     def fresh(self):
         return (key for key in self)
+
+
+def by_slot(ring: Any, shares: dict[str, float], kind: type = array) -> Any:
+    """``shares`` (endpoint key -> share) as the sequence by slot a scoring pick reads; keys
+    the ring does not have are left out, and the sequence ends at the last slot given."""
+    slots = {ring.slot_of(key): share for key, share in shares.items() if key in ring}
+    values = [slots.get(slot, 0.0) for slot in range(max(slots, default=-1) + 1)]
+    return array("d", values) if kind is array else values
 
 
 def outcome(call: Callable[[Any], Any], ring: Any) -> tuple[str, Any]:
@@ -252,21 +262,22 @@ class Twins(RuleBasedStateMachine):
     @rule(target=tickets, key=TEXT, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
           exclude=st.one_of(st.just(()), st.lists(st.sampled_from(ENDPOINTS + ["unknown"]),
                                                   max_size=4)), weight=WEIGHTS,
-          affinity=AFFINITY, queues=st.one_of(st.none(), QUEUES), weights=SCORE_WEIGHTS)
+          affinity=AFFINITY, kind=SEQUENCES, queues=st.one_of(st.none(), QUEUES),
+          weights=SCORE_WEIGHTS)
     def pick_scored(self, key: str, adapter: str, exclude: Any, take: bool, weight: int,
-                    affinity: dict, queues: dict | None, weights: tuple) -> None:
-        picked = self.both(lambda r: r.pick_scored(key, adapter, exclude, weight, affinity,
-                                                   queues, *weights))
+                    affinity: dict, kind: type, queues: dict | None, weights: tuple) -> None:
+        picked = self.both(lambda r: r.pick_scored(key, adapter, exclude, weight,
+                                                   by_slot(r, affinity, kind), queues, *weights))
         return self._acquired(picked, take, weight)
 
     @rule(target=tickets, key=TEXT, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
           exclude=st.one_of(st.just(()), st.lists(st.sampled_from(ENDPOINTS + ["unknown"]),
                                                   max_size=4)), weight=WEIGHTS,
-          affinity=AFFINITY, queues=st.one_of(st.none(), QUEUES), costs=COSTS)
+          affinity=AFFINITY, kind=SEQUENCES, queues=st.one_of(st.none(), QUEUES), costs=COSTS)
     def pick_cost(self, key: str, adapter: str, exclude: Any, take: bool, weight: int,
-                  affinity: dict, queues: dict | None, costs: tuple) -> None:
-        picked = self.both(lambda r: r.pick_cost(key, adapter, exclude, weight, affinity,
-                                                 queues, *costs))
+                  affinity: dict, kind: type, queues: dict | None, costs: tuple) -> None:
+        picked = self.both(lambda r: r.pick_cost(key, adapter, exclude, weight,
+                                                 by_slot(r, affinity, kind), queues, *costs))
         return self._acquired(picked, take, weight)
 
     @rule(target=tickets, take=st.booleans(), adapter=st.sampled_from(ADAPTERS),
@@ -382,15 +393,16 @@ def _random_history(seed: int, steps: int) -> None:
                             for k in rng.sample(pool, rng.randrange(4))}
                 queues = {k: rng.choice([0.0, 2.0, rng.random() * 8]) for k in pool[:12]}
                 status, picked = both(lambda r: r.pick_scored(prefix, adapter, exclude, weight,
-                                                              affinity, queues, 3.0, 1.0, 1.0))
+                                                              by_slot(r, affinity), queues, 3.0,
+                                                              1.0, 1.0))
             elif kind < 0.85:
                 affinity = {k: rng.choice([0.0, 0.5, 1.0, rng.random()])
                             for k in rng.sample(pool, rng.randrange(4))}
                 queues = {k: rng.choice([0.0, 2.0, rng.random() * 8]) for k in pool[:12]}
                 tokens = rng.choice([0.0, 256.0, rng.random() * 8000])
                 status, picked = both(lambda r: r.pick_cost(prefix, adapter, exclude, weight,
-                                                            affinity, queues, tokens, 16.0,
-                                                            512.0))
+                                                            by_slot(r, affinity), queues, tokens,
+                                                            16.0, 512.0))
             elif kind < 0.9:
                 status, picked = both(lambda r: r.pick_least_load(adapter, exclude))
             else:
