@@ -10,8 +10,8 @@ approximate index remembers of the requests this worker sent it. Shares travel a
 every replica holds costs no dict and no key lookup per replica. The ring compares the
 candidates within CHWBL's bound, with the engines' own queues from their scraped metrics: by
 estimated time to first token (``scoring: CostModel``, ``Ring.pick_cost``, the default) or
-by a weighted sum of scores (``scoring: Weights``, ``Ring.pick_scored``); after the lease is taken, ``remember`` records the blocks against the
-replica that got them.
+by a weighted sum of scores (``scoring: Weights``, ``Ring.pick_scored``); after the lease is
+taken, ``remember`` records the blocks against the replica that got them.
 """
 
 from __future__ import annotations

@@ -327,9 +327,9 @@ class Ring:
         to hold any of the prompt (``shares`` None or empty), so every worker sends a new prefix
         to the same place, and when no endpoint is within the bound. Otherwise each matching
         endpoint within the bound scores ``prefix_weight * share`` (the share of the prompt it
-        holds, 0..1, at its slot in ``shares``; 0 past its end) ``+ load_weight * (1 - load / capacity)`` (its headroom under the
-        bound) ``+ queue_weight * (1 - queue / longest queue)`` (the engine's own queue, over
-        the candidates); the highest wins, the home on a tie, else the lowest slot. Float
+        holds, 0..1, at its slot in ``shares``; 0 past its end) ``+ load_weight * (1 - load /
+        capacity)`` (its headroom under the bound) ``+ queue_weight * (1 - queue / longest
+        queue)`` (the engine's own queue, over the candidates); the highest wins, the home on a tie, else the lowest slot. Float
         arithmetic in this order in both twins: they agree to the last bit."""
         home = self.pick(hash_key, adapter, exclude, weight)
         if home is None or not shares:
