@@ -632,8 +632,8 @@ cdef class Ring:
         cdef int64_t n, m, factor = self._factor
         cdef double cost, best_cost = 0.0
         home = self.pick(hash_key, adapter, exclude, weight)
-        if home is None or not shares:
-            return home
+        if home is None:
+            return None
         cdef int64_t w = 1 if weight is 1 else _weight(weight)
         self._open_scan(&scan, adapter, exclude, shares, queues)
         try:
@@ -729,7 +729,8 @@ cdef class Ring:
             raise MemoryError()
         scan.queue = scan.share + n_slots
         try:
-            self._shares_per_slot(shares, scan.share)
+            if shares:
+                self._shares_per_slot(shares, scan.share)
             if queues:
                 self._per_slot(queues, scan.queue)
         except BaseException:

@@ -126,18 +126,52 @@ def test_a_replica_that_leaves_is_forgotten(gw: GatewayHarness) -> None:
     gw.settle()
 
 
-def test_an_unknown_prompt_goes_to_the_rings_home(gw: GatewayHarness) -> None:
-    """No replica holds any of the prompt: the CHWBL home of its first block, so every gateway
-    worker sends a new prefix to the same replica."""
+def test_an_unknown_prompt_goes_to_the_least_loaded_replica_its_home_on_ties(
+        gw: GatewayHarness) -> None:
+    """No replica holds any of the prompt: among equally loaded replicas its CHWBL home (so
+    idle gateway workers agree on where a new prefix goes); when the home is busier, the least
+    loaded instead, so new conversations do not pile onto a replica by hash."""
     backends = [gw.backend(f"r{i}") for i in range(4)]
     gw.model_with("m", backends, strategy="CacheAware", cache_aware={"blockChars": 64})
     client = gw.client()
     ring = gw.on_loop(lambda: gw.registry.group("m").ring)
-    for i in range(8):
-        prompt = f"A brand new prompt {i} that nobody has sent before, long enough."
+    prompts = [f"A brand new prompt {i} that nobody has sent before, long enough." for i in range(40)]
+    for prompt in prompts[:8]:
         home = gw.on_loop(ring.pick, prompt[:64], "")
-        response = client.completions.create(model="m", prompt=prompt, max_tokens=2)
-        assert response.system_fingerprint == home
+        assert client.completions.create(model="m", prompt=prompt,
+                                          max_tokens=2).system_fingerprint == home
+    homes = {}  # replica -> the unsent prompts whose home it is
+    for prompt in prompts[8:]:
+        homes.setdefault(gw.on_loop(ring.pick, prompt[:64], ""), []).append(prompt)
+    busy = [name for name, own in homes.items() if len(own) >= 2][0]
+    others = [name for name in homes if name != busy][:2]
+    assert len(others) == 2, homes
+    for backend in backends:
+        gw.on_loop(backend.hold)
+
+    async def with_three_replicas_busy() -> str:
+        aclient = gw.async_client()
+        try:
+            held = [asyncio.ensure_future(aclient.completions.create(
+                model="m", prompt=homes[name][0], max_tokens=2)) for name in (busy, *others)]
+            await gw.await_for(lambda: sum(b.in_flight for b in backends) == 3, timeout=20,
+                               what="three prompts to reach their homes")
+            # the busy home is within CHWBL's bound (1 of 3 in flight on 4 replicas), so the
+            # ring alone would send the next prompt of that home there
+            second = asyncio.ensure_future(aclient.completions.create(
+                model="m", prompt=homes[busy][1], max_tokens=2))
+            await gw.await_for(lambda: sum(b.in_flight for b in backends) == 4, timeout=20,
+                               what="the fourth prompt to reach a replica")
+            for backend in backends:
+                await gw.loop.acall(backend.release)
+            answers = await asyncio.gather(*held)
+            assert [a.system_fingerprint for a in answers] == [busy, *others]
+            return (await second).system_fingerprint
+        finally:
+            await aclient.close()
+
+    idle = ({b.name for b in backends} - {busy, *others}).pop()
+    assert asyncio.run(with_three_replicas_busy()) == idle
     gw.settle()
 
 
