@@ -372,12 +372,11 @@ class Ring:
         prompt no endpoint is believed to hold (``shares`` None or empty: 0 everywhere) goes
         to the least loaded, not to its home as under PrefixHash: a new conversation placed by
         hash stays where it lands, and a replica dealt more than its cache holds thrashes
-        (the routing study's multi-turn workload at the knee: 0.76x PrefixHash's mean TTFT
-        and 0.12x its p99 this way, against 1.04x and 1.29x from the home). The home (the
+        (the routing study's multi-turn workload at the knee: 0.61x PrefixHash's mean TTFT
+        and 0.21x its p99 this way, against 1.04x and 1.29x from the home). The home (the
         CHWBL pick) wins ties; else the first equal in slot order after the home does
         (cyclic), so ties spread with the prefixes' homes instead of piling on the lowest
-        slot. Same float operations in the same order in
-        both twins."""
+        slot. Same float operations in the same order in both twins."""
         home = self.pick(hash_key, adapter, exclude, weight)
         if home is None:
             return None

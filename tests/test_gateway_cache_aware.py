@@ -135,7 +135,8 @@ def test_an_unknown_prompt_goes_to_the_least_loaded_replica_its_home_on_ties(
     gw.model_with("m", backends, strategy="CacheAware", cache_aware={"blockChars": 64})
     client = gw.client()
     ring = gw.on_loop(lambda: gw.registry.group("m").ring)
-    prompts = [f"A brand new prompt {i} that nobody has sent before, long enough." for i in range(40)]
+    prompts = [f"A brand new prompt {i} that nobody has sent before, long enough."
+               for i in range(40)]
     for prompt in prompts[:8]:
         home = gw.on_loop(ring.pick, prompt[:64], "")
         assert client.completions.create(model="m", prompt=prompt,
