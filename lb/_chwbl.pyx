@@ -51,6 +51,8 @@ cdef extern from "_atomic.h":
     int64_t kv_atomic_add(int64_t *counter, int64_t delta) noexcept nogil
     int64_t kv_atomic_load(const int64_t *counter) noexcept nogil
 
+import array as _array
+
 from lb.loads import LoadTable
 
 cdef extern from "Python.h":
@@ -130,17 +132,19 @@ def hash64(key: str) -> int:
 
 # A typed mask: with the bare literal, Cython computes ``x & 0xFFFFFFFF`` on Python ints.
 cdef uint64_t MASK32 = 0xFFFFFFFFULL
+cdef array.array _HASHES = _array.array("Q")  # block_hashes' result type, cloned
 
 
-def block_hashes(text: str, block_bytes: int, max_blocks: int) -> list:
+def block_hashes(text: str, block_bytes: int, max_blocks: int) -> array.array:
     """Chained hashes of the full ``block_bytes`` blocks of ``text``'s UTF-8, at most
-    ``max_blocks`` (the twin, ``lb.chwbl.block_hashes``, says why): one pass over the bytes,
-    no slice per block."""
+    ``max_blocks``, as an ``array('Q')`` (the twin, ``lb.chwbl.block_hashes``, says why): one
+    pass over the bytes, no slice per block and no int object per hash."""
     cdef Py_ssize_t n, count, i, size = block_bytes, limit = max_blocks
     cdef const char *data
     cdef uint64_t parent = 0
     cdef bytes raw
-    cdef list out = []
+    cdef array.array out
+    cdef unsigned long long *hashes
     if not PyUnicode_Check(text):
         raise _not_str("text", text)
     if size < 1 or limit < 0:
@@ -158,10 +162,12 @@ def block_hashes(text: str, block_bytes: int, max_blocks: int) -> list:
     count = n // size
     if count > limit:
         count = limit
+    out = array.clone(_HASHES, count, False)
+    hashes = out.data.as_ulonglongs
     for i in range(count):
         parent = kv_murmur3_64(data + i * size, <size_t>size,
                                (parent ^ (parent >> 32)) & MASK32)
-        out.append(parent)
+        hashes[i] = parent
     return out
 
 

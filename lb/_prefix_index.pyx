@@ -28,6 +28,7 @@ from cpython cimport array
 from cpython.bool cimport PyBool_Check
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_Check
+from cpython.object cimport Py_SIZE
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -259,15 +260,14 @@ cdef class PrefixIndex:
         cdef Py_ssize_t n, i
         cdef PyObject **items
         cdef object item
+        if type(blocks) is array.array and (<array.array>blocks).ob_descr.typecode == b'Q':
+            n = Py_SIZE(blocks)  # block_hashes' own result: copied as it is
+            self._room_for_blocks(n)
+            memcpy(self._blocks, (<array.array>blocks).data.as_ulonglongs, n * sizeof(uint64_t))
+            return n
         seq = PySequence_Fast(blocks, "blocks must be a sequence of ints")
         n = PySequence_Fast_GET_SIZE(seq)
-        if n > self._blocks_room:
-            PyMem_Free(self._blocks)
-            self._blocks = <uint64_t *>PyMem_Malloc(n * sizeof(uint64_t))
-            self._blocks_room = 0
-            if self._blocks == NULL:
-                raise MemoryError()
-            self._blocks_room = n
+        self._room_for_blocks(n)
         items = PySequence_Fast_ITEMS(seq)
         for i in range(n):
             item = <object>items[i]
@@ -277,6 +277,16 @@ cdef class PrefixIndex:
             # through a byte array: ten times the cost); OverflowError outside uint64.
             self._blocks[i] = <uint64_t>item
         return n
+
+    cdef int _room_for_blocks(self, Py_ssize_t n) except -1:
+        if n > self._blocks_room:
+            PyMem_Free(self._blocks)
+            self._blocks = <uint64_t *>PyMem_Malloc(n * sizeof(uint64_t))
+            self._blocks_room = 0
+            if self._blocks == NULL:
+                raise MemoryError()
+            self._blocks_room = n
+        return 0
 
     cdef int32_t _bit_of(self, object key, int32_t wanted) except -1:
         found = self._bit.get(key)

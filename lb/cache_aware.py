@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass
+from typing import Sequence
 
 from lb.kv_events import KVIndex
 from lb.model import Model
@@ -38,7 +39,7 @@ class PromptBlocks:
     """A request's prompt as the prefix indexes see it."""
 
     head: str  # the first block's text: the ring key of a prompt no replica holds
-    approximate: list[int]  # lb.prefix_index's chained byte-block hashes
+    approximate: Sequence[int]  # lb.prefix_index's chained byte-block hashes, an array('Q')
     engine: list[int] | None = None  # the engine's block hashes, when its KV events are followed
     # The span the blocks cover, in tokens: what a replica holding none of them must prefill
     # (the cost model's unit; the unhashed tail is the same for every replica).

@@ -189,7 +189,10 @@ def _note_bits(mask: int, depth: int, note: Callable[[int, int], None]) -> None:
 
 
 def _checked(blocks: Iterable[int]) -> Sequence[int]:
-    """``blocks`` as a list or tuple of unsigned 64-bit ints, or the error the C twin raises."""
+    """``blocks`` as a list or tuple of unsigned 64-bit ints (or ``block_hashes``' own
+    ``array('Q')``), or the error the C twin raises."""
+    if isinstance(blocks, array) and blocks.typecode == "Q":
+        return blocks
     if not isinstance(blocks, (list, tuple)):
         try:
             blocks = list(blocks)

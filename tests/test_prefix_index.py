@@ -23,7 +23,8 @@ def test_blocks_chain_the_whole_prefix() -> None:
     assert a[0] == mmh3.hash64(b"x" * 64, seed=0, signed=False)[0]
     assert block_hashes("x" * 640, 64, 3) == block_hashes("x" * 192, 64, 3)
     assert block_hashes("é" * 40, 64, 9) == block_hashes("é" * 32, 64, 9)  # counted in bytes
-    assert block_hashes("short", 64, 9) == []
+    assert len(block_hashes("short", 64, 9)) == 0
+    assert block_hashes("x" * 192, 64, 3).typecode == "Q"  # what the index copies whole
 
 
 def prefix_depth(held: list[list[int]], blocks: list[int]) -> int:

@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import tracemalloc
+from array import array
 from typing import Any, Callable
 
 import pytest
@@ -33,7 +34,8 @@ BLOCK = st.one_of(st.integers(0, 40), st.sampled_from([0, 1, TOP, TOP - 1, 1 << 
                   st.integers(0, TOP))
 BLOCKS = st.lists(BLOCK, max_size=12)
 BAD_BLOCKS = st.sampled_from([None, 3, "ab", [1, -1], [1, TOP + 1], [1.0], [1, None], (2, "x"),
-                              [True, 2], (x for x in ())])
+                              [True, 2], (x for x in ()), array("q", [1, -1]),
+                              array("d", [1.0])])
 CAPACITIES = st.one_of(st.integers(1, 12), st.just(1000))
 # A record's replica number: the lowest free one (None), or one the ring gave (a slot), which
 # may move a key or take another key's number.
@@ -70,12 +72,16 @@ class Twins(RuleBasedStateMachine):
         assert got_py == got_cy
         return got_py
 
-    @rule(key=st.sampled_from(KEYS), blocks=BLOCKS, extend=st.booleans(), bit=BITS)
-    def record(self, key: str, blocks: list[int], extend: bool, bit: int | None) -> None:
+    @rule(key=st.sampled_from(KEYS), blocks=BLOCKS, extend=st.booleans(), bit=BITS,
+          as_array=st.booleans())
+    def record(self, key: str, blocks: list[int], extend: bool, bit: int | None,
+               as_array: bool) -> None:
         if extend and self.sent:  # a later turn of an earlier prompt: a shared prefix
             blocks = self.sent[-1] + blocks
         self.sent.append(blocks)
-        self.both(lambda i: i.record(key, blocks, bit))
+        # block_hashes' array('Q') is copied whole by the C index: the same as a list
+        sent = array("Q", blocks) if as_array else blocks
+        self.both(lambda i: i.record(key, sent, bit))
 
     @rule(data=st.data(), blocks=BLOCKS)
     def match(self, data: st.DataObject, blocks: list[int]) -> None:
@@ -87,6 +93,8 @@ class Twins(RuleBasedStateMachine):
         self.both(lambda i: i.shares(blocks))
         self.both(lambda i: i.shares(iter(blocks)))
         self.both(lambda i: i.share_array(blocks))
+        self.both(lambda i: i.share_array(array("Q", blocks)))
+        self.both(lambda i: i.match(array("Q", blocks)))
 
     @rule(key=st.sampled_from(KEYS + ["never"]))
     def forget(self, key: str) -> None:
