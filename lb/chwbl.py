@@ -99,9 +99,9 @@ def block_hashes(text: str, block_bytes: int, max_blocks: int) -> array:
     not just equal blocks. A partial last block is left out, as an engine's prefix cache
     leaves it out. The CacheAware strategy's approximate index is keyed by these.
 
-    An ``array('Q')``, not a list: the prefix index copies it whole into C, where a list would
-    cost an int object per hash made and read back (~2.6k instructions of a CacheAware
-    request's ~35k, ``python -m bench instructions --cache-aware``)."""
+    An ``array('Q')``, not a list: the prefix index copies it whole into C, where a list cost
+    an int object per hash, made here and read back by every match and record (~6k of the ~35k
+    instructions CacheAware added per request; bench/README.md, "Gateway CPU")."""
     _check_str(text, "text")
     if block_bytes < 1 or max_blocks < 0:
         raise ValueError("block_bytes must be at least 1 and max_blocks at least 0")
