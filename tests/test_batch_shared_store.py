@@ -11,8 +11,10 @@ store's `sweeper` role).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
+import multiprocessing
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import openai
 import pytest
 
 from bench.procs import free_port, gateway_config, wait_for_port
+from lb.batch.store import SqliteStore
 from lb.config import ConfigError, config_from_dict
 from tests.gateway_harness import Backend, LoopThread, Plan
 
@@ -162,3 +165,26 @@ def test_defaults_are_openais(tmp_path: Path) -> None:
     config = config_from_dict({"batch": {"stateDir": str(tmp_path)}})
     assert config.batch.journal_mode == "wal" and config.batch.single_model
     assert config.batch.max_embedding_inputs == 50_000 and config.batch.min_expiry_seconds == 3600
+
+
+def _open_and_close(directory: str) -> str:
+    """One process's first open of a store, as each gateway worker's at start."""
+    async def open_and_close() -> None:
+        store = await SqliteStore(directory).open()
+        await store.close()
+    try:
+        asyncio.run(open_and_close())
+    except sqlite3.OperationalError as exc:
+        return repr(exc)
+    return "ok"
+
+
+def test_processes_opening_a_new_store_together_all_open(tmp_path: Path) -> None:
+    """Processes opening a new store at the same moment, as a gateway's workers do at start:
+    SQLite answers a connection that meets another switching the database to WAL with
+    "database is locked" at once, without waiting out its busy timeout. The store retries,
+    so every process opens (without the retry ~1 open in 10 failed here)."""
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        for round_ in range(40):
+            directory = str(tmp_path / f"store-{round_}")
+            assert pool.map(_open_and_close, [directory] * 4) == ["ok"] * 4

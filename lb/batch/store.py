@@ -38,6 +38,7 @@ Result = tuple[int, int, bytes, Usage]
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 _CHUNK = 256 * 1024
+_OPEN_PATIENCE_S = 30.0  # how long opening the store waits for other processes' locks
 
 
 class Store(Protocol):
@@ -141,19 +142,40 @@ class SqliteStore:
         return self
 
     def _open(self) -> None:
+        """Connects, retrying while another process holds the lock: the gateway's workers
+        open the store together at start, and SQLite answers a connection that meets another
+        one switching a new database to WAL (or recovering it) with "database is locked" at
+        once, without waiting out the busy timeout."""
         self._files.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + _OPEN_PATIENCE_S
+        pause = 0.01
+        while True:
+            try:
+                self._db = self._connect()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)  # the store's own thread, not the event loop
+            pause = min(pause * 2, 0.5)
+
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.directory / "batch.db", isolation_level=None, timeout=30,
                              check_same_thread=False)
-        (mode,) = db.execute(f"PRAGMA journal_mode={self.journal_mode.upper()}").fetchone()
-        if mode.lower() != self.journal_mode:  # another process holds the store open in WAL
-            log.warning("batch store %s: journal mode is %s, not %s (batch.journalMode): it "
-                        "changes once every process has closed the store", self.directory,
-                        mode.lower(), self.journal_mode)
-        db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.journal_mode]}")
-        db.create_function("owner_gone", 1, owner_gone)
-        db.executescript(_SCHEMA)
-        _add_columns(db)
-        self._db = db
+        try:
+            (mode,) = db.execute(f"PRAGMA journal_mode={self.journal_mode.upper()}").fetchone()
+            if mode.lower() != self.journal_mode:  # another process holds the store in WAL
+                log.warning("batch store %s: journal mode is %s, not %s (batch.journalMode): "
+                            "it changes once every process has closed the store",
+                            self.directory, mode.lower(), self.journal_mode)
+            db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.journal_mode]}")
+            db.create_function("owner_gone", 1, owner_gone)
+            db.executescript(_SCHEMA)
+            _add_columns(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     async def close(self) -> None:
         if self._db is not None:
