@@ -11,10 +11,8 @@ store's `sweeper` role).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
-import multiprocessing
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +24,6 @@ import openai
 import pytest
 
 from bench.procs import free_port, gateway_config, wait_for_port
-from lb.batch.store import SqliteStore
 from lb.config import ConfigError, config_from_dict
 from tests.gateway_harness import Backend, LoopThread, Plan
 
@@ -167,16 +164,27 @@ def test_defaults_are_openais(tmp_path: Path) -> None:
     assert config.batch.max_embedding_inputs == 50_000 and config.batch.min_expiry_seconds == 3600
 
 
-def _open_and_close(directory: str) -> str:
-    """One process's first open of a store, as each gateway worker's at start."""
-    async def open_and_close() -> None:
+# Run in a process of its own (forking there is safe: it has no threads), so that the pool's
+# processes are not the test runner's children.
+_OPEN_TOGETHER = """
+import asyncio, multiprocessing, sqlite3, sys
+from lb.batch.store import SqliteStore
+
+def open_and_close(directory):
+    async def run():
         store = await SqliteStore(directory).open()
         await store.close()
     try:
-        asyncio.run(open_and_close())
+        asyncio.run(run())
     except sqlite3.OperationalError as exc:
         return repr(exc)
     return "ok"
+
+with multiprocessing.get_context("fork").Pool(4) as pool:
+    for round_ in range(40):
+        for outcome in pool.map(open_and_close, [f"{sys.argv[1]}/store-{round_}"] * 4):
+            print(outcome)
+"""
 
 
 def test_processes_opening_a_new_store_together_all_open(tmp_path: Path) -> None:
@@ -184,7 +192,8 @@ def test_processes_opening_a_new_store_together_all_open(tmp_path: Path) -> None
     SQLite answers a connection that meets another switching the database to WAL with
     "database is locked" at once, without waiting out its busy timeout. The store retries,
     so every process opens (without the retry ~1 open in 10 failed here)."""
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        for round_ in range(40):
-            directory = str(tmp_path / f"store-{round_}")
-            assert pool.map(_open_and_close, [directory] * 4) == ["ok"] * 4
+    done = subprocess.run([sys.executable, "-c", _OPEN_TOGETHER, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outcomes = collections.Counter(done.stdout.split("\n")[:-1])
+    assert outcomes == {"ok": 160}, outcomes
