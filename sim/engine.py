@@ -158,10 +158,10 @@ class Engine:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            # Not ``await task`` under ``except CancelledError``: that also swallows the
+            # cancellation of whoever is stopping us, and a caller cancelled mid-stop (a
+            # harness tearing down) would then carry on as if it had not been, for ever.
+            await asyncio.wait([task])
         for seq in list(self.running) + list(self.waiting):
             self.abort(seq)
 

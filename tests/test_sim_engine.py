@@ -36,6 +36,19 @@ async def engine_factory():
         await eng.stop()
 
 
+async def test_stop_passes_on_its_callers_cancellation() -> None:
+    """A task cancelled while it stops the engine ends cancelled: the stepping task's own
+    cancellation must not swallow it (a test harness once waited for ever on such a task)."""
+    engine = Engine(get_profile("fast"))
+    engine.start()
+    stopper = asyncio.create_task(engine.stop())
+    await asyncio.sleep(0)  # the stopper now waits for the stepping task to end
+    stopper.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopper
+    await engine.stop()
+
+
 async def test_generates_max_tokens_or_natural_stop(engine_factory):
     eng = engine_factory(natural_output_tokens=8)
     a = Sequence(prompt(50), max_tokens=5, target_tokens=8)
